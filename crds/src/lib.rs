@@ -1,0 +1,403 @@
+//! The `GrpcBackend` API (`kubegrpc.io/v1alpha1`), shared by the kubegrpc operator, which writes
+//! its status, and the kubegrpc client, which reads it.
+//!
+//! A `GrpcBackend` names a Service and one of its ports. The operator follows the Service's
+//! EndpointSlices, health-checks every endpoint with `grpc.health.v1`, and publishes the
+//! health-checked, weighted endpoint list in `status.endpoints`.
+//!
+//! The status only changes when something a client acts on changes: no probe timings or
+//! "last probed" stamps, because every status write wakes every client watching the object.
+//!
+//! This crate enables no `k8s-openapi` version feature: the binary that links it chooses one.
+
+use std::{fmt, time::Duration as StdDuration};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema, core::Duration};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every kubegrpc resource.
+pub const GROUP: &str = "kubegrpc.io";
+/// The API version of [`GrpcBackend`].
+pub const VERSION: &str = "v1alpha1";
+/// The field manager the operator writes the status with (server-side apply).
+pub const OPERATOR_FIELD_MANAGER: &str = "kubegrpc-operator";
+/// The weight of a fully ready endpoint under the `Equal` policy. Slow start ramps a new
+/// endpoint up to it in steps, so it is a round number with room below it.
+pub const FULL_WEIGHT: u32 = 100;
+
+/// Names of the conditions in [`GrpcBackendStatus::conditions`].
+pub mod condition {
+    /// `True` when at least one endpoint is usable: a client may send requests.
+    pub const READY: &str = "Ready";
+    /// `True` when every probe fails at connect time at once: more likely the operator's own
+    /// network (a NetworkPolicy, say) than every backend at the same moment.
+    pub const DEGRADED: &str = "Degraded";
+    /// `True` when the endpoint list was cut to keep the object under the API's size ceiling.
+    pub const TRUNCATED: &str = "Truncated";
+
+    /// Reasons of the `Ready` condition.
+    pub mod reason {
+        pub const AVAILABLE: &str = "Available";
+        pub const NO_ENDPOINTS: &str = "NoEndpoints";
+        pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
+        pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
+        pub const PORT_NOT_FOUND: &str = "PortNotFound";
+        pub const INVALID_SPEC: &str = "InvalidSpec";
+        /// `Degraded` reasons.
+        pub const ALL_PROBES_FAILING: &str = "AllProbesFailingToConnect";
+        pub const PROBES_CONNECTING: &str = "ProbesConnecting";
+        /// `Truncated` reasons.
+        pub const STATUS_SIZE_LIMIT: &str = "StatusSizeLimit";
+        pub const COMPLETE: &str = "Complete";
+    }
+}
+
+/// A Duration string pattern as accepted by Go's `time.ParseDuration` (and CEL's `duration()`),
+/// without sign: the rules below check it before calling `duration()` so that a malformed value
+/// gets our message rather than a CEL evaluation error.
+macro_rules! duration_pattern {
+    () => {
+        r"^([0-9]+(\\.[0-9]*)?(ns|us|µs|ms|s|m|h))+$"
+    };
+}
+
+/// Desired state of a GrpcBackend: which Service port to balance, how to health-check its
+/// endpoints and how to weight them.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kubegrpc.io",
+    version = "v1alpha1",
+    kind = "GrpcBackend",
+    plural = "grpcbackends",
+    shortname = "gb",
+    category = "kubegrpc",
+    namespaced,
+    status = "GrpcBackendStatus",
+    derive = "PartialEq",
+    doc = "A gRPC backend: a Service port whose endpoints the kubegrpc operator health-checks and weights for client-side load balancing.",
+    printcolumn(name = "Service", type_ = "string", json_path = ".spec.service", description = "The Service whose endpoints are balanced"),
+    printcolumn(name = "Port", type_ = "string", json_path = ".spec.port", description = "The Service port (name or number)"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyEndpoints", description = "Endpoints that receive requests"),
+    printcolumn(name = "Total", type_ = "integer", json_path = ".status.totalEndpoints", description = "Endpoints of the Service on that port"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Reason of the Ready condition"),
+    printcolumn(name = "Health-Service", type_ = "string", json_path = ".spec.healthCheck.service", priority = 1, description = "grpc.health.v1 service name checked (empty: the whole server)"),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.healthCheck.mode", priority = 1, description = "Health-check mode"),
+    printcolumn(name = "Policy", type_ = "string", json_path = ".spec.weighting.policy", priority = 1, description = "Weighting policy"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcBackendSpec {
+    /// Name of the Service, in the GrpcBackend's namespace, whose endpoints are balanced.
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
+        "spec.service must be the name of a Service: a DNS label of lowercase letters, digits and '-', starting with a letter and ending with a letter or digit"
+    ))]
+    pub service: String,
+
+    /// The Service port to balance: its number (1-65535) or its name.
+    #[x_kube(validation = Rule::new(
+        "type(self) == int ? (self >= 1 && self <= 65535) : (size(self) <= 63 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))"
+    ).message(
+        "spec.port must be a port number from 1 to 65535 or the name of a Service port (a lowercase DNS label such as \"grpc\")"
+    ))]
+    pub port: PortRef,
+
+    /// How the operator health-checks every endpoint.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+
+    /// How the operator weights the endpoints that pass their health checks.
+    #[serde(default)]
+    pub weighting: Weighting,
+}
+
+/// A Service port, by number or by name (`x-kubernetes-int-or-string`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(i32),
+    Name(String),
+}
+
+impl fmt::Display for PortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortRef::Number(number) => write!(f, "{number}"),
+            PortRef::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+impl JsonSchema for PortRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortRef".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
+}
+
+/// Health checking with the standard gRPC health protocol (`grpc.health.v1.Health`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(concat!(
+    "!self.timeout.matches('", duration_pattern!(), "') || !self.interval.matches('", duration_pattern!(), "') || ",
+    "duration(self.timeout) < duration(self.interval)"
+)).message("spec.healthCheck.timeout must be shorter than spec.healthCheck.interval"))]
+pub struct HealthCheck {
+    /// The `service` field of the health request: "" asks about the whole server.
+    #[serde(default)]
+    #[schemars(length(max = 253))]
+    pub service: String,
+
+    /// `Watch` keeps a stream open per endpoint so that a NOT_SERVING flip is seen at once;
+    /// `Check` polls every `interval`. An endpoint whose server does not implement `Watch` is
+    /// polled with `Check` whatever the mode.
+    #[serde(default)]
+    pub mode: HealthCheckMode,
+
+    /// How often each endpoint is checked: the `Check` period, and in `Watch` mode the HTTP/2
+    /// keepalive period of the stream's connection (so a frozen backend is detected).
+    /// At least 100ms.
+    #[serde(default = "default_interval")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) >= duration('100ms')"
+    )).message("spec.healthCheck.interval must be a duration of at least 100ms, such as \"5s\" or \"500ms\""))]
+    pub interval: Duration,
+
+    /// How long a probe (connect, `Check` answer, first `Watch` answer, keepalive PING
+    /// acknowledgement) may take before it counts as failed. Shorter than `interval`.
+    #[serde(default = "default_timeout")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) >= duration('10ms')"
+    )).message("spec.healthCheck.timeout must be a duration of at least 10ms, such as \"1s\" or \"500ms\""))]
+    pub timeout: Duration,
+
+    /// Consecutive successful probes before an endpoint that was not Serving becomes Serving.
+    #[serde(default = "default_healthy_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub healthy_threshold: i32,
+
+    /// Consecutive failed probes (connect errors, timeouts, broken streams) before a Serving
+    /// endpoint becomes NotServing. An explicit NOT_SERVING answer counts at once.
+    #[serde(default = "default_unhealthy_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub unhealthy_threshold: i32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            service: String::new(),
+            mode: HealthCheckMode::default(),
+            interval: default_interval(),
+            timeout: default_timeout(),
+            healthy_threshold: default_healthy_threshold(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+        }
+    }
+}
+
+fn default_interval() -> Duration {
+    StdDuration::from_secs(5).into()
+}
+
+fn default_timeout() -> Duration {
+    StdDuration::from_secs(1).into()
+}
+
+fn default_healthy_threshold() -> i32 {
+    1
+}
+
+fn default_unhealthy_threshold() -> i32 {
+    3
+}
+
+/// How an endpoint's health is followed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HealthCheckMode {
+    /// A long-lived `Watch` stream: changes arrive as they happen.
+    #[default]
+    Watch,
+    /// A `Check` call every `interval`.
+    Check,
+}
+
+/// How endpoints that pass their health checks are weighted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Weighting {
+    /// The weighting policy. `Equal`: every usable endpoint gets the same weight.
+    #[serde(default)]
+    pub policy: WeightingPolicy,
+
+    /// A newly Serving endpoint's weight ramps up linearly over this window (in ten steps,
+    /// from 10% to 100%) instead of taking its full share at once. Unset or "0s": off.
+    /// At most 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) <= duration('1h')"
+    )).message("spec.weighting.slowStartWindow must be a duration from 0s to 1h, such as \"30s\" (0s turns slow start off)"))]
+    pub slow_start_window: Option<Duration>,
+}
+
+/// Weighting policies. New policies are added with their behaviour.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WeightingPolicy {
+    #[default]
+    Equal,
+}
+
+/// Observed state, written by the kubegrpc operator only, and only when something a client acts
+/// on changes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcBackendStatus {
+    /// The `metadata.generation` of the spec this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Endpoints that receive new requests: Kubernetes-serving, not terminating, gRPC Serving
+    /// and of weight above 0.
+    #[serde(default)]
+    pub ready_endpoints: i32,
+
+    /// Endpoints of the Service that carry the port, whatever their state.
+    #[serde(default)]
+    pub total_endpoints: i32,
+
+    /// `Ready`, `Degraded` and `Truncated`, in the style of metav1.Condition.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Every endpoint, sorted by address then port. The operator owns the whole list.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One endpoint (address:port) of the Service, with its Kubernetes readiness and its gRPC
+/// health kept apart.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    /// An IPv4 or IPv6 address.
+    pub address: String,
+    pub port: i32,
+    /// Share of new requests relative to the other endpoints' weights; 0 gets none.
+    pub weight: u32,
+    /// What the endpoint's gRPC health service says.
+    pub health: Health,
+    /// The EndpointSlice `ready` condition (nil means true).
+    pub ready: bool,
+    /// The EndpointSlice `serving` condition (nil means true).
+    pub serving: bool,
+    /// The EndpointSlice `terminating` condition (nil means false).
+    pub terminating: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<TargetRef>,
+    /// Why the health is what it is (e.g. `ConnectFailed`), set when it last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When `health` or `weight` last changed.
+    pub last_transition_time: Time,
+}
+
+impl EndpointStatus {
+    /// Whether a client should send new requests here.
+    pub fn is_usable(&self) -> bool {
+        self.serving && !self.terminating && self.health == Health::Serving && self.weight > 0
+    }
+}
+
+/// The object behind an endpoint, usually a Pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// gRPC health of an endpoint, as the operator's probes see it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Health {
+    /// The health service answered SERVING.
+    Serving,
+    /// The health service answered NOT_SERVING (or SERVICE_UNKNOWN), or probes failed past
+    /// the unhealthy threshold.
+    NotServing,
+    /// Not probed to a conclusion yet.
+    #[default]
+    Unknown,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Serving => "Serving",
+            Health::NotServing => "NotServing",
+            Health::Unknown => "Unknown",
+        })
+    }
+}
+
+impl GrpcBackendStatus {
+    /// The condition of the given type, if present.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+impl HealthCheck {
+    /// `interval` as a std duration (negative values, which admission rejects, become zero).
+    pub fn interval(&self) -> StdDuration {
+        non_negative(self.interval)
+    }
+
+    /// `timeout` as a std duration (negative values, which admission rejects, become zero).
+    pub fn timeout(&self) -> StdDuration {
+        non_negative(self.timeout)
+    }
+}
+
+impl Weighting {
+    /// `slowStartWindow` as a std duration (zero when off).
+    pub fn slow_start_window(&self) -> StdDuration {
+        self.slow_start_window.map(non_negative).unwrap_or_default()
+    }
+}
+
+fn non_negative(duration: Duration) -> StdDuration {
+    if duration.is_negative() {
+        StdDuration::ZERO
+    } else {
+        duration.into()
+    }
+}
+
+/// The CustomResourceDefinition as YAML, exactly as committed in `crds/grpcbackend.yaml`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let yaml = serde_saphyr::to_string(&GrpcBackend::crd()).expect("a CRD always serializes to YAML");
+    format!("# Generated from the kubegrpc-crds types by `make crds`; do not edit.\n{yaml}")
+}
+
+#[cfg(test)]
+mod tests;
