@@ -77,14 +77,58 @@ macro_rules! duration_pattern {
     status = "GrpcBackendStatus",
     derive = "PartialEq",
     doc = "A gRPC backend: a Service port whose endpoints the kubegrpc operator health-checks and weights for client-side load balancing.",
-    printcolumn(name = "Service", type_ = "string", json_path = ".spec.service", description = "The Service whose endpoints are balanced"),
-    printcolumn(name = "Port", type_ = "string", json_path = ".spec.port", description = "The Service port (name or number)"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyEndpoints", description = "Endpoints that receive requests"),
-    printcolumn(name = "Total", type_ = "integer", json_path = ".status.totalEndpoints", description = "Endpoints of the Service on that port"),
-    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Reason of the Ready condition"),
-    printcolumn(name = "Health-Service", type_ = "string", json_path = ".spec.healthCheck.service", priority = 1, description = "grpc.health.v1 service name checked (empty: the whole server)"),
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.healthCheck.mode", priority = 1, description = "Health-check mode"),
-    printcolumn(name = "Policy", type_ = "string", json_path = ".spec.weighting.policy", priority = 1, description = "Weighting policy"),
+    printcolumn(
+        name = "Service",
+        type_ = "string",
+        json_path = ".spec.service",
+        description = "The Service whose endpoints are balanced"
+    ),
+    printcolumn(
+        name = "Port",
+        type_ = "string",
+        json_path = ".spec.port",
+        description = "The Service port (name or number)"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyEndpoints",
+        description = "Endpoints that receive requests"
+    ),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        json_path = ".status.totalEndpoints",
+        description = "Endpoints of the Service on that port"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1,
+        description = "Reason of the Ready condition"
+    ),
+    printcolumn(
+        name = "Health-Service",
+        type_ = "string",
+        json_path = ".spec.healthCheck.service",
+        priority = 1,
+        description = "grpc.health.v1 service name checked (empty: the whole server)"
+    ),
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        json_path = ".spec.healthCheck.mode",
+        priority = 1,
+        description = "Health-check mode"
+    ),
+    printcolumn(
+        name = "Policy",
+        type_ = "string",
+        json_path = ".spec.weighting.policy",
+        priority = 1,
+        description = "Weighting policy"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

@@ -27,7 +27,10 @@ fn port_is_int_or_string_on_the_wire() {
     let number: PortRef = serde_json::from_value(json!(50051)).unwrap();
     assert_eq!(number, PortRef::Number(50051));
     assert_eq!(serde_json::to_value(&number).unwrap(), json!(50051));
-    assert_eq!(serde_json::to_value(PortRef::Name("grpc".into())).unwrap(), json!("grpc"));
+    assert_eq!(
+        serde_json::to_value(PortRef::Name("grpc".into())).unwrap(),
+        json!("grpc")
+    );
 }
 
 #[test]
@@ -63,8 +66,32 @@ fn usable_means_serving_not_terminating_healthy_and_weighted() {
         last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
     };
     assert!(endpoint.is_usable());
-    assert!(!EndpointStatus { weight: 0, ..endpoint.clone() }.is_usable());
-    assert!(!EndpointStatus { terminating: true, ..endpoint.clone() }.is_usable());
-    assert!(!EndpointStatus { serving: false, ..endpoint.clone() }.is_usable());
-    assert!(!EndpointStatus { health: Health::Unknown, ..endpoint }.is_usable());
+    assert!(
+        !EndpointStatus {
+            weight: 0,
+            ..endpoint.clone()
+        }
+        .is_usable()
+    );
+    assert!(
+        !EndpointStatus {
+            terminating: true,
+            ..endpoint.clone()
+        }
+        .is_usable()
+    );
+    assert!(
+        !EndpointStatus {
+            serving: false,
+            ..endpoint.clone()
+        }
+        .is_usable()
+    );
+    assert!(
+        !EndpointStatus {
+            health: Health::Unknown,
+            ..endpoint
+        }
+        .is_usable()
+    );
 }

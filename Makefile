@@ -1,0 +1,28 @@
+# kubegrpc: the commands a newcomer runs. See README.md.
+SHELL := bash
+.DEFAULT_GOAL := help
+
+.PHONY: help test controlplane crds fmt lint
+
+help:
+	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
+	@echo "make controlplane  build etcd, kube-apiserver, kube-controller-manager and kubectl (cached)"
+	@echo "make crds          regenerate crds/grpcbackend.yaml from the Rust types"
+	@echo "make fmt           cargo fmt"
+	@echo "make lint          cargo fmt --check and clippy -D warnings"
+
+test:
+	scripts/test.sh
+
+controlplane:
+	tests/controlplane/build.sh
+
+crds:
+	cargo run --quiet -p kubegrpc-crds --example crdgen > crds/grpcbackend.yaml
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,11 @@
+//! The kubegrpc test harness: a real control plane (etcd, kube-apiserver, optionally
+//! kube-controller-manager) in a private network namespace, real tonic backends, and helpers
+//! to wait on conditions with deadlines. Used by the end-to-end tests and by the demo.
+
+pub mod certs;
+pub mod controlplane;
+pub mod netns;
+pub mod process;
+pub mod wait;
+
+pub use controlplane::{ControlPlane, ControlPlaneOptions};

@@ -1,0 +1,356 @@
+//! The foundation against the real apiserver: the CRD, admission of good and bad
+//! GrpcBackends, `kubectl get gb`, and the network namespace carrying 10.250.x.y end to end.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result};
+use k8s_openapi::{
+    api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api,
+    api::{ApiResource, DeleteParams, DynamicObject, PostParams},
+};
+use kubegrpc_crds::{GrpcBackend, HealthCheckMode, PortRef, WeightingPolicy};
+use kubegrpc_tests::ControlPlane;
+use serde_json::{Value, json};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+#[tokio::test]
+async fn the_crd_from_crds_is_established() -> Result<()> {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await?;
+    let crd = Api::<CustomResourceDefinition>::all(client)
+        .get("grpcbackends.kubegrpc.io")
+        .await?;
+    let established = crd
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Established")
+        .context("no Established condition")?;
+    assert_eq!(established.status, "True");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["gb".to_string()]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_valid_grpcbackend_gets_defaults_and_kubectl_prints_its_columns() -> Result<()> {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await?;
+    let namespace = control_plane.create_namespace(&client, "valid-gb").await?;
+    let api = Api::<GrpcBackend>::namespaced(client, &namespace);
+
+    let created = create(&api, "echo", json!({"service": "echo", "port": "grpc"}))
+        .await
+        .expect("a minimal spec is accepted");
+    let read = api.get(&created.metadata.name.clone().unwrap()).await?;
+    assert_eq!(read.spec.port, PortRef::Name("grpc".into()));
+    assert_eq!(read.spec.health_check.mode, HealthCheckMode::Watch);
+    assert_eq!(read.spec.health_check.interval(), Duration::from_secs(5));
+    assert_eq!(read.spec.health_check.timeout(), Duration::from_secs(1));
+    assert_eq!(read.spec.health_check.healthy_threshold, 1);
+    assert_eq!(read.spec.health_check.unhealthy_threshold, 3);
+    assert_eq!(read.spec.health_check.service, "");
+    assert_eq!(read.spec.weighting.policy, WeightingPolicy::Equal);
+    assert_eq!(read.spec.weighting.slow_start_window, None);
+
+    create(&api, "by-number", json!({"service": "echo", "port": 50051}))
+        .await
+        .expect("a port number is accepted");
+
+    let table = control_plane.kubectl_output(&["get", "gb", "-n", &namespace]).await?;
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .context("kubectl printed nothing")?
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "SERVICE", "PORT", "READY", "TOTAL", "AGE"],
+        "kubectl get gb printed:\n{table}"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    assert!(
+        rows.iter().any(|r| r[..3] == ["echo", "echo", "grpc"]),
+        "kubectl get gb printed:\n{table}"
+    );
+    assert!(
+        rows.iter().any(|r| r[..3] == ["by-number", "echo", "50051"]),
+        "kubectl get gb printed:\n{table}"
+    );
+
+    let wide = control_plane
+        .kubectl_output(&["get", "grpcbackends", "-n", &namespace, "-o", "wide"])
+        .await?;
+    let header: Vec<&str> = wide.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "SERVICE",
+            "PORT",
+            "READY",
+            "TOTAL",
+            "STATUS",
+            "HEALTH-SERVICE",
+            "MODE",
+            "POLICY",
+            "AGE"
+        ],
+        "kubectl get gb -o wide printed:\n{wide}"
+    );
+    Ok(())
+}
+
+/// One admission rule: a spec just past the boundary is rejected with a 422 whose message names
+/// the field, and the spec at the boundary is accepted.
+struct Boundary {
+    field: &'static str,
+    rejected: Value,
+    accepted: Value,
+}
+
+fn boundaries() -> Vec<Boundary> {
+    let with = |patch: Value| {
+        let mut spec = json!({"service": "echo", "port": "grpc"});
+        merge(&mut spec, patch);
+        spec
+    };
+    vec![
+        Boundary {
+            field: "spec.port",
+            rejected: with(json!({"port": 65536})),
+            accepted: with(json!({"port": 65535})),
+        },
+        Boundary {
+            field: "spec.port",
+            rejected: with(json!({"port": 0})),
+            accepted: with(json!({"port": 1})),
+        },
+        Boundary {
+            field: "spec.port",
+            rejected: with(json!({"port": "Grpc"})),
+            accepted: with(json!({"port": "grpc-1"})),
+        },
+        Boundary {
+            field: "spec.port",
+            rejected: with(json!({"port": "a".repeat(64)})),
+            accepted: with(json!({"port": "a".repeat(63)})),
+        },
+        Boundary {
+            field: "spec.service",
+            rejected: with(json!({"service": ""})),
+            accepted: with(json!({"service": "e"})),
+        },
+        Boundary {
+            field: "spec.service",
+            rejected: with(json!({"service": "Echo"})),
+            accepted: with(json!({"service": "echo-2"})),
+        },
+        Boundary {
+            field: "spec.service",
+            rejected: with(json!({"service": "1echo"})),
+            accepted: with(json!({"service": "e1"})),
+        },
+        Boundary {
+            field: "spec.service",
+            rejected: with(json!({"service": "e".repeat(64)})),
+            accepted: with(json!({"service": "e".repeat(63)})),
+        },
+        Boundary {
+            field: "spec.healthCheck.interval",
+            rejected: with(json!({"healthCheck": {"interval": "99ms", "timeout": "50ms"}})),
+            accepted: with(json!({"healthCheck": {"interval": "100ms", "timeout": "50ms"}})),
+        },
+        Boundary {
+            field: "spec.healthCheck.interval",
+            rejected: with(json!({"healthCheck": {"interval": "5 seconds"}})),
+            accepted: with(json!({"healthCheck": {"interval": "1m30s"}})),
+        },
+        Boundary {
+            field: "spec.healthCheck.timeout",
+            rejected: with(json!({"healthCheck": {"interval": "1s", "timeout": "1s"}})),
+            accepted: with(json!({"healthCheck": {"interval": "1s", "timeout": "999ms"}})),
+        },
+        Boundary {
+            field: "spec.healthCheck.timeout",
+            rejected: with(json!({"healthCheck": {"timeout": "9ms"}})),
+            accepted: with(json!({"healthCheck": {"timeout": "10ms"}})),
+        },
+        Boundary {
+            field: "spec.healthCheck.healthyThreshold",
+            rejected: with(json!({"healthCheck": {"healthyThreshold": 0}})),
+            accepted: with(json!({"healthCheck": {"healthyThreshold": 1}})),
+        },
+        Boundary {
+            field: "spec.healthCheck.unhealthyThreshold",
+            rejected: with(json!({"healthCheck": {"unhealthyThreshold": 0}})),
+            accepted: with(json!({"healthCheck": {"unhealthyThreshold": 1}})),
+        },
+        Boundary {
+            field: "spec.healthCheck.unhealthyThreshold",
+            rejected: with(json!({"healthCheck": {"unhealthyThreshold": 101}})),
+            accepted: with(json!({"healthCheck": {"unhealthyThreshold": 100}})),
+        },
+        Boundary {
+            field: "spec.healthCheck.mode",
+            rejected: with(json!({"healthCheck": {"mode": "Poll"}})),
+            accepted: with(json!({"healthCheck": {"mode": "Check"}})),
+        },
+        Boundary {
+            field: "spec.weighting.policy",
+            rejected: with(json!({"weighting": {"policy": "Latency"}})),
+            accepted: with(json!({"weighting": {"policy": "Equal"}})),
+        },
+        Boundary {
+            field: "spec.weighting.slowStartWindow",
+            rejected: with(json!({"weighting": {"slowStartWindow": "61m"}})),
+            accepted: with(json!({"weighting": {"slowStartWindow": "1h"}})),
+        },
+    ]
+}
+
+#[tokio::test]
+async fn invalid_grpcbackends_are_rejected_at_admission_naming_the_field() -> Result<()> {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await?;
+    let namespace = control_plane.create_namespace(&client, "admission").await?;
+    let api = Api::<GrpcBackend>::namespaced(client, &namespace);
+
+    let cases = boundaries();
+    assert!(cases.len() >= 8);
+    for (index, case) in cases.iter().enumerate() {
+        match create(&api, &format!("rejected-{index}"), case.rejected.clone()).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(
+                    status.code, 422,
+                    "{}: expected 422 Unprocessable Entity, got {status:?}",
+                    case.field
+                );
+                assert!(
+                    status.message.contains(case.field),
+                    "{}: the rejection message does not name the field: {}",
+                    case.field,
+                    status.message
+                );
+            }
+            Err(other) => panic!("{}: expected a 422 from admission, got {other}", case.field),
+            Ok(_) => panic!("{}: {} was accepted", case.field, case.rejected),
+        }
+        let accepted = create(&api, &format!("accepted-{index}"), case.accepted.clone()).await;
+        assert!(
+            accepted.is_ok(),
+            "{}: the boundary spec {} was refused: {accepted:?}",
+            case.field,
+            case.accepted
+        );
+        api.delete(&format!("accepted-{index}"), &DeleteParams::default())
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_endpointslice_carries_a_namespace_address_that_a_tonic_health_server_answers_on() -> Result<()> {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await?;
+    let namespace = control_plane.create_namespace(&client, "netns").await?;
+
+    let address: SocketAddr = "10.250.3.7:0".parse()?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .context("10.250.3.7 must be local in the namespace")?;
+    let address = listener.local_addr()?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let slice = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some("echo-abc".into()),
+            labels: Some([("kubernetes.io/service-name".to_string(), "echo".to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(vec![Endpoint {
+            addresses: vec![address.ip().to_string()],
+            conditions: Some(EndpointConditions {
+                ready: Some(true),
+                serving: Some(true),
+                terminating: Some(false),
+            }),
+            ..Default::default()
+        }]),
+        ports: Some(vec![EndpointPort {
+            name: Some("grpc".into()),
+            port: Some(address.port().into()),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    };
+    let slices = Api::<EndpointSlice>::namespaced(client, &namespace);
+    slices
+        .create(&PostParams::default(), &slice)
+        .await
+        .context("the apiserver refused a 10.250.x.y endpoint")?;
+    let stored = slices.get("echo-abc").await?;
+    let stored_address = &stored.endpoints.context("no endpoints stored")?[0].addresses[0].clone();
+    let stored_port = stored
+        .ports
+        .as_ref()
+        .and_then(|p| p[0].port)
+        .context("no port stored")?;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{stored_address}:{stored_port}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await?;
+    assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+    server.abort();
+    Ok(())
+}
+
+/// Creates a GrpcBackend from raw JSON, so that specs the Rust types would refuse reach the
+/// apiserver's admission as they are.
+async fn create(api: &Api<GrpcBackend>, name: &str, spec: Value) -> kube::Result<GrpcBackend> {
+    let resource = ApiResource::erase::<GrpcBackend>(&());
+    let raw = Api::<DynamicObject>::namespaced_with(
+        api.clone().into_client(),
+        api.namespace().unwrap_or_default(),
+        &resource,
+    );
+    let object: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kubegrpc.io/v1alpha1",
+        "kind": "GrpcBackend",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    raw.create(&PostParams::default(), &object).await?;
+    api.get(name).await
+}
+
+fn merge(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                merge(target.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (target, patch) => *target = patch,
+    }
+}
