@@ -65,6 +65,8 @@ macro_rules! duration_pattern {
 
 /// Desired state of a GrpcBackend: which Service port to balance, how to health-check its
 /// endpoints and how to weight them.
+// Several printer columns share a type or priority: not the duplication this lint means.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "kubegrpc.io",

@@ -69,9 +69,10 @@ impl CertificateAuthority {
     }
 }
 
-/// A key pair for signing service-account tokens (PKCS#8 PEM).
-pub fn service_account_key() -> Result<String> {
-    Ok(KeyPair::generate()?.serialize_pem())
+/// A key pair for signing service-account tokens: (private key PKCS#8 PEM, public key PEM).
+pub fn service_account_key() -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
 }
 
 fn base_params(common_name: &str, organization: Option<&str>) -> Result<CertificateParams> {

@@ -90,7 +90,9 @@ impl ControlPlane {
         write(&path.join("apiserver.key"), &serving.key_pem)?;
         write(&path.join("admin.crt"), &admin.cert_pem)?;
         write(&path.join("admin.key"), &admin.key_pem)?;
-        write(&path.join("service-account.key"), &service_account_key()?)?;
+        let (service_account_private, service_account_public) = service_account_key()?;
+        write(&path.join("service-account.key"), &service_account_private)?;
+        write(&path.join("service-account.pub"), &service_account_public)?;
 
         let etcd_client_port = free_port()?;
         let etcd_peer_port = free_port()?;
@@ -461,7 +463,7 @@ fn apiserver_args(dir: &Path, port: u16, etcd_port: u16, audit: bool) -> Vec<Str
         format!("--tls-cert-file={}", file("apiserver.crt")),
         format!("--tls-private-key-file={}", file("apiserver.key")),
         format!("--client-ca-file={}", file("ca.crt")),
-        format!("--service-account-key-file={}", file("service-account.key")),
+        format!("--service-account-key-file={}", file("service-account.pub")),
         format!("--service-account-signing-key-file={}", file("service-account.key")),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         "--service-cluster-ip-range=10.0.0.0/24".into(),
