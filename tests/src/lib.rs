@@ -2,10 +2,14 @@
 //! kube-controller-manager) in a private network namespace, real tonic backends, and helpers
 //! to wait on conditions with deadlines. Used by the end-to-end tests and by the demo.
 
+pub mod backends;
 pub mod certs;
 pub mod controlplane;
 pub mod netns;
+pub mod objects;
+pub mod operator;
 pub mod process;
+pub mod scenario;
 pub mod wait;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions};

@@ -1,0 +1,71 @@
+//! An echo backend in its own process: answers `Echo` with its own address, serves
+//! `grpc.health.v1`, and can be switched NOT_SERVING with `Echo/SetHealth`.
+//!
+//!   echo-server --listen 10.250.1.1:50051 [--health-service NAME]... [--check-only] [--not-serving]
+//!
+//! Prints `listening on ADDRESS` once it accepts connections. On SIGTERM it drains as a
+//! well-behaved backend does: NOT_SERVING first, then `--drain` later it stops.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use kubegrpc_echo::ServingStatus;
+use kubegrpc_echo::{Backend, BackendOptions};
+
+#[derive(Parser)]
+#[command(name = "echo-server", about = "kubegrpc's example echo backend")]
+struct Options {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Health service names to serve besides "" (the whole server).
+    #[arg(long = "health-service")]
+    health_services: Vec<String>,
+    /// Answer health Watch with UNIMPLEMENTED (a Check-only server).
+    #[arg(long)]
+    check_only: bool,
+    /// Start NOT_SERVING.
+    #[arg(long)]
+    not_serving: bool,
+    /// How long to keep serving NOT_SERVING after SIGTERM before stopping.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    drain: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let millis = if let Some(ms) = text.strip_suffix("ms") {
+        ms.parse::<u64>().map_err(|e| e.to_string())?
+    } else if let Some(s) = text.strip_suffix('s') {
+        s.parse::<u64>().map_err(|e| e.to_string())? * 1000
+    } else {
+        return Err(format!("{text:?} is not a duration like 500ms or 2s"));
+    };
+    Ok(Duration::from_millis(millis))
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let options = Options::parse();
+    let backend = Backend::start(
+        options.listen,
+        BackendOptions {
+            health_services: options.health_services,
+            watch_implemented: !options.check_only,
+            initially_serving: !options.not_serving,
+        },
+    )
+    .await?;
+    println!("listening on {}", backend.address);
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    backend.health.set_all(ServingStatus::NotServing);
+    tokio::time::sleep(options.drain).await;
+    let stats = backend.counters.snapshot();
+    backend.stop().await;
+    println!("stopped after {} requests", stats.requests);
+    Ok(())
+}

@@ -1,0 +1,586 @@
+//! The reconciler: wires the watches, the probers and the pure status logic to the API.
+//!
+//! GrpcBackends drive a kube-runtime Controller. Services and EndpointSlices are watched by
+//! tasks of their own that keep a store (Services) and a by-Service index (EndpointSlices) and
+//! map each change to the GrpcBackends naming that Service, through the operator's own
+//! Service -> GrpcBackends index. Probers trigger a reconcile when an endpoint's health changes.
+//!
+//! A reconcile computes the whole desired status from those in-memory views and writes it
+//! (server-side apply) only when it differs from what is published. Writes per GrpcBackend are
+//! coalesced: the first change goes out at once, changes within `status_write_interval` of a
+//! write wait for the next slot, and the latest state is what gets written then.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    core::DeserializeGuard,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use kubegrpc_crds::{GrpcBackend, GrpcBackendStatus, Health, OPERATOR_FIELD_MANAGER, condition, condition::reason};
+use serde_json::json;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{debug, info, warn};
+
+use crate::{
+    Error,
+    discovery::{self, SERVICE_NAME_LABEL},
+    health::{
+        registry::{BackendKey, ProbeReports, ProberRegistry},
+        tracker::HealthVerdict,
+    },
+    index::{ByService, ObjectKey, ServiceKey},
+    metrics::Metrics,
+    spec,
+    status::{self, Observation, ProbedEndpoint, StatusContext},
+};
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch only this namespace (all namespaces when `None`).
+    pub namespace: Option<String>,
+    /// Least time between two status writes of one GrpcBackend.
+    pub status_write_interval: Duration,
+    /// Most bytes of JSON the endpoint list of one status may take.
+    pub endpoints_budget: usize,
+    /// This replica's name, for Events.
+    pub identity: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            status_write_interval: Duration::from_secs(1),
+            endpoints_budget: status::DEFAULT_ENDPOINTS_BUDGET,
+            identity: "kubegrpc-operator".into(),
+        }
+    }
+}
+
+type Backend = DeserializeGuard<GrpcBackend>;
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    settings: Settings,
+    services: Store<Service>,
+    slices: Arc<ByService<EndpointSlice>>,
+    probers: ProberRegistry,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    writes: Mutex<HashMap<ObjectKey, LastWrite>>,
+}
+
+/// The operator's own latest status write of one GrpcBackend.
+struct LastWrite {
+    at: Instant,
+    status: serde_json::Value,
+    /// The object's resourceVersion before and after the write: while the store shows either,
+    /// it has not seen anybody else's change since.
+    before: Option<String>,
+    after: Option<String>,
+}
+
+/// Runs the reconciler until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    let backends_api: Api<Backend> = scoped(&client, &settings.namespace);
+    let services_api: Api<Service> = scoped(&client, &settings.namespace);
+    let slices_api: Api<EndpointSlice> = scoped(&client, &settings.namespace);
+
+    let backends = Arc::new(ByService::<Backend>::new(|backend| {
+        backend.0.as_ref().ok().map(|b| b.spec.service.clone())
+    }));
+    let slices = Arc::new(ByService::<EndpointSlice>::new(|slice| {
+        slice.labels().get(SERVICE_NAME_LABEL).cloned()
+    }));
+    let (triggers, triggered) = mpsc::unbounded_channel::<ObjectRef<Backend>>();
+    let (relisted, relists) = mpsc::unbounded_channel::<()>();
+    let (probe_changes, probe_changed) = mpsc::unbounded_channel::<BackendKey>();
+
+    // Services: a store for the reconciler, triggers for the GrpcBackends that name them.
+    let (services, services_writer) = reflector::store();
+    let services_task = tokio::spawn({
+        let backends = backends.clone();
+        let triggers = triggers.clone();
+        let relisted = relisted.clone();
+        watcher(services_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(services_writer)
+            .for_each(move |event| {
+                match event {
+                    Ok(watcher::Event::Apply(service) | watcher::Event::Delete(service)) => {
+                        trigger_backends_of(&backends, &triggers, &service_key(&service, service.name_any()));
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let _ = relisted.send(());
+                    }
+                    Ok(_) => {}
+                    Err(error) => warn!(%error, "watching Services failed; retrying"),
+                }
+                futures::future::ready(())
+            })
+    });
+
+    // EndpointSlices: the by-Service index for the reconciler, and triggers.
+    let (slices_ready_tx, mut slices_ready) = tokio::sync::watch::channel(false);
+    let slices_task = tokio::spawn({
+        let slices = slices.clone();
+        let backends = backends.clone();
+        let triggers = triggers.clone();
+        let relisted = relisted.clone();
+        watcher(slices_api, watcher::Config::default().labels(SERVICE_NAME_LABEL))
+            .default_backoff()
+            .for_each(move |event| {
+                match event {
+                    Ok(event) => {
+                        slices.apply(&event);
+                        match &event {
+                            watcher::Event::Apply(slice) | watcher::Event::Delete(slice) => {
+                                if let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) {
+                                    trigger_backends_of(&backends, &triggers, &service_key(slice, service.clone()));
+                                }
+                            }
+                            watcher::Event::InitDone => {
+                                let _ = slices_ready_tx.send(true);
+                                let _ = relisted.send(());
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(error) => warn!(%error, "watching EndpointSlices failed; retrying"),
+                }
+                futures::future::ready(())
+            })
+    });
+    let _stop_watch_tasks = AbortOnDrop(vec![services_task, slices_task]);
+
+    // Reconciling before both views are complete would publish endpoints as missing.
+    info!("waiting for the Service and EndpointSlice caches");
+    services.wait_until_ready().await.map_err(|_| Error::CacheNeverReady)?;
+    slices_ready
+        .wait_for(|ready| *ready)
+        .await
+        .map_err(|_| Error::CacheNeverReady)?;
+    info!("caches ready; reconciling");
+
+    let reporter = Reporter {
+        controller: OPERATOR_FIELD_MANAGER.into(),
+        instance: Some(settings.identity.clone()),
+    };
+    let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        settings,
+        services,
+        slices,
+        probers: ProberRegistry::new(ProbeReports {
+            metrics: metrics.clone(),
+            changed: probe_changes,
+        }),
+        metrics,
+        writes: Mutex::new(HashMap::new()),
+    });
+
+    let (backends_store, backends_writer) = reflector::store();
+    let backends_stream = watcher(backends_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(backends_writer)
+        .inspect_ok({
+            let backends = backends.clone();
+            let context = context.clone();
+            move |event| {
+                for gone in backends.apply(event) {
+                    context.forget(&gone);
+                }
+            }
+        })
+        .applied_objects();
+
+    let probe_triggers = UnboundedReceiverStream::new(probe_changed).map(|key: BackendKey| {
+        ObjectRef::<Backend>::new(&key.name).within(key.namespace.as_deref().unwrap_or_default())
+    });
+    Controller::for_stream(backends_stream, backends_store)
+        .reconcile_on(UnboundedReceiverStream::new(triggered))
+        .reconcile_on(probe_triggers)
+        .reconcile_all_on(UnboundedReceiverStream::new(relists))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| {
+            if let Err(error) = result {
+                debug!(%error, "reconcile request not completed");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    drop(triggers);
+    Ok(())
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn service_key<K: Resource>(object: &K, service: String) -> ServiceKey {
+    ServiceKey {
+        namespace: object.namespace().unwrap_or_default(),
+        name: service,
+    }
+}
+
+fn trigger_backends_of(
+    backends: &ByService<Backend>,
+    triggers: &mpsc::UnboundedSender<ObjectRef<Backend>>,
+    service: &ServiceKey,
+) {
+    for backend in backends.of_service(service) {
+        let _ = triggers.send(ObjectRef::from_obj(backend.as_ref()));
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+async fn reconcile(backend: Arc<Backend>, context: Arc<Context>) -> Result<Action, Error> {
+    context.metrics.reconciles.inc();
+    match &backend.0 {
+        Ok(grpc_backend) => reconcile_backend(grpc_backend, &context).await,
+        Err(invalid) => {
+            let key = ObjectKey {
+                namespace: invalid.metadata.namespace.clone().unwrap_or_default(),
+                name: invalid.metadata.name.clone().unwrap_or_default(),
+            };
+            context.probers.remove(&backend_key(&key));
+            let message = format!("the object cannot be read: {}", invalid.error);
+            let resource_version = invalid.metadata.resource_version.clone();
+            write_invalid(&context, &key, invalid.metadata.generation, resource_version, &message).await
+        }
+    }
+}
+
+fn error_policy(_backend: Arc<Backend>, error: &Error, context: Arc<Context>) -> Action {
+    warn!(%error, "reconcile failed; retrying in 5s");
+    context
+        .metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            error: error.metric_label().into(),
+        })
+        .inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn backend_key(key: &ObjectKey) -> BackendKey {
+    ObjectRef::new(&key.name).within(&key.namespace)
+}
+
+async fn reconcile_backend(backend: &GrpcBackend, context: &Context) -> Result<Action, Error> {
+    let key = ObjectKey::of(backend);
+    let (observation, first_probes_due) = observe(backend, &key, context);
+    if let Some(wait) = first_probes_due {
+        // A new endpoint's first answer is moments away: publish it with its health rather than
+        // as Unknown now and again in a moment (every write wakes every client).
+        return Ok(Action::requeue(wait));
+    }
+    if !matches!(observation, Observation::Endpoints(_)) {
+        context.probers.remove(&backend_key(&key));
+    }
+    let status_context = StatusContext {
+        namespace: &key.namespace,
+        service: &backend.spec.service,
+        port: &backend.spec.port,
+        generation: backend.metadata.generation,
+        policy: backend.spec.weighting.policy,
+        slow_start_window: backend.spec.weighting.slow_start_window(),
+        now: Timestamp::now(),
+        endpoints_budget: context.settings.endpoints_budget,
+    };
+    let desired = status::desired_status(backend.status.as_ref(), &observation, &status_context);
+    let written = write_status(context, backend, &key, &desired.status).await?;
+    Ok(match (written, desired.changes_in) {
+        (WriteOutcome::Deferred(wait), Some(step)) => Action::requeue(wait.min(step)),
+        (WriteOutcome::Deferred(wait), None) => Action::requeue(wait),
+        (_, Some(step)) => Action::requeue(step),
+        (_, None) => Action::await_change(),
+    })
+}
+
+/// What the reconciler sees for one GrpcBackend, probers synced to it; and, if endpoints new to
+/// the status still await their first probe, how long to wait for it at most.
+fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> (Observation, Option<Duration>) {
+    let settings = match spec::probe_settings(&backend.spec) {
+        Ok(settings) => settings,
+        Err(why) => return (Observation::InvalidSpec(why), None),
+    };
+    let service_ref = ObjectRef::<Service>::new(&backend.spec.service).within(&key.namespace);
+    let Some(service) = context.services.get(&service_ref) else {
+        return (Observation::ServiceNotFound, None);
+    };
+    let port = match discovery::resolve_port(&backend.spec.port, &service) {
+        Ok(port) => port,
+        Err(missing) => return (Observation::PortNotFound(missing), None),
+    };
+    let service_key = ServiceKey {
+        namespace: key.namespace.clone(),
+        name: backend.spec.service.clone(),
+    };
+    let slices = context.slices.of_service(&service_key);
+    let set = discovery::endpoints_from_slices(slices.iter().map(|s| s.as_ref()), &port);
+    for skipped in &set.skipped {
+        debug!(backend = %format!("{}/{}", key.namespace, key.name), slice = %skipped.slice,
+            address = %skipped.address, why = skipped.why, "endpoint skipped");
+    }
+
+    let published: HashMap<SocketAddr, HealthVerdict> = backend
+        .status
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter_map(|e| {
+            let ip = e.address.parse().ok()?;
+            let port = u16::try_from(e.port).ok()?;
+            Some((
+                SocketAddr::new(ip, port),
+                HealthVerdict {
+                    health: e.health,
+                    reason: e.reason.clone(),
+                },
+            ))
+        })
+        .collect();
+    let targets: Vec<SocketAddr> = set.endpoints.iter().map(|e| e.address).collect();
+    let states: HashMap<SocketAddr, crate::health::prober::ProbeState> =
+        context.probers.sync(&backend_key(key), &settings, &targets, |target| {
+            published.get(&target).cloned().unwrap_or(HealthVerdict {
+                health: Health::Unknown,
+                reason: None,
+            })
+        });
+    let first_probes_due = states
+        .iter()
+        .filter(|(target, state)| !state.probed && !published.contains_key(target))
+        .map(|(_, state)| {
+            (state.started + settings.timeout + FIRST_PROBE_MARGIN).saturating_duration_since(Instant::now())
+        })
+        .filter(|wait| !wait.is_zero())
+        .max();
+    let observation = Observation::Endpoints(
+        set.endpoints
+            .into_iter()
+            .filter_map(|endpoint| {
+                let state = states.get(&endpoint.address)?.clone();
+                Some(ProbedEndpoint {
+                    endpoint,
+                    verdict: state.verdict,
+                    connect_failing: state.connect_failing,
+                })
+            })
+            .collect(),
+    );
+    (observation, first_probes_due)
+}
+
+/// Beyond the probe timeout, how long a write waits for a new endpoint's first probe.
+const FIRST_PROBE_MARGIN: Duration = Duration::from_millis(100);
+
+enum WriteOutcome {
+    Unchanged,
+    Written,
+    /// Changed, but written too recently: try again after this long.
+    Deferred(Duration),
+}
+
+async fn write_status(
+    context: &Context,
+    backend: &GrpcBackend,
+    key: &ObjectKey,
+    desired: &GrpcBackendStatus,
+) -> Result<WriteOutcome, Error> {
+    if backend.status.as_ref() == Some(desired) {
+        return Ok(WriteOutcome::Unchanged);
+    }
+    let desired_json = serde_json::to_value(desired).map_err(Error::Serialize)?;
+    let resource_version = backend.resource_version();
+    if let Some(wait) = context.must_wait(key, &desired_json, &resource_version) {
+        return Ok(wait);
+    }
+    let api: Api<GrpcBackend> = Api::namespaced(context.client.clone(), &key.namespace);
+    let patch = json!({
+        "apiVersion": GrpcBackend::api_version(&()),
+        "kind": GrpcBackend::kind(&()),
+        "status": desired_json,
+    });
+    let written = api
+        .patch_status(
+            &key.name,
+            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::StatusWrite {
+            backend: format!("{}/{}", key.namespace, key.name),
+            source,
+        })?;
+    context.remember_write(key, desired_json, resource_version, written.resource_version());
+    context.metrics.status_written(&key.namespace, &key.name);
+    context.metrics.published(&key.namespace, &key.name, desired);
+    info!(backend = %format!("{}/{}", key.namespace, key.name), ready = desired.ready_endpoints,
+        total = desired.total_endpoints, "status written");
+    for notice in status::notices(backend.status.as_ref(), desired) {
+        context.publish_event(backend, notice).await;
+    }
+    Ok(WriteOutcome::Written)
+}
+
+/// The status of an object that cannot be decoded: only `Ready=False/InvalidSpec`.
+async fn write_invalid(
+    context: &Context,
+    key: &ObjectKey,
+    generation: Option<i64>,
+    resource_version: Option<String>,
+    message: &str,
+) -> Result<Action, Error> {
+    let condition = Condition {
+        type_: condition::READY.into(),
+        status: "False".into(),
+        reason: reason::INVALID_SPEC.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::now())),
+    };
+    // The transition time is not compared: one write per change of message or object.
+    let desired = json!({ "observedGeneration": generation, "conditions": [ { "type": condition.type_, "message": condition.message } ] });
+    match context.must_wait(key, &desired, &resource_version) {
+        Some(WriteOutcome::Deferred(wait)) => return Ok(Action::requeue(wait)),
+        Some(_) => return Ok(Action::await_change()),
+        None => {}
+    }
+    let api: Api<GrpcBackend> = Api::namespaced(context.client.clone(), &key.namespace);
+    let patch = json!({
+        "apiVersion": GrpcBackend::api_version(&()),
+        "kind": GrpcBackend::kind(&()),
+        "status": { "observedGeneration": generation, "conditions": [condition] },
+    });
+    let written = api
+        .patch_status(
+            &key.name,
+            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::StatusWrite {
+            backend: format!("{}/{}", key.namespace, key.name),
+            source,
+        })?;
+    context.remember_write(key, desired, resource_version, written.resource_version());
+    context.metrics.status_written(&key.namespace, &key.name);
+    warn!(backend = %format!("{}/{}", key.namespace, key.name), %message, "GrpcBackend cannot be read");
+    Ok(Action::await_change())
+}
+
+// === impl Context ===
+
+impl Context {
+    /// Whether a write of `desired` must wait: `Some(Unchanged)` when the operator already wrote
+    /// exactly this and nobody changed the object since (the store has not caught up yet),
+    /// `Some(Deferred)` when the last write is too recent.
+    fn must_wait(
+        &self,
+        key: &ObjectKey,
+        desired: &serde_json::Value,
+        resource_version: &Option<String>,
+    ) -> Option<WriteOutcome> {
+        let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let last = writes.get(key)?;
+        let untouched_since = *resource_version == last.before || *resource_version == last.after;
+        if untouched_since && last.status == *desired {
+            return Some(WriteOutcome::Unchanged);
+        }
+        let since = last.at.elapsed();
+        (since < self.settings.status_write_interval)
+            .then(|| WriteOutcome::Deferred(self.settings.status_write_interval - since))
+    }
+
+    fn remember_write(
+        &self,
+        key: &ObjectKey,
+        status: serde_json::Value,
+        before: Option<String>,
+        after: Option<String>,
+    ) {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        writes.insert(
+            key.clone(),
+            LastWrite {
+                at: Instant::now(),
+                status,
+                before,
+                after,
+            },
+        );
+    }
+
+    /// A GrpcBackend is gone: stop its probers, drop its series and write record.
+    fn forget(&self, key: &ObjectKey) {
+        self.probers.remove(&backend_key(key));
+        self.metrics.forget(&key.namespace, &key.name);
+        self.writes.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        info!(backend = %format!("{}/{}", key.namespace, key.name), "GrpcBackend gone; its probers stopped");
+    }
+
+    async fn publish_event(&self, backend: &GrpcBackend, notice: status::Notice) {
+        let event = KubeEvent {
+            type_: if notice.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: notice.reason,
+            note: Some(notice.note),
+            action: "PublishStatus".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &backend.object_ref(&())).await {
+            warn!(%error, "cannot publish an Event");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Health checking with the standard gRPC health protocol: one long-lived prober per endpoint.
+
+pub mod prober;
+pub mod registry;
+pub mod tracker;

@@ -1,0 +1,47 @@
+//! The kubegrpc operator: reconciles `GrpcBackend` resources.
+//!
+//! For each GrpcBackend it follows the named Service's EndpointSlices ([`discovery`]), keeps one
+//! `grpc.health.v1` prober per endpoint ([`health`]), weights the endpoints ([`weights`]) and
+//! publishes the health-checked, weighted endpoint list in the status ([`status`]), through the
+//! reconciler in [`controller`]. Discovery, weights and status are pure functions over plain
+//! data; the I/O stays at the edges.
+
+pub mod app;
+pub mod controller;
+pub mod discovery;
+pub mod health;
+pub mod http;
+pub mod index;
+pub mod metrics;
+pub mod spec;
+pub mod status;
+pub mod weights;
+
+pub use controller::{Settings, run};
+pub use metrics::Metrics;
+
+/// Errors of the operator; each names the object it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot write the status of GrpcBackend {backend}: {source}")]
+    StatusWrite {
+        backend: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot serialize a status: {0}")]
+    Serialize(#[source] serde_json::Error),
+    #[error("the Service or EndpointSlice watch stopped before its cache was filled")]
+    CacheNeverReady,
+}
+
+impl Error {
+    /// A short label for the `kubegrpc_reconcile_errors_total` metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::StatusWrite { .. } => "status_write",
+            Error::Serialize(_) => "serialize",
+            Error::CacheNeverReady => "cache",
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Operator metrics in the Prometheus text format, names prefixed `kubegrpc_`.
+//!
+//! Probe timings and counts live here, not in the status: the status changes only when
+//! something a client acts on changes.
+
+use std::time::Duration;
+
+use kubegrpc_crds::{GrpcBackendStatus, Health};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::health::tracker::ProbeOutcome;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointHealthLabels {
+    pub namespace: String,
+    pub name: String,
+    pub health: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub status_writes: Family<BackendLabels, Counter>,
+    pub endpoints: Family<EndpointHealthLabels, Gauge>,
+    pub ready_endpoints: Family<BackendLabels, Gauge>,
+    pub probes: Family<ProbeLabels, Counter>,
+    pub probe_duration: Histogram,
+    pub probers: Gauge,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kubegrpc");
+        let metrics = Self {
+            reconciles: Counter::default(),
+            reconcile_errors: Family::default(),
+            status_writes: Family::default(),
+            endpoints: Family::default(),
+            ready_endpoints: Family::default(),
+            probes: Family::default(),
+            // 100us .. ~3.3s: health answers on a cluster network take a millisecond or so.
+            probe_duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 16,
+            )),
+            probers: Gauge::default(),
+            leader: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "reconciles",
+            "Reconciliations of GrpcBackends",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that failed, by error",
+            metrics.reconcile_errors.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Status writes (server-side apply) per GrpcBackend",
+            metrics.status_writes.clone(),
+        );
+        registry.register(
+            "endpoints",
+            "Endpoints per GrpcBackend by gRPC health, as last published",
+            metrics.endpoints.clone(),
+        );
+        registry.register(
+            "ready_endpoints",
+            "Endpoints that take requests per GrpcBackend, as last published",
+            metrics.ready_endpoints.clone(),
+        );
+        registry.register("probes", "Health probes by result", metrics.probes.clone());
+        registry.register_with_unit(
+            "probe_duration",
+            "Time from a health request to its answer",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.probe_duration.clone(),
+        );
+        registry.register("probers", "Health probers running", metrics.probers.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            metrics.leader.clone(),
+        );
+        Self { registry, ..metrics }
+    }
+}
+
+impl Metrics {
+    pub fn probed(&self, outcome: ProbeOutcome, latency: Option<Duration>) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                result: outcome.reason().to_string(),
+            })
+            .inc();
+        if let Some(latency) = latency {
+            self.probe_duration.observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Sets the per-GrpcBackend gauges from the status just published.
+    pub fn published(&self, namespace: &str, name: &str, status: &GrpcBackendStatus) {
+        for health in [Health::Serving, Health::NotServing, Health::Unknown] {
+            let count = status.endpoints.iter().filter(|e| e.health == health).count();
+            self.endpoints
+                .get_or_create(&EndpointHealthLabels {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    health: health.to_string(),
+                })
+                .set(count as i64);
+        }
+        self.ready_endpoints
+            .get_or_create(&backend(namespace, name))
+            .set(i64::from(status.ready_endpoints));
+    }
+
+    pub fn status_written(&self, namespace: &str, name: &str) {
+        self.status_writes.get_or_create(&backend(namespace, name)).inc();
+    }
+
+    /// Drops the series of a deleted GrpcBackend.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        for health in [Health::Serving, Health::NotServing, Health::Unknown] {
+            self.endpoints.remove(&EndpointHealthLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                health: health.to_string(),
+            });
+        }
+        self.ready_endpoints.remove(&backend(namespace, name));
+        self.status_writes.remove(&backend(namespace, name));
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn backend(namespace: &str, name: &str) -> BackendLabels {
+    BackendLabels {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}

@@ -1,0 +1,122 @@
+//! What the reconciler needs from a spec, checked again in code: admission (schema and CEL)
+//! rejects bad specs, but an object admitted under an older, laxer CRD must still get a clear
+//! `InvalidSpec` condition rather than odd behaviour.
+
+use std::time::Duration;
+
+use kubegrpc_crds::{GrpcBackendSpec, PortRef};
+
+use crate::health::{prober::ProbeSettings, tracker::Thresholds};
+
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+const MAX_SLOW_START: Duration = Duration::from_secs(3600);
+
+/// The probe settings of a valid spec, or a message naming the field and what is allowed.
+pub fn probe_settings(spec: &GrpcBackendSpec) -> Result<ProbeSettings, String> {
+    match &spec.port {
+        PortRef::Number(n) if !(1..=65535).contains(n) => {
+            return Err(format!(
+                "spec.port {n} is out of range: a port number is from 1 to 65535"
+            ));
+        }
+        PortRef::Name(name) if name.is_empty() || name.len() > 63 => {
+            return Err("spec.port must be a port number or a Service port name of 1 to 63 characters".into());
+        }
+        _ => {}
+    }
+    let check = &spec.health_check;
+    if check.interval.is_negative() || check.interval() < MIN_INTERVAL {
+        return Err(format!(
+            "spec.healthCheck.interval must be at least 100ms (it is {})",
+            check.interval
+        ));
+    }
+    if check.timeout.is_negative() || check.timeout() < MIN_TIMEOUT {
+        return Err(format!(
+            "spec.healthCheck.timeout must be at least 10ms (it is {})",
+            check.timeout
+        ));
+    }
+    if check.timeout() >= check.interval() {
+        return Err(format!(
+            "spec.healthCheck.timeout ({}) must be shorter than spec.healthCheck.interval ({})",
+            check.timeout, check.interval
+        ));
+    }
+    let threshold = |field: &str, value: i32| {
+        u32::try_from(value)
+            .ok()
+            .filter(|v| (1..=100).contains(v))
+            .ok_or_else(|| format!("spec.healthCheck.{field} must be from 1 to 100 (it is {value})"))
+    };
+    let thresholds = Thresholds {
+        healthy: threshold("healthyThreshold", check.healthy_threshold)?,
+        unhealthy: threshold("unhealthyThreshold", check.unhealthy_threshold)?,
+    };
+    if let Some(window) = spec.weighting.slow_start_window
+        && (window.is_negative() || Duration::from(window) > MAX_SLOW_START)
+    {
+        return Err(format!(
+            "spec.weighting.slowStartWindow must be from 0s to 1h (it is {window})"
+        ));
+    }
+    Ok(ProbeSettings {
+        service: check.service.clone(),
+        mode: check.mode,
+        interval: check.interval(),
+        timeout: check.timeout(),
+        thresholds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn spec(value: serde_json::Value) -> GrpcBackendSpec {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_default_spec_gives_watch_settings() {
+        let settings = probe_settings(&spec(json!({"service": "echo", "port": "grpc"}))).unwrap();
+        assert_eq!(settings.interval, Duration::from_secs(5));
+        assert_eq!(settings.timeout, Duration::from_secs(1));
+        assert_eq!(
+            settings.thresholds,
+            Thresholds {
+                healthy: 1,
+                unhealthy: 3
+            }
+        );
+    }
+
+    #[test]
+    fn specs_admission_would_refuse_are_refused_naming_the_field() {
+        let refused = |value| probe_settings(&spec(value)).unwrap_err();
+        assert!(refused(json!({"service": "e", "port": 70000})).starts_with("spec.port"));
+        assert!(
+            refused(json!({"service": "e", "port": 1, "healthCheck": {"interval": "50ms", "timeout": "10ms"}}))
+                .starts_with("spec.healthCheck.interval")
+        );
+        assert!(
+            refused(json!({"service": "e", "port": 1, "healthCheck": {"interval": "1s", "timeout": "2s"}}))
+                .starts_with("spec.healthCheck.timeout")
+        );
+        assert!(
+            refused(json!({"service": "e", "port": 1, "healthCheck": {"interval": "-1s"}}))
+                .starts_with("spec.healthCheck.interval")
+        );
+        assert!(
+            refused(json!({"service": "e", "port": 1, "healthCheck": {"unhealthyThreshold": 0}}))
+                .starts_with("spec.healthCheck.unhealthyThreshold")
+        );
+        assert!(
+            refused(json!({"service": "e", "port": 1, "weighting": {"slowStartWindow": "2h"}}))
+                .starts_with("spec.weighting.slowStartWindow")
+        );
+    }
+}

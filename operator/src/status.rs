@@ -1,0 +1,399 @@
+//! The desired status of a GrpcBackend, as a pure function of what the operator observed, the
+//! previously published status and the clock.
+//!
+//! Deterministic by construction: endpoints sorted by address, no probe timings, and every
+//! timestamp carried over from the previous status unless the thing it dates changed. The
+//! reconciler writes the result only when it differs from what is published.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kubegrpc_crds::{
+    EndpointStatus, GrpcBackendStatus, Health, PortRef, WeightingPolicy,
+    condition::{self, reason},
+};
+
+use crate::{
+    discovery::{DiscoveredEndpoint, PortNotFound},
+    health::tracker::HealthVerdict,
+    weights,
+};
+
+/// An endpoint with what its prober concluded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbedEndpoint {
+    pub endpoint: DiscoveredEndpoint,
+    pub verdict: HealthVerdict,
+    /// The latest probe failed at connect time.
+    pub connect_failing: bool,
+}
+
+/// What the reconciler found for one GrpcBackend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Observation {
+    /// The spec cannot be acted on (the message says why).
+    InvalidSpec(String),
+    ServiceNotFound,
+    PortNotFound(PortNotFound),
+    /// The endpoints carrying the port, sorted by address, with their health.
+    Endpoints(Vec<ProbedEndpoint>),
+}
+
+/// The facts about the GrpcBackend that the status mentions.
+#[derive(Clone, Debug)]
+pub struct StatusContext<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub port: &'a PortRef,
+    pub generation: Option<i64>,
+    pub policy: WeightingPolicy,
+    pub slow_start_window: Duration,
+    pub now: Timestamp,
+    /// Most bytes of JSON the endpoint list may take (see [`DEFAULT_ENDPOINTS_BUDGET`]).
+    pub endpoints_budget: usize,
+}
+
+/// How many bytes of JSON the endpoint list may take by default. etcd refuses requests over
+/// 1.5 MiB (its `--max-request-bytes`), and the object also carries metadata, spec and
+/// conditions; 1 MiB of endpoints (about 3,000 to 4,000 entries) leaves room for them.
+pub const DEFAULT_ENDPOINTS_BUDGET: usize = 1024 * 1024;
+
+/// The status to publish and when it will change by itself (the next slow-start step).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub status: GrpcBackendStatus,
+    pub changes_in: Option<Duration>,
+}
+
+/// Computes the status to publish.
+pub fn desired_status(
+    previous: Option<&GrpcBackendStatus>,
+    observation: &Observation,
+    ctx: &StatusContext<'_>,
+) -> Desired {
+    // Published times have whole seconds; computing with the same precision keeps a status
+    // read back equal to the one written.
+    let now = Timestamp::from_second(ctx.now.as_second()).unwrap_or(ctx.now);
+    let previous_endpoints: HashMap<(&str, i32), &EndpointStatus> = previous
+        .map(|p| p.endpoints.iter().map(|e| ((e.address.as_str(), e.port), e)).collect())
+        .unwrap_or_default();
+
+    let mut endpoints = Vec::new();
+    let mut changes_in: Option<Duration> = None;
+    let mut connect_failing = 0;
+    if let Observation::Endpoints(probed) = observation {
+        for probed_endpoint in probed {
+            let endpoint = &probed_endpoint.endpoint;
+            let address = endpoint.address.ip().to_string();
+            let port = i32::from(endpoint.address.port());
+            let health = probed_endpoint.verdict.health;
+            let usable = endpoint.kubernetes_ready() && health == Health::Serving;
+            let since = match previous_endpoints.get(&(address.as_str(), port)) {
+                Some(before)
+                    if before.health == health
+                        && (before.serving && !before.terminating) == endpoint.kubernetes_ready() =>
+                {
+                    before.last_transition_time.0
+                }
+                _ => now,
+            };
+            let weighted = weights::weight(ctx.policy, usable, since, ctx.now, ctx.slow_start_window);
+            if let Some(next) = weighted.changes_in {
+                changes_in = Some(changes_in.map_or(next, |c| c.min(next)));
+            }
+            if probed_endpoint.connect_failing {
+                connect_failing += 1;
+            }
+            endpoints.push(EndpointStatus {
+                address,
+                port,
+                weight: weighted.weight,
+                health,
+                ready: endpoint.ready,
+                serving: endpoint.serving,
+                terminating: endpoint.terminating,
+                zone: endpoint.zone.clone(),
+                node: endpoint.node.clone(),
+                target_ref: endpoint.target_ref.clone(),
+                reason: probed_endpoint.verdict.reason.clone(),
+                last_transition_time: Time(since),
+            });
+        }
+    }
+    endpoints.sort_by_key(sort_key);
+
+    let total = endpoints.len();
+    let ready = endpoints.iter().filter(|e| e.is_usable()).count();
+    let (listed, truncated) = fit_budget(endpoints, ctx.endpoints_budget);
+
+    let mut conditions = vec![
+        ready_condition(observation, ctx, &listed, total, ready),
+        degraded_condition(total, connect_failing),
+    ];
+    if let Some(listed_count) = truncated {
+        conditions.push(Candidate {
+            type_: condition::TRUNCATED,
+            status: "True",
+            reason: reason::STATUS_SIZE_LIMIT,
+            message: format!(
+                "status lists {listed_count} of {total} endpoints, usable ones first: the full list would exceed \
+                 {} bytes (etcd refuses objects over 1.5 MiB)",
+                ctx.endpoints_budget
+            ),
+        });
+    }
+    let previous_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let conditions = conditions
+        .into_iter()
+        .map(|candidate| candidate.into_condition(previous_conditions, ctx.generation, now))
+        .collect();
+
+    Desired {
+        status: GrpcBackendStatus {
+            observed_generation: ctx.generation,
+            ready_endpoints: ready as i32,
+            total_endpoints: total as i32,
+            conditions,
+            endpoints: listed,
+        },
+        changes_in,
+    }
+}
+
+/// Address order: by IP (IPv4 before IPv6, numerically), then port.
+fn sort_key(endpoint: &EndpointStatus) -> (Option<SocketAddr>, String, i32) {
+    let parsed = endpoint
+        .address
+        .parse()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, u16::try_from(endpoint.port).unwrap_or(0)));
+    (parsed, endpoint.address.clone(), endpoint.port)
+}
+
+/// Keeps as many endpoints as fit in `budget` bytes of JSON, usable ones first. Returns the
+/// kept endpoints (address order) and, if some were cut, how many were kept.
+fn fit_budget(endpoints: Vec<EndpointStatus>, budget: usize) -> (Vec<EndpointStatus>, Option<usize>) {
+    let size = |e: &EndpointStatus| serde_json::to_vec(e).map_or(0, |v| v.len() + 1);
+    let total: usize = endpoints.iter().map(size).sum();
+    if total <= budget {
+        return (endpoints, None);
+    }
+    let (usable, others): (Vec<_>, Vec<_>) = endpoints.into_iter().partition(|e| e.is_usable());
+    let mut kept = Vec::new();
+    let mut used = 0;
+    for endpoint in usable.into_iter().chain(others) {
+        let bytes = size(&endpoint);
+        if used + bytes > budget {
+            break;
+        }
+        used += bytes;
+        kept.push(endpoint);
+    }
+    kept.sort_by_key(sort_key);
+    let count = kept.len();
+    (kept, Some(count))
+}
+
+/// A condition before its timestamps are settled.
+struct Candidate {
+    type_: &'static str,
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+impl Candidate {
+    /// metav1.Condition semantics: `lastTransitionTime` moves only when `status` changes.
+    fn into_condition(self, previous: &[Condition], generation: Option<i64>, now: Timestamp) -> Condition {
+        let last_transition_time = previous
+            .iter()
+            .find(|c| c.type_ == self.type_ && c.status == self.status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(now));
+        Condition {
+            type_: self.type_.to_string(),
+            status: self.status.to_string(),
+            reason: self.reason.to_string(),
+            message: self.message,
+            observed_generation: generation,
+            last_transition_time,
+        }
+    }
+}
+
+fn ready_condition(
+    observation: &Observation,
+    ctx: &StatusContext<'_>,
+    endpoints: &[EndpointStatus],
+    total: usize,
+    ready: usize,
+) -> Candidate {
+    let service = format!("Service {}/{}", ctx.namespace, ctx.service);
+    let not_ready = |reason: &'static str, message: String| Candidate {
+        type_: condition::READY,
+        status: "False",
+        reason,
+        message,
+    };
+    match observation {
+        Observation::InvalidSpec(why) => not_ready(reason::INVALID_SPEC, why.clone()),
+        Observation::ServiceNotFound => not_ready(reason::SERVICE_NOT_FOUND, format!("{service} not found")),
+        Observation::PortNotFound(missing) => not_ready(reason::PORT_NOT_FOUND, format!("{service}: {missing}")),
+        Observation::Endpoints(_) if total == 0 => not_ready(
+            reason::NO_ENDPOINTS,
+            format!("{service} has no endpoints on port {}", ctx.port),
+        ),
+        Observation::Endpoints(_) if ready == 0 => not_ready(
+            reason::NO_READY_ENDPOINTS,
+            format!(
+                "none of the {total} endpoints can take requests: {}",
+                breakdown(endpoints)
+            ),
+        ),
+        Observation::Endpoints(_) => Candidate {
+            type_: condition::READY,
+            status: "True",
+            reason: reason::AVAILABLE,
+            message: format!("{ready} of {total} endpoints ready"),
+        },
+    }
+}
+
+/// Why endpoints are not usable, counted: "2 NotServing, 1 Terminating".
+fn breakdown(endpoints: &[EndpointStatus]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    let mut add = |label: &'static str| match counts.iter_mut().find(|(l, _)| *l == label) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((label, 1)),
+    };
+    for endpoint in endpoints {
+        if endpoint.terminating {
+            add("Terminating");
+        } else if !endpoint.serving {
+            add("not serving in Kubernetes");
+        } else if endpoint.health == Health::NotServing {
+            add("NotServing");
+        } else if endpoint.health == Health::Unknown {
+            add("Unknown");
+        }
+    }
+    counts
+        .iter()
+        .map(|(label, n)| format!("{n} {label}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn degraded_condition(total: usize, connect_failing: usize) -> Candidate {
+    // One failing endpoint says little about the operator's network; all of several do.
+    if total >= 2 && connect_failing == total {
+        Candidate {
+            type_: condition::DEGRADED,
+            status: "True",
+            reason: reason::ALL_PROBES_FAILING,
+            message: format!(
+                "all {total} endpoints fail health probes at connect time: the operator's network path to them \
+                 may be blocked (a NetworkPolicy?)"
+            ),
+        }
+    } else {
+        Candidate {
+            type_: condition::DEGRADED,
+            status: "False",
+            reason: reason::PROBES_CONNECTING,
+            message: String::new(),
+        }
+    }
+}
+
+/// A change worth an Event on the GrpcBackend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+/// How many endpoint changes one Event names before it says "and N more".
+const NAMED_CHANGES: usize = 5;
+
+/// The Events a status change deserves: the Ready condition's reason, the Degraded condition,
+/// and endpoints whose health changed.
+pub fn notices(previous: Option<&GrpcBackendStatus>, next: &GrpcBackendStatus) -> Vec<Notice> {
+    let mut notices = Vec::new();
+    let reason_of = |status: Option<&GrpcBackendStatus>, type_: &str| {
+        status
+            .and_then(|s| s.condition(type_))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    if let Some(ready) = next.condition(condition::READY)
+        && reason_of(previous, condition::READY) != Some((ready.status.clone(), ready.reason.clone()))
+    {
+        notices.push(Notice {
+            warning: ready.status != "True",
+            reason: ready.reason.clone(),
+            note: ready.message.clone(),
+        });
+    }
+    if let Some(degraded) = next.condition(condition::DEGRADED) {
+        let before = reason_of(previous, condition::DEGRADED).map(|(status, _)| status);
+        if degraded.status == "True" && before.as_deref() != Some("True") {
+            notices.push(Notice {
+                warning: true,
+                reason: degraded.reason.clone(),
+                note: degraded.message.clone(),
+            });
+        }
+    }
+    let before: HashMap<(&str, i32), Health> = previous
+        .map(|p| {
+            p.endpoints
+                .iter()
+                .map(|e| ((e.address.as_str(), e.port), e.health))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut changes: HashMap<Health, Vec<String>> = HashMap::new();
+    for endpoint in &next.endpoints {
+        match before.get(&(endpoint.address.as_str(), endpoint.port)) {
+            Some(health) if *health == endpoint.health => {}
+            None if endpoint.health == Health::Unknown => {}
+            _ => changes
+                .entry(endpoint.health)
+                .or_default()
+                .push(display_endpoint(&endpoint.address, endpoint.port)),
+        }
+    }
+    for health in [Health::NotServing, Health::Serving] {
+        if let Some(addresses) = changes.get(&health) {
+            let named: Vec<&str> = addresses.iter().take(NAMED_CHANGES).map(String::as_str).collect();
+            let more = addresses.len().saturating_sub(NAMED_CHANGES);
+            let suffix = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            notices.push(Notice {
+                warning: health == Health::NotServing,
+                reason: format!("Endpoint{health}"),
+                note: format!("{health}: {}{suffix}", named.join(", ")),
+            });
+        }
+    }
+    notices
+}
+
+/// `10.0.0.1:80`, `[fd00::1]:80`.
+pub fn display_endpoint(address: &str, port: i32) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

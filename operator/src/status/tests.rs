@@ -1,0 +1,293 @@
+use super::*;
+use kubegrpc_crds::FULL_WEIGHT;
+
+fn at(seconds: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+}
+
+fn probed(address: &str, health: Health) -> ProbedEndpoint {
+    ProbedEndpoint {
+        endpoint: DiscoveredEndpoint {
+            address: address.parse().unwrap(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            zone: Some("z1".into()),
+            node: None,
+            target_ref: None,
+        },
+        verdict: HealthVerdict {
+            health,
+            reason: Some(health.to_string()),
+        },
+        connect_failing: false,
+    }
+}
+
+const PORT: PortRef = PortRef::Number(80);
+
+fn ctx(now: Timestamp) -> StatusContext<'static> {
+    StatusContext {
+        namespace: "ns",
+        service: "echo",
+        port: &PORT,
+        generation: Some(1),
+        policy: WeightingPolicy::Equal,
+        slow_start_window: Duration::ZERO,
+        now,
+        endpoints_budget: DEFAULT_ENDPOINTS_BUDGET,
+    }
+}
+
+fn three_serving() -> Observation {
+    Observation::Endpoints(vec![
+        probed("10.0.0.2:50051", Health::Serving),
+        probed("10.0.0.10:50051", Health::Serving),
+        probed("10.0.0.1:50051", Health::Serving),
+    ])
+}
+
+#[test]
+fn three_serving_endpoints_are_ready_with_equal_weights_in_address_order() {
+    let desired = desired_status(None, &three_serving(), &ctx(at(0)));
+    let status = &desired.status;
+    assert_eq!((status.ready_endpoints, status.total_endpoints), (3, 3));
+    let addresses: Vec<&str> = status.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addresses, ["10.0.0.1", "10.0.0.2", "10.0.0.10"]);
+    assert!(
+        status
+            .endpoints
+            .iter()
+            .all(|e| e.weight == FULL_WEIGHT && e.is_usable())
+    );
+    let ready = status.condition(condition::READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Available"));
+    assert_eq!(ready.message, "3 of 3 endpoints ready");
+    assert_eq!(status.condition(condition::DEGRADED).unwrap().status, "False");
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(desired.changes_in, None);
+}
+
+#[test]
+fn nothing_changes_when_nothing_changed_however_much_later() {
+    let first = desired_status(None, &three_serving(), &ctx(at(0))).status;
+    let later = desired_status(Some(&first), &three_serving(), &ctx(at(3600))).status;
+    assert_eq!(first, later);
+}
+
+#[test]
+fn a_status_read_back_from_json_is_equal_to_the_one_written() {
+    let first = desired_status(None, &three_serving(), &ctx(at(0))).status;
+    let read_back: GrpcBackendStatus = serde_json::from_slice(&serde_json::to_vec(&first).unwrap()).unwrap();
+    assert_eq!(read_back, first);
+    let again = desired_status(Some(&read_back), &three_serving(), &ctx(at(10))).status;
+    assert_eq!(again, read_back);
+}
+
+#[test]
+fn a_not_serving_endpoint_gets_weight_zero_and_only_its_time_moves() {
+    let first = desired_status(None, &three_serving(), &ctx(at(0))).status;
+    let mut observation = three_serving();
+    if let Observation::Endpoints(endpoints) = &mut observation {
+        endpoints[0].verdict = HealthVerdict {
+            health: Health::NotServing,
+            reason: Some("NotServing".into()),
+        };
+    }
+    let next = desired_status(Some(&first), &observation, &ctx(at(60))).status;
+    assert_eq!((next.ready_endpoints, next.total_endpoints), (2, 3));
+    let flipped = next.endpoints.iter().find(|e| e.address == "10.0.0.2").unwrap();
+    assert_eq!((flipped.health, flipped.weight), (Health::NotServing, 0));
+    assert_eq!(flipped.last_transition_time, Time(at(60)));
+    let others: Vec<_> = next.endpoints.iter().filter(|e| e.address != "10.0.0.2").collect();
+    assert!(
+        others
+            .iter()
+            .all(|e| e.last_transition_time == Time(at(0)) && e.weight == FULL_WEIGHT)
+    );
+    let ready = next.condition(condition::READY).unwrap();
+    assert_eq!(ready.message, "2 of 3 endpoints ready");
+    assert_eq!(
+        ready.last_transition_time,
+        Time(at(0)),
+        "Ready stayed True: its transition time stays"
+    );
+}
+
+#[test]
+fn terminating_but_serving_endpoints_take_no_requests() {
+    let mut endpoint = probed("10.0.0.1:80", Health::Serving);
+    endpoint.endpoint.terminating = true;
+    endpoint.endpoint.ready = false;
+    let status = desired_status(None, &Observation::Endpoints(vec![endpoint]), &ctx(at(0))).status;
+    let published = &status.endpoints[0];
+    assert!(published.terminating && published.serving && published.health == Health::Serving);
+    assert_eq!(published.weight, 0);
+    let ready = status.condition(condition::READY).unwrap();
+    assert_eq!(ready.reason, "NoReadyEndpoints");
+    assert_eq!(
+        ready.message,
+        "none of the 1 endpoints can take requests: 1 Terminating"
+    );
+}
+
+#[test]
+fn ready_reasons_name_the_problem() {
+    let reason = |observation: Observation| {
+        let status = desired_status(None, &observation, &ctx(at(0))).status;
+        let ready = status.condition(condition::READY).unwrap().clone();
+        assert_eq!(ready.status, "False");
+        (ready.reason, ready.message)
+    };
+    assert_eq!(
+        reason(Observation::ServiceNotFound),
+        ("ServiceNotFound".into(), "Service ns/echo not found".into())
+    );
+    assert_eq!(
+        reason(Observation::PortNotFound(PortNotFound {
+            wanted: PortRef::Name("grpc".into()),
+            available: vec!["http/8080".into()]
+        })),
+        (
+            "PortNotFound".into(),
+            "Service ns/echo: the Service has no TCP port named \"grpc\" (its TCP ports: http/8080)".into()
+        )
+    );
+    assert_eq!(
+        reason(Observation::InvalidSpec("spec.port: bad".into())),
+        ("InvalidSpec".into(), "spec.port: bad".into())
+    );
+    assert_eq!(
+        reason(Observation::Endpoints(vec![])),
+        (
+            "NoEndpoints".into(),
+            "Service ns/echo has no endpoints on port 80".into()
+        )
+    );
+    let (why, message) = reason(Observation::Endpoints(vec![
+        probed("10.0.0.1:80", Health::NotServing),
+        probed("10.0.0.2:80", Health::NotServing),
+        probed("10.0.0.3:80", Health::Unknown),
+    ]));
+    assert_eq!(why, "NoReadyEndpoints");
+    assert_eq!(
+        message,
+        "none of the 3 endpoints can take requests: 2 NotServing, 1 Unknown"
+    );
+}
+
+#[test]
+fn degraded_when_every_one_of_several_endpoints_fails_at_connect_time() {
+    let failing = |address: &str| ProbedEndpoint {
+        connect_failing: true,
+        ..probed(address, Health::NotServing)
+    };
+    let status = desired_status(
+        None,
+        &Observation::Endpoints(vec![failing("10.0.0.1:80"), failing("10.0.0.2:80")]),
+        &ctx(at(0)),
+    )
+    .status;
+    let degraded = status.condition(condition::DEGRADED).unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "AllProbesFailingToConnect")
+    );
+
+    let one_reaches = desired_status(
+        None,
+        &Observation::Endpoints(vec![failing("10.0.0.1:80"), probed("10.0.0.2:80", Health::Serving)]),
+        &ctx(at(0)),
+    )
+    .status;
+    assert_eq!(one_reaches.condition(condition::DEGRADED).unwrap().status, "False");
+}
+
+#[test]
+fn past_the_size_budget_usable_endpoints_are_listed_first_and_a_condition_says_so() {
+    let mut endpoints: Vec<ProbedEndpoint> = (0..100)
+        .map(|i| probed(&format!("10.0.{}.{}:80", i / 250, i % 250), Health::NotServing))
+        .collect();
+    endpoints.push(probed("10.9.9.9:80", Health::Serving));
+    let one_entry = serde_json::to_vec(&desired_status(None, &three_serving(), &ctx(at(0))).status.endpoints[0])
+        .unwrap()
+        .len();
+    let budget = one_entry * 10;
+    let status = desired_status(
+        None,
+        &Observation::Endpoints(endpoints),
+        &StatusContext {
+            endpoints_budget: budget,
+            ..ctx(at(0))
+        },
+    )
+    .status;
+    assert!(status.endpoints.len() < 101 && !status.endpoints.is_empty());
+    assert!(serde_json::to_vec(&status.endpoints).unwrap().len() <= budget + 2);
+    assert!(
+        status.endpoints.iter().any(|e| e.address == "10.9.9.9"),
+        "the usable endpoint is kept"
+    );
+    assert_eq!((status.ready_endpoints, status.total_endpoints), (1, 101));
+    let truncated = status.condition(condition::TRUNCATED).unwrap();
+    assert_eq!(truncated.status, "True");
+    assert!(
+        truncated
+            .message
+            .starts_with(&format!("status lists {} of 101 endpoints", status.endpoints.len()))
+    );
+    let mut sorted = status.endpoints.clone();
+    sorted.sort_by_key(sort_key);
+    assert_eq!(sorted, status.endpoints);
+}
+
+#[test]
+fn slow_start_ramps_from_when_the_endpoint_became_usable() {
+    let slow = |now| StatusContext {
+        slow_start_window: Duration::from_secs(100),
+        ..ctx(now)
+    };
+    let first = desired_status(None, &three_serving(), &slow(at(0)));
+    assert!(first.status.endpoints.iter().all(|e| e.weight == 10));
+    assert_eq!(first.changes_in, Some(Duration::from_secs(10)));
+    let later = desired_status(Some(&first.status), &three_serving(), &slow(at(25)));
+    assert!(later.status.endpoints.iter().all(|e| e.weight == 30));
+    assert_eq!(later.changes_in, Some(Duration::from_secs(5)));
+    let done = desired_status(Some(&later.status), &three_serving(), &slow(at(95)));
+    assert!(done.status.endpoints.iter().all(|e| e.weight == FULL_WEIGHT));
+    assert_eq!(done.changes_in, None);
+}
+
+#[test]
+fn notices_name_ready_transitions_and_endpoint_flips() {
+    let first = desired_status(None, &three_serving(), &ctx(at(0))).status;
+    let created = notices(None, &first);
+    assert_eq!(created[0].reason, "Available");
+    assert!(!created[0].warning);
+
+    let mut observation = three_serving();
+    if let Observation::Endpoints(endpoints) = &mut observation {
+        for e in endpoints.iter_mut() {
+            e.verdict.health = Health::NotServing;
+        }
+    }
+    let down = desired_status(Some(&first), &observation, &ctx(at(5))).status;
+    let events = notices(Some(&first), &down);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        (events[0].reason.as_str(), events[0].warning),
+        ("NoReadyEndpoints", true)
+    );
+    assert_eq!(events[1].reason, "EndpointNotServing");
+    assert_eq!(
+        events[1].note,
+        "NotServing: 10.0.0.1:50051, 10.0.0.2:50051, 10.0.0.10:50051"
+    );
+    assert!(notices(Some(&down), &down).is_empty());
+}
+
+#[test]
+fn ipv6_endpoints_are_shown_in_brackets() {
+    assert_eq!(display_endpoint("fd00::1", 80), "[fd00::1]:80");
+    assert_eq!(display_endpoint("10.0.0.1", 80), "10.0.0.1:80");
+}

@@ -1,0 +1,172 @@
+//! Kubernetes objects the tests write: headless Services, EndpointSlices written exactly as
+//! the EndpointSlice controller writes them, GrpcBackends from raw JSON.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use k8s_openapi::{
+    api::{
+        core::v1::{ObjectReference, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+};
+use kubegrpc_crds::GrpcBackend;
+use serde_json::{Value, json};
+
+const FIELD_MANAGER: &str = "kubegrpc-tests";
+
+/// Creates a headless Service (no cluster IP to allocate) with TCP `ports` (name, number).
+pub async fn create_service(client: &Client, namespace: &str, name: &str, ports: &[(&str, i32)]) -> Result<Service> {
+    let service = Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(port_name, port)| ServicePort {
+                        name: Some(port_name.to_string()),
+                        port: *port,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            selector: None,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(Api::<Service>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &service)
+        .await?)
+}
+
+/// One endpoint of a slice, with its conditions as the EndpointSlice controller sets them.
+#[derive(Clone, Debug)]
+pub struct SliceEndpoint {
+    pub address: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub zone: Option<String>,
+    pub pod: Option<String>,
+}
+
+impl SliceEndpoint {
+    /// A ready endpoint.
+    pub fn ready(address: SocketAddr) -> Self {
+        Self {
+            address,
+            ready: true,
+            serving: true,
+            terminating: false,
+            zone: Some("zone-a".into()),
+            pod: None,
+        }
+    }
+
+    /// A terminating endpoint that still serves (a pod draining during a rolling update).
+    pub fn terminating(address: SocketAddr) -> Self {
+        Self {
+            ready: false,
+            serving: true,
+            terminating: true,
+            ..Self::ready(address)
+        }
+    }
+}
+
+/// Creates or replaces (server-side apply) the EndpointSlice `name` of `service`, with one port
+/// named `port_name`; the port number is taken from the first endpoint's address.
+pub async fn apply_slice(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    name: &str,
+    port_name: &str,
+    endpoints: &[SliceEndpoint],
+) -> Result<EndpointSlice> {
+    let port = endpoints
+        .first()
+        .map_or(crate::backends::BACKEND_PORT, |e| e.address.port());
+    let ipv6 = endpoints.first().is_some_and(|e| e.address.is_ipv6());
+    let slice = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(
+                [
+                    ("kubernetes.io/service-name".to_string(), service.to_string()),
+                    (
+                        "endpointslice.kubernetes.io/managed-by".to_string(),
+                        "kubegrpc-tests".to_string(),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        address_type: if ipv6 { "IPv6" } else { "IPv4" }.into(),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    addresses: vec![e.address.ip().to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(e.ready),
+                        serving: Some(e.serving),
+                        terminating: Some(e.terminating),
+                    }),
+                    zone: e.zone.clone(),
+                    target_ref: e.pod.as_ref().map(|pod| ObjectReference {
+                        kind: Some("Pod".into()),
+                        namespace: Some(namespace.into()),
+                        name: Some(pod.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(vec![EndpointPort {
+            name: Some(port_name.into()),
+            port: Some(port.into()),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    };
+    Ok(Api::<EndpointSlice>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&slice))
+        .await?)
+}
+
+/// Creates a GrpcBackend from a raw JSON spec.
+pub async fn create_grpc_backend(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> kube::Result<GrpcBackend> {
+    let resource = ApiResource::erase::<GrpcBackend>(&());
+    let raw = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+    let object: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kubegrpc.io/v1alpha1",
+        "kind": "GrpcBackend",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    raw.create(&PostParams::default(), &object).await?;
+    Api::<GrpcBackend>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+}

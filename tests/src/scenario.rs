@@ -1,0 +1,118 @@
+//! A test's own corner of the shared control plane: a namespace, a client, and helpers to wait
+//! on a GrpcBackend's status.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
+use kubegrpc_crds::{EndpointStatus, GrpcBackend, GrpcBackendStatus};
+
+use crate::{ControlPlane, wait};
+
+/// A namespace of the shared control plane and a client for it.
+pub struct Scenario {
+    pub control_plane: &'static ControlPlane,
+    pub client: Client,
+    pub namespace: String,
+}
+
+impl Scenario {
+    /// A fresh namespace named after `prefix`.
+    pub async fn new(prefix: &str) -> Result<Self> {
+        let control_plane = ControlPlane::shared();
+        let client = control_plane.client().await?;
+        let namespace = control_plane.create_namespace(&client, prefix).await?;
+        Ok(Self {
+            control_plane,
+            client,
+            namespace,
+        })
+    }
+
+    pub fn backends(&self) -> Api<GrpcBackend> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Waits until `name`'s status satisfies `accept`; fails with the last status seen.
+    pub async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        deadline: Duration,
+        accept: impl Fn(&GrpcBackendStatus) -> bool,
+    ) -> Result<GrpcBackend> {
+        let api = self.backends();
+        wait::until(what, deadline, || {
+            let api = api.clone();
+            let accept = &accept;
+            async move {
+                let backend = api.get(name).await?;
+                match &backend.status {
+                    Some(status) if accept(status) => Ok(Some(backend)),
+                    other => Err(anyhow::anyhow!("status is {}", brief(other.as_ref()))),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Watches `name` and returns when its status satisfies `accept` (no polling delay, for
+    /// measuring how fast a change is published).
+    pub async fn watch_status(
+        &self,
+        name: &str,
+        deadline: Duration,
+        accept: impl Fn(&GrpcBackendStatus) -> bool,
+    ) -> Result<GrpcBackend> {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut stream = std::pin::pin!(watcher(self.backends(), config).default_backoff().applied_objects());
+        let found = tokio::time::timeout(deadline, async {
+            while let Some(backend) = stream.next().await {
+                let backend = backend?;
+                if backend.status.as_ref().is_some_and(&accept) {
+                    return Ok::<_, anyhow::Error>(backend);
+                }
+            }
+            bail!("the watch of {name} ended")
+        })
+        .await
+        .with_context(|| format!("{name}: status not seen within {deadline:?}"))??;
+        Ok(found)
+    }
+}
+
+/// The endpoint at `address` in a status.
+pub fn endpoint<'a>(status: &'a GrpcBackendStatus, address: &std::net::SocketAddr) -> Option<&'a EndpointStatus> {
+    status
+        .endpoints
+        .iter()
+        .find(|e| e.address == address.ip().to_string() && e.port == i32::from(address.port()))
+}
+
+/// A one-line summary of a status for failure messages.
+pub fn brief(status: Option<&GrpcBackendStatus>) -> String {
+    let Some(status) = status else {
+        return "absent".into();
+    };
+    let ready = status
+        .condition(kubegrpc_crds::condition::READY)
+        .map(|c| format!("{}/{}: {}", c.status, c.reason, c.message))
+        .unwrap_or_default();
+    let endpoints: Vec<String> = status
+        .endpoints
+        .iter()
+        .take(8)
+        .map(|e| format!("{}:{} {} w{}", e.address, e.port, e.health, e.weight))
+        .collect();
+    format!(
+        "ready {}/{} [{ready}] endpoints [{}{}]",
+        status.ready_endpoints,
+        status.total_endpoints,
+        endpoints.join(", "),
+        if status.endpoints.len() > 8 { ", ..." } else { "" }
+    )
+}

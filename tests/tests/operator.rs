@@ -1,0 +1,867 @@
+//! The operator against the real apiserver, with real tonic backends on 10.250.x.y inside the
+//! run's network namespace. Each test runs its own in-process operator, scoped to its own
+//! namespace of the shared control plane.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::events::v1::Event;
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use kubegrpc_crds::{FULL_WEIGHT, GrpcBackendStatus, Health, condition};
+use kubegrpc_echo::{BackendOptions, ServingStatus};
+use kubegrpc_operator::Settings;
+use kubegrpc_tests::{
+    backends::{BACKEND_PORT, BackendProcess, next_backend_ip, start_backend},
+    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
+    operator::InProcessOperator,
+    scenario::{Scenario, brief, endpoint},
+};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn ready_reason(status: &GrpcBackendStatus) -> String {
+    status
+        .condition(condition::READY)
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
+fn addresses(count: usize) -> Vec<SocketAddr> {
+    (0..count)
+        .map(|_| SocketAddr::from((next_backend_ip(), BACKEND_PORT)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_serving_backends_are_published_with_equal_weights() -> Result<()> {
+    let s = Scenario::new("three").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backends = [
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-abc", "grpc", &endpoints).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+
+    let backend = s
+        .wait_status("echo", "3 ready endpoints", DEADLINE, |st| st.ready_endpoints == 3)
+        .await?;
+    let status = backend.status.unwrap();
+    assert_eq!(status.total_endpoints, 3);
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.endpoints.len(), 3);
+    for published in &status.endpoints {
+        assert_eq!((published.health, published.weight), (Health::Serving, FULL_WEIGHT));
+        assert!(published.ready && published.serving && !published.terminating);
+        assert_eq!(published.zone.as_deref(), Some("zone-a"));
+    }
+    let mut sorted = status.endpoints.clone();
+    sorted.sort_by_key(|e| e.address.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(sorted, status.endpoints, "endpoints are sorted by address");
+    let ready = status.condition(condition::READY).context("no Ready condition")?;
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Available"));
+    assert_eq!(ready.message, "3 of 3 endpoints ready");
+
+    let table = s
+        .control_plane
+        .kubectl_output(&["get", "gb", "-n", &s.namespace])
+        .await?;
+    let row: Vec<&str> = table.lines().nth(1).context("no row")?.split_whitespace().collect();
+    assert_eq!(
+        row[..5],
+        ["echo", "echo", "grpc", "3", "3"],
+        "kubectl get gb printed:\n{table}"
+    );
+
+    // The transition was announced as an Event (events.k8s.io/v1, kube-runtime's recorder).
+    let events = Api::<Event>::namespaced(s.client.clone(), &s.namespace);
+    kubegrpc_tests::wait::until("an Available event", DEADLINE, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Available"))
+            .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_not_serving_flip_is_published_through_watch() -> Result<()> {
+    let s = Scenario::new("flip").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backends = [
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    // Check would poll once an hour: within the deadline only the Watch stream can deliver.
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h", "timeout": "1s"}}),
+    )
+    .await?;
+    s.wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
+        .await?;
+
+    let flipped = backends[0].address;
+    backends[0].health.set("", ServingStatus::NotServing);
+    let backend = s
+        .wait_status("echo", "the flipped endpoint NotServing", DEADLINE, |st| {
+            endpoint(st, &flipped).is_some_and(|e| e.health == Health::NotServing)
+        })
+        .await?;
+    let status = backend.status.unwrap();
+    let published = endpoint(&status, &flipped).unwrap();
+    assert_eq!(published.weight, 0);
+    assert_eq!(published.reason.as_deref(), Some("NotServing"));
+    assert_eq!(status.ready_endpoints, 1);
+    assert_eq!(endpoint(&status, &backends[1].address).unwrap().weight, FULL_WEIGHT);
+
+    backends[0].health.set("", ServingStatus::Serving);
+    s.wait_status("echo", "the flipped endpoint Serving again", DEADLINE, |st| {
+        endpoint(st, &flipped).is_some_and(|e| e.health == Health::Serving && e.weight == FULL_WEIGHT)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Prints the median time from a NOT_SERVING (or SERVING) flip at the backend to the status
+/// showing it, over 20 flips, as seen through a watch of the object. A measurement for the
+/// record, not a timing assertion: the assertion is that every flip is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn measure_flip_to_status_latency() -> Result<()> {
+    let s = Scenario::new("latency").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backend = start_backend(BackendOptions::default()).await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(backend.address)],
+    )
+    .await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h", "timeout": "1s"}}),
+    )
+    .await?;
+    s.wait_status("echo", "ready", DEADLINE, |st| st.ready_endpoints == 1)
+        .await?;
+
+    let mut latencies = Vec::new();
+    for flip in 0..20 {
+        let serving = flip % 2 == 1;
+        // Flips further apart than the status write interval (1s) are each written at once.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let started = std::time::Instant::now();
+        backend.health.set(
+            "",
+            if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            },
+        );
+        let want = if serving { Health::Serving } else { Health::NotServing };
+        s.watch_status("echo", DEADLINE, |st| {
+            endpoint(st, &backend.address).is_some_and(|e| e.health == want)
+        })
+        .await?;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "flip -> status over 20 flips: median {:?}, min {:?}, max {:?}",
+        latencies[10], latencies[0], latencies[19]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_backend_process_is_detected_by_keepalive_and_a_killed_one_at_once() -> Result<()> {
+    let s = Scenario::new("sigstop").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let address = SocketAddr::from((next_backend_ip(), BACKEND_PORT));
+    let process = BackendProcess::start(address, &[]).await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(address)],
+    )
+    .await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc",
+               "healthCheck": {"interval": "1s", "timeout": "500ms", "unhealthyThreshold": 2}}),
+    )
+    .await?;
+    let is = |health: Health| move |st: &GrpcBackendStatus| endpoint(st, &address).is_some_and(|e| e.health == health);
+    s.wait_status("echo", "Serving", DEADLINE, is(Health::Serving)).await?;
+
+    // A stopped process keeps its socket open: only the keepalive PING going unanswered ends
+    // the Watch stream.
+    process.process.signal(libc::SIGSTOP)?;
+    let frozen = s
+        .wait_status("echo", "NotServing while stopped", DEADLINE, is(Health::NotServing))
+        .await?;
+    let reason = endpoint(frozen.status.as_ref().unwrap(), &address)
+        .unwrap()
+        .reason
+        .clone();
+    assert!(
+        matches!(reason.as_deref(), Some("Timeout" | "StreamBroken" | "ConnectTimeout")),
+        "reason {reason:?}"
+    );
+
+    process.process.signal(libc::SIGCONT)?;
+    s.wait_status("echo", "Serving after SIGCONT", DEADLINE, is(Health::Serving))
+        .await?;
+
+    process.process.signal(libc::SIGKILL)?;
+    s.wait_status("echo", "NotServing after SIGKILL", DEADLINE, is(Health::NotServing))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_follow_the_slices_added_and_removed() -> Result<()> {
+    let s = Scenario::new("slices").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backends = [
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let two: Vec<SliceEndpoint> = backends[..2].iter().map(|b| SliceEndpoint::ready(b.address)).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &two).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    s.wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
+        .await?;
+
+    let three: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
+    // Past the status write interval (1s) since the last write, so that the measurement below
+    // is the path slice -> watch -> probe -> status, not the coalescing wait.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = std::time::Instant::now();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &three).await?;
+    let added = backends[2].address;
+    s.watch_status("echo", DEADLINE, |st| {
+        endpoint(st, &added).is_some_and(|e| e.health == Health::Serving)
+    })
+    .await?;
+    println!("new EndpointSlice entry -> Serving in status: {:?}", started.elapsed());
+
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &two).await?;
+    let backend = s
+        .wait_status("echo", "the third endpoint gone", DEADLINE, |st| {
+            st.total_endpoints == 2
+        })
+        .await?;
+    assert!(endpoint(backend.status.as_ref().unwrap(), &added).is_none());
+
+    // A second slice of the same Service adds its endpoints.
+    let extra = start_backend(BackendOptions::default()).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-2",
+        "grpc",
+        &[SliceEndpoint::ready(extra.address)],
+    )
+    .await?;
+    s.wait_status("echo", "3 ready across 2 slices", DEADLINE, |st| {
+        st.ready_endpoints == 3
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_in_two_slices_are_listed_once() -> Result<()> {
+    let s = Scenario::new("dedupe").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let all = addresses(150);
+    // 80 + 80 with 10 addresses in both slices: 150 distinct endpoints.
+    let first: Vec<SliceEndpoint> = all[..80].iter().map(|a| SliceEndpoint::ready(*a)).collect();
+    let second: Vec<SliceEndpoint> = all[70..].iter().map(|a| SliceEndpoint::ready(*a)).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-a", "grpc", &first).await?;
+    apply_slice(&s.client, &s.namespace, "echo", "echo-b", "grpc", &second).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
+    )
+    .await?;
+    let backend = s
+        .wait_status("echo", "150 endpoints", DEADLINE, |st| st.total_endpoints == 150)
+        .await?;
+    let status = backend.status.unwrap();
+    assert_eq!(status.endpoints.len(), 150);
+    let mut listed: Vec<(String, i32)> = status.endpoints.iter().map(|e| (e.address.clone(), e.port)).collect();
+    listed.sort();
+    listed.dedup();
+    assert_eq!(listed.len(), 150, "no endpoint is listed twice");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_endpoints_give_a_complete_status() -> Result<()> {
+    let s = Scenario::new("thousand").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let all = addresses(1000);
+    for (index, chunk) in all.chunks(100).enumerate() {
+        let endpoints: Vec<SliceEndpoint> = chunk.iter().map(|a| SliceEndpoint::ready(*a)).collect();
+        apply_slice(
+            &s.client,
+            &s.namespace,
+            "echo",
+            &format!("echo-{index}"),
+            "grpc",
+            &endpoints,
+        )
+        .await?;
+    }
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
+    )
+    .await?;
+    let backend = s
+        .wait_status("echo", "1000 endpoints", Duration::from_secs(60), |st| {
+            st.total_endpoints == 1000 && st.endpoints.len() == 1000
+        })
+        .await?;
+    let status = backend.status.unwrap();
+    assert!(status.condition(condition::TRUNCATED).is_none());
+    // Nothing listens on these addresses: every probe is refused.
+    s.wait_status("echo", "all 1000 NotServing", Duration::from_secs(60), |st| {
+        st.endpoints.iter().all(|e| e.health == Health::NotServing)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminating_endpoint_that_still_serves_gets_no_weight() -> Result<()> {
+    let s = Scenario::new("terminating").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let staying = start_backend(BackendOptions::default()).await?;
+    let leaving = start_backend(BackendOptions::default()).await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[
+            SliceEndpoint::ready(staying.address),
+            SliceEndpoint::terminating(leaving.address),
+        ],
+    )
+    .await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    let backend = s
+        .wait_status("echo", "terminating endpoint probed", DEADLINE, |st| {
+            endpoint(st, &leaving.address).is_some_and(|e| e.health == Health::Serving)
+                && endpoint(st, &staying.address).is_some_and(|e| e.health == Health::Serving)
+        })
+        .await?;
+    let status = backend.status.unwrap();
+    let terminating = endpoint(&status, &leaving.address).unwrap();
+    assert!(terminating.terminating && terminating.serving && !terminating.ready);
+    assert_eq!(terminating.weight, 0);
+    assert_eq!((status.ready_endpoints, status.total_endpoints), (1, 2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_service_is_reported_and_recovers_when_created() -> Result<()> {
+    let s = Scenario::new("no-service").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "later", "port": "grpc"}),
+    )
+    .await?;
+    let backend = s
+        .wait_status("echo", "ServiceNotFound", DEADLINE, |st| {
+            ready_reason(st) == "ServiceNotFound"
+        })
+        .await?;
+    let ready = backend
+        .status
+        .as_ref()
+        .unwrap()
+        .condition(condition::READY)
+        .unwrap()
+        .clone();
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.message, format!("Service {}/later not found", s.namespace));
+
+    let server = start_backend(BackendOptions::default()).await?;
+    create_service(&s.client, &s.namespace, "later", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "later",
+        "later-1",
+        "grpc",
+        &[SliceEndpoint::ready(server.address)],
+    )
+    .await?;
+    s.wait_status("echo", "Available once the Service exists", DEADLINE, |st| {
+        ready_reason(st) == "Available" && st.ready_endpoints == 1
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_name_the_service_lacks_is_reported() -> Result<()> {
+    let s = Scenario::new("no-port").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    create_service(&s.client, &s.namespace, "echo", &[("http", 8080), ("metrics", 9090)]).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    let backend = s
+        .wait_status("echo", "PortNotFound", DEADLINE, |st| {
+            ready_reason(st) == "PortNotFound"
+        })
+        .await?;
+    let ready = backend.status.unwrap().condition(condition::READY).unwrap().clone();
+    assert_eq!(
+        ready.message,
+        format!(
+            "Service {}/echo: the Service has no TCP port named \"grpc\" (its TCP ports: http/8080, metrics/9090)",
+            s.namespace
+        )
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_grpcbackends_on_one_service_check_their_own_health_service() -> Result<()> {
+    let s = Scenario::new("two-gb").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backend = start_backend(BackendOptions {
+        health_services: vec!["alpha".into(), "beta".into()],
+        ..BackendOptions::default()
+    })
+    .await?;
+    backend.health.set("beta", ServingStatus::NotServing);
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(backend.address)],
+    )
+    .await?;
+    for (name, service) in [("alpha", "alpha"), ("beta", "beta")] {
+        create_grpc_backend(
+            &s.client,
+            &s.namespace,
+            name,
+            json!({"service": "echo", "port": "grpc", "healthCheck": {"service": service, "interval": "1h"}}),
+        )
+        .await?;
+    }
+    let health_of =
+        |health: Health| move |st: &GrpcBackendStatus| st.endpoints.first().is_some_and(|e| e.health == health);
+    s.wait_status("alpha", "alpha Serving", DEADLINE, health_of(Health::Serving))
+        .await?;
+    s.wait_status("beta", "beta NotServing", DEADLINE, health_of(Health::NotServing))
+        .await?;
+
+    backend.health.set("alpha", ServingStatus::NotServing);
+    backend.health.set("beta", ServingStatus::Serving);
+    s.wait_status("alpha", "alpha NotServing", DEADLINE, health_of(Health::NotServing))
+        .await?;
+    s.wait_status("beta", "beta Serving", DEADLINE, health_of(Health::Serving))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_without_watch_is_probed_with_check() -> Result<()> {
+    let s = Scenario::new("check-only").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backend = start_backend(BackendOptions {
+        watch_implemented: false,
+        ..BackendOptions::default()
+    })
+    .await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(backend.address)],
+    )
+    .await?;
+    // Watch mode asked for; the backend answers UNIMPLEMENTED and gets polled instead.
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"mode": "Watch", "interval": "200ms", "timeout": "100ms"}}),
+    )
+    .await?;
+    let serving = |health: Health| {
+        move |st: &GrpcBackendStatus| endpoint(st, &backend.address).is_some_and(|e| e.health == health)
+    };
+    s.wait_status("echo", "Serving through Check", DEADLINE, serving(Health::Serving))
+        .await?;
+    backend.health.set("", ServingStatus::NotServing);
+    s.wait_status(
+        "echo",
+        "NotServing through Check",
+        DEADLINE,
+        serving(Health::NotServing),
+    )
+    .await?;
+    let seen = backend.counters.snapshot();
+    assert!(
+        seen.health_checks >= 2,
+        "the backend answered {} Check calls",
+        seen.health_checks
+    );
+    assert_eq!(seen.health_watches_open, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_grpcbackend_stops_its_probers() -> Result<()> {
+    let s = Scenario::new("delete").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backends = [
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    s.wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
+        .await?;
+    for backend in &backends {
+        let seen = backend.counters.snapshot();
+        assert_eq!(
+            seen.health_watches_open, 1,
+            "one Watch stream from the operator's prober"
+        );
+        assert_eq!(seen.connections_open, 1);
+    }
+
+    s.backends().delete("echo", &DeleteParams::default()).await?;
+    kubegrpc_tests::wait::until(
+        "the backends to see their probe streams and connections close",
+        DEADLINE,
+        || async {
+            Ok(backends
+                .iter()
+                .all(|b| {
+                    let seen = b.counters.snapshot();
+                    seen.health_watches_open == 0 && seen.connections_open == 0
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_nothing_changing_the_operator_writes_nothing() -> Result<()> {
+    let s = Scenario::new("quiet").await?;
+    let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backends = [
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    let steady = s
+        .wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
+        .await?;
+    let resource_version = steady.metadata.resource_version.clone().unwrap();
+
+    // Watch the object from that version for 30 seconds: no event may arrive.
+    let params = kube::api::WatchParams::default()
+        .fields("metadata.name=echo")
+        .timeout(30);
+    let mut events = s.backends().watch(&params, &resource_version).await?.boxed();
+    while let Some(event) = events.next().await {
+        match event? {
+            kube::api::WatchEvent::Bookmark(_) => {}
+            kube::api::WatchEvent::Error(error) => anyhow::bail!("watch error: {error:?}"),
+            other => panic!("the GrpcBackend changed with nothing changing: {other:?}"),
+        }
+    }
+    let after = s.backends().get("echo").await?;
+    assert_eq!(
+        after.metadata.resource_version.as_deref(),
+        Some(resource_version.as_str())
+    );
+    let writes = operator.metrics.encode();
+    assert!(writes.contains("kubegrpc_status_writes_total{"), "{writes}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_edited_by_hand_is_restored() -> Result<()> {
+    let s = Scenario::new("hand-edit").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backend = start_backend(BackendOptions::default()).await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(backend.address)],
+    )
+    .await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    let published = s
+        .wait_status("echo", "ready", DEADLINE, |st| st.ready_endpoints == 1)
+        .await?;
+    let mut edited = published.status.clone().unwrap();
+    edited.endpoints[0].weight = 7;
+    edited.endpoints[0].health = Health::NotServing;
+    edited.ready_endpoints = 0;
+    s.backends()
+        .patch_status(
+            "echo",
+            &PatchParams {
+                field_manager: Some("kubectl-edit".into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(json!({ "status": edited })),
+        )
+        .await?;
+    s.wait_status("echo", "the published status restored", DEADLINE, |st| {
+        st.ready_endpoints == 1 && st.endpoints[0].weight == FULL_WEIGHT && st.endpoints[0].health == Health::Serving
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_endpoint_refusing_connections_marks_the_backend_degraded() -> Result<()> {
+    let s = Scenario::new("degraded").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let endpoints: Vec<SliceEndpoint> = addresses(3).into_iter().map(SliceEndpoint::ready).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"unhealthyThreshold": 1}}),
+    )
+    .await?;
+    let backend = s
+        .wait_status("echo", "Degraded", DEADLINE, |st| {
+            st.condition(condition::DEGRADED).is_some_and(|c| c.status == "True")
+        })
+        .await?;
+    let status = backend.status.unwrap();
+    let degraded = status.condition(condition::DEGRADED).unwrap();
+    assert_eq!(degraded.reason, "AllProbesFailingToConnect");
+    assert_eq!(ready_reason(&status), "NoReadyEndpoints");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_size_budget_the_status_stays_valid_and_says_so() -> Result<()> {
+    let s = Scenario::new("budget").await?;
+    let _operator = InProcessOperator::start_with(
+        s.client.clone(),
+        Settings {
+            namespace: Some(s.namespace.clone()),
+            endpoints_budget: 4096,
+            ..Settings::default()
+        },
+    );
+    let serving = start_backend(BackendOptions::default()).await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let mut endpoints: Vec<SliceEndpoint> = addresses(60).into_iter().map(SliceEndpoint::ready).collect();
+    endpoints.push(SliceEndpoint::ready(serving.address));
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
+    )
+    .await?;
+    let backend = s
+        .wait_status("echo", "Truncated and the serving endpoint listed", DEADLINE, |st| {
+            st.condition(condition::TRUNCATED).is_some() && st.ready_endpoints == 1
+        })
+        .await?;
+    let status = backend.status.unwrap();
+    assert_eq!(status.total_endpoints, 61);
+    assert!(status.endpoints.len() < 61, "{}", brief(Some(&status)));
+    assert!(serde_json::to_vec(&status.endpoints)?.len() <= 4096 + 2);
+    assert!(
+        endpoint(&status, &serving.address).is_some(),
+        "usable endpoints are listed first"
+    );
+    let truncated = status.condition(condition::TRUNCATED).unwrap();
+    assert_eq!(
+        (truncated.status.as_str(), truncated.reason.as_str()),
+        ("True", "StatusSizeLimit")
+    );
+    Ok(())
+}
+
+/// Finds how many endpoint entries one GrpcBackend status can hold before the apiserver (etcd's
+/// 1.5 MiB request limit) refuses the write, and checks that the operator's default budget
+/// stays below it. Prints the ceiling for the record.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
+    let s = Scenario::new("ceiling").await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "big",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    let entry = |i: usize| {
+        json!({
+            "address": format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256), "port": 50051, "weight": 100,
+            "health": "Serving", "ready": true, "serving": true, "terminating": false, "zone": "zone-a",
+            "node": "node-0001", "reason": "Serving", "lastTransitionTime": "2026-11-23T00:00:00Z",
+            "targetRef": {"kind": "Pod", "namespace": "default", "name": format!("echo-7d9f8c6b5-{i:05}"),
+                          "uid": "0a1b2c3d-4e5f-6789-abcd-ef0123456789"}
+        })
+    };
+    let write = |count: usize| {
+        let api = s.backends();
+        async move {
+            let endpoints: Vec<_> = (0..count).map(entry).collect();
+            let bytes = serde_json::to_vec(&endpoints)?.len();
+            let result = api
+                .patch_status(
+                    "big",
+                    &PatchParams::apply("ceiling-probe").force(),
+                    &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
+                                         "status": {"endpoints": endpoints}})),
+                )
+                .await;
+            Ok::<_, anyhow::Error>((result.is_ok(), bytes))
+        }
+    };
+    let entry_bytes = serde_json::to_vec(&entry(1234))?.len();
+    let at_budget = kubegrpc_operator::status::DEFAULT_ENDPOINTS_BUDGET / (entry_bytes + 1);
+    let (accepted, bytes) = write(at_budget).await?;
+    assert!(
+        accepted,
+        "a status at the default budget ({at_budget} entries, {bytes} bytes) was refused"
+    );
+
+    // Bisect between the budget and a count surely too large.
+    let (mut low, mut high) = (at_budget, 20_000);
+    assert!(!write(high).await?.0, "20,000 entries were accepted");
+    while high - low > 16 {
+        let middle = (low + high) / 2;
+        if write(middle).await?.0 {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    let (_, ceiling_bytes) = write(low).await?;
+    println!(
+        "status size ceiling: about {low} endpoint entries of {entry_bytes} bytes ({ceiling_bytes} bytes of endpoints); \
+         default budget {} bytes = {at_budget} such entries",
+        kubegrpc_operator::status::DEFAULT_ENDPOINTS_BUDGET
+    );
+    Ok(())
+}
