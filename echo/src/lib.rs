@@ -156,6 +156,8 @@ pub struct HealthService {
     state: HealthState,
     counters: Arc<Counters>,
     watch_implemented: bool,
+    /// Set when the server stops: open Watch streams end, so that a graceful stop finishes.
+    stopping: watch::Receiver<bool>,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
@@ -189,10 +191,15 @@ impl Health for HealthService {
             return Ok(Response::new(Box::pin(stream)));
         };
         let open = OpenWatch::new(self.counters.clone());
-        let stream = tokio_stream::wrappers::WatchStream::new(receiver).map(move |status| {
-            let _still_open = &open;
-            Ok(HealthCheckResponse { status: status as i32 })
-        });
+        let mut stopping = self.stopping.clone();
+        let stream = tokio_stream::wrappers::WatchStream::new(receiver)
+            .map(move |status| {
+                let _still_open = &open;
+                Ok(HealthCheckResponse { status: status as i32 })
+            })
+            .take_until(async move {
+                let _ = stopping.wait_for(|stopping| *stopping).await;
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -268,12 +275,15 @@ impl Default for BackendOptions {
     }
 }
 
+/// How long [`Backend::stop`] waits for requests in flight.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A running echo backend: its address, health switch and counters.
 pub struct Backend {
     pub address: SocketAddr,
     pub health: HealthState,
     pub counters: Arc<Counters>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    stopping: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -290,41 +300,44 @@ impl Backend {
         };
         let services: Vec<&str> = options.health_services.iter().map(String::as_str).collect();
         let health = HealthState::new(&services, initial);
+        let (stopping, stopping_signal) = watch::channel(false);
         let health_service = HealthService {
             state: health.clone(),
             counters: counters.clone(),
             watch_implemented: options.watch_implemented,
+            stopping: stopping_signal.clone(),
         };
         let echo_service = EchoService {
             address: address.to_string(),
             counters: counters.clone(),
             health: health.clone(),
         };
-        let (shutdown, shutdown_signal) = tokio::sync::oneshot::channel::<()>();
         let incoming = CountingIncoming::new(listener, counters.clone());
+        let mut shutdown_signal = stopping_signal;
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(HealthServer::new(health_service))
                 .add_service(EchoServer::new(echo_service))
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = shutdown_signal.await;
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = shutdown_signal.wait_for(|stopping| *stopping).await;
                 }),
         );
         Ok(Self {
             address,
             health,
             counters,
-            shutdown: Some(shutdown),
+            stopping,
             task,
         })
     }
 
-    /// Stops accepting, lets in-flight requests finish, and waits for the server to end.
+    /// Stops as a well-behaved server does: stops accepting, ends health Watch streams, lets
+    /// requests in flight finish (at most `STOP_GRACE`), then closes every connection.
     pub async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
+        self.stopping.send_replace(true);
+        if tokio::time::timeout(STOP_GRACE, &mut self.task).await.is_err() {
+            self.task.abort();
         }
-        let _ = (&mut self.task).await;
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod certs;
 pub mod controlplane;
+pub mod load;
 pub mod netns;
 pub mod objects;
 pub mod operator;

@@ -75,28 +75,36 @@ async fn the_operator_follows_slices_written_by_the_endpointslice_controller() -
     create_grpc_backend(&client, &namespace, "echo", json!({"service": "echo", "port": "grpc"})).await?;
 
     let gbs = Api::<kubegrpc_crds::GrpcBackend>::namespaced(client.clone(), &namespace);
-    let wait_status = |what: &'static str, accept: Box<dyn Fn(&kubegrpc_crds::GrpcBackendStatus) -> bool + Send + Sync>| {
-        let gbs = gbs.clone();
-        async move {
-            wait::until(what, DEADLINE, || {
-                let gbs = gbs.clone();
-                let accept = &accept;
-                async move {
-                    let status = gbs.get("echo").await?.status;
-                    Ok(status.filter(|s| accept(s)))
-                }
-            })
-            .await
-        }
-    };
+    let wait_status =
+        |what: &'static str, accept: Box<dyn Fn(&kubegrpc_crds::GrpcBackendStatus) -> bool + Send + Sync>| {
+            let gbs = gbs.clone();
+            async move {
+                wait::until(what, DEADLINE, || {
+                    let gbs = gbs.clone();
+                    let accept = &accept;
+                    async move {
+                        let status = gbs.get("echo").await?.status;
+                        Ok(status.filter(|s| accept(s)))
+                    }
+                })
+                .await
+            }
+        };
     let status = wait_status("3 pods ready in the status", Box::new(|s| s.ready_endpoints == 3)).await?;
     for (index, backend) in backends.iter().enumerate() {
         let published = endpoint(&status, &backend.address).expect("every pod is listed");
         assert_eq!((published.health, published.weight), (Health::Serving, FULL_WEIGHT));
         assert_eq!(published.node.as_deref(), Some(NODE));
-        assert_eq!(published.zone.as_deref(), Some(ZONE), "the controller copies the Node's zone");
         assert_eq!(
-            published.target_ref.as_ref().map(|t| (t.kind.as_str(), t.name.as_str())),
+            published.zone.as_deref(),
+            Some(ZONE),
+            "the controller copies the Node's zone"
+        );
+        assert_eq!(
+            published
+                .target_ref
+                .as_ref()
+                .map(|t| (t.kind.as_str(), t.name.as_str())),
             Some(("Pod", format!("echo-{index}").as_str()))
         );
     }
@@ -115,8 +123,14 @@ async fn the_operator_follows_slices_written_by_the_endpointslice_controller() -
     assert_eq!(status.ready_endpoints, 2);
 
     // Gone for good (what the kubelet does once the containers stopped).
-    pods.delete("echo-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
-        .await?;
+    pods.delete(
+        "echo-0",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await?;
     let status = wait_status(
         "echo-0 gone",
         Box::new(move |s| s.total_endpoints == 2 && endpoint(s, &leaving).is_none()),

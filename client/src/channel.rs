@@ -1,0 +1,308 @@
+//! The channel: a clonable `tower::Service` that any tonic-generated client runs on.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject},
+};
+use kubegrpc_crds::GrpcBackend;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Status, body::Body};
+use tracing::debug;
+
+use crate::{
+    Error,
+    endpoint::{EndpointTemplate, RecoverableBody},
+    outlier::OutlierDetection,
+    pool::{PoolConfig, Shared},
+    snapshot::{DiscoveryState, Snapshot},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A gRPC channel balanced over the endpoints of one GrpcBackend, by weight.
+///
+/// ```no_run
+/// # async fn example(kube_client: kube::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// let channel = kubegrpc::Channel::builder(kube_client, "default", "echo").connect().await?;
+/// // Any tonic-generated client: EchoClient::new(channel.clone())
+/// channel.ready().await; // optional: wait for a usable endpoint
+/// # Ok(()) }
+/// ```
+///
+/// Requests go to usable endpoints (Serving, weight above 0, not ejected) in proportion to
+/// their weights. With none usable, a request fails at once with `Unavailable` and a message
+/// naming the GrpcBackend and why. Clones share the connections and the discovery task; the
+/// task stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Channel {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    discovery: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.discovery.abort();
+    }
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("backend", &self.inner.shared.backend)
+            .finish()
+    }
+}
+
+impl Channel {
+    /// Starts configuring a channel for GrpcBackend `namespace/name`.
+    pub fn builder(client: Client, namespace: impl Into<String>, name: impl Into<String>) -> Builder {
+        Builder {
+            client,
+            namespace: namespace.into(),
+            name: name.into(),
+            template: Arc::new(|endpoint| Ok(endpoint.connect_timeout(Duration::from_secs(5)))),
+            tls: false,
+            outlier_detection: OutlierDetection::default(),
+            panic_threshold: 50,
+            transparent_retry: true,
+        }
+    }
+
+    /// Resolves once a request can be sent to a usable endpoint. Bound it with the caller's
+    /// deadline, e.g. `tokio::time::timeout(deadline, channel.ready())`.
+    pub async fn ready(&self) {
+        self.inner.shared.ready().await;
+    }
+
+    /// A read-only copy of the channel's state: endpoints, weights, health, ejections and
+    /// per-endpoint counters.
+    pub fn snapshot(&self) -> Snapshot {
+        self.inner.shared.snapshot()
+    }
+
+    /// How the channel's view of the GrpcBackend is kept (synced, not found, stale).
+    pub fn discovery_state(&self) -> DiscoveryState {
+        self.inner.shared.discovery()
+    }
+
+    /// The GrpcBackend followed, `namespace/name`.
+    pub fn backend(&self) -> &str {
+        &self.inner.shared.backend
+    }
+}
+
+/// Configures a [`Channel`].
+#[must_use]
+pub struct Builder {
+    client: Client,
+    namespace: String,
+    name: String,
+    template: EndpointTemplate,
+    tls: bool,
+    outlier_detection: OutlierDetection,
+    panic_threshold: u8,
+    transparent_retry: bool,
+}
+
+impl Builder {
+    /// Per-endpoint connection settings: called with a `tonic::transport::Endpoint` for each
+    /// endpoint's address (connect timeout 5s unless changed here).
+    ///
+    /// ```no_run
+    /// # fn example(builder: kubegrpc::Builder) -> kubegrpc::Builder {
+    /// use std::time::Duration;
+    /// builder.endpoint(|endpoint| {
+    ///     Ok(endpoint
+    ///         .timeout(Duration::from_secs(2))
+    ///         .http2_keep_alive_interval(Duration::from_secs(30)))
+    /// })
+    /// # }
+    /// ```
+    pub fn endpoint(
+        mut self,
+        configure: impl Fn(tonic::transport::Endpoint) -> Result<tonic::transport::Endpoint, tonic::transport::Error>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.template = Arc::new(configure);
+        self
+    }
+
+    /// TLS to every endpoint (`https`), with tonic's client TLS settings.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: tonic::transport::ClientTlsConfig) -> Self {
+        let previous = self.template.clone();
+        self.tls = true;
+        self.template = Arc::new(move |endpoint| previous(endpoint)?.tls_config(config.clone()));
+        self
+    }
+
+    /// Passive outlier detection settings (gRFC A50 defaults: 30s base ejection, 300s max,
+    /// at most 10% of endpoints, at least one).
+    pub fn outlier_detection(mut self, outlier_detection: OutlierDetection) -> Self {
+        self.outlier_detection = outlier_detection;
+        self
+    }
+
+    /// Below this percentage of Kubernetes-ready endpoints usable, spread requests over all
+    /// Kubernetes-ready endpoints (default 50; 0 turns it off).
+    pub fn panic_threshold(mut self, percent: u8) -> Self {
+        self.panic_threshold = percent.min(100);
+        self
+    }
+
+    /// Retry once, on another endpoint, a request that failed before any of it reached a
+    /// backend (default on).
+    pub fn transparent_retry(mut self, enabled: bool) -> Self {
+        self.transparent_retry = enabled;
+        self
+    }
+
+    /// Starts following the GrpcBackend and waits for its first read (found or not). Fails if
+    /// the Kubernetes API cannot be read.
+    pub async fn connect(self) -> Result<Channel, Error> {
+        let backend = format!("{}/{}", self.namespace, self.name);
+        let (first, first_read) = oneshot::channel();
+        let channel = self.start(Some(first));
+        match first_read.await {
+            Ok(Ok(())) => Ok(channel),
+            Ok(Err(source)) => Err(Error::Discovery { backend, source }),
+            Err(_) => Err(Error::DiscoveryStopped { backend }),
+        }
+    }
+
+    /// Starts following the GrpcBackend and returns at once; requests fail fast until its
+    /// status has been read.
+    pub fn connect_lazy(self) -> Channel {
+        self.start(None)
+    }
+
+    fn start(self, first: Option<oneshot::Sender<Result<(), kube::runtime::watcher::Error>>>) -> Channel {
+        let backend = format!("{}/{}", self.namespace, self.name);
+        let shared = Shared::new(
+            backend,
+            PoolConfig {
+                template: self.template,
+                tls: self.tls,
+                outlier_detection: self.outlier_detection,
+                panic_threshold: self.panic_threshold,
+                transparent_retry: self.transparent_retry,
+            },
+        );
+        let resource = ApiResource::erase::<GrpcBackend>(&());
+        let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
+        let discovery = tokio::spawn(crate::discovery::follow(api, self.name, shared.clone(), first));
+        Channel {
+            inner: Arc::new(Inner { shared, discovery }),
+        }
+    }
+}
+
+// === impl Service ===
+
+impl tower::Service<http::Request<Body>> for Channel {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    /// Always ready: a request with no endpoint to go to fails in its own future with
+    /// `Unavailable` (tonic's generated clients would turn an error here into `Unknown`).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let shared = self.inner.shared.clone();
+        Box::pin(send(shared, request))
+    }
+}
+
+async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+    let first = {
+        let rotation = shared.rotation();
+        match rotation.picker.pick() {
+            Some(endpoint) => endpoint.clone(),
+            None => {
+                return Err(Box::new(Status::unavailable(format!(
+                    "kubegrpc: {}",
+                    rotation.unavailable
+                ))));
+            }
+        }
+    };
+    let (parts, body) = request.into_parts();
+    let retry_parts = shared.config.transparent_retry.then(|| clone_parts(&parts));
+    let (body, unread) = RecoverableBody::new(body);
+    let error = match first.send(http::Request::from_parts(parts, Body::new(body))).await {
+        Ok(response) => return Ok(response),
+        Err(error) => error,
+    };
+    let failure = classify(&error);
+    if failure != Failure::RequestTimeout {
+        shared.report_transport_failure(first.address);
+    }
+    // Nothing of the request reached a backend: send it once more, elsewhere.
+    let (Some(parts), Some(body), true) = (retry_parts, unread.take(), failure != Failure::RequestTimeout) else {
+        return Err(error.into());
+    };
+    let second = {
+        let rotation = shared.rotation();
+        rotation.picker.pick_where(|e| e.address != first.address).cloned()
+    };
+    let Some(second) = second else {
+        return Err(error.into());
+    };
+    debug!(backend = %shared.backend, from = %first.address, to = %second.address, "transparent retry");
+    match second.send(http::Request::from_parts(parts, body)).await {
+        Ok(response) => Ok(response),
+        Err(retry_error) => {
+            if classify(&retry_error) != Failure::RequestTimeout {
+                shared.report_transport_failure(second.address);
+            }
+            Err(retry_error.into())
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// The per-request timeout of the endpoint settings expired: the backend was slow, the
+    /// request may have run; neither ejected nor retried.
+    RequestTimeout,
+    /// Connect refused or timed out, connection reset or closed.
+    Transport,
+}
+
+fn classify(error: &tonic::transport::Error) -> Failure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return Failure::RequestTimeout;
+        }
+        source = error.source();
+    }
+    Failure::Transport
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let (mut clone, ()) = http::Request::new(()).into_parts();
+    clone.method = parts.method.clone();
+    clone.uri = parts.uri.clone();
+    clone.version = parts.version;
+    clone.headers = parts.headers.clone();
+    clone.extensions = parts.extensions.clone();
+    clone
+}

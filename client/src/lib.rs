@@ -1,0 +1,56 @@
+//! # kubegrpc: gRPC load balancing driven by a GrpcBackend
+//!
+//! The kubegrpc operator health-checks the endpoints of a Service with `grpc.health.v1` and
+//! publishes them, weighted, in a `GrpcBackend`'s status. This crate watches that one object
+//! and balances a tonic channel over it:
+//!
+//! - one connection per endpoint in rotation, kept across updates (a new weight does not
+//!   reconnect), dropped once its in-flight requests finish when the endpoint leaves;
+//! - weighted, deterministic picking, swapped in atomically on each change and read without a
+//!   lock per request;
+//! - changes apply as they are published, whether or not requests flow; with the API down,
+//!   the last known endpoints stay in use;
+//! - a request that fails before reaching a backend is retried once elsewhere, and the
+//!   endpoint is ejected at once (passive outlier detection, gRFC A50 rules);
+//! - with no usable endpoint, a request fails at once with `Unavailable` naming the
+//!   GrpcBackend and why.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let kube_client = kube::Client::try_default().await?;
+//! let channel = kubegrpc::Channel::builder(kube_client, "default", "echo").connect().await?;
+//! // let mut client = EchoClient::new(channel.clone());
+//! tokio::time::timeout(std::time::Duration::from_secs(10), channel.ready()).await?;
+//! for endpoint in channel.snapshot().endpoints {
+//!     println!("{} weight {} requests {}", endpoint.address, endpoint.weight, endpoint.requests);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace.
+
+mod channel;
+mod discovery;
+mod endpoint;
+pub mod outlier;
+pub mod picker;
+mod pool;
+mod snapshot;
+pub mod status;
+
+pub use channel::{Builder, Channel};
+pub use outlier::OutlierDetection;
+pub use snapshot::{DiscoveryState, EndpointSnapshot, Snapshot};
+
+/// Errors of the channel; each names the GrpcBackend it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read GrpcBackend {backend}: {source}")]
+    Discovery {
+        backend: String,
+        #[source]
+        source: kube::runtime::watcher::Error,
+    },
+    #[error("the watch of GrpcBackend {backend} stopped before its first read")]
+    DiscoveryStopped { backend: String },
+}

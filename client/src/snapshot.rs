@@ -1,0 +1,60 @@
+//! Read-only introspection of a channel: what it knows and what it did.
+
+use std::{net::SocketAddr, time::SystemTime};
+
+use kubegrpc_crds::Health;
+
+/// A copy of a channel's state at one moment; holding it holds nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The GrpcBackend followed, `namespace/name`.
+    pub backend: String,
+    pub discovery: DiscoveryState,
+    /// Too few usable endpoints: requests are spread over every Kubernetes-ready endpoint.
+    pub panic: bool,
+    /// Why requests fail fast right now, if they do.
+    pub unavailable: Option<String>,
+    /// Every endpoint of the status, in its order.
+    pub endpoints: Vec<EndpointSnapshot>,
+}
+
+impl Snapshot {
+    /// The endpoint at `address`, if listed.
+    pub fn endpoint(&self, address: &SocketAddr) -> Option<&EndpointSnapshot> {
+        self.endpoints.iter().find(|e| e.address == *address)
+    }
+}
+
+/// One endpoint as the channel sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSnapshot {
+    pub address: SocketAddr,
+    /// The weight published by the operator.
+    pub weight: u32,
+    pub health: Health,
+    /// Serving and not terminating, as Kubernetes says.
+    pub kubernetes_ready: bool,
+    /// Out of rotation after transport failures, for now.
+    pub ejected: bool,
+    /// New requests may be picked for it.
+    pub in_rotation: bool,
+    pub in_flight: u64,
+    pub requests: u64,
+    /// Requests that failed at the transport level.
+    pub failures: u64,
+    pub ejections: u64,
+}
+
+/// How the channel's view of the GrpcBackend is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiscoveryState {
+    /// The first read has not completed.
+    Connecting,
+    /// Following the object's changes as they happen.
+    Synced,
+    /// Following, and the object does not exist.
+    NotFound,
+    /// The watch failed (the API is unreachable, say): the last known endpoints stay in use
+    /// while it retries with backoff.
+    Stale { error: String, since: SystemTime },
+}

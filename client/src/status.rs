@@ -1,0 +1,245 @@
+//! Reading a GrpcBackend's status leniently.
+//!
+//! The client must keep working whatever the status holds: written by a newer operator with
+//! fields this version does not know, edited by hand, or simply broken. A typed decode would
+//! reject the whole object for one bad field; here every endpoint entry is read on its own, a
+//! bad one is skipped with a warning, and the good ones stay in use. Nothing here panics.
+
+use std::net::{IpAddr, SocketAddr};
+
+use kubegrpc_crds::Health;
+use serde_json::Value;
+
+/// One endpoint of the status, as the client acts on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusEndpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub health: Health,
+    /// Kubernetes' `serving` (nil means true).
+    pub serving: bool,
+    /// Kubernetes' `terminating` (nil means false).
+    pub terminating: bool,
+}
+
+impl StatusEndpoint {
+    /// Kubernetes would send it traffic: serving and not terminating.
+    pub fn kubernetes_ready(&self) -> bool {
+        self.serving && !self.terminating
+    }
+
+    /// The operator says: send new requests here.
+    pub fn usable(&self) -> bool {
+        self.kubernetes_ready() && self.health == Health::Serving && self.weight > 0
+    }
+}
+
+/// The endpoints read from a status and what had to be skipped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedStatus {
+    pub endpoints: Vec<StatusEndpoint>,
+    /// One line per skipped entry or field, saying why.
+    pub warnings: Vec<String>,
+}
+
+/// Reads `status.endpoints` of a GrpcBackend object's `status` value (absent: no endpoints).
+pub fn parse_status(status: Option<&Value>) -> ParsedStatus {
+    let mut parsed = ParsedStatus::default();
+    let Some(status) = status else {
+        return parsed;
+    };
+    let endpoints = match status {
+        Value::Object(fields) => fields.get("endpoints"),
+        Value::Null => return parsed,
+        _ => {
+            parsed.warnings.push("status is not an object".into());
+            return parsed;
+        }
+    };
+    let entries = match endpoints {
+        None | Some(Value::Null) => return parsed,
+        Some(Value::Array(entries)) => entries,
+        Some(_) => {
+            parsed.warnings.push("status.endpoints is not a list".into());
+            return parsed;
+        }
+    };
+    for (index, entry) in entries.iter().enumerate() {
+        match parse_entry(entry) {
+            Ok(endpoint) => {
+                if parsed.endpoints.iter().any(|e| e.address == endpoint.address) {
+                    parsed.warnings.push(format!(
+                        "status.endpoints[{index}]: {} listed twice; the first kept",
+                        endpoint.address
+                    ));
+                } else {
+                    parsed.endpoints.push(endpoint);
+                }
+            }
+            Err(why) => parsed
+                .warnings
+                .push(format!("status.endpoints[{index}] skipped: {why}")),
+        }
+    }
+    parsed
+}
+
+fn parse_entry(entry: &Value) -> Result<StatusEndpoint, String> {
+    let fields = entry.as_object().ok_or("not an object")?;
+    let address: IpAddr = match fields.get("address") {
+        Some(Value::String(text)) => text
+            .parse()
+            .map_err(|_| format!("address {text:?} is not an IP address"))?,
+        Some(_) => return Err("address is not a string".into()),
+        None => return Err("no address".into()),
+    };
+    let port = match fields.get("port") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {n} is not from 1 to 65535"))?,
+        Some(_) => return Err("port is not a number".into()),
+        None => return Err("no port".into()),
+    };
+    let weight = match fields.get("weight") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|w| u32::try_from(w).ok())
+            .ok_or_else(|| format!("weight {n} is not a whole number from 0 to {}", u32::MAX))?,
+        Some(_) => return Err("weight is not a number".into()),
+        None => return Err("no weight".into()),
+    };
+    // A health this version does not know is not Serving: the endpoint is kept, unused.
+    let health = match fields.get("health") {
+        Some(Value::String(text)) => match text.as_str() {
+            "Serving" => Health::Serving,
+            "NotServing" => Health::NotServing,
+            _ => Health::Unknown,
+        },
+        Some(_) => return Err("health is not a string".into()),
+        None => Health::Unknown,
+    };
+    let flag = |name: &str, default: bool| match fields.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(value)) => Ok(*value),
+        Some(_) => Err(format!("{name} is not true or false")),
+    };
+    Ok(StatusEndpoint {
+        address: SocketAddr::new(address, port),
+        weight,
+        health,
+        serving: flag("serving", true)?,
+        terminating: flag("terminating", false)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    fn good(address: &str) -> Value {
+        json!({"address": address, "port": 50051, "weight": 100, "health": "Serving",
+               "ready": true, "serving": true, "terminating": false})
+    }
+
+    #[test]
+    fn a_published_status_is_read_whole() {
+        let status = json!({"endpoints": [good("10.0.0.1"), good("fd00::1")], "readyEndpoints": 2});
+        let parsed = parse_status(Some(&status));
+        assert!(parsed.warnings.is_empty());
+        assert_eq!(parsed.endpoints.len(), 2);
+        assert!(parsed.endpoints.iter().all(StatusEndpoint::usable));
+        assert_eq!(parsed.endpoints[1].address, "[fd00::1]:50051".parse().unwrap());
+    }
+
+    #[test]
+    fn one_bad_entry_among_good_ones_is_skipped_and_the_good_ones_stay() {
+        let status = json!({"endpoints": [
+            good("10.0.0.1"),
+            {"address": "10.0.0.2", "port": "not a number", "weight": 100, "health": "Serving"},
+            {"address": "nonsense", "port": 50051, "weight": 100},
+            {"address": "10.0.0.4", "port": 70000, "weight": 1},
+            {"address": "10.0.0.5", "port": 50051, "weight": -1},
+            42,
+            good("10.0.0.3"),
+        ]});
+        let parsed = parse_status(Some(&status));
+        let addresses: Vec<String> = parsed.endpoints.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addresses, ["10.0.0.1:50051", "10.0.0.3:50051"]);
+        assert_eq!(parsed.warnings.len(), 5, "{:?}", parsed.warnings);
+        assert!(parsed.warnings[0].starts_with("status.endpoints[1] skipped: port is not a number"));
+    }
+
+    #[test]
+    fn unknown_fields_and_health_values_do_not_break_reading() {
+        let status = json!({"endpoints": [
+            {"address": "10.0.0.1", "port": 1, "weight": 5, "health": "Draining", "futureField": {"x": 1}},
+        ], "somethingNew": true});
+        let parsed = parse_status(Some(&status));
+        assert_eq!(parsed.endpoints[0].health, Health::Unknown);
+        assert!(!parsed.endpoints[0].usable());
+    }
+
+    #[test]
+    fn missing_conditions_take_the_kubernetes_defaults() {
+        let parsed = parse_status(Some(&json!({"endpoints": [
+            {"address": "10.0.0.1", "port": 1, "weight": 5, "health": "Serving"}]})));
+        assert!(parsed.endpoints[0].serving && !parsed.endpoints[0].terminating);
+    }
+
+    #[test]
+    fn shapes_that_are_not_a_status_give_no_endpoints() {
+        for status in [json!(null), json!([]), json!("x"), json!({"endpoints": {}}), json!({})] {
+            assert!(parse_status(Some(&status)).endpoints.is_empty());
+        }
+        assert!(parse_status(None).endpoints.is_empty());
+    }
+
+    fn arbitrary_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|n| json!(n)),
+            "[a-zA-Z0-9:.]{0,12}".prop_map(Value::String),
+            prop_oneof![Just("10.0.0.1"), Just("::1"), Just("Serving"), Just("NotServing")]
+                .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            let key = prop_oneof![
+                Just("endpoints".to_string()),
+                Just("address".to_string()),
+                Just("port".to_string()),
+                Just("weight".to_string()),
+                Just("health".to_string()),
+                Just("serving".to_string()),
+                Just("terminating".to_string()),
+                "[a-z]{1,6}",
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(key, inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_json_never_panics(status in arbitrary_json()) {
+            let parsed = parse_status(Some(&status));
+            for endpoint in &parsed.endpoints {
+                prop_assert!(endpoint.address.port() != 0);
+            }
+        }
+
+        #[test]
+        fn arbitrary_entries_never_panic(entries in prop::collection::vec(arbitrary_json(), 0..16)) {
+            let parsed = parse_status(Some(&json!({"endpoints": entries})));
+            prop_assert!(parsed.endpoints.len() + parsed.warnings.len() <= entries.len());
+        }
+    }
+}

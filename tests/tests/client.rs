@@ -1,0 +1,333 @@
+//! The client crate end to end: real backends on 10.250.x.y count what they receive; the
+//! GrpcBackend status is written by the test (client alone) or by the operator.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kubegrpc::{Channel, DiscoveryState};
+use kubegrpc_echo::{Backend, BackendOptions, EchoClient, EchoRequest, ServingStatus};
+use kubegrpc_tests::{
+    backends::start_backend,
+    load::Load,
+    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
+    operator::InProcessOperator,
+    scenario::Scenario,
+    wait,
+};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Writes a status by hand, as the operator would, with the given weights.
+async fn publish(s: &Scenario, name: &str, endpoints: &[(SocketAddr, u32)]) -> Result<()> {
+    let entries: Vec<_> = endpoints
+        .iter()
+        .map(|(address, weight)| {
+            json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight,
+                   "health": "Serving", "ready": true, "serving": true, "terminating": false,
+                   "lastTransitionTime": "2026-11-23T00:00:00Z"})
+        })
+        .collect();
+    s.backends()
+        .patch_status(
+            name,
+            &PatchParams::apply("kubegrpc-tests").force(),
+            &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
+                                 "status": {"endpoints": entries, "readyEndpoints": endpoints.len(),
+                                            "totalEndpoints": endpoints.len()}})),
+        )
+        .await?;
+    Ok(())
+}
+
+fn requests(backends: &[Backend]) -> Vec<u64> {
+    backends.iter().map(|b| b.counters.snapshot().requests).collect()
+}
+
+/// Sends `count` echo requests over `concurrency` tasks; returns how many failed.
+async fn send(channel: &Channel, count: usize, concurrency: usize) -> Result<usize> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = EchoClient::new(channel.clone());
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut failed = 0;
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < count {
+                if client.echo(EchoRequest { message: "x".into() }).await.is_err() {
+                    failed += 1;
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = 0;
+    for task in tasks {
+        failed += task.await?;
+    }
+    Ok(failed)
+}
+
+async fn wait_snapshot(channel: &Channel, what: &str, accept: impl Fn(&kubegrpc::Snapshot) -> bool) -> Result<()> {
+    wait::until(what, DEADLINE, || {
+        let snapshot = channel.snapshot();
+        let accepted = accept(&snapshot);
+        async move {
+            if accepted {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!("snapshot: {snapshot:?}"))
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weights_written_in_the_status_are_the_shares_the_backends_see() -> Result<()> {
+    let s = Scenario::new("weights").await?;
+    let backends = vec![
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+    publish(&s, "echo", &[(addresses[0], 1), (addresses[1], 2), (addresses[2], 7)]).await?;
+
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    tokio::time::timeout(DEADLINE, channel.ready()).await?;
+    assert_eq!(send(&channel, 10_000, 16).await?, 0);
+    let counts = requests(&backends);
+    let shares: Vec<f64> = counts.iter().map(|c| *c as f64 / 10_000.0).collect();
+    println!("weights 1:2:7 -> requests per backend {counts:?}");
+    for (share, expected) in shares.iter().zip([0.1, 0.2, 0.7]) {
+        assert!(
+            (share - expected).abs() <= 0.01,
+            "shares {shares:?}, expected 10/20/70%"
+        );
+    }
+    let connections: Vec<u64> = backends
+        .iter()
+        .map(|b| b.counters.snapshot().connections_accepted)
+        .collect();
+    assert_eq!(connections, [1, 1, 1], "one connection per endpoint");
+
+    // New weights: the shares follow, over the same connections.
+    publish(&s, "echo", &[(addresses[0], 5), (addresses[1], 3), (addresses[2], 2)]).await?;
+    wait_snapshot(&channel, "the new weights", |snapshot| {
+        snapshot.endpoint(&addresses[0]).is_some_and(|e| e.weight == 5)
+    })
+    .await?;
+    let before = requests(&backends);
+    assert_eq!(send(&channel, 10_000, 16).await?, 0);
+    let after = requests(&backends);
+    let shares: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b) as f64 / 10_000.0)
+        .collect();
+    println!("weights 5:3:2 -> shares {shares:?}");
+    for (share, expected) in shares.iter().zip([0.5, 0.3, 0.2]) {
+        assert!(
+            (share - expected).abs() <= 0.01,
+            "shares {shares:?}, expected 50/30/20%"
+        );
+    }
+    let connections: Vec<u64> = backends
+        .iter()
+        .map(|b| b.counters.snapshot().connections_accepted)
+        .collect();
+    assert_eq!(connections, [1, 1, 1], "a new weight does not reconnect");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_operator_requests_follow_health_and_new_backends() -> Result<()> {
+    let s = Scenario::new("client-e2e").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let mut backends = vec![
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let slice = |backends: &[Backend]| -> Vec<SliceEndpoint> {
+        backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect()
+    };
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &slice(&backends)).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    wait_snapshot(&channel, "3 endpoints in rotation", |snapshot| {
+        snapshot.endpoints.iter().filter(|e| e.in_rotation).count() == 3
+    })
+    .await?;
+    assert_eq!(send(&channel, 3000, 12).await?, 0);
+    let spread = requests(&backends);
+    println!("spread over 3 backends: {spread:?}");
+    for count in &spread {
+        assert!(count.abs_diff(1000) <= 50, "{spread:?} is not within 5% of even");
+    }
+
+    // Under load: flip one NOT_SERVING. Once the client's snapshot shows weight 0, that backend
+    // must receive nothing more.
+    let load = Load::start(channel.clone(), 8);
+    load.wait_for_more(500, DEADLINE).await?;
+    let flipped = backends[0].address;
+    backends[0].health.set("", ServingStatus::NotServing);
+    wait_snapshot(&channel, "the flipped endpoint at weight 0", |snapshot| {
+        snapshot
+            .endpoint(&flipped)
+            .is_some_and(|e| e.weight == 0 && !e.in_rotation)
+    })
+    .await?;
+    let at_flip = backends[0].counters.snapshot().requests;
+    load.wait_for_more(3000, DEADLINE).await?;
+    assert_eq!(
+        backends[0].counters.snapshot().requests,
+        at_flip,
+        "the NotServing backend received requests after the client saw its weight 0"
+    );
+
+    // Stop it: it had no traffic left, so nothing fails.
+    let stopped = backends.remove(0);
+    stopped.stop().await;
+    load.wait_for_more(2000, DEADLINE).await?;
+
+    // A new backend joins: it gets requests without a client restart.
+    let joining = start_backend(BackendOptions::default()).await?;
+    let joined = joining.address;
+    backends.push(joining);
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &slice(&backends)).await?;
+    wait_snapshot(&channel, "the new endpoint in rotation", |snapshot| {
+        snapshot.endpoint(&joined).is_some_and(|e| e.in_rotation)
+    })
+    .await?;
+    load.wait_for_more(3000, DEADLINE).await?;
+    let counts = load.stop().await;
+    assert!(
+        backends[2].counters.snapshot().requests > 500,
+        "the new backend got too few requests"
+    );
+    assert_eq!(counts.failed(), 0, "failed requests: {:?}", counts.failures());
+    println!(
+        "flip/stop/join under load: {} requests, {} failed; per backend now {:?}",
+        counts.succeeded(),
+        counts.failed(),
+        requests(&backends)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_grpcbackend_fails_requests_fast_naming_it() -> Result<()> {
+    let s = Scenario::new("deleted").await?;
+    let backend = start_backend(BackendOptions::default()).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    publish(&s, "echo", &[(backend.address, 100)]).await?;
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    tokio::time::timeout(DEADLINE, channel.ready()).await?;
+    assert_eq!(send(&channel, 10, 1).await?, 0);
+
+    s.backends().delete("echo", &DeleteParams::default()).await?;
+    wait_snapshot(&channel, "the deletion seen", |snapshot| {
+        snapshot.discovery == DiscoveryState::NotFound
+    })
+    .await?;
+    let started = std::time::Instant::now();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(5),
+        EchoClient::new(channel.clone()).echo(EchoRequest::default()),
+    )
+    .await
+    .context("a request with no endpoint hung")?
+    .expect_err("a request with no endpoint succeeded");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    let backend_name = format!("{}/echo", s.namespace);
+    assert!(
+        failed.message().contains(&backend_name),
+        "{:?} does not name {backend_name}",
+        failed.message()
+    );
+    assert!(failed.message().contains("not found"), "{:?}", failed.message());
+    println!(
+        "deleted GrpcBackend: failed in {:?} with {:?}",
+        started.elapsed(),
+        failed.message()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_waits_for_a_grpcbackend_created_later() -> Result<()> {
+    let s = Scenario::new("later").await?;
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    assert_eq!(channel.discovery_state(), DiscoveryState::NotFound);
+    let failed = EchoClient::new(channel.clone())
+        .echo(EchoRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Unavailable);
+
+    let waiting = tokio::spawn({
+        let channel = channel.clone();
+        async move { tokio::time::timeout(Duration::from_secs(60), channel.ready()).await }
+    });
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backend = start_backend(BackendOptions::default()).await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(backend.address)],
+    )
+    .await?;
+    assert!(
+        !waiting.is_finished(),
+        "ready() returned before the GrpcBackend existed"
+    );
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    waiting
+        .await?
+        .context("ready() did not return once the GrpcBackend had a usable endpoint")?;
+    let reply = EchoClient::new(channel.clone()).echo(EchoRequest::default()).await?;
+    assert_eq!(reply.into_inner().backend, backend.address.to_string());
+    Ok(())
+}
