@@ -2,10 +2,11 @@
 SHELL := bash
 .DEFAULT_GOAL := help
 
-.PHONY: help test controlplane crds fmt lint
+.PHONY: help test bench controlplane crds fmt lint
 
 help:
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
+	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list (release build)"
 	@echo "make controlplane  build etcd, kube-apiserver, kube-controller-manager and kubectl (cached)"
 	@echo "make crds          regenerate crds/grpcbackend.yaml from the Rust types"
 	@echo "make fmt           cargo fmt"
@@ -13,6 +14,11 @@ help:
 
 test:
 	scripts/test.sh
+
+bench:
+	@bin="$$(tests/controlplane/build.sh)" && \
+	cargo build --release --locked -p kubegrpc-tests --bin bench && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench
 
 controlplane:
 	tests/controlplane/build.sh

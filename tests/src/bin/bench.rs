@@ -1,0 +1,204 @@
+//! Unary echo throughput and latency at fixed concurrency over 3 backends, alternating:
+//!   (A) the kubegrpc channel (following a GrpcBackend on the real control plane),
+//!   (B) a tonic `Channel` to one backend (the baseline without any balancing),
+//!   (C) tonic's `Channel::balance_list` over the same 3 backends.
+//! Prints each round, then A/B and A/C throughput ratios and p50/p99 latencies.
+//!
+//!   make bench        (builds in release and runs inside the private network namespace)
+//!
+//! Options (environment): BENCH_SECONDS per round (5), BENCH_ROUNDS (3), BENCH_CONCURRENCY (32).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use kube::api::{Patch, PatchParams};
+use kubegrpc_echo::{BackendOptions, EchoClient, EchoRequest};
+use kubegrpc_tests::{ControlPlane, ControlPlaneOptions, backends::start_backend, objects::create_grpc_backend};
+use serde_json::json;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Round {
+    requests: u64,
+    failures: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Round {
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let index = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        Duration::from_micros(u64::from(self.latencies_us.get(index).copied().unwrap_or(0)))
+    }
+}
+
+async fn run<S>(service: S, concurrency: usize, length: Duration) -> Round
+where
+    S: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <S::ResponseBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut client = EchoClient::new(service.clone());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(100_000);
+                let mut failures = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    match client
+                        .echo(EchoRequest {
+                            message: "bench".into(),
+                        })
+                        .await
+                    {
+                        Ok(_) => latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32),
+                        Err(_) => failures += 1,
+                    }
+                }
+                (latencies, failures)
+            })
+        })
+        .collect();
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies_us = Vec::new();
+    let mut failures = 0;
+    for worker in workers {
+        let (latencies, failed) = worker.await.expect("bench worker");
+        latencies_us.extend(latencies);
+        failures += failed;
+    }
+    let elapsed = started.elapsed();
+    latencies_us.sort_unstable();
+    Round {
+        requests: latencies_us.len() as u64,
+        failures,
+        elapsed,
+        latencies_us,
+    }
+}
+
+fn merge(rounds: &[Round]) -> Round {
+    let mut latencies_us: Vec<u32> = rounds.iter().flat_map(|r| r.latencies_us.iter().copied()).collect();
+    latencies_us.sort_unstable();
+    Round {
+        requests: rounds.iter().map(|r| r.requests).sum(),
+        failures: rounds.iter().map(|r| r.failures).sum(),
+        elapsed: rounds.iter().map(|r| r.elapsed).sum(),
+        latencies_us,
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let length = Duration::from_secs(setting("BENCH_SECONDS", 5));
+    let rounds = setting("BENCH_ROUNDS", 3) as usize;
+    let concurrency = setting("BENCH_CONCURRENCY", 32) as usize;
+    eprintln!("starting the control plane and 3 backends...");
+    let control_plane = ControlPlane::start(ControlPlaneOptions::default()).await?;
+    bench(&control_plane, length, rounds, concurrency).await
+}
+
+async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, concurrency: usize) -> Result<()> {
+    let client = control_plane.client().await?;
+    let namespace = control_plane.create_namespace(&client, "bench").await?;
+    let backends = [
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+    create_grpc_backend(&client, &namespace, "echo", json!({"service": "echo", "port": "grpc"})).await?;
+    let entries: Vec<_> = addresses
+        .iter()
+        .map(|a| {
+            json!({"address": a.ip().to_string(), "port": a.port(), "weight": 100, "health": "Serving",
+                   "ready": true, "serving": true, "terminating": false, "lastTransitionTime": "2026-11-23T00:00:00Z"})
+        })
+        .collect();
+    kube::Api::<kubegrpc_crds::GrpcBackend>::namespaced(client.clone(), &namespace)
+        .patch_status(
+            "echo",
+            &PatchParams::apply("kubegrpc-bench").force(),
+            &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
+                                 "status": {"endpoints": entries}})),
+        )
+        .await?;
+
+    let kubegrpc = kubegrpc::Channel::builder(client.clone(), &namespace, "echo")
+        .connect()
+        .await?;
+    tokio::time::timeout(Duration::from_secs(30), kubegrpc.ready()).await?;
+    let endpoint = |a: &SocketAddr| tonic::transport::Endpoint::from_shared(format!("http://{a}")).expect("endpoint");
+    let single = endpoint(&addresses[0]).connect().await?;
+    let balanced = tonic::transport::Channel::balance_list(addresses.iter().map(endpoint));
+
+    // Warm every connection, then alternate A, B, C so that drift affects each alike.
+    for _ in 0..2 {
+        run(kubegrpc.clone(), concurrency, Duration::from_millis(500)).await;
+        run(single.clone(), concurrency, Duration::from_millis(500)).await;
+        run(balanced.clone(), concurrency, Duration::from_millis(500)).await;
+    }
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        for (label, results) in [
+            ("A kubegrpc", &mut a),
+            ("B tonic single", &mut b),
+            ("C balance_list", &mut c),
+        ] {
+            let measured = match label {
+                "A kubegrpc" => run(kubegrpc.clone(), concurrency, length).await,
+                "B tonic single" => run(single.clone(), concurrency, length).await,
+                _ => run(balanced.clone(), concurrency, length).await,
+            };
+            println!(
+                "round {round} {label:<15} {:>9.0} req/s  p50 {:>7.0?}  p99 {:>7.0?}  failures {}",
+                measured.throughput(),
+                measured.percentile(0.5),
+                measured.percentile(0.99),
+                measured.failures
+            );
+            results.push(measured);
+        }
+    }
+    let (a, b, c) = (merge(&a), merge(&b), merge(&c));
+    println!();
+    println!("concurrency {concurrency}, {rounds} rounds of {length:?} each, 3 backends in this process");
+    for (label, round) in [
+        ("A kubegrpc channel", &a),
+        ("B tonic Channel, 1 backend", &b),
+        ("C tonic balance_list", &c),
+    ] {
+        println!(
+            "{label:<28} {:>9.0} req/s  p50 {:>7.0?}  p99 {:>7.0?}  failures {}",
+            round.throughput(),
+            round.percentile(0.5),
+            round.percentile(0.99),
+            round.failures
+        );
+    }
+    println!("throughput A/B = {:.2}", a.throughput() / b.throughput());
+    println!("throughput A/C = {:.2}", a.throughput() / c.throughput());
+    let per_backend: Vec<u64> = backends.iter().map(|b| b.counters.snapshot().requests).collect();
+    println!("requests per backend over the whole run: {per_backend:?}");
+    Ok(())
+}
