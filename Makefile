@@ -2,15 +2,24 @@
 SHELL := bash
 .DEFAULT_GOAL := help
 
-.PHONY: help test bench controlplane crds fmt lint
+.PHONY: help demo test bench controlplane crds fmt lint
 
 help:
+	@echo "make demo          the product end to end on a local control plane (needs root, Go, Rust)"
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list (release build)"
 	@echo "make controlplane  build etcd, kube-apiserver, kube-controller-manager and kubectl (cached)"
 	@echo "make crds          regenerate crds/grpcbackend.yaml from the Rust types"
 	@echo "make fmt           cargo fmt"
 	@echo "make lint          cargo fmt --check and clippy -D warnings"
+
+demo:
+	@echo "== building the control plane (first time: 15-30 minutes on 2 cores, cached afterwards)"
+	@bin="$$(tests/controlplane/build.sh)" && \
+	echo "== building the workspace (same profile as the tests)" && \
+	cargo build --locked --workspace --bins && \
+	echo "== running the demo in a private network namespace" && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/debug/demo
 
 test:
 	scripts/test.sh

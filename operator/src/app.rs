@@ -52,6 +52,24 @@ pub struct Options {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
     pub log_format: LogFormat,
+
+    /// Run as one of several replicas: only the holder of the Lease reconciles and writes
+    /// status; the others wait, ready to take over.
+    #[arg(long)]
+    pub leader_elect: bool,
+
+    /// The Lease's name.
+    #[arg(long, default_value = "kubegrpc-operator")]
+    pub lease_name: String,
+
+    /// The Lease's namespace (default: the pod's namespace, else kubegrpc-system).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long a Lease holds without renewal, in seconds: a standby takes over at most this
+    /// long after the leader stopped renewing.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -121,10 +139,91 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .await
         .context("cannot reach the Kubernetes API")?;
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    crate::run(client, settings, metrics, shutdown()).await?;
+    if options.leader_elect {
+        lead_then_run(&options, client, settings, metrics, &identity, shutdown).await?;
+    } else {
+        crate::run(client, settings, metrics, shutdown()).await?;
+    }
     server.await??;
     info!("stopped");
     Ok(())
+}
+
+/// Waits for the Lease, reconciles while holding it, and releases it on shutdown. Losing it
+/// ends the process with an error: a restart comes back as a standby with a clean state.
+async fn lead_then_run<F, Fut>(
+    options: &Options,
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    identity: &str,
+    shutdown: F,
+) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    let namespace = options.lease_namespace.clone().unwrap_or_else(pod_namespace);
+    let lease = format!("{namespace}/{}", options.lease_name);
+    let duration = options.lease_duration_seconds.max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &options.lease_name)
+        .with_namespace(&namespace)
+        .with_identity(identity)
+        .with_field_manager(format!("kubegrpc-operator-{identity}"))
+        .with_duration(duration)
+        .with_grace((duration / 3).max(1))
+        .build()
+        .await
+        .with_context(|| format!("cannot use Lease {lease}"))?;
+    let (mut leading, lease_task) = manager.watch().await;
+    info!(%lease, "standing by for the leader Lease");
+    let acquired = tokio::select! {
+        held = leading.wait_for(|held| *held) => held.map(|_| true).map_err(|_| ()),
+        _ = shutdown() => Ok(false),
+    };
+    match acquired {
+        Ok(true) => {}
+        Ok(false) => {
+            drop(leading);
+            let _ = lease_task.await;
+            return Ok(());
+        }
+        Err(()) => anyhow::bail!("the manager of Lease {lease} stopped"),
+    }
+    info!(%lease, "leading: reconciling");
+    metrics.leader.set(1);
+    let mut losing = leading.clone();
+    let lost = Arc::new(AtomicBool::new(false));
+    let stop = {
+        let lost = lost.clone();
+        let shutdown = shutdown();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = losing.wait_for(|held| !*held) => lost.store(true, std::sync::atomic::Ordering::SeqCst),
+            }
+        }
+    };
+    crate::run(client, settings, metrics.clone(), stop).await?;
+    metrics.leader.set(0);
+    if lost.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("lost the leader Lease {lease}; exiting so that a restart comes back as a standby");
+    }
+    drop(leading);
+    let manager = lease_task.await.context("the Lease manager panicked")??;
+    manager
+        .release()
+        .await
+        .with_context(|| format!("cannot release the leader Lease {lease}"))?;
+    info!(%lease, "leader Lease released");
+    Ok(())
+}
+
+/// The pod's namespace, as the service-account mount tells it.
+fn pod_namespace() -> String {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .map(|n| n.trim().to_string())
+        .unwrap_or_else(|_| "kubegrpc-system".into())
 }
 
 async fn client(options: &Options, identity: &str) -> anyhow::Result<Client> {

@@ -105,11 +105,11 @@ pub async fn echo_client(address: SocketAddr) -> Result<EchoClient<Channel>> {
 /// binary before it runs the tests).
 pub fn built_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("cannot find the target directory")?;
+    // A test runs from target/<profile>/deps/, a binary (the demo) from target/<profile>/.
+    let mut profile_dir = exe.parent().context("cannot find the target directory")?;
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().context("cannot find the target directory")?;
+    }
     let path = profile_dir.join(name);
     if !path.is_file() {
         bail!(

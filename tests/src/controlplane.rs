@@ -307,8 +307,13 @@ impl ControlPlane {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "yaml") {
                 let text = std::fs::read_to_string(&path)?;
+                let document: serde_json::Value =
+                    serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
+                if document["kind"] != "CustomResourceDefinition" {
+                    continue; // kustomization.yaml
+                }
                 let crd: CustomResourceDefinition =
-                    serde_saphyr::from_str(&text).with_context(|| format!("{} is not a CRD", path.display()))?;
+                    serde_json::from_value(document).with_context(|| format!("{} is not a CRD", path.display()))?;
                 let name = crd
                     .metadata
                     .name

@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod certs;
 pub mod controlplane;
+pub mod install;
 pub mod load;
 pub mod netns;
 pub mod objects;
