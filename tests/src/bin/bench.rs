@@ -6,7 +6,7 @@
 //!
 //!   make bench        (builds in release and runs inside the private network namespace)
 //!
-//! Options (environment): BENCH_SECONDS per round (5), BENCH_ROUNDS (3), BENCH_CONCURRENCY (32).
+//! Options (environment): BENCH_SECONDS per round (5), BENCH_ROUNDS (5), BENCH_CONCURRENCY (32).
 
 use std::{
     net::SocketAddr,
@@ -111,7 +111,7 @@ fn merge(rounds: &[Round]) -> Round {
 #[tokio::main]
 async fn main() -> Result<()> {
     let length = Duration::from_secs(setting("BENCH_SECONDS", 5));
-    let rounds = setting("BENCH_ROUNDS", 3) as usize;
+    let rounds = setting("BENCH_ROUNDS", 5).max(1) as usize;
     let concurrency = setting("BENCH_CONCURRENCY", 32) as usize;
     eprintln!("starting the control plane and 3 backends...");
     let control_plane = ControlPlane::start(ControlPlaneOptions::default()).await?;
@@ -171,15 +171,23 @@ async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, co
                 _ => run(balanced.clone(), concurrency, length).await,
             };
             println!(
-                "round {round} {label:<15} {:>9.0} req/s  p50 {:>7.0?}  p99 {:>7.0?}  failures {}",
+                "round {round} {label:<15} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  failures {}",
                 measured.throughput(),
-                measured.percentile(0.5),
-                measured.percentile(0.99),
+                measured.percentile(0.5).as_micros(),
+                measured.percentile(0.99).as_micros(),
                 measured.failures
             );
             results.push(measured);
         }
     }
+    // Ratios of each round against the baselines measured right next to it, then their median:
+    // steadier on a shared machine than ratios of totals.
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let a_over_b = median(a.iter().zip(&b).map(|(a, b)| a.throughput() / b.throughput()).collect());
+    let a_over_c = median(a.iter().zip(&c).map(|(a, c)| a.throughput() / c.throughput()).collect());
     let (a, b, c) = (merge(&a), merge(&b), merge(&c));
     println!();
     println!("concurrency {concurrency}, {rounds} rounds of {length:?} each, 3 backends in this process");
@@ -189,15 +197,21 @@ async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, co
         ("C tonic balance_list", &c),
     ] {
         println!(
-            "{label:<28} {:>9.0} req/s  p50 {:>7.0?}  p99 {:>7.0?}  failures {}",
+            "{label:<28} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  failures {}",
             round.throughput(),
-            round.percentile(0.5),
-            round.percentile(0.99),
+            round.percentile(0.5).as_micros(),
+            round.percentile(0.99).as_micros(),
             round.failures
         );
     }
-    println!("throughput A/B = {:.2}", a.throughput() / b.throughput());
-    println!("throughput A/C = {:.2}", a.throughput() / c.throughput());
+    println!(
+        "throughput A/B = {a_over_b:.2} (median of per-round ratios; of totals {:.2})",
+        a.throughput() / b.throughput()
+    );
+    println!(
+        "throughput A/C = {a_over_c:.2} (median of per-round ratios; of totals {:.2})",
+        a.throughput() / c.throughput()
+    );
     let per_backend: Vec<u64> = backends.iter().map(|b| b.counters.snapshot().requests).collect();
     println!("requests per backend over the whole run: {per_backend:?}");
     Ok(())
