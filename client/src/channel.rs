@@ -51,6 +51,14 @@ struct Inner {
     discovery: JoinHandle<()>,
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("backend", &self.shared.backend)
+            .finish()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.discovery.abort();
@@ -100,6 +108,24 @@ impl Channel {
     /// The GrpcBackend followed, `namespace/name`.
     pub fn backend(&self) -> &str {
         &self.inner.shared.backend
+    }
+
+    /// A handle that does not keep the channel (and its discovery task) alive.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) fn downgrade(&self) -> WeakChannel {
+        WeakChannel(Arc::downgrade(&self.inner))
+    }
+}
+
+/// A [`Channel`] that may be gone.
+#[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+#[derive(Clone, Debug)]
+pub(crate) struct WeakChannel(std::sync::Weak<Inner>);
+
+#[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+impl WeakChannel {
+    pub(crate) fn upgrade(&self) -> Option<Channel> {
+        self.0.upgrade().map(|inner| Channel { inner })
     }
 }
 

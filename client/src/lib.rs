@@ -32,6 +32,8 @@
 mod channel;
 mod discovery;
 mod endpoint;
+#[cfg(feature = "prometheus")]
+pub mod metrics;
 pub mod outlier;
 pub mod picker;
 mod pool;

@@ -263,6 +263,8 @@ pub struct BackendOptions {
     pub watch_implemented: bool,
     /// The initial status of every health service.
     pub initially_serving: bool,
+    /// Serve TLS with this certificate and key (PEM) instead of plaintext.
+    pub tls: Option<(String, String)>,
 }
 
 impl Default for BackendOptions {
@@ -271,6 +273,7 @@ impl Default for BackendOptions {
             health_services: Vec::new(),
             watch_implemented: true,
             initially_serving: true,
+            tls: None,
         }
     }
 }
@@ -314,8 +317,16 @@ impl Backend {
         };
         let incoming = CountingIncoming::new(listener, counters.clone());
         let mut shutdown_signal = stopping_signal;
+        let mut server = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &options.tls {
+            server = server
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)),
+                )
+                .map_err(std::io::Error::other)?;
+        }
         let task = tokio::spawn(
-            tonic::transport::Server::builder()
+            server
                 .add_service(HealthServer::new(health_service))
                 .add_service(EchoServer::new(echo_service))
                 .serve_with_incoming_shutdown(incoming, async move {

@@ -9,6 +9,7 @@ use kubegrpc::{Channel, DiscoveryState};
 use kubegrpc_echo::{Backend, BackendOptions, EchoClient, EchoRequest, ServingStatus};
 use kubegrpc_tests::{
     backends::start_backend,
+    certs::CertificateAuthority,
     load::Load,
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     operator::InProcessOperator,
@@ -121,6 +122,19 @@ async fn weights_written_in_the_status_are_the_shares_the_backends_see() -> Resu
         .map(|b| b.counters.snapshot().connections_accepted)
         .collect();
     assert_eq!(connections, [1, 1, 1], "one connection per endpoint");
+
+    // The client's own counters, as Prometheus metrics, agree with the backends' counts.
+    let mut registry = prometheus_client::registry::Registry::default();
+    kubegrpc::metrics::register(&channel, &mut registry);
+    let mut scrape = String::new();
+    prometheus_client::encoding::text::encode(&mut scrape, &registry)?;
+    for (backend, count) in backends.iter().zip(&counts) {
+        let series = format!(
+            "kubegrpc_client_requests_total{{backend=\"{}/echo\",endpoint=\"{}\"}} {count}",
+            s.namespace, backend.address
+        );
+        assert!(scrape.contains(&series), "{series} not in:\n{scrape}");
+    }
 
     // New weights: the shares follow, over the same connections.
     publish(&s, "echo", &[(addresses[0], 5), (addresses[1], 3), (addresses[2], 2)]).await?;
@@ -329,5 +343,58 @@ async fn ready_waits_for_a_grpcbackend_created_later() -> Result<()> {
         .context("ready() did not return once the GrpcBackend had a usable endpoint")?;
     let reply = EchoClient::new(channel.clone()).echo(EchoRequest::default()).await?;
     assert_eq!(reply.into_inner().backend, backend.address.to_string());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_tls_the_channel_reaches_tls_endpoints_and_without_it_does_not() -> Result<()> {
+    let s = Scenario::new("tls").await?;
+    let ca = CertificateAuthority::new("echo-ca")?;
+    let serving = ca.serving("echo.test", &["echo.test"])?;
+    let tls = Some((serving.cert_pem.clone(), serving.key_pem.clone()));
+    let backends = vec![
+        start_backend(BackendOptions {
+            tls: tls.clone(),
+            ..BackendOptions::default()
+        })
+        .await?,
+        start_backend(BackendOptions {
+            tls,
+            ..BackendOptions::default()
+        })
+        .await?,
+    ];
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    publish(&s, "echo", &[(backends[0].address, 100), (backends[1].address, 100)]).await?;
+
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .tls(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+                .domain_name("echo.test"),
+        )
+        .connect()
+        .await?;
+    tokio::time::timeout(DEADLINE, channel.ready()).await?;
+    assert_eq!(send(&channel, 100, 4).await?, 0);
+    assert_eq!(requests(&backends), [50, 50]);
+
+    // The same endpoints in plaintext: the TLS servers refuse, nothing is counted.
+    let plaintext = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    tokio::time::timeout(DEADLINE, plaintext.ready()).await?;
+    assert_eq!(
+        send(&plaintext, 4, 1).await?,
+        4,
+        "plaintext requests to TLS endpoints succeeded"
+    );
+    assert_eq!(requests(&backends), [50, 50]);
     Ok(())
 }

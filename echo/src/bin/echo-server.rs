@@ -27,6 +27,12 @@ struct Options {
     /// Start NOT_SERVING.
     #[arg(long)]
     not_serving: bool,
+    /// Serve TLS with this certificate (PEM file; with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The TLS certificate's private key (PEM file).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// How long to keep serving NOT_SERVING after SIGTERM before stopping.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     drain: Duration,
@@ -52,6 +58,10 @@ async fn main() -> std::io::Result<()> {
             health_services: options.health_services,
             watch_implemented: !options.check_only,
             initially_serving: !options.not_serving,
+            tls: match (&options.tls_cert, &options.tls_key) {
+                (Some(cert), Some(key)) => Some((std::fs::read_to_string(cert)?, std::fs::read_to_string(key)?)),
+                _ => None,
+            },
         },
     )
     .await?;

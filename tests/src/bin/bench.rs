@@ -1,7 +1,8 @@
 //! Unary echo throughput and latency at fixed concurrency over 3 backends, alternating:
 //!   (A) the kubegrpc channel (following a GrpcBackend on the real control plane),
 //!   (B) a tonic `Channel` to one backend (the baseline without any balancing),
-//!   (C) tonic's `Channel::balance_list` over the same 3 backends.
+//!   (C) tonic's `Channel::balance_list` over the same 3 backends,
+//!   (A') the kubegrpc channel with transparent retry off (what retryability costs).
 //! Prints each round, then A/B and A/C throughput ratios and p50/p99 latencies.
 //!
 //!   make bench        (builds in release and runs inside the private network namespace)
@@ -147,55 +148,75 @@ async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, co
     let kubegrpc = kubegrpc::Channel::builder(client.clone(), &namespace, "echo")
         .connect()
         .await?;
+    // The same without transparent retry: what keeping each request retryable costs.
+    let kubegrpc_no_retry = kubegrpc::Channel::builder(client.clone(), &namespace, "echo")
+        .transparent_retry(false)
+        .connect()
+        .await?;
     tokio::time::timeout(Duration::from_secs(30), kubegrpc.ready()).await?;
+    tokio::time::timeout(Duration::from_secs(30), kubegrpc_no_retry.ready()).await?;
     let endpoint = |a: &SocketAddr| tonic::transport::Endpoint::from_shared(format!("http://{a}")).expect("endpoint");
     let single = endpoint(&addresses[0]).connect().await?;
     let balanced = tonic::transport::Channel::balance_list(addresses.iter().map(endpoint));
 
-    // Warm every connection, then alternate A, B, C so that drift affects each alike.
+    const LABELS: [&str; 4] = [
+        "A kubegrpc channel",
+        "B tonic Channel, 1 backend",
+        "C tonic balance_list",
+        "A' kubegrpc, no retry",
+    ];
+    let measure = |variant: usize, length: Duration| {
+        let (kubegrpc, kubegrpc_no_retry, single, balanced) = (
+            kubegrpc.clone(),
+            kubegrpc_no_retry.clone(),
+            single.clone(),
+            balanced.clone(),
+        );
+        async move {
+            match variant {
+                0 => run(kubegrpc, concurrency, length).await,
+                1 => run(single, concurrency, length).await,
+                2 => run(balanced, concurrency, length).await,
+                _ => run(kubegrpc_no_retry, concurrency, length).await,
+            }
+        }
+    };
+    // Warm every connection, then alternate the variants so that drift affects each alike.
     for _ in 0..2 {
-        run(kubegrpc.clone(), concurrency, Duration::from_millis(500)).await;
-        run(single.clone(), concurrency, Duration::from_millis(500)).await;
-        run(balanced.clone(), concurrency, Duration::from_millis(500)).await;
+        for variant in 0..LABELS.len() {
+            measure(variant, Duration::from_millis(500)).await;
+        }
     }
-    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let mut results: Vec<Vec<Round>> = (0..LABELS.len()).map(|_| Vec::new()).collect();
     for round in 1..=rounds {
-        for (label, results) in [
-            ("A kubegrpc", &mut a),
-            ("B tonic single", &mut b),
-            ("C balance_list", &mut c),
-        ] {
-            let measured = match label {
-                "A kubegrpc" => run(kubegrpc.clone(), concurrency, length).await,
-                "B tonic single" => run(single.clone(), concurrency, length).await,
-                _ => run(balanced.clone(), concurrency, length).await,
-            };
+        for (variant, label) in LABELS.iter().enumerate() {
+            let measured = measure(variant, length).await;
             println!(
-                "round {round} {label:<15} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  failures {}",
+                "round {round} {label:<28} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  failures {}",
                 measured.throughput(),
                 measured.percentile(0.5).as_micros(),
                 measured.percentile(0.99).as_micros(),
                 measured.failures
             );
-            results.push(measured);
+            results[variant].push(measured);
         }
     }
-    // Ratios of each round against the baselines measured right next to it, then their median:
+    // Ratios of each round against the baseline measured right next to it, then their median:
     // steadier on a shared machine than ratios of totals.
-    let median = |mut values: Vec<f64>| {
+    let ratio = |of: usize, to: usize| {
+        let mut values: Vec<f64> = results[of]
+            .iter()
+            .zip(&results[to])
+            .map(|(x, y)| x.throughput() / y.throughput())
+            .collect();
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    let a_over_b = median(a.iter().zip(&b).map(|(a, b)| a.throughput() / b.throughput()).collect());
-    let a_over_c = median(a.iter().zip(&c).map(|(a, c)| a.throughput() / c.throughput()).collect());
-    let (a, b, c) = (merge(&a), merge(&b), merge(&c));
+    let (a_over_b, a_over_c, no_retry_over_b) = (ratio(0, 1), ratio(0, 2), ratio(3, 1));
     println!();
     println!("concurrency {concurrency}, {rounds} rounds of {length:?} each, 3 backends in this process");
-    for (label, round) in [
-        ("A kubegrpc channel", &a),
-        ("B tonic Channel, 1 backend", &b),
-        ("C tonic balance_list", &c),
-    ] {
+    for (label, rounds) in LABELS.iter().zip(&results) {
+        let round = merge(rounds);
         println!(
             "{label:<28} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  failures {}",
             round.throughput(),
@@ -204,14 +225,9 @@ async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, co
             round.failures
         );
     }
-    println!(
-        "throughput A/B = {a_over_b:.2} (median of per-round ratios; of totals {:.2})",
-        a.throughput() / b.throughput()
-    );
-    println!(
-        "throughput A/C = {a_over_c:.2} (median of per-round ratios; of totals {:.2})",
-        a.throughput() / c.throughput()
-    );
+    println!("throughput A/B = {a_over_b:.2}   (median of per-round ratios)");
+    println!("throughput A/C = {a_over_c:.2}");
+    println!("throughput A'/B = {no_retry_over_b:.2}  (kubegrpc without transparent retry)");
     let per_backend: Vec<u64> = backends.iter().map(|b| b.counters.snapshot().requests).collect();
     println!("requests per backend over the whole run: {per_backend:?}");
     Ok(())

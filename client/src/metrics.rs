@@ -1,0 +1,111 @@
+//! Per-endpoint counters as Prometheus metrics (feature `prometheus`).
+//!
+//! ```no_run
+//! # fn example(channel: &kubegrpc::Channel) {
+//! let mut registry = prometheus_client::registry::Registry::default();
+//! kubegrpc::metrics::register(channel, &mut registry);
+//! let mut text = String::new();
+//! prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+//! # }
+//! ```
+//!
+//! Exported per endpoint, labelled `backend` (`namespace/name`) and `endpoint` (`ip:port`):
+//! `kubegrpc_client_requests_total`, `kubegrpc_client_failures_total` (transport failures),
+//! `kubegrpc_client_ejections_total`, and gauges `kubegrpc_client_in_flight`,
+//! `kubegrpc_client_weight`, `kubegrpc_client_ejected`; per channel, `kubegrpc_client_panic`.
+//! Values are read from [`Channel::snapshot`](crate::Channel::snapshot) at scrape time; the
+//! registry does not keep the channel alive.
+
+use std::fmt;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::{Channel, channel::WeakChannel};
+
+/// Registers `channel`'s per-endpoint counters with `registry`.
+pub fn register(channel: &Channel, registry: &mut Registry) {
+    registry.register_collector(Box::new(ChannelCollector {
+        channel: channel.downgrade(),
+    }));
+}
+
+#[derive(Debug)]
+struct ChannelCollector {
+    channel: WeakChannel,
+}
+
+impl Collector for ChannelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(channel) = self.channel.upgrade() else {
+            return Ok(());
+        };
+        let snapshot = channel.snapshot();
+        let labels: Vec<[(&str, String); 2]> = snapshot
+            .endpoints
+            .iter()
+            .map(|e| {
+                [
+                    ("backend", snapshot.backend.clone()),
+                    ("endpoint", e.address.to_string()),
+                ]
+            })
+            .collect();
+
+        type Read = fn(&crate::EndpointSnapshot) -> u64;
+        let counters: [(&str, &str, Read); 3] = [
+            ("kubegrpc_client_requests", "Requests sent to each endpoint", |e| {
+                e.requests
+            }),
+            (
+                "kubegrpc_client_failures",
+                "Requests to each endpoint that failed at the transport level",
+                |e| e.failures,
+            ),
+            (
+                "kubegrpc_client_ejections",
+                "Ejections of each endpoint by outlier detection",
+                |e| e.ejections,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (endpoint, labels) in snapshot.endpoints.iter().zip(&labels) {
+                ConstCounter::new(read(endpoint)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        let gauges: [(&str, &str, Read); 3] = [
+            (
+                "kubegrpc_client_in_flight",
+                "Requests in flight to each endpoint",
+                |e| e.in_flight,
+            ),
+            ("kubegrpc_client_weight", "Weight of each endpoint, as published", |e| {
+                u64::from(e.weight)
+            }),
+            ("kubegrpc_client_ejected", "1 while an endpoint is ejected", |e| {
+                u64::from(e.ejected)
+            }),
+        ];
+        for (name, help, read) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (endpoint, labels) in snapshot.endpoints.iter().zip(&labels) {
+                let value = i64::try_from(read(endpoint)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(family.encode_family(labels)?)?;
+            }
+        }
+        let mut panic = encoder.encode_descriptor(
+            "kubegrpc_client_panic",
+            "1 while too few endpoints are usable and requests spread over all Kubernetes-ready ones",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(snapshot.panic))
+            .encode(panic.encode_family(&[("backend", snapshot.backend.as_str())])?)?;
+        Ok(())
+    }
+}
