@@ -42,6 +42,9 @@ pub use tonic_health::pb::health_check_response::ServingStatus;
 pub struct EchoRequest {
     #[prost(string, tag = "1")]
     pub message: String,
+    /// Answer only after this many milliseconds (a slow request, to observe draining).
+    #[prost(uint32, tag = "2")]
+    pub delay_ms: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -231,9 +234,13 @@ pub struct EchoService {
 #[tonic::async_trait]
 impl pb::echo_server::Echo for EchoService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let request = request.into_inner();
+        if request.delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(u64::from(request.delay_ms))).await;
+        }
         self.counters.requests.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(EchoReply {
-            message: request.into_inner().message,
+            message: request.message,
             backend: self.address.clone(),
         }))
     }

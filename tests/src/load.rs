@@ -55,7 +55,13 @@ impl Load {
                 let counts = counts.clone();
                 tokio::spawn(async move {
                     while !counts.stop.load(Ordering::SeqCst) {
-                        match client.echo(EchoRequest { message: "load".into() }).await {
+                        match client
+                            .echo(EchoRequest {
+                                message: "load".into(),
+                                ..Default::default()
+                            })
+                            .await
+                        {
                             Ok(_) => {
                                 counts.succeeded.fetch_add(1, Ordering::SeqCst);
                             }

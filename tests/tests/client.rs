@@ -20,13 +20,19 @@ use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Writes a status by hand, as the operator would, with the given weights.
+/// Writes a status by hand, as the operator would, with the given weights (all Serving).
 async fn publish(s: &Scenario, name: &str, endpoints: &[(SocketAddr, u32)]) -> Result<()> {
+    let entries: Vec<(SocketAddr, u32, &str)> = endpoints.iter().map(|(a, w)| (*a, *w, "Serving")).collect();
+    publish_entries(s, name, &entries).await
+}
+
+/// Writes a status by hand: (address, weight, health) per endpoint, all Kubernetes-ready.
+async fn publish_entries(s: &Scenario, name: &str, endpoints: &[(SocketAddr, u32, &str)]) -> Result<()> {
     let entries: Vec<_> = endpoints
         .iter()
-        .map(|(address, weight)| {
+        .map(|(address, weight, health)| {
             json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight,
-                   "health": "Serving", "ready": true, "serving": true, "terminating": false,
+                   "health": health, "ready": true, "serving": true, "terminating": false,
                    "lastTransitionTime": "2026-11-23T00:00:00Z"})
         })
         .collect();
@@ -56,7 +62,14 @@ async fn send(channel: &Channel, count: usize, concurrency: usize) -> Result<usi
         tasks.push(tokio::spawn(async move {
             let mut failed = 0;
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < count {
-                if client.echo(EchoRequest { message: "x".into() }).await.is_err() {
+                if client
+                    .echo(EchoRequest {
+                        message: "x".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_err()
+                {
                     failed += 1;
                 }
             }
@@ -396,5 +409,140 @@ async fn with_tls_the_channel_reaches_tls_endpoints_and_without_it_does_not() ->
         "plaintext requests to TLS endpoints succeeded"
     );
     assert_eq!(requests(&backends), [50, 50]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_in_flight_on_a_removed_endpoint_finish_there() -> Result<()> {
+    let s = Scenario::new("drain").await?;
+    let leaving = start_backend(BackendOptions::default()).await?;
+    let staying = start_backend(BackendOptions::default()).await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    publish(&s, "echo", &[(leaving.address, 100)]).await?;
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    tokio::time::timeout(DEADLINE, channel.ready()).await?;
+
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = EchoClient::new(channel.clone());
+            tokio::spawn(async move {
+                client
+                    .echo(EchoRequest {
+                        message: "slow".into(),
+                        delay_ms: 2000,
+                    })
+                    .await
+            })
+        })
+        .collect();
+    wait_snapshot(&channel, "8 requests in flight", |snapshot| {
+        snapshot.endpoint(&leaving.address).is_some_and(|e| e.in_flight == 8)
+    })
+    .await?;
+    // The endpoint leaves the status while its 8 requests run.
+    publish(&s, "echo", &[(staying.address, 100)]).await?;
+    wait_snapshot(&channel, "the endpoint gone from the status", |snapshot| {
+        snapshot.endpoint(&leaving.address).is_none()
+    })
+    .await?;
+    assert_eq!(send(&channel, 20, 2).await?, 0);
+    assert_eq!(
+        staying.counters.snapshot().requests,
+        20,
+        "new requests go to the remaining endpoint"
+    );
+    for request in slow {
+        let reply = request
+            .await?
+            .context("a request in flight on the removed endpoint failed")?;
+        assert_eq!(reply.into_inner().backend, leaving.address.to_string());
+    }
+    assert_eq!(
+        leaving.counters.snapshot().requests,
+        8,
+        "the in-flight requests finished where they were"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_too_few_usable_endpoints_requests_spread_over_the_kubernetes_ready_ones() -> Result<()> {
+    let s = Scenario::new("panic").await?;
+    let backends = vec![
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+        start_backend(BackendOptions::default()).await?,
+    ];
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc"}),
+    )
+    .await?;
+    // One usable endpoint of four Kubernetes-ready ones: 25%, under the default 50%.
+    let a = &backends;
+    publish_entries(
+        &s,
+        "echo",
+        &[
+            (a[0].address, 100, "Serving"),
+            (a[1].address, 0, "NotServing"),
+            (a[2].address, 0, "NotServing"),
+            (a[3].address, 0, "Unknown"),
+        ],
+    )
+    .await?;
+    let panicking = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    let strict = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .panic_threshold(0)
+        .connect()
+        .await?;
+    tokio::time::timeout(DEADLINE, panicking.ready()).await?;
+    tokio::time::timeout(DEADLINE, strict.ready()).await?;
+    assert!(panicking.snapshot().panic && !strict.snapshot().panic);
+
+    assert_eq!(send(&panicking, 400, 4).await?, 0);
+    assert_eq!(
+        requests(&backends),
+        [100, 100, 100, 100],
+        "panic mode spreads evenly over all four"
+    );
+    assert_eq!(send(&strict, 100, 4).await?, 0);
+    assert_eq!(
+        requests(&backends),
+        [200, 100, 100, 100],
+        "with panic off only the usable endpoint serves"
+    );
+
+    // None usable and panic off: fail fast, saying why.
+    publish_entries(
+        &s,
+        "echo",
+        &[(a[0].address, 0, "NotServing"), (a[1].address, 0, "NotServing")],
+    )
+    .await?;
+    wait_snapshot(&strict, "nothing usable", |snapshot| snapshot.unavailable.is_some()).await?;
+    let failed = EchoClient::new(strict.clone())
+        .echo(EchoRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Unavailable);
+    assert!(
+        failed.message().contains("has no ready endpoints"),
+        "{:?}",
+        failed.message()
+    );
     Ok(())
 }

@@ -865,3 +865,73 @@ async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> Result<()> {
+    let s = Scenario::new("churn").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backend = start_backend(BackendOptions::default()).await?;
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(backend.address)],
+    )
+    .await?;
+    create_grpc_backend(
+        &s.client,
+        &s.namespace,
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
+    )
+    .await?;
+    let steady = s
+        .wait_status("echo", "ready", DEADLINE, |st| st.ready_endpoints == 1)
+        .await?;
+    // Past the write interval since the last write: the next change goes out at once.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let params = kube::api::WatchParams::default().fields("metadata.name=echo");
+    let version = steady.metadata.resource_version.clone().unwrap_or_default();
+    let mut events = s.backends().watch(&params, &version).await?.boxed();
+    // 20 flips in about 0.4s, ending where it started: Serving.
+    for flip in 0..20 {
+        backend.health.set(
+            "",
+            if flip % 2 == 0 {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut written: Vec<Health> = Vec::new();
+    let collected = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = events.next().await {
+            if let kube::api::WatchEvent::Modified(object) = event? {
+                let status = object.status.unwrap_or_default();
+                written.push(status.endpoints[0].health);
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    assert!(collected.is_err(), "the watch ended early: {collected:?}");
+    println!("20 flips in 0.4s -> {} status writes: {written:?}", written.len());
+    assert_eq!(
+        written.first(),
+        Some(&Health::NotServing),
+        "the first change is written at once"
+    );
+    assert_eq!(written.last(), Some(&Health::Serving), "the latest state is written");
+    assert!(
+        written.len() <= 3,
+        "20 flips gave {} writes: not coalesced",
+        written.len()
+    );
+    Ok(())
+}

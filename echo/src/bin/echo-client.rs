@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
                 let key = match client
                     .echo(EchoRequest {
                         message: "hello".into(),
+                        ..Default::default()
                     })
                     .await
                 {

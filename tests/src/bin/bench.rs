@@ -33,11 +33,27 @@ struct Round {
     failures: u64,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// CPU time of the whole process (client, backends) during the round: steadier than
+    /// throughput on a machine shared with other work.
+    cpu: Duration,
+}
+
+/// User + system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let time = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 impl Round {
     fn throughput(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn cpu_per_request(&self) -> Duration {
+        self.cpu / self.requests.max(1) as u32
     }
 
     fn percentile(&self, p: f64) -> Duration {
@@ -56,6 +72,7 @@ where
 {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let cpu_before = process_cpu();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
             let mut client = EchoClient::new(service.clone());
@@ -68,6 +85,7 @@ where
                     match client
                         .echo(EchoRequest {
                             message: "bench".into(),
+                            ..Default::default()
                         })
                         .await
                     {
@@ -89,12 +107,14 @@ where
         failures += failed;
     }
     let elapsed = started.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
     latencies_us.sort_unstable();
     Round {
         requests: latencies_us.len() as u64,
         failures,
         elapsed,
         latencies_us,
+        cpu,
     }
 }
 
@@ -106,6 +126,7 @@ fn merge(rounds: &[Round]) -> Round {
         failures: rounds.iter().map(|r| r.failures).sum(),
         elapsed: rounds.iter().map(|r| r.elapsed).sum(),
         latencies_us,
+        cpu: rounds.iter().map(|r| r.cpu).sum(),
     }
 }
 
@@ -192,10 +213,11 @@ async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, co
         for (variant, label) in LABELS.iter().enumerate() {
             let measured = measure(variant, length).await;
             println!(
-                "round {round} {label:<28} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  failures {}",
+                "round {round} {label:<28} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  cpu/req {:>5.1}us  failures {}",
                 measured.throughput(),
                 measured.percentile(0.5).as_micros(),
                 measured.percentile(0.99).as_micros(),
+                measured.cpu_per_request().as_secs_f64() * 1e6,
                 measured.failures
             );
             results[variant].push(measured);
@@ -213,21 +235,31 @@ async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, co
         values[values.len() / 2]
     };
     let (a_over_b, a_over_c, no_retry_over_b) = (ratio(0, 1), ratio(0, 2), ratio(3, 1));
+    let cpu = |of: usize, to: usize| {
+        merge(&results[of]).cpu_per_request().as_secs_f64() / merge(&results[to]).cpu_per_request().as_secs_f64()
+    };
     println!();
     println!("concurrency {concurrency}, {rounds} rounds of {length:?} each, 3 backends in this process");
     for (label, rounds) in LABELS.iter().zip(&results) {
         let round = merge(rounds);
         println!(
-            "{label:<28} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  failures {}",
+            "{label:<28} {:>9.0} req/s  p50 {:>6}us  p99 {:>6}us  cpu/req {:>5.1}us  failures {}",
             round.throughput(),
             round.percentile(0.5).as_micros(),
             round.percentile(0.99).as_micros(),
+            round.cpu_per_request().as_secs_f64() * 1e6,
             round.failures
         );
     }
     println!("throughput A/B = {a_over_b:.2}   (median of per-round ratios)");
     println!("throughput A/C = {a_over_c:.2}");
     println!("throughput A'/B = {no_retry_over_b:.2}  (kubegrpc without transparent retry)");
+    println!(
+        "CPU per request A/B = {:.2}, A/C = {:.2}, A'/B = {:.2}  (whole process: client and backends)",
+        cpu(0, 1),
+        cpu(0, 2),
+        cpu(3, 1)
+    );
     let per_backend: Vec<u64> = backends.iter().map(|b| b.counters.snapshot().requests).collect();
     println!("requests per backend over the whole run: {per_backend:?}");
     Ok(())
