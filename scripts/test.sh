@@ -35,8 +35,9 @@ cargo build --workspace --all-targets --locked
 cargo test --workspace --locked --no-run
 
 phase "cargo test, inside a private network namespace"
+# --show-output: the measurements some tests print (latencies, counts, the ceiling) land in the log.
 KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" tests/netns-run.sh \
-  cargo test --workspace --offline --locked "$@"
+  cargo test --workspace --offline --locked "$@" -- --show-output
 
 phase ""
 echo "=== all phases: $(( SECONDS - started ))s" >&2
