@@ -443,25 +443,9 @@ async fn write_status(
     if let Some(wait) = context.must_wait(key, &desired_json, &resource_version) {
         return Ok(wait);
     }
-    let api: Api<GrpcBackend> = Api::namespaced(context.client.clone(), &key.namespace);
-    let patch = json!({
-        "apiVersion": GrpcBackend::api_version(&()),
-        "kind": GrpcBackend::kind(&()),
-        "status": desired_json,
-    });
-    let written = api
-        .patch_status(
-            &key.name,
-            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::StatusWrite {
-            backend: format!("{}/{}", key.namespace, key.name),
-            source,
-        })?;
-    context.remember_write(key, desired_json, resource_version, written.resource_version());
-    context.metrics.status_written(&key.namespace, &key.name);
+    context
+        .apply_status(key, &desired_json, desired_json.clone(), resource_version)
+        .await?;
     context.metrics.published(&key.namespace, &key.name, desired);
     info!(backend = %format!("{}/{}", key.namespace, key.name), ready = desired.ready_endpoints,
         total = desired.total_endpoints, "status written");
@@ -494,25 +478,8 @@ async fn write_invalid(
         Some(_) => return Ok(Action::await_change()),
         None => {}
     }
-    let api: Api<GrpcBackend> = Api::namespaced(context.client.clone(), &key.namespace);
-    let patch = json!({
-        "apiVersion": GrpcBackend::api_version(&()),
-        "kind": GrpcBackend::kind(&()),
-        "status": { "observedGeneration": generation, "conditions": [condition] },
-    });
-    let written = api
-        .patch_status(
-            &key.name,
-            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::StatusWrite {
-            backend: format!("{}/{}", key.namespace, key.name),
-            source,
-        })?;
-    context.remember_write(key, desired, resource_version, written.resource_version());
-    context.metrics.status_written(&key.namespace, &key.name);
+    let status = json!({ "observedGeneration": generation, "conditions": [condition] });
+    context.apply_status(key, &status, desired, resource_version).await?;
     warn!(backend = %format!("{}/{}", key.namespace, key.name), %message, "GrpcBackend cannot be read");
     Ok(Action::await_change())
 }
@@ -520,6 +487,38 @@ async fn write_invalid(
 // === impl Context ===
 
 impl Context {
+    /// Writes `status` with server-side apply (the operator owns every field it writes, so a
+    /// hand edit is overwritten), and remembers the write as `compared` (what later
+    /// reconciles compare their desired status with).
+    async fn apply_status(
+        &self,
+        key: &ObjectKey,
+        status: &serde_json::Value,
+        compared: serde_json::Value,
+        resource_version: Option<String>,
+    ) -> Result<(), Error> {
+        let api: Api<GrpcBackend> = Api::namespaced(self.client.clone(), &key.namespace);
+        let patch = json!({
+            "apiVersion": GrpcBackend::api_version(&()),
+            "kind": GrpcBackend::kind(&()),
+            "status": status,
+        });
+        let written = api
+            .patch_status(
+                &key.name,
+                &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(|source| Error::StatusWrite {
+                backend: format!("{}/{}", key.namespace, key.name),
+                source,
+            })?;
+        self.remember_write(key, compared, resource_version, written.resource_version());
+        self.metrics.status_written(&key.namespace, &key.name);
+        Ok(())
+    }
+
     /// Whether a write of `desired` must wait: `Some(Unchanged)` when the operator already wrote
     /// exactly this and nobody changed the object since (the store has not caught up yet),
     /// `Some(Deferred)` when the last write is too recent.

@@ -37,6 +37,20 @@ pub async fn start_backend(options: BackendOptions) -> Result<Backend> {
         .with_context(|| format!("cannot start a backend on {address}"))
 }
 
+/// Starts `count` in-process echo backends, each on a fresh address.
+pub async fn start_backends(count: usize) -> Result<Vec<Backend>> {
+    let mut backends = Vec::with_capacity(count);
+    for _ in 0..count {
+        backends.push(start_backend(BackendOptions::default()).await?);
+    }
+    Ok(backends)
+}
+
+/// The addresses of `backends`.
+pub fn addresses_of(backends: &[Backend]) -> Vec<SocketAddr> {
+    backends.iter().map(|b| b.address).collect()
+}
+
 /// An echo backend in its own process (the `echo-server` binary).
 pub struct BackendProcess {
     pub address: SocketAddr,

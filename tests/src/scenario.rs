@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use kube::{
@@ -10,8 +12,13 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use kubegrpc_crds::{EndpointStatus, GrpcBackend, GrpcBackendStatus};
+use serde_json::Value;
 
-use crate::{ControlPlane, wait};
+use crate::{
+    ControlPlane,
+    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
+    wait,
+};
 
 /// A namespace of the shared control plane and a client for it.
 pub struct Scenario {
@@ -35,6 +42,25 @@ impl Scenario {
 
     pub fn backends(&self) -> Api<GrpcBackend> {
         Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates the headless Service `echo` with port `grpc` and writes its EndpointSlice
+    /// `echo-1` listing `addresses`, all ready.
+    pub async fn echo_service(&self, addresses: &[SocketAddr]) -> Result<()> {
+        create_service(&self.client, &self.namespace, "echo", &[("grpc", 80)]).await?;
+        self.echo_slice(addresses).await
+    }
+
+    /// Rewrites EndpointSlice `echo-1` of Service `echo` to list `addresses`, all ready.
+    pub async fn echo_slice(&self, addresses: &[SocketAddr]) -> Result<()> {
+        let endpoints: Vec<SliceEndpoint> = addresses.iter().map(|a| SliceEndpoint::ready(*a)).collect();
+        apply_slice(&self.client, &self.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+        Ok(())
+    }
+
+    /// Creates GrpcBackend `name` from a raw JSON spec.
+    pub async fn grpc_backend(&self, name: &str, spec: Value) -> Result<GrpcBackend> {
+        Ok(create_grpc_backend(&self.client, &self.namespace, name, spec).await?)
     }
 
     /// Waits until `name`'s status satisfies `accept`; fails with the last status seen.
@@ -115,4 +141,25 @@ pub fn brief(status: Option<&GrpcBackendStatus>) -> String {
         endpoints.join(", "),
         if status.endpoints.len() > 8 { ", ..." } else { "" }
     )
+}
+
+/// Waits until a channel's snapshot satisfies `accept`; fails with the last snapshot.
+pub async fn wait_snapshot(
+    channel: &kubegrpc::Channel,
+    what: &str,
+    deadline: std::time::Duration,
+    accept: impl Fn(&kubegrpc::Snapshot) -> bool,
+) -> Result<()> {
+    wait::until(what, deadline, || {
+        let snapshot = channel.snapshot();
+        let accepted = accept(&snapshot);
+        async move {
+            if accepted {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!("snapshot: {snapshot:?}"))
+            }
+        }
+    })
+    .await
 }

@@ -8,13 +8,12 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kubegrpc::{Channel, DiscoveryState};
 use kubegrpc_echo::{Backend, BackendOptions, EchoClient, EchoRequest, ServingStatus};
 use kubegrpc_tests::{
-    backends::start_backend,
+    backends::{start_backend, start_backends},
     certs::CertificateAuthority,
     load::Load,
-    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
+    objects::{SliceEndpoint, apply_slice, create_service},
     operator::InProcessOperator,
-    scenario::Scenario,
-    wait,
+    scenario::{Scenario, wait_snapshot},
 };
 use serde_json::json;
 
@@ -83,36 +82,12 @@ async fn send(channel: &Channel, count: usize, concurrency: usize) -> Result<usi
     Ok(failed)
 }
 
-async fn wait_snapshot(channel: &Channel, what: &str, accept: impl Fn(&kubegrpc::Snapshot) -> bool) -> Result<()> {
-    wait::until(what, DEADLINE, || {
-        let snapshot = channel.snapshot();
-        let accepted = accept(&snapshot);
-        async move {
-            if accepted {
-                Ok(Some(()))
-            } else {
-                Err(anyhow::anyhow!("snapshot: {snapshot:?}"))
-            }
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn weights_written_in_the_status_are_the_shares_the_backends_see() -> Result<()> {
     let s = Scenario::new("weights").await?;
-    let backends = vec![
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    let backends = start_backends(3).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
     publish(&s, "echo", &[(addresses[0], 1), (addresses[1], 2), (addresses[2], 7)]).await?;
 
@@ -151,7 +126,7 @@ async fn weights_written_in_the_status_are_the_shares_the_backends_see() -> Resu
 
     // New weights: the shares follow, over the same connections.
     publish(&s, "echo", &[(addresses[0], 5), (addresses[1], 3), (addresses[2], 2)]).await?;
-    wait_snapshot(&channel, "the new weights", |snapshot| {
+    wait_snapshot(&channel, "the new weights", DEADLINE, |snapshot| {
         snapshot.endpoint(&addresses[0]).is_some_and(|e| e.weight == 5)
     })
     .await?;
@@ -182,28 +157,19 @@ async fn weights_written_in_the_status_are_the_shares_the_backends_see() -> Resu
 async fn with_the_operator_requests_follow_health_and_new_backends() -> Result<()> {
     let s = Scenario::new("client-e2e").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    let mut backends = vec![
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
+    let mut backends = start_backends(3).await?;
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
     let slice = |backends: &[Backend]| -> Vec<SliceEndpoint> {
         backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect()
     };
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &slice(&backends)).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
 
     let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
         .connect()
         .await?;
-    wait_snapshot(&channel, "3 endpoints in rotation", |snapshot| {
+    wait_snapshot(&channel, "3 endpoints in rotation", DEADLINE, |snapshot| {
         snapshot.endpoints.iter().filter(|e| e.in_rotation).count() == 3
     })
     .await?;
@@ -220,7 +186,7 @@ async fn with_the_operator_requests_follow_health_and_new_backends() -> Result<(
     load.wait_for_more(500, DEADLINE).await?;
     let flipped = backends[0].address;
     backends[0].health.set("", ServingStatus::NotServing);
-    wait_snapshot(&channel, "the flipped endpoint at weight 0", |snapshot| {
+    wait_snapshot(&channel, "the flipped endpoint at weight 0", DEADLINE, |snapshot| {
         snapshot
             .endpoint(&flipped)
             .is_some_and(|e| e.weight == 0 && !e.in_rotation)
@@ -244,7 +210,7 @@ async fn with_the_operator_requests_follow_health_and_new_backends() -> Result<(
     let joined = joining.address;
     backends.push(joining);
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &slice(&backends)).await?;
-    wait_snapshot(&channel, "the new endpoint in rotation", |snapshot| {
+    wait_snapshot(&channel, "the new endpoint in rotation", DEADLINE, |snapshot| {
         snapshot.endpoint(&joined).is_some_and(|e| e.in_rotation)
     })
     .await?;
@@ -268,13 +234,8 @@ async fn with_the_operator_requests_follow_health_and_new_backends() -> Result<(
 async fn a_deleted_grpcbackend_fails_requests_fast_naming_it() -> Result<()> {
     let s = Scenario::new("deleted").await?;
     let backend = start_backend(BackendOptions::default()).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     publish(&s, "echo", &[(backend.address, 100)]).await?;
     let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
         .connect()
@@ -283,7 +244,7 @@ async fn a_deleted_grpcbackend_fails_requests_fast_naming_it() -> Result<()> {
     assert_eq!(send(&channel, 10, 1).await?, 0);
 
     s.backends().delete("echo", &DeleteParams::default()).await?;
-    wait_snapshot(&channel, "the deletion seen", |snapshot| {
+    wait_snapshot(&channel, "the deletion seen", DEADLINE, |snapshot| {
         snapshot.discovery == DiscoveryState::NotFound
     })
     .await?;
@@ -330,27 +291,13 @@ async fn ready_waits_for_a_grpcbackend_created_later() -> Result<()> {
     });
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
     let backend = start_backend(BackendOptions::default()).await?;
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(
-        &s.client,
-        &s.namespace,
-        "echo",
-        "echo-1",
-        "grpc",
-        &[SliceEndpoint::ready(backend.address)],
-    )
-    .await?;
+    s.echo_service(&[backend.address]).await?;
     assert!(
         !waiting.is_finished(),
         "ready() returned before the GrpcBackend existed"
     );
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     waiting
         .await?
         .context("ready() did not return once the GrpcBackend had a usable endpoint")?;
@@ -377,13 +324,8 @@ async fn with_tls_the_channel_reaches_tls_endpoints_and_without_it_does_not() ->
         })
         .await?,
     ];
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     publish(&s, "echo", &[(backends[0].address, 100), (backends[1].address, 100)]).await?;
 
     let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
@@ -417,13 +359,8 @@ async fn requests_in_flight_on_a_removed_endpoint_finish_there() -> Result<()> {
     let s = Scenario::new("drain").await?;
     let leaving = start_backend(BackendOptions::default()).await?;
     let staying = start_backend(BackendOptions::default()).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     publish(&s, "echo", &[(leaving.address, 100)]).await?;
     let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
         .connect()
@@ -443,13 +380,13 @@ async fn requests_in_flight_on_a_removed_endpoint_finish_there() -> Result<()> {
             })
         })
         .collect();
-    wait_snapshot(&channel, "8 requests in flight", |snapshot| {
+    wait_snapshot(&channel, "8 requests in flight", DEADLINE, |snapshot| {
         snapshot.endpoint(&leaving.address).is_some_and(|e| e.in_flight == 8)
     })
     .await?;
     // The endpoint leaves the status while its 8 requests run.
     publish(&s, "echo", &[(staying.address, 100)]).await?;
-    wait_snapshot(&channel, "the endpoint gone from the status", |snapshot| {
+    wait_snapshot(&channel, "the endpoint gone from the status", DEADLINE, |snapshot| {
         snapshot.endpoint(&leaving.address).is_none()
     })
     .await?;
@@ -476,19 +413,9 @@ async fn requests_in_flight_on_a_removed_endpoint_finish_there() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_too_few_usable_endpoints_requests_spread_over_the_kubernetes_ready_ones() -> Result<()> {
     let s = Scenario::new("panic").await?;
-    let backends = vec![
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    let backends = start_backends(4).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     // One usable endpoint of four Kubernetes-ready ones: 25%, under the default 50%.
     let a = &backends;
     publish_entries(
@@ -533,7 +460,10 @@ async fn with_too_few_usable_endpoints_requests_spread_over_the_kubernetes_ready
         &[(a[0].address, 0, "NotServing"), (a[1].address, 0, "NotServing")],
     )
     .await?;
-    wait_snapshot(&strict, "nothing usable", |snapshot| snapshot.unavailable.is_some()).await?;
+    wait_snapshot(&strict, "nothing usable", DEADLINE, |snapshot| {
+        snapshot.unavailable.is_some()
+    })
+    .await?;
     let failed = EchoClient::new(strict.clone())
         .echo(EchoRequest::default())
         .await

@@ -8,37 +8,16 @@ use kubegrpc::{Channel, DiscoveryState};
 use kubegrpc_echo::{Backend, BackendOptions};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
-    backends::{BACKEND_PORT, BackendProcess, built_binary, next_backend_ip, start_backend},
+    backends::{BACKEND_PORT, BackendProcess, built_binary, next_backend_ip, start_backend, start_backends},
     load::Load,
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     operator::InProcessOperator,
     process::ManagedProcess,
-    scenario::Scenario,
-    wait,
+    scenario::{Scenario, wait_snapshot},
 };
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-async fn wait_snapshot(
-    channel: &Channel,
-    what: &str,
-    deadline: Duration,
-    accept: impl Fn(&kubegrpc::Snapshot) -> bool,
-) -> Result<()> {
-    wait::until(what, deadline, || {
-        let snapshot = channel.snapshot();
-        let accepted = accept(&snapshot);
-        async move {
-            if accepted {
-                Ok(Some(()))
-            } else {
-                Err(anyhow::anyhow!("snapshot: {snapshot:?}"))
-            }
-        }
-    })
-    .await
-}
 
 fn ready(backends: &[Backend]) -> Vec<SliceEndpoint> {
     backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect()
@@ -50,11 +29,7 @@ async fn with_the_apiserver_down_the_client_keeps_serving_and_follows_again_afte
     let client = control_plane.client().await?;
     let namespace = control_plane.create_namespace(&client, "api-down").await?;
     let _operator = InProcessOperator::start(client.clone(), &namespace);
-    let mut backends = vec![
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
+    let mut backends = start_backends(3).await?;
     create_service(&client, &namespace, "echo", &[("grpc", 80)]).await?;
     apply_slice(&client, &namespace, "echo", "echo-1", "grpc", &ready(&backends)).await?;
     create_grpc_backend(&client, &namespace, "echo", json!({"service": "echo", "port": "grpc"})).await?;
@@ -127,13 +102,8 @@ async fn with_the_operator_frozen_the_client_ejects_a_killed_backend_itself() ->
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
     let endpoints: Vec<SliceEndpoint> = addresses.iter().map(|a| SliceEndpoint::ready(*a)).collect();
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
 
     let mut command = Command::new(built_binary("kubegrpc-operator")?);
     command.arg("--kubeconfig").arg(s.control_plane.kubeconfig()).args([

@@ -19,7 +19,7 @@ use kubegrpc_tests::{
     install::{
         OPERATOR_NAMESPACE, apply_deploy, free_local_address, http_get, operator_kubeconfig, start_operator_process,
     },
-    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
+    objects::{SliceEndpoint, apply_slice, create_service},
     scenario::Scenario,
     wait,
 };
@@ -187,23 +187,9 @@ async fn the_operator_works_under_its_service_account_alone() -> Result<()> {
     apply_deploy(s.control_plane).await?;
     let kubeconfig = operator_kubeconfig(s.control_plane).await?;
     let backend = start_backend(BackendOptions::default()).await?;
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(
-        &s.client,
-        &s.namespace,
-        "echo",
-        "echo-1",
-        "grpc",
-        &[SliceEndpoint::ready(backend.address)],
-    )
-    .await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.echo_service(&[backend.address]).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
 
     let identity = "replica-sa";
     let operator = start_operator_process(
@@ -285,13 +271,9 @@ async fn metrics_show_exactly_the_numbers_of_a_known_scenario() -> Result<()> {
         SliceEndpoint::ready(not_serving.address),
     ];
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
-    let created = create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    let created = s
+        .grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
 
     // Count every write to the object from its creation on: all of them are the operator's.
     let gbs: Api<GrpcBackend> = s.backends();

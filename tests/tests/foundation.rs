@@ -11,7 +11,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api,
-    api::{ApiResource, DeleteParams, DynamicObject, PostParams},
+    api::{DeleteParams, PostParams},
 };
 use kubegrpc_crds::{GrpcBackend, HealthCheckMode, PortRef, WeightingPolicy};
 use kubegrpc_tests::ControlPlane;
@@ -327,21 +327,8 @@ async fn an_endpointslice_carries_a_namespace_address_that_a_tonic_health_server
 /// Creates a GrpcBackend from raw JSON, so that specs the Rust types would refuse reach the
 /// apiserver's admission as they are.
 async fn create(api: &Api<GrpcBackend>, name: &str, spec: Value) -> kube::Result<GrpcBackend> {
-    let resource = ApiResource::erase::<GrpcBackend>(&());
-    let raw = Api::<DynamicObject>::namespaced_with(
-        api.clone().into_client(),
-        api.namespace().unwrap_or_default(),
-        &resource,
-    );
-    let object: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "kubegrpc.io/v1alpha1",
-        "kind": "GrpcBackend",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .map_err(kube::Error::SerdeError)?;
-    raw.create(&PostParams::default(), &object).await?;
-    api.get(name).await
+    let namespace = api.namespace().unwrap_or_default().to_string();
+    kubegrpc_tests::objects::create_grpc_backend(&api.clone().into_client(), &namespace, name, spec).await
 }
 
 fn merge(target: &mut Value, patch: Value) {

@@ -13,7 +13,7 @@ use kubegrpc_crds::Health;
 use kubegrpc_echo::{BackendOptions, ServingStatus};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
-    backends::start_backend,
+    backends::{start_backend, start_backends},
     install::{OPERATOR_NAMESPACE, apply_deploy, free_local_address, operator_kubeconfig, start_operator_process},
     load::Load,
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
@@ -79,11 +79,7 @@ async fn the_standby_takes_over_from_a_killed_leader_invisibly() -> Result<()> {
     apply_deploy(control_plane).await?;
     let kubeconfig = operator_kubeconfig(control_plane).await?;
 
-    let mut backends = vec![
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
+    let mut backends = start_backends(3).await?;
     create_service(&client, &namespace, "echo", &[("grpc", 80)]).await?;
     let slice = |backends: &[kubegrpc_echo::Backend]| -> Vec<SliceEndpoint> {
         backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect()

@@ -15,8 +15,8 @@ use kubegrpc_crds::{FULL_WEIGHT, GrpcBackendStatus, Health, condition};
 use kubegrpc_echo::{BackendOptions, ServingStatus};
 use kubegrpc_operator::Settings;
 use kubegrpc_tests::{
-    backends::{BACKEND_PORT, BackendProcess, next_backend_ip, start_backend},
-    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
+    backends::{BACKEND_PORT, BackendProcess, addresses_of, next_backend_ip, start_backend, start_backends},
+    objects::{SliceEndpoint, apply_slice, create_service},
     operator::InProcessOperator,
     scenario::{Scenario, brief, endpoint},
 };
@@ -41,21 +41,12 @@ fn addresses(count: usize) -> Vec<SocketAddr> {
 async fn three_serving_backends_are_published_with_equal_weights() -> Result<()> {
     let s = Scenario::new("three").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    let backends = [
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
+    let backends = start_backends(3).await?;
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
     let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
     apply_slice(&s.client, &s.namespace, "echo", "echo-abc", "grpc", &endpoints).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
 
     let backend = s
         .wait_status("echo", "3 ready endpoints", DEADLINE, |st| st.ready_endpoints == 3)
@@ -105,17 +96,10 @@ async fn three_serving_backends_are_published_with_equal_weights() -> Result<()>
 async fn a_not_serving_flip_is_published_through_watch() -> Result<()> {
     let s = Scenario::new("flip").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    let backends = [
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
-    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    let backends = start_backends(2).await?;
+    s.echo_service(&addresses_of(&backends)).await?;
     // Check would poll once an hour: within the deadline only the Watch stream can deliver.
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h", "timeout": "1s"}}),
     )
@@ -153,19 +137,8 @@ async fn measure_flip_to_status_latency() -> Result<()> {
     let s = Scenario::new("latency").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
     let backend = start_backend(BackendOptions::default()).await?;
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(
-        &s.client,
-        &s.namespace,
-        "echo",
-        "echo-1",
-        "grpc",
-        &[SliceEndpoint::ready(backend.address)],
-    )
-    .await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.echo_service(&[backend.address]).await?;
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h", "timeout": "1s"}}),
     )
@@ -218,9 +191,7 @@ async fn a_frozen_backend_process_is_detected_by_keepalive_and_a_killed_one_at_o
         &[SliceEndpoint::ready(address)],
     )
     .await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc",
                "healthCheck": {"interval": "1s", "timeout": "500ms", "unhealthyThreshold": 2}}),
@@ -258,21 +229,12 @@ async fn a_frozen_backend_process_is_detected_by_keepalive_and_a_killed_one_at_o
 async fn endpoints_follow_the_slices_added_and_removed() -> Result<()> {
     let s = Scenario::new("slices").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    let backends = [
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
+    let backends = start_backends(3).await?;
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
     let two: Vec<SliceEndpoint> = backends[..2].iter().map(|b| SliceEndpoint::ready(b.address)).collect();
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &two).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     s.wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
         .await?;
 
@@ -326,9 +288,7 @@ async fn endpoints_in_two_slices_are_listed_once() -> Result<()> {
     let second: Vec<SliceEndpoint> = all[70..].iter().map(|a| SliceEndpoint::ready(*a)).collect();
     apply_slice(&s.client, &s.namespace, "echo", "echo-a", "grpc", &first).await?;
     apply_slice(&s.client, &s.namespace, "echo", "echo-b", "grpc", &second).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
     )
@@ -363,9 +323,7 @@ async fn a_thousand_endpoints_give_a_complete_status() -> Result<()> {
         )
         .await?;
     }
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
     )
@@ -404,13 +362,8 @@ async fn a_terminating_endpoint_that_still_serves_gets_no_weight() -> Result<()>
         ],
     )
     .await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     let backend = s
         .wait_status("echo", "terminating endpoint probed", DEADLINE, |st| {
             endpoint(st, &leaving.address).is_some_and(|e| e.health == Health::Serving)
@@ -429,13 +382,8 @@ async fn a_terminating_endpoint_that_still_serves_gets_no_weight() -> Result<()>
 async fn a_missing_service_is_reported_and_recovers_when_created() -> Result<()> {
     let s = Scenario::new("no-service").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "later", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "later", "port": "grpc"}))
+        .await?;
     let backend = s
         .wait_status("echo", "ServiceNotFound", DEADLINE, |st| {
             ready_reason(st) == "ServiceNotFound"
@@ -474,13 +422,8 @@ async fn a_port_name_the_service_lacks_is_reported() -> Result<()> {
     let s = Scenario::new("no-port").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
     create_service(&s.client, &s.namespace, "echo", &[("http", 8080), ("metrics", 9090)]).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     let backend = s
         .wait_status("echo", "PortNotFound", DEADLINE, |st| {
             ready_reason(st) == "PortNotFound"
@@ -507,20 +450,9 @@ async fn two_grpcbackends_on_one_service_check_their_own_health_service() -> Res
     })
     .await?;
     backend.health.set("beta", ServingStatus::NotServing);
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(
-        &s.client,
-        &s.namespace,
-        "echo",
-        "echo-1",
-        "grpc",
-        &[SliceEndpoint::ready(backend.address)],
-    )
-    .await?;
+    s.echo_service(&[backend.address]).await?;
     for (name, service) in [("alpha", "alpha"), ("beta", "beta")] {
-        create_grpc_backend(
-            &s.client,
-            &s.namespace,
+        s.grpc_backend(
             name,
             json!({"service": "echo", "port": "grpc", "healthCheck": {"service": service, "interval": "1h"}}),
         )
@@ -551,21 +483,9 @@ async fn a_backend_without_watch_is_probed_with_check() -> Result<()> {
         ..BackendOptions::default()
     })
     .await?;
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(
-        &s.client,
-        &s.namespace,
-        "echo",
-        "echo-1",
-        "grpc",
-        &[SliceEndpoint::ready(backend.address)],
-    )
-    .await?;
+    s.echo_service(&[backend.address]).await?;
     // Watch mode asked for; the backend answers UNIMPLEMENTED and gets polled instead.
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
+    s.grpc_backend("echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"mode": "Watch", "interval": "200ms", "timeout": "100ms"}}),
     )
     .await?;
@@ -596,20 +516,10 @@ async fn a_backend_without_watch_is_probed_with_check() -> Result<()> {
 async fn deleting_a_grpcbackend_stops_its_probers() -> Result<()> {
     let s = Scenario::new("delete").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    let backends = [
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
-    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    let backends = start_backends(2).await?;
+    s.echo_service(&addresses_of(&backends)).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     s.wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
         .await?;
     for backend in &backends {
@@ -643,20 +553,10 @@ async fn deleting_a_grpcbackend_stops_its_probers() -> Result<()> {
 async fn with_nothing_changing_the_operator_writes_nothing() -> Result<()> {
     let s = Scenario::new("quiet").await?;
     let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    let backends = [
-        start_backend(BackendOptions::default()).await?,
-        start_backend(BackendOptions::default()).await?,
-    ];
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    let endpoints: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
-    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    let backends = start_backends(2).await?;
+    s.echo_service(&addresses_of(&backends)).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     let steady = s
         .wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
         .await?;
@@ -689,23 +589,9 @@ async fn a_status_edited_by_hand_is_restored() -> Result<()> {
     let s = Scenario::new("hand-edit").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
     let backend = start_backend(BackendOptions::default()).await?;
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(
-        &s.client,
-        &s.namespace,
-        "echo",
-        "echo-1",
-        "grpc",
-        &[SliceEndpoint::ready(backend.address)],
-    )
-    .await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "echo",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.echo_service(&[backend.address]).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     let published = s
         .wait_status("echo", "ready", DEADLINE, |st| st.ready_endpoints == 1)
         .await?;
@@ -737,9 +623,7 @@ async fn every_endpoint_refusing_connections_marks_the_backend_degraded() -> Res
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
     let endpoints: Vec<SliceEndpoint> = addresses(3).into_iter().map(SliceEndpoint::ready).collect();
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"unhealthyThreshold": 1}}),
     )
@@ -772,9 +656,7 @@ async fn past_the_size_budget_the_status_stays_valid_and_says_so() -> Result<()>
     let mut endpoints: Vec<SliceEndpoint> = addresses(60).into_iter().map(SliceEndpoint::ready).collect();
     endpoints.push(SliceEndpoint::ready(serving.address));
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
     )
@@ -806,13 +688,8 @@ async fn past_the_size_budget_the_status_stays_valid_and_says_so() -> Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
     let s = Scenario::new("ceiling").await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
-        "big",
-        json!({"service": "echo", "port": "grpc"}),
-    )
-    .await?;
+    s.grpc_backend("big", json!({"service": "echo", "port": "grpc"}))
+        .await?;
     let entry = |i: usize| {
         json!({
             "address": format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256), "port": 50051, "weight": 100,
@@ -871,19 +748,8 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
     let s = Scenario::new("churn").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
     let backend = start_backend(BackendOptions::default()).await?;
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(
-        &s.client,
-        &s.namespace,
-        "echo",
-        "echo-1",
-        "grpc",
-        &[SliceEndpoint::ready(backend.address)],
-    )
-    .await?;
-    create_grpc_backend(
-        &s.client,
-        &s.namespace,
+    s.echo_service(&[backend.address]).await?;
+    s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
     )
