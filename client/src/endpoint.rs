@@ -62,6 +62,20 @@ impl Endpoint {
         })
     }
 
+    /// Opens the connection now rather than on the first request, with one
+    /// `grpc.health.v1.Health/Check` (what gRPC's client-side health checking sends; the answer
+    /// does not matter here, the operator owns health). Fails only at the transport level.
+    pub async fn warm_up(&self) -> Result<(), tonic::transport::Error> {
+        // An empty HealthCheckRequest: the 5-byte gRPC frame header of a 0-byte message.
+        let frame = String::from_utf8(vec![0; 5]).unwrap_or_default();
+        let request = http::Request::post("/grpc.health.v1.Health/Check")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(Body::new(frame))
+            .unwrap_or_default();
+        self.channel.clone().oneshot(request).await.map(drop)
+    }
+
     /// Sends one request; counts it in flight until its response body ends or is dropped.
     pub async fn send(&self, request: http::Request<Body>) -> Result<http::Response<Body>, tonic::transport::Error> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);

@@ -4,8 +4,9 @@
 //! publishes them, weighted, in a `GrpcBackend`'s status. This crate watches that one object
 //! and balances a tonic channel over it:
 //!
-//! - one connection per endpoint in rotation, kept across updates (a new weight does not
-//!   reconnect), dropped once its in-flight requests finish when the endpoint leaves;
+//! - one connection per endpoint in rotation, opened when the endpoint appears, kept across
+//!   updates (a new weight does not reconnect), dropped once its in-flight requests finish
+//!   when the endpoint leaves;
 //! - weighted, deterministic picking, swapped in atomically on each change and read without a
 //!   lock per request;
 //! - changes apply as they are published, whether or not requests flow; with the API down,

@@ -16,7 +16,7 @@ use std::{
 use arc_swap::ArcSwap;
 use kubegrpc_crds::Health;
 use tokio::{sync::watch, time::Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     endpoint::{Endpoint, EndpointStats, EndpointTemplate},
@@ -65,6 +65,8 @@ struct PoolState {
 
 /// State shared by every clone of a channel and its discovery task.
 pub struct Shared {
+    /// Itself, for the tasks it spawns (which must not keep it alive).
+    me: Weak<Shared>,
     pub backend: String,
     pub config: PoolConfig,
     rotation: ArcSwap<Rotation>,
@@ -76,7 +78,8 @@ pub struct Shared {
 impl Shared {
     pub fn new(backend: String, config: PoolConfig) -> Arc<Self> {
         let unavailable = format!("GrpcBackend {backend}: its status has not been read yet");
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             rotation: ArcSwap::from_pointee(Rotation {
                 picker: Picker::new(Vec::new(), &[], 0),
                 unavailable,
@@ -249,13 +252,18 @@ impl Shared {
         let mut connections = HashMap::new();
         let mut items = Vec::new();
         let mut weights = Vec::new();
+        let mut new_connections = Vec::new();
         for (address, weight) in chosen {
             let endpoint = match state.connections.get(&address) {
                 Some(existing) => existing.clone(),
                 None => {
                     let stats = state.stats.get(&address).cloned().unwrap_or_default();
                     match Endpoint::new(address, self.config.tls, &self.config.template, stats) {
-                        Ok(endpoint) => Arc::new(endpoint),
+                        Ok(endpoint) => {
+                            let endpoint = Arc::new(endpoint);
+                            new_connections.push(endpoint.clone());
+                            endpoint
+                        }
                         Err(error) => {
                             warn!(backend = %self.backend, %address, %error, "cannot configure a connection; endpoint left out");
                             continue;
@@ -279,6 +287,18 @@ impl Shared {
             panic,
         }));
         self.version.send_modify(|v| *v += 1);
+        // Connect to new endpoints now: no request pays for the handshake, and one that cannot
+        // be reached is ejected before a request is sent to it.
+        for endpoint in new_connections {
+            if let Some(shared) = self.me.upgrade() {
+                tokio::spawn(async move {
+                    if let Err(error) = endpoint.warm_up().await {
+                        debug!(backend = %shared.backend, address = %endpoint.address, %error, "cannot connect");
+                        shared.report_transport_failure(endpoint.address);
+                    }
+                });
+            }
+        }
     }
 
     fn why_unavailable(&self, state: &PoolState, kubernetes_ready: &[&StatusEndpoint], now: Instant) -> String {

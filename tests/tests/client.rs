@@ -14,6 +14,7 @@ use kubegrpc_tests::{
     objects::{SliceEndpoint, apply_slice, create_service},
     operator::InProcessOperator,
     scenario::{Scenario, wait_snapshot},
+    wait,
 };
 use serde_json::json;
 
@@ -95,6 +96,20 @@ async fn weights_written_in_the_status_are_the_shares_the_backends_see() -> Resu
         .connect()
         .await?;
     tokio::time::timeout(DEADLINE, channel.ready()).await?;
+    // Connections are made when endpoints appear, before any request.
+    wait::until("a connection to every backend before any request", DEADLINE, || async {
+        let seen: Vec<(u64, u64)> = backends
+            .iter()
+            .map(|b| {
+                (
+                    b.counters.snapshot().connections_accepted,
+                    b.counters.snapshot().requests,
+                )
+            })
+            .collect();
+        Ok((seen == [(1, 0), (1, 0), (1, 0)]).then_some(()))
+    })
+    .await?;
     assert_eq!(send(&channel, 10_000, 16).await?, 0);
     let counts = requests(&backends);
     let shares: Vec<f64> = counts.iter().map(|c| *c as f64 / 10_000.0).collect();
@@ -474,5 +489,30 @@ async fn with_too_few_usable_endpoints_requests_spread_over_the_kubernetes_ready
         "{:?}",
         failed.message()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_endpoint_is_ejected_before_any_request_goes_to_it() -> Result<()> {
+    let s = Scenario::new("unreachable").await?;
+    let live = start_backend(BackendOptions::default()).await?;
+    // Listed as Serving, but nothing listens there (the operator has not noticed yet).
+    let dead = SocketAddr::from((kubegrpc_tests::backends::next_backend_ip(), live.address.port()));
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    publish(&s, "echo", &[(live.address, 100), (dead, 100)]).await?;
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    wait_snapshot(&channel, "the unreachable endpoint ejected", DEADLINE, |snapshot| {
+        snapshot.endpoint(&dead).is_some_and(|e| e.ejected && e.requests == 0)
+    })
+    .await?;
+    assert_eq!(
+        send(&channel, 100, 4).await?,
+        0,
+        "no request went to the unreachable endpoint"
+    );
+    assert_eq!(live.counters.snapshot().requests, 100);
     Ok(())
 }
