@@ -29,6 +29,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
+    let address = listener.local_addr()?;
     tracing::info!(%address, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, router(health))
         .with_graceful_shutdown(shutdown)
