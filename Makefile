@@ -14,7 +14,7 @@ help:
 	@echo "make lint          cargo fmt --check and clippy -D warnings"
 
 demo:
-	@echo "== building the control plane (first time: 15-30 minutes on 2 cores, cached afterwards)"
+	@echo "== building the control plane (first time: about 11-15 minutes on 2 cores, cached afterwards)"
 	@bin="$$(tests/controlplane/build.sh)" && \
 	echo "== building the workspace (same profile as the tests)" && \
 	cargo build --locked --workspace --bins && \

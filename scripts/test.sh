@@ -21,7 +21,7 @@ phase() {
   return 0
 }
 
-phase "control plane (first build: 15-30 minutes on 2 cores; cached afterwards)"
+phase "control plane (first build: about 11-15 minutes on 2 cores; cached afterwards)"
 bin_dir="$(tests/controlplane/build.sh)"
 
 phase "cargo fmt --check"
