@@ -51,12 +51,10 @@ pub async fn follow(
             }
             Err(error) => {
                 warn!(backend = %shared.backend, %error, "watching the GrpcBackend failed; keeping the last known endpoints");
-                if !matches!(shared.discovery(), DiscoveryState::Stale { .. }) {
-                    shared.set_discovery(DiscoveryState::Stale {
-                        error: error.to_string(),
-                        since: SystemTime::now(),
-                    });
-                }
+                shared.set_discovery(DiscoveryState::Stale {
+                    error: error.to_string(),
+                    since: SystemTime::now(),
+                });
                 if let Some(first) = first.take() {
                     let _ = first.send(Err(error));
                 }

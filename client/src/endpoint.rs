@@ -67,7 +67,7 @@ impl Endpoint {
     /// does not matter here, the operator owns health). Fails only at the transport level.
     pub async fn warm_up(&self) -> Result<(), tonic::transport::Error> {
         // An empty HealthCheckRequest: the 5-byte gRPC frame header of a 0-byte message.
-        let frame = String::from_utf8(vec![0; 5]).unwrap_or_default();
+        let frame = String::from("\0\0\0\0\0");
         let request = http::Request::post("/grpc.health.v1.Health/Check")
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")

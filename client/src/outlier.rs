@@ -129,11 +129,6 @@ impl Ejections {
     pub fn retain(&mut self, keep: impl Fn(&SocketAddr) -> bool) {
         self.records.retain(|address, _| keep(address));
     }
-
-    /// The earliest end of a running ejection.
-    pub fn next_expiry(&self) -> Option<Instant> {
-        self.records.values().filter_map(|r| r.until).min()
-    }
 }
 
 #[cfg(test)]

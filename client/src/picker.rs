@@ -54,11 +54,11 @@ impl<T> Picker<T> {
                 return Some(item);
             }
         }
-        self.items
+        // Unlucky so far: look through the whole cycle once.
+        self.schedule
             .iter()
-            .zip(self.weights_present())
-            .find(|(item, present)| *present && accept(item))
-            .map(|(item, _)| item)
+            .map(|index| &self.items[*index as usize])
+            .find(|item| accept(item))
     }
 
     pub fn items(&self) -> &[T] {
@@ -72,14 +72,6 @@ impl<T> Picker<T> {
     /// Picks in one full cycle.
     pub fn cycle_len(&self) -> usize {
         self.schedule.len()
-    }
-
-    fn weights_present(&self) -> Vec<bool> {
-        let mut present = vec![false; self.items.len()];
-        for index in &self.schedule {
-            present[*index as usize] = true;
-        }
-        present
     }
 }
 

@@ -135,10 +135,14 @@ impl Shared {
         self.rebuild(&mut state);
     }
 
+    /// Sets the discovery state if its kind changed (so a `Stale` state keeps its first
+    /// error and when it began).
     pub fn set_discovery(&self, discovery: DiscoveryState) {
         self.discovery.send_if_modified(|current| {
             let changed = std::mem::discriminant(current) != std::mem::discriminant(&discovery);
-            *current = discovery;
+            if changed {
+                *current = discovery;
+            }
             changed
         });
     }

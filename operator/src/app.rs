@@ -193,20 +193,16 @@ where
     info!(%lease, "leading: reconciling");
     metrics.leader.set(1);
     let mut losing = leading.clone();
-    let lost = Arc::new(AtomicBool::new(false));
-    let stop = {
-        let lost = lost.clone();
-        let shutdown = shutdown();
-        async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = losing.wait_for(|held| !*held) => lost.store(true, std::sync::atomic::Ordering::SeqCst),
-            }
+    let shutting_down = shutdown();
+    let stop = async move {
+        tokio::select! {
+            _ = shutting_down => {}
+            _ = losing.wait_for(|held| !*held) => {}
         }
     };
     crate::run(client, settings, metrics.clone(), stop).await?;
     metrics.leader.set(0);
-    if lost.load(std::sync::atomic::Ordering::SeqCst) {
+    if !*leading.borrow() {
         anyhow::bail!("lost the leader Lease {lease}; exiting so that a restart comes back as a standby");
     }
     drop(leading);

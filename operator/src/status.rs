@@ -123,7 +123,7 @@ pub fn desired_status(
             });
         }
     }
-    endpoints.sort_by_key(sort_key);
+    endpoints.sort_by_cached_key(sort_key);
 
     let total = endpoints.len();
     let ready = endpoints.iter().filter(|e| e.is_usable()).count();
@@ -173,26 +173,33 @@ fn sort_key(endpoint: &EndpointStatus) -> (Option<SocketAddr>, String, i32) {
     (parsed, endpoint.address.clone(), endpoint.port)
 }
 
-/// Keeps as many endpoints as fit in `budget` bytes of JSON, usable ones first. Returns the
-/// kept endpoints (address order) and, if some were cut, how many were kept.
+/// Keeps as many endpoints (in address order) as fit in `budget` bytes of JSON, usable ones
+/// first. Returns the kept endpoints and, if some were cut, how many were kept.
 fn fit_budget(endpoints: Vec<EndpointStatus>, budget: usize) -> (Vec<EndpointStatus>, Option<usize>) {
-    let size = |e: &EndpointStatus| serde_json::to_vec(e).map_or(0, |v| v.len() + 1);
-    let total: usize = endpoints.iter().map(size).sum();
-    if total <= budget {
+    let sizes: Vec<usize> = endpoints
+        .iter()
+        .map(|e| serde_json::to_vec(e).map_or(0, |v| v.len() + 1))
+        .collect();
+    if sizes.iter().sum::<usize>() <= budget {
         return (endpoints, None);
     }
-    let (usable, others): (Vec<_>, Vec<_>) = endpoints.into_iter().partition(|e| e.is_usable());
-    let mut kept = Vec::new();
+    let usable_first = (0..endpoints.len())
+        .filter(|i| endpoints[*i].is_usable())
+        .chain((0..endpoints.len()).filter(|i| !endpoints[*i].is_usable()));
+    let mut keep = vec![false; endpoints.len()];
     let mut used = 0;
-    for endpoint in usable.into_iter().chain(others) {
-        let bytes = size(&endpoint);
-        if used + bytes > budget {
+    for index in usable_first {
+        if used + sizes[index] > budget {
             break;
         }
-        used += bytes;
-        kept.push(endpoint);
+        used += sizes[index];
+        keep[index] = true;
     }
-    kept.sort_by_key(sort_key);
+    let kept: Vec<EndpointStatus> = endpoints
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(e, k)| k.then_some(e))
+        .collect();
     let count = kept.len();
     (kept, Some(count))
 }

@@ -182,11 +182,6 @@ impl ControlPlane {
         &self.path
     }
 
-    /// The directory holding the control-plane binaries (kubectl among them).
-    pub fn bin_dir(&self) -> &Path {
-        &self.bin
-    }
-
     /// `https://127.0.0.1:<port>`.
     pub fn server_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.apiserver_port)

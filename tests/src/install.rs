@@ -15,19 +15,25 @@ use crate::{ControlPlane, backends::built_binary, controlplane::repository_root,
 pub const OPERATOR_NAMESPACE: &str = "kubegrpc-system";
 pub const OPERATOR_SERVICE_ACCOUNT: &str = "kubegrpc-operator";
 
-/// `kubectl apply -k deploy/` for real (the Namespace first, as a fresh cluster needs).
+/// `deploy/`, the kustomization directory.
+pub fn deploy_dir() -> std::path::PathBuf {
+    repository_root().join("deploy")
+}
+
+/// Applies `deploy/namespace.yaml` for real: a fresh cluster needs the Namespace before the
+/// objects in it (a dry run does not create it).
+pub async fn apply_namespace(control_plane: &ControlPlane) -> Result<String> {
+    let namespace = deploy_dir().join("namespace.yaml").display().to_string();
+    control_plane
+        .kubectl_output(&["apply", "--server-side", "-f", &namespace])
+        .await
+}
+
+/// `kubectl apply -k deploy/` for real, the Namespace first.
 pub async fn apply_deploy(control_plane: &ControlPlane) -> Result<String> {
-    let deploy = repository_root().join("deploy");
+    apply_namespace(control_plane).await?;
     control_plane
-        .kubectl_output(&[
-            "apply",
-            "--server-side",
-            "-f",
-            &deploy.join("namespace.yaml").display().to_string(),
-        ])
-        .await?;
-    control_plane
-        .kubectl_output(&["apply", "--server-side", "-k", &deploy.display().to_string()])
+        .kubectl_output(&["apply", "--server-side", "-k", &deploy_dir().display().to_string()])
         .await
 }
 

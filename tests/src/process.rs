@@ -82,10 +82,6 @@ impl ManagedProcess {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn pid(&self) -> i32 {
         self.pid
     }

@@ -17,7 +17,8 @@ use kubegrpc_tests::{
     backends::start_backend,
     controlplane::repository_root,
     install::{
-        OPERATOR_NAMESPACE, apply_deploy, free_local_address, http_get, operator_kubeconfig, start_operator_process,
+        OPERATOR_NAMESPACE, apply_deploy, apply_namespace, deploy_dir, free_local_address, http_get,
+        operator_kubeconfig, start_operator_process,
     },
     objects::{SliceEndpoint, apply_slice, create_service},
     scenario::Scenario,
@@ -33,18 +34,9 @@ async fn a_server_side_dry_run_of_deploy_is_accepted() -> Result<()> {
     // A fresh cluster of its own: nothing of deploy/ applied yet but the CRD.
     let control_plane = ControlPlane::start(kubegrpc_tests::ControlPlaneOptions::default()).await?;
     let control_plane = &control_plane;
-    let deploy = repository_root().join("deploy");
-    // A dry run does not create the Namespace its objects need: that one for real first.
-    control_plane
-        .kubectl_output(&[
-            "apply",
-            "--server-side",
-            "-f",
-            &deploy.join("namespace.yaml").display().to_string(),
-        ])
-        .await?;
+    apply_namespace(control_plane).await?;
     let output = control_plane
-        .kubectl_output(&["apply", "--dry-run=server", "-k", &deploy.display().to_string()])
+        .kubectl_output(&["apply", "--dry-run=server", "-k", &deploy_dir().display().to_string()])
         .await?;
     for object in [
         "customresourcedefinition.apiextensions.k8s.io/grpcbackends.kubegrpc.io",

@@ -105,22 +105,6 @@ impl ProberRegistry {
         self.update_gauge(&backends);
     }
 
-    /// Stops the probers of every GrpcBackend for which `keep` is false.
-    pub fn retain(&self, keep: impl Fn(&BackendKey) -> bool) {
-        let mut backends = self.lock();
-        backends.retain(|backend, _| keep(backend));
-        self.update_gauge(&backends);
-    }
-
-    /// How many probers run, in all.
-    pub fn len(&self) -> usize {
-        self.lock().values().map(|b| b.probers.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn update_gauge(&self, backends: &HashMap<BackendKey, BackendProbers>) {
         let count: usize = backends.values().map(|b| b.probers.len()).sum();
         self.reports.metrics.probers.set(count as i64);
