@@ -13,15 +13,17 @@ use kube::{
     api::{ApiResource, DynamicObject},
 };
 use kubegrpc_crds::GrpcBackend;
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::sync::oneshot;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::{Status, body::Body};
 use tracing::debug;
 
 use crate::{
     Error,
-    endpoint::{EndpointTemplate, RecoverableBody},
+    endpoint::{EndpointTemplate, ReplayBody},
+    failure::Failure,
     outlier::OutlierDetection,
-    pool::{PoolConfig, Shared},
+    pool::{PoolConfig, Shared, outlier_timer},
     snapshot::{DiscoveryState, Snapshot},
 };
 
@@ -48,7 +50,9 @@ pub struct Channel {
 
 struct Inner {
     shared: Arc<Shared>,
-    discovery: JoinHandle<()>,
+    /// The discovery task and the outlier-detection timer end with the last clone.
+    _discovery: AbortOnDropHandle<()>,
+    _outlier_timer: AbortOnDropHandle<()>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -56,12 +60,6 @@ impl std::fmt::Debug for Inner {
         f.debug_struct("Channel")
             .field("backend", &self.shared.backend)
             .finish()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.discovery.abort();
     }
 }
 
@@ -176,8 +174,11 @@ impl Builder {
         self
     }
 
-    /// Passive outlier detection settings (gRFC A50 defaults: 30s base ejection, 300s max,
-    /// at most 10% of endpoints, at least one).
+    /// Passive outlier detection settings (gRFC A50 defaults: a 10s interval, failure
+    /// percentage 85% over at least 5 endpoints with 50 requests each, 30s base ejection, 300s
+    /// max, at most 10% of endpoints but always one; plus ejection after 5 connection
+    /// attempts failed in a row). Connection rotation and the caller's own deadlines and
+    /// cancellations never count.
     pub fn outlier_detection(mut self, outlier_detection: OutlierDetection) -> Self {
         self.outlier_detection = outlier_detection;
         self
@@ -190,8 +191,11 @@ impl Builder {
         self
     }
 
-    /// Retry once, on another endpoint, a request that failed before any of it reached a
-    /// backend (default on).
+    /// Send again a request that certainly never reached a backend's application (no
+    /// connection, a refused stream, a GOAWAY that left it out; the body is kept up to 64 KiB
+    /// for that), or that failed on a broken connection before its body was read: at most
+    /// two more attempts, on another endpoint unless the first was only rotating its connection
+    /// (default on).
     pub fn transparent_retry(mut self, enabled: bool) -> Self {
         self.transparent_retry = enabled;
         self
@@ -231,8 +235,14 @@ impl Builder {
         let resource = ApiResource::erase::<GrpcBackend>(&());
         let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
         let discovery = tokio::spawn(crate::discovery::follow(api, self.name, shared.clone(), first));
+        let interval = shared.config.outlier_detection.interval.max(Duration::from_millis(10));
+        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&shared), interval));
         Channel {
-            inner: Arc::new(Inner { shared, discovery }),
+            inner: Arc::new(Inner {
+                shared,
+                _discovery: AbortOnDropHandle::new(discovery),
+                _outlier_timer: AbortOnDropHandle::new(outlier),
+            }),
         }
     }
 }
@@ -256,71 +266,70 @@ impl tower::Service<http::Request<Body>> for Channel {
     }
 }
 
+/// At most this many attempts per request (gRPC's transparent retry is for requests that never
+/// reached the application; two more cover a rotation racing another).
+const MAX_ATTEMPTS: usize = 3;
+
 async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
-    let first = {
-        let rotation = shared.rotation();
-        match rotation.picker.pick() {
-            Some(endpoint) => endpoint.clone(),
-            None => {
-                return Err(Box::new(Status::unavailable(format!(
-                    "kubegrpc: {}",
-                    rotation.unavailable
-                ))));
-            }
-        }
-    };
     let (parts, body) = request.into_parts();
-    let retry_parts = shared.config.transparent_retry.then(|| clone_parts(&parts));
-    let (body, unread) = RecoverableBody::new(body);
-    let error = match first.send(http::Request::from_parts(parts, Body::new(body))).await {
-        Ok(response) => return Ok(response),
-        Err(error) => error,
-    };
-    let failure = classify(&error);
-    if failure != Failure::RequestTimeout {
-        shared.report_transport_failure(first.address);
-    }
-    // Nothing of the request reached a backend: send it once more, elsewhere.
-    let (Some(parts), Some(body), true) = (retry_parts, unread.take(), failure != Failure::RequestTimeout) else {
-        return Err(error.into());
-    };
-    let second = {
-        let rotation = shared.rotation();
-        rotation.picker.pick_where(|e| e.address != first.address).cloned()
-    };
-    let Some(second) = second else {
-        return Err(error.into());
-    };
-    debug!(backend = %shared.backend, from = %first.address, to = %second.address, "transparent retry");
-    match second.send(http::Request::from_parts(parts, body)).await {
-        Ok(response) => Ok(response),
-        Err(retry_error) => {
-            if classify(&retry_error) != Failure::RequestTimeout {
-                shared.report_transport_failure(second.address);
+    if !shared.config.transparent_retry {
+        let endpoint = pick(&shared, None)?;
+        return match endpoint.send(http::Request::from_parts(parts, body)).await {
+            Ok(response) => Ok(response),
+            Err(failed) => {
+                shared.report_failure(endpoint.address, &failed);
+                Err(failed.error.into())
             }
-            Err(retry_error.into())
+        };
+    }
+    let mut body = body;
+    let mut avoid = None;
+    for attempt in 1..=MAX_ATTEMPTS {
+        let endpoint = pick(&shared, avoid)?;
+        let (sent, replay) = ReplayBody::new(body);
+        let failed = match endpoint
+            .send(http::Request::from_parts(clone_parts(&parts), Body::new(sent)))
+            .await
+        {
+            Ok(response) => return Ok(response),
+            Err(failed) => failed,
+        };
+        shared.report_failure(endpoint.address, &failed);
+        let again = match failed.failure {
+            failure if failure.never_processed() => replay.replayable(),
+            // The connection broke: only a request whose body was never read is certainly
+            // unprocessed.
+            Failure::Transport => replay.unread(),
+            Failure::Deadline | Failure::Caller | Failure::Rotation | Failure::Connect => None,
+        };
+        match again {
+            Some(unsent) if attempt < MAX_ATTEMPTS => {
+                debug!(backend = %shared.backend, from = %endpoint.address, failure = ?failed.failure, attempt,
+                    "transparent retry");
+                body = unsent;
+                // A rotating endpoint is healthy and has reconnected; a failing one is avoided.
+                avoid = failed.failure.is_evidence().then_some(endpoint.address);
+            }
+            _ => return Err(failed.error.into()),
         }
     }
+    unreachable!("the last attempt returns")
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Failure {
-    /// The per-request timeout of the endpoint settings expired: the backend was slow, the
-    /// request may have run; neither ejected nor retried.
-    RequestTimeout,
-    /// Connect refused or timed out, connection reset or closed.
-    Transport,
-}
-
-fn classify(error: &tonic::transport::Error) -> Failure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(error) = source {
-        if error.is::<tonic::TimeoutExpired>() {
-            return Failure::RequestTimeout;
-        }
-        source = error.source();
+/// Picks an endpoint (another than `avoid` if there is one), or fails with `Unavailable`.
+fn pick(shared: &Shared, avoid: Option<std::net::SocketAddr>) -> Result<Arc<crate::endpoint::Endpoint>, BoxError> {
+    let rotation = shared.rotation();
+    let picked = match avoid {
+        Some(avoid) => rotation
+            .picker
+            .pick_where(|e| e.address != avoid)
+            .or_else(|| rotation.picker.pick()),
+        None => rotation.picker.pick(),
+    };
+    match picked {
+        Some(endpoint) => Ok(endpoint.clone()),
+        None => Err(Box::new(Status::unavailable(format!("kubegrpc: {}", rotation.unavailable)))),
     }
-    Failure::Transport
 }
 
 fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {

@@ -5,7 +5,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
@@ -14,6 +14,11 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tower::ServiceExt;
+
+use crate::{
+    failure::{Failure, classify},
+    outlier::IntervalCounts,
+};
 
 /// A template for the per-endpoint connection settings: given an `Endpoint` for one address,
 /// returns it configured (timeouts, keepalive, TLS...).
@@ -26,8 +31,54 @@ pub type EndpointTemplate = Arc<
 pub struct EndpointStats {
     pub in_flight: AtomicU64,
     pub requests: AtomicU64,
+    /// Requests that failed before a response (any reason).
     pub failures: AtomicU64,
     pub ejections: AtomicU64,
+    /// Outlier detection's counts for the current interval: responses, and failures that are
+    /// evidence against the endpoint (see [`crate::failure`]).
+    interval_successes: AtomicU64,
+    interval_failures: AtomicU64,
+    /// Connection attempts that failed in a row.
+    consecutive_connect_failures: AtomicU32,
+}
+
+impl EndpointStats {
+    /// Takes the current interval's counts and starts the next interval.
+    pub fn take_interval(&self) -> IntervalCounts {
+        IntervalCounts {
+            successes: self.interval_successes.swap(0, Ordering::Relaxed),
+            failures: self.interval_failures.swap(0, Ordering::Relaxed),
+        }
+    }
+
+    fn succeeded(&self) {
+        self.interval_successes.fetch_add(1, Ordering::Relaxed);
+        // Most requests succeed on an endpoint that connects: do not write the shared line.
+        if self.consecutive_connect_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_connect_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failure; returns how many connection attempts failed in a row.
+    fn failed(&self, failure: Failure) -> u32 {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if failure.is_evidence() {
+            self.interval_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if failure == Failure::Connect {
+            self.consecutive_connect_failures.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.consecutive_connect_failures.load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// A request that failed before a response, and what that says about the endpoint.
+pub struct SendError {
+    pub error: tonic::transport::Error,
+    pub failure: Failure,
+    /// Connection attempts to this endpoint that failed in a row, this one included.
+    pub consecutive_connect_failures: u32,
 }
 
 /// A connection to one endpoint. Dropped from the pool when the endpoint leaves rotation;
@@ -77,19 +128,27 @@ impl Endpoint {
     }
 
     /// Sends one request; counts it in flight until its response body ends or is dropped.
-    pub async fn send(&self, request: http::Request<Body>) -> Result<http::Response<Body>, tonic::transport::Error> {
+    pub async fn send(&self, request: http::Request<Body>) -> Result<http::Response<Body>, SendError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let in_flight = InFlight::new(self.stats.clone());
         match self.channel.clone().oneshot(request).await {
-            Ok(response) => Ok(response.map(|body| {
-                Body::new(TrackedBody {
-                    body,
-                    _in_flight: in_flight,
-                })
-            })),
+            Ok(response) => {
+                self.stats.succeeded();
+                Ok(response.map(|body| {
+                    Body::new(TrackedBody {
+                        body,
+                        _in_flight: in_flight,
+                    })
+                }))
+            }
             Err(error) => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                Err(error)
+                let failure = classify(&error);
+                let consecutive_connect_failures = self.stats.failed(failure);
+                Err(SendError {
+                    error,
+                    failure,
+                    consecutive_connect_failures,
+                })
             }
         }
     }
@@ -134,74 +193,178 @@ impl HttpBody for TrackedBody {
     }
 }
 
-/// A request body that can be taken back if it was never read: then nothing of the request
-/// reached a backend, and it may go to another endpoint (gRPC's transparent retry).
-pub struct RecoverableBody {
-    slot: Arc<Mutex<Option<Body>>>,
-    taken: Option<Body>,
+/// How much of a request body is kept for a transparent retry (gRPC's retry buffer; grpc-go
+/// keeps 256 KiB per call). A larger body is not retried once the transport has read it.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A request body that can be sent again: untouched if the transport never read it, or
+/// replayed from what it read, up to [`REPLAY_LIMIT`], when it read all of it. A request that
+/// certainly never reached the application (a refused stream, a GOAWAY that left it out, no
+/// connection) is safe to send again even though its body was read.
+pub struct ReplayBody {
+    state: Arc<Mutex<ReplayState>>,
+    reading: Option<Body>,
 }
 
-impl RecoverableBody {
-    /// The body to send, and the handle that gets it back if it was never read.
-    pub fn new(body: Body) -> (Self, Unread) {
-        let slot = Arc::new(Mutex::new(Some(body)));
+#[derive(Default)]
+struct ReplayState {
+    /// The body until the transport first polls it.
+    untouched: Option<Body>,
+    /// What was read so far, while it fits.
+    read: Vec<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    size: usize,
+    complete: bool,
+    overflow: bool,
+}
+
+impl ReplayBody {
+    /// The body to send, and the handle that gets it back for another attempt.
+    pub fn new(body: Body) -> (Self, Replay) {
+        let state = Arc::new(Mutex::new(ReplayState {
+            untouched: Some(body),
+            ..ReplayState::default()
+        }));
         (
             Self {
-                slot: slot.clone(),
-                taken: None,
+                state: state.clone(),
+                reading: None,
             },
-            Unread(slot),
+            Replay(state),
         )
     }
-}
 
-/// Gives the body back if nothing of it was read.
-pub struct Unread(Arc<Mutex<Option<Body>>>);
-
-impl Unread {
-    pub fn take(self) -> Option<Body> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl HttpBody for RecoverableBody {
+/// Gets a request body back for another attempt.
+pub struct Replay(Arc<Mutex<ReplayState>>);
+
+impl Replay {
+    /// The body, if the transport never read any of it.
+    pub fn unread(self) -> Option<Body> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).untouched.take()
+    }
+
+    /// The body if it was never read, else its copy if it was read whole and fitted the limit.
+    pub fn replayable(self) -> Option<Body> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(body) = state.untouched.take() {
+            return Some(body);
+        }
+        if !state.complete || state.overflow {
+            return None;
+        }
+        let data = std::mem::take(&mut state.read);
+        let trailers = state.trailers.take();
+        let frames = data
+            .into_iter()
+            .map(|bytes| Ok::<_, tonic::Status>(Frame::data(bytes)))
+            .chain(trailers.map(|t| Ok(Frame::trailers(t))));
+        Some(Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames))))
+    }
+}
+
+impl HttpBody for ReplayBody {
     type Data = Bytes;
     type Error = tonic::Status;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        if self.taken.is_none() {
-            let body = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if self.reading.is_none() {
+            let body = self.lock().untouched.take();
             match body {
-                Some(body) => self.taken = Some(body),
+                Some(body) => self.reading = Some(body),
                 None => return Poll::Ready(None),
             }
         }
-        match self.taken.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(body) = self.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let mut state = self.lock();
+                if let Some(data) = frame.data_ref() {
+                    state.size += data.len();
+                    if state.size > REPLAY_LIMIT {
+                        state.overflow = true;
+                        state.read = Vec::new();
+                    } else if !state.overflow {
+                        state.read.push(data.clone());
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    state.trailers = Some(trailers.clone());
+                }
+            }
+            Poll::Ready(None) => self.lock().complete = true,
+            _ => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.taken {
+        match &self.reading {
             Some(body) => body.is_end_stream(),
-            None => self
-                .slot
-                .lock()
-                .map(|slot| slot.as_ref().is_none_or(|b| b.is_end_stream()))
-                .unwrap_or(false),
+            None => self.lock().untouched.as_ref().is_none_or(|b| b.is_end_stream()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.taken {
+        match &self.reading {
             Some(body) => body.size_hint(),
             None => self
-                .slot
                 .lock()
-                .ok()
-                .and_then(|slot| slot.as_ref().map(|b| b.size_hint()))
+                .untouched
+                .as_ref()
+                .map(|b| b.size_hint())
                 .unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn read_all(body: Body) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn an_unread_body_comes_back_as_it_was() {
+        let (_sent, replay) = ReplayBody::new(Body::new(String::from("hello")));
+        assert_eq!(read_all(replay.unread().unwrap()).await, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_body_read_whole_is_replayed_but_not_given_back_as_unread() {
+        let (sent, replay) = ReplayBody::new(Body::new(String::from("hello")));
+        assert_eq!(read_all(Body::new(sent)).await, b"hello");
+        assert_eq!(read_all(replay.replayable().unwrap()).await, b"hello");
+
+        let (sent, replay) = ReplayBody::new(Body::new(String::from("hello")));
+        let _ = read_all(Body::new(sent)).await;
+        assert!(replay.unread().is_none(), "read: it may have reached the server");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_or_read_in_part_is_not_replayed() {
+        let big = "x".repeat(REPLAY_LIMIT + 1);
+        let (sent, replay) = ReplayBody::new(Body::new(big));
+        let _ = read_all(Body::new(sent)).await;
+        assert!(replay.replayable().is_none());
+
+        let chunks = futures::stream::iter([
+            Ok::<_, tonic::Status>(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+        ]);
+        let (mut sent, replay) = ReplayBody::new(Body::new(http_body_util::StreamBody::new(chunks)));
+        let first = std::future::poll_fn(|cx| Pin::new(&mut sent).poll_frame(cx)).await;
+        assert!(first.is_some());
+        assert!(replay.replayable().is_none(), "only part of it was read");
     }
 }

@@ -11,8 +11,12 @@
 //!   lock per request;
 //! - changes apply as they are published, whether or not requests flow; with the API down,
 //!   the last known endpoints stay in use;
-//! - a request that fails before reaching a backend is retried once elsewhere, and the
-//!   endpoint is ejected at once (passive outlier detection, gRFC A50 rules);
+//! - a request that certainly never reached a backend's application (no connection, a refused
+//!   stream, a GOAWAY) is sent again; connection rotation by the server is routine and never
+//!   ejects, nor do the caller's own deadlines and cancellations;
+//! - passive outlier detection on evidence (gRFC A50's failure percentage over an interval,
+//!   and connection attempts failing in a row) ejects an endpoint before the operator's next
+//!   status; an ejected endpoint keeps its connection and comes back connected;
 //! - with no usable endpoint, a request fails at once with `Unavailable` naming the
 //!   GrpcBackend and why.
 //!
@@ -33,6 +37,7 @@
 mod channel;
 mod discovery;
 mod endpoint;
+pub mod failure;
 #[cfg(feature = "prometheus")]
 pub mod metrics;
 pub mod outlier;
@@ -42,7 +47,7 @@ mod snapshot;
 pub mod status;
 
 pub use channel::{Builder, Channel};
-pub use outlier::OutlierDetection;
+pub use outlier::{FailurePercentage, OutlierDetection};
 pub use snapshot::{DiscoveryState, EndpointSnapshot, Snapshot};
 
 /// Errors of the channel; each names the GrpcBackend it concerns.

@@ -6,7 +6,7 @@
 //! atomically; requests read the current rotation without taking a lock.
 
 use std::{
-    collections::{HashMap, hash_map::RandomState},
+    collections::{HashMap, HashSet, hash_map::RandomState},
     hash::BuildHasher,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak, atomic::Ordering},
@@ -19,8 +19,9 @@ use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
 
 use crate::{
-    endpoint::{Endpoint, EndpointStats, EndpointTemplate},
-    outlier::{Ejections, OutlierDetection},
+    endpoint::{Endpoint, EndpointStats, EndpointTemplate, SendError},
+    failure::{Failure, classify},
+    outlier::{Ejections, IntervalCounts, OutlierDetection},
     picker::Picker,
     snapshot::{DiscoveryState, EndpointSnapshot, Snapshot},
     status::{ParsedStatus, StatusEndpoint},
@@ -60,6 +61,8 @@ struct PoolState {
     connections: HashMap<SocketAddr, Arc<Endpoint>>,
     stats: HashMap<SocketAddr, Arc<EndpointStats>>,
     ejections: Ejections,
+    /// Endpoints whose ejection time is up, connecting before they take requests again.
+    warming: HashSet<SocketAddr>,
     panic: bool,
 }
 
@@ -93,6 +96,7 @@ impl Shared {
                 connections: HashMap::new(),
                 stats: HashMap::new(),
                 ejections: Ejections::default(),
+                warming: HashSet::new(),
                 panic: false,
             }),
             version: watch::channel(0).0,
@@ -111,16 +115,16 @@ impl Shared {
             warn!(backend = %self.backend, "{warning}");
         }
         let mut state = self.lock();
-        let now = Instant::now();
         let before: HashMap<SocketAddr, StatusEndpoint> = state.status.iter().map(|e| (e.address, e.clone())).collect();
         for endpoint in &parsed.endpoints {
             // News about an ejected endpoint from the operator readmits it.
             if before.get(&endpoint.address) != Some(endpoint) {
-                state.ejections.readmit(&endpoint.address, now);
+                state.ejections.readmit(&endpoint.address);
             }
         }
-        let present: std::collections::HashSet<SocketAddr> = parsed.endpoints.iter().map(|e| e.address).collect();
+        let present: HashSet<SocketAddr> = parsed.endpoints.iter().map(|e| e.address).collect();
         state.ejections.retain(|address| present.contains(address));
+        state.warming.retain(|address| present.contains(address));
         state.status = parsed.endpoints;
         state.presence = Presence::Found;
         self.rebuild(&mut state);
@@ -132,6 +136,7 @@ impl Shared {
         state.status.clear();
         state.presence = Presence::NotFound;
         state.ejections.retain(|_| false);
+        state.warming.clear();
         self.rebuild(&mut state);
     }
 
@@ -151,24 +156,104 @@ impl Shared {
         self.discovery.borrow().clone()
     }
 
-    /// A request to `address` failed at the transport level: eject it if the rules allow.
-    pub fn report_transport_failure(self: &Arc<Self>, address: SocketAddr) {
+    /// A request to `address` failed: eject it at once after repeated connect failures.
+    /// Other evidence waits for the end of the interval ([`Shared::end_interval`]).
+    pub fn report_failure(self: &Arc<Self>, address: SocketAddr, error: &SendError) {
+        let threshold = self.config.outlier_detection.consecutive_connect_failures;
+        if error.failure == Failure::Connect && threshold > 0 && error.consecutive_connect_failures >= threshold {
+            self.eject(address, "connection attempts failed in a row");
+        }
+    }
+
+    /// Ejects `address` if the rules allow.
+    fn eject(self: &Arc<Self>, address: SocketAddr, why: &str) {
         let mut state = self.lock();
-        let now = Instant::now();
+        if self.eject_locked(&mut state, address, why) {
+            self.rebuild(&mut state);
+        }
+    }
+
+    fn eject_locked(&self, state: &mut PoolState, address: SocketAddr, why: &str) -> bool {
         let in_rotation = state.status.iter().filter(|e| e.usable()).count().max(1);
-        let Some(until) = state
+        let Some(length) = state
             .ejections
-            .eject(address, in_rotation, now, &self.config.outlier_detection)
+            .eject(address, in_rotation, Instant::now(), &self.config.outlier_detection)
         else {
-            return;
+            return false;
         };
         if let Some(stats) = state.stats.get(&address) {
             stats.ejections.fetch_add(1, Ordering::Relaxed);
         }
-        warn!(backend = %self.backend, %address, ejected_for = ?(until - now), "endpoint ejected after a transport failure");
+        warn!(backend = %self.backend, %address, ejected_for = ?length, "endpoint ejected: {why}");
+        true
+    }
+
+    /// The end of an outlier-detection interval: ejects on the interval's evidence, and warms
+    /// up the endpoints whose ejection time is up before they take requests again.
+    pub fn end_interval(self: &Arc<Self>) {
+        let mut state = self.lock();
+        let counts: Vec<(SocketAddr, IntervalCounts)> = state
+            .status
+            .iter()
+            .filter(|e| e.usable())
+            .filter_map(|e| state.stats.get(&e.address).map(|s| (e.address, s.take_interval())))
+            .collect();
+        let config = &self.config.outlier_detection;
+        let outcome = state.ejections.end_interval(&counts, Instant::now(), config);
+        for address in &outcome.ejected {
+            if let Some(stats) = state.stats.get(address) {
+                stats.ejections.fetch_add(1, Ordering::Relaxed);
+            }
+            let (successes, failures) = counts
+                .iter()
+                .find(|(a, _)| a == address)
+                .map_or((0, 0), |(_, c)| (c.successes, c.failures));
+            warn!(backend = %self.backend, %address, successes, failures,
+                "endpoint ejected: failure percentage over the interval");
+        }
+        let mut warm_ups = Vec::new();
+        for address in outcome.due {
+            if !state.warming.insert(address) {
+                continue;
+            }
+            match state.connections.get(&address) {
+                Some(endpoint) => warm_ups.push(endpoint.clone()),
+                None => {
+                    state.warming.remove(&address);
+                    state.ejections.readmit(&address);
+                }
+            }
+        }
+        if !outcome.ejected.is_empty() || !warm_ups.is_empty() {
+            self.rebuild(&mut state);
+        }
+        drop(state);
+        for endpoint in warm_ups {
+            let shared = self.clone();
+            tokio::spawn(async move {
+                let result = endpoint.warm_up().await;
+                shared.warmed_up(endpoint.address, result);
+            });
+        }
+    }
+
+    /// An ejected endpoint's warm-up ended: back in rotation with its connection open, or
+    /// ejected again.
+    fn warmed_up(self: &Arc<Self>, address: SocketAddr, result: Result<(), tonic::transport::Error>) {
+        let mut state = self.lock();
+        if !state.warming.remove(&address) {
+            return;
+        }
+        state.ejections.readmit(&address);
+        match result {
+            Ok(()) => info!(backend = %self.backend, %address, "ejection over; endpoint back in rotation"),
+            Err(error) if classify(&error).is_evidence() => {
+                debug!(backend = %self.backend, %address, %error, "cannot connect after the ejection");
+                self.eject_locked(&mut state, address, "still cannot be connected to after its ejection");
+            }
+            Err(_) => {}
+        }
         self.rebuild(&mut state);
-        let shared = Arc::downgrade(self);
-        tokio::spawn(readmit_at(shared, until));
     }
 
     /// Waits until a request can be picked.
@@ -188,8 +273,7 @@ impl Shared {
     pub fn snapshot(&self) -> Snapshot {
         let state = self.lock();
         let rotation = self.rotation();
-        let now = Instant::now();
-        let in_rotation: std::collections::HashSet<SocketAddr> =
+        let in_rotation: HashSet<SocketAddr> =
             rotation.picker.items().iter().map(|e| e.address).collect();
         let endpoints = state
             .status
@@ -202,7 +286,7 @@ impl Shared {
                     weight: entry.weight,
                     health: entry.health,
                     kubernetes_ready: entry.kubernetes_ready(),
-                    ejected: state.ejections.is_ejected(&entry.address, now),
+                    ejected: state.ejections.is_ejected(&entry.address) || state.warming.contains(&entry.address),
                     in_rotation: in_rotation.contains(&entry.address),
                     in_flight: count(|s| s.in_flight.load(Ordering::Relaxed)),
                     requests: count(|s| s.requests.load(Ordering::Relaxed)),
@@ -221,13 +305,11 @@ impl Shared {
     }
 
     fn rebuild(&self, state: &mut PoolState) {
-        let now = Instant::now();
-        state.ejections.expire(now);
         let kubernetes_ready: Vec<&StatusEndpoint> = state.status.iter().filter(|e| e.kubernetes_ready()).collect();
         let usable: Vec<&StatusEndpoint> = state
             .status
             .iter()
-            .filter(|e| e.usable() && !state.ejections.is_ejected(&e.address, now))
+            .filter(|e| e.usable() && !state.ejections.is_ejected(&e.address) && !state.warming.contains(&e.address))
             .collect();
         let threshold = usize::from(self.config.panic_threshold);
         let panic = !kubernetes_ready.is_empty() && usable.len() * 100 < threshold * kubernetes_ready.len();
@@ -248,16 +330,27 @@ impl Shared {
             state.panic = panic;
         }
 
-        let in_status: std::collections::HashSet<SocketAddr> = state.status.iter().map(|e| e.address).collect();
+        let in_status: HashSet<SocketAddr> = state.status.iter().map(|e| e.address).collect();
         state.stats.retain(|address, _| in_status.contains(address));
         for address in &in_status {
             state.stats.entry(*address).or_default();
         }
+        // Ejected endpoints keep their connection (gRFC A50), so they come back warm.
+        let ejected: Vec<(SocketAddr, u32)> = if panic {
+            Vec::new()
+        } else {
+            state
+                .status
+                .iter()
+                .filter(|e| e.usable() && (state.ejections.is_ejected(&e.address) || state.warming.contains(&e.address)))
+                .map(|e| (e.address, 0))
+                .collect()
+        };
         let mut connections = HashMap::new();
         let mut items = Vec::new();
         let mut weights = Vec::new();
         let mut new_connections = Vec::new();
-        for (address, weight) in chosen {
+        for (address, weight) in chosen.into_iter().chain(ejected) {
             let endpoint = match state.connections.get(&address) {
                 Some(existing) => existing.clone(),
                 None => {
@@ -276,14 +369,16 @@ impl Shared {
                 }
             };
             connections.insert(address, endpoint.clone());
-            items.push(endpoint);
-            weights.push(weight);
+            if weight > 0 {
+                items.push(endpoint);
+                weights.push(weight);
+            }
         }
         // Connections that left rotation are dropped here; requests in flight on them hold
         // their own handle and finish.
         state.connections = connections;
 
-        let unavailable = self.why_unavailable(state, &kubernetes_ready, now);
+        let unavailable = self.why_unavailable(state, &kubernetes_ready);
         let start = RandomState::new().hash_one(SystemTime::now()) as usize;
         self.rotation.store(Arc::new(Rotation {
             picker: Picker::new(items, &weights, start),
@@ -292,20 +387,22 @@ impl Shared {
         }));
         self.version.send_modify(|v| *v += 1);
         // Connect to new endpoints now: no request pays for the handshake, and one that cannot
-        // be reached is ejected before a request is sent to it.
+        // be reached at all is ejected before a request is sent to it.
         for endpoint in new_connections {
             if let Some(shared) = self.me.upgrade() {
                 tokio::spawn(async move {
                     if let Err(error) = endpoint.warm_up().await {
                         debug!(backend = %shared.backend, address = %endpoint.address, %error, "cannot connect");
-                        shared.report_transport_failure(endpoint.address);
+                        if classify(&error).is_evidence() {
+                            shared.eject(endpoint.address, "a new endpoint that cannot be connected to");
+                        }
                     }
                 });
             }
         }
     }
 
-    fn why_unavailable(&self, state: &PoolState, kubernetes_ready: &[&StatusEndpoint], now: Instant) -> String {
+    fn why_unavailable(&self, state: &PoolState, kubernetes_ready: &[&StatusEndpoint]) -> String {
         let backend = &self.backend;
         match state.presence {
             Presence::NotReadYet => return format!("GrpcBackend {backend}: its status has not been read yet"),
@@ -324,9 +421,12 @@ impl Shared {
                 kubernetes_ready.len()
             );
         }
-        if healthy.iter().all(|e| state.ejections.is_ejected(&e.address, now)) {
+        if healthy
+            .iter()
+            .all(|e| state.ejections.is_ejected(&e.address) || state.warming.contains(&e.address))
+        {
             return format!(
-                "all {} ready endpoints of GrpcBackend {backend} are ejected after transport failures",
+                "all {} ready endpoints of GrpcBackend {backend} are ejected after connection failures",
                 healthy.len()
             );
         }
@@ -336,17 +436,17 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-
-    /// Ends ejections that are due and rebuilds.
-    fn refresh(&self) {
-        let mut state = self.lock();
-        self.rebuild(&mut state);
-    }
 }
 
-async fn readmit_at(shared: Weak<Shared>, until: Instant) {
-    tokio::time::sleep_until(until).await;
-    if let Some(shared) = shared.upgrade() {
-        shared.refresh();
+/// gRFC A50's interval timer: ends an interval every `interval` until the pool is gone.
+pub async fn outlier_timer(shared: Weak<Shared>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match shared.upgrade() {
+            Some(shared) => shared.end_interval(),
+            None => return,
+        }
     }
 }

@@ -209,8 +209,10 @@ pub struct HealthCheck {
     #[serde(default)]
     pub mode: HealthCheckMode,
 
-    /// How often each endpoint is checked: the `Check` period, and in `Watch` mode the HTTP/2
-    /// keepalive period of the stream's connection (so a frozen backend is detected).
+    /// How often each endpoint is checked: the `Check` period; in `Watch` mode, a stream quiet
+    /// for this long gets one `Check` on the same connection, so that a frozen backend or a
+    /// silent network is found (no HTTP/2 keepalive PINGs: grpc-go and grpc-java servers
+    /// allow one per 5 minutes by default and close connections that send more).
     /// At least 100ms.
     #[serde(default = "default_interval")]
     #[x_kube(validation = Rule::new(concat!(
@@ -218,8 +220,9 @@ pub struct HealthCheck {
     )).message("spec.healthCheck.interval must be a duration of at least 100ms, such as \"5s\" or \"500ms\""))]
     pub interval: Duration,
 
-    /// How long a probe (connect, `Check` answer, first `Watch` answer, keepalive PING
-    /// acknowledgement) may take before it counts as failed. Shorter than `interval`.
+    /// How long a probe (connecting and the first answer together, or one `Check` answer) may
+    /// take before it counts as failed. Shorter than `interval`. A Serving endpoint that stops
+    /// answering is NotServing at most `unhealthyThreshold x (interval + timeout)` later.
     #[serde(default = "default_timeout")]
     #[x_kube(validation = Rule::new(concat!(
         "self.matches('", duration_pattern!(), "') && duration(self) >= duration('10ms')"
@@ -232,7 +235,9 @@ pub struct HealthCheck {
     pub healthy_threshold: i32,
 
     /// Consecutive failed probes (connect errors, timeouts, broken streams) before a Serving
-    /// endpoint becomes NotServing. An explicit NOT_SERVING answer counts at once.
+    /// endpoint becomes NotServing. An explicit NOT_SERVING answer counts at once. A server
+    /// ending a connection it answered on (GOAWAY, `MaxConnectionAge`) is not a failure: the
+    /// prober reconnects at once and only counts one if the new connection does not answer.
     #[serde(default = "default_unhealthy_threshold")]
     #[schemars(range(min = 1, max = 100))]
     pub unhealthy_threshold: i32,
@@ -309,15 +314,18 @@ pub enum WeightingPolicy {
 pub struct GrpcBackendStatus {
     /// The `metadata.generation` of the spec this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
 
     /// Endpoints that receive new requests: Kubernetes-serving, not terminating, gRPC Serving
     /// and of weight above 0.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub ready_endpoints: i32,
 
     /// Endpoints of the Service that carry the port, whatever their state.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub total_endpoints: i32,
 
     /// `Ready`, `Degraded` and `Truncated`, in the style of metav1.Condition.
@@ -338,8 +346,10 @@ pub struct GrpcBackendStatus {
 pub struct EndpointStatus {
     /// An IPv4 or IPv6 address.
     pub address: String,
+    #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     /// Share of new requests relative to the other endpoints' weights; 0 gets none.
+    #[schemars(schema_with = "weight_schema")]
     pub weight: u32,
     /// What the endpoint's gRPC health service says.
     pub health: Health,
@@ -367,6 +377,18 @@ impl EndpointStatus {
     pub fn is_usable(&self) -> bool {
         self.serving && !self.terminating && self.health == Health::Serving && self.weight > 0
     }
+}
+
+/// A `u32` as the apiserver understands it: it ignores `format: uint32` (and warns about it on
+/// every apply) and would store any integer, so the bounds are explicit.
+fn weight_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Share of new requests relative to the other endpoints' weights; 0 gets none.",
+        "type": "integer",
+        "format": "int64",
+        "minimum": 0,
+        "maximum": u32::MAX,
+    })
 }
 
 /// The object behind an endpoint, usually a Pod.

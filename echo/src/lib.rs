@@ -74,6 +74,11 @@ pub struct StatsReply {
     /// Health `Check` calls answered.
     #[prost(uint64, tag = "5")]
     pub health_checks: u64,
+    /// GOAWAY ENHANCE_YOUR_CALM "too_many_pings" sent by the server's keepalive enforcement.
+    /// Always 0 here (tonic enforces no ping policy); the grpc-go and grpc-java peer servers of
+    /// the test suite, which speak this same service, count them.
+    #[prost(uint64, tag = "6")]
+    pub too_many_pings: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -106,6 +111,7 @@ impl Counters {
             connections_open: self.connections_open.load(Ordering::SeqCst),
             health_watches_open: self.health_watches_open.load(Ordering::SeqCst),
             health_checks: self.health_checks.load(Ordering::SeqCst),
+            too_many_pings: 0,
         }
     }
 }

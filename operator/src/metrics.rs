@@ -47,6 +47,7 @@ pub struct Metrics {
     pub ready_endpoints: Family<BackendLabels, Gauge>,
     pub probes: Family<ProbeLabels, Counter>,
     pub probe_duration: Histogram,
+    pub probe_connection_rotations: Counter,
     pub probers: Gauge,
     pub leader: Gauge,
 }
@@ -65,6 +66,7 @@ impl Default for Metrics {
             probe_duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 0.0001, 2.0, 16,
             )),
+            probe_connection_rotations: Counter::default(),
             probers: Gauge::default(),
             leader: Gauge::default(),
             registry: Registry::default(),
@@ -100,6 +102,12 @@ impl Default for Metrics {
             "Time from a health request to its answer",
             prometheus_client::registry::Unit::Seconds,
             metrics.probe_duration.clone(),
+        );
+        registry.register(
+            "probe_connection_rotations",
+            "Probe connections the server ended after answering on them (GOAWAY, connection age); \
+             reconnected without counting a failed probe",
+            metrics.probe_connection_rotations.clone(),
         );
         registry.register("probers", "Health probers running", metrics.probers.clone());
         registry.register(

@@ -1,25 +1,41 @@
 //! One long-lived prober per endpoint, speaking `grpc.health.v1.Health`.
 //!
 //! In `Watch` mode the prober keeps one stream open, so a NOT_SERVING flip arrives as it
-//! happens. The stream's connection sends HTTP/2 keepalive PINGs every `interval` and gives up
-//! after `timeout` without an answer: a frozen process or a silent network ends the stream
-//! instead of leaving it open forever. A server that answers `Watch` with UNIMPLEMENTED is
-//! polled with `Check` instead, as is every endpoint in `Check` mode.
+//! happens. A quiet stream proves nothing about a frozen process or a silent network, so every
+//! `interval` without a message on the stream the prober sends one `Check` on the same
+//! connection, bounded by `timeout`: no answer in time is a failed probe.
 //!
-//! After a failure the prober reconnects with exponential backoff (100ms, doubling, jittered,
-//! at most `interval`), so that a blip is retried at once and a dead endpoint is not hammered.
+//! Why a `Check` and not HTTP/2 keepalive PINGs: grpc-go and grpc-java servers police PINGs by
+//! default (one per 5 minutes while no data flows from the server; two strikes and the server
+//! answers GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and closes the connection). A `Check`
+//! is a request the server answers with HEADERS and DATA, which every gRPC server accepts at any
+//! rate, and it proves more than a PING: the server's health service itself answered. The
+//! prober therefore sends no PING at all.
+//!
+//! Connection rotation is routine: a server that sends GOAWAY (graceful shutdown of a
+//! connection, `MaxConnectionAge`) or closes a connection after its age ends the stream on a
+//! connection that answered. The prober reconnects at once and counts nothing; only if the new
+//! connection does not answer is a failure counted. A stream that breaks again within one
+//! `interval` of the previous rotation is counted as a failure, so a server that answers once
+//! and then drops every connection cannot stay Serving.
+//!
+//! A server that answers `Watch` with UNIMPLEMENTED is polled with `Check` instead, as is every
+//! endpoint in `Check` mode.
+//!
+//! After a failure the prober retries with exponential backoff (from 100ms, jittered, never
+//! more than `interval`), so that a blip is retried at once and a dead endpoint is not
+//! hammered. One attempt (connect, then the first answer) is bounded by `timeout` as a whole.
+//! So a Serving endpoint that stops answering is published NotServing at most
+//! `unhealthyThreshold x (interval + timeout)` after it stopped.
+//!
 //! The prober ends when its handle is dropped.
 
-use std::{
-    collections::hash_map::RandomState,
-    hash::{BuildHasher, Hasher},
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use kubegrpc_crds::HealthCheckMode;
-use tokio::{sync::watch, task::JoinHandle, time::Instant};
+use tokio::{sync::watch, time::Instant};
+use tokio_util::task::AbortOnDropHandle;
 use tonic::{
     Code, Status,
     transport::{Channel, Endpoint},
@@ -58,23 +74,20 @@ pub trait ProbeObserver: Send + Sync + 'static {
     fn probed(&self, outcome: ProbeOutcome, latency: Option<Duration>);
     /// The prober's [`ProbeState`] changed.
     fn changed(&self);
+    /// The server rotated the prober's connection (GOAWAY, connection age) after answering on
+    /// it: the prober reconnected without counting a failure.
+    fn rotated(&self) {}
 }
 
 /// A running prober; dropping it stops the prober and closes its connection.
 pub struct ProberHandle {
     state: watch::Receiver<ProbeState>,
-    task: JoinHandle<()>,
+    _task: AbortOnDropHandle<()>,
 }
 
 impl ProberHandle {
     pub fn state(&self) -> ProbeState {
         self.state.borrow().clone()
-    }
-}
-
-impl Drop for ProberHandle {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -94,14 +107,16 @@ pub fn spawn(
     });
     let prober = Prober {
         target,
+        backoff: backoff(settings.interval),
         settings,
         tracker,
         state: state_tx,
         observer,
+        last_rotation: None,
     };
     ProberHandle {
         state,
-        task: tokio::spawn(prober.run()),
+        _task: AbortOnDropHandle::new(tokio::spawn(prober.run())),
     }
 }
 
@@ -111,56 +126,73 @@ struct Prober {
     tracker: HealthTracker,
     state: watch::Sender<ProbeState>,
     observer: Arc<dyn ProbeObserver>,
+    backoff: ExponentialBackoff,
+    /// When the server last rotated the connection without a failure being counted.
+    last_rotation: Option<Instant>,
 }
 
 /// Why a connection's probing ended.
+#[derive(Debug, PartialEq, Eq)]
 enum Ended {
     /// The server does not implement `Watch`: poll with `Check` on the same connection.
     WatchUnimplemented,
-    /// Reconnect after backoff.
+    /// The connection answered, then the server ended the stream or the connection (GOAWAY,
+    /// connection age): reconnect at once.
+    Rotated,
+    /// Record the failure and reconnect after backoff.
     Failed(Failure),
 }
 
 impl Prober {
     async fn run(mut self) {
         let mut watch_implemented = self.settings.mode == HealthCheckMode::Watch;
-        let mut backoff = Backoff::new(self.settings.interval);
         loop {
-            let mut client = match self.connect().await {
-                Ok(client) => client,
-                Err(failure) => {
-                    self.record(ProbeOutcome::Failed(failure), None);
-                    tokio::time::sleep(backoff.next(&self.target)).await;
-                    continue;
+            let attempt_deadline = Instant::now() + self.settings.timeout;
+            let mut ended = match self.connect(attempt_deadline).await {
+                Err(failure) => Ended::Failed(failure),
+                Ok(mut client) => {
+                    let ended = if watch_implemented {
+                        self.watch(&mut client, attempt_deadline).await
+                    } else {
+                        Ended::WatchUnimplemented
+                    };
+                    if ended == Ended::WatchUnimplemented {
+                        watch_implemented = false;
+                        self.poll(&mut client).await
+                    } else {
+                        ended
+                    }
                 }
             };
-            let mut ended = if watch_implemented {
-                self.watch(&mut client, &mut backoff).await
-            } else {
-                Ended::WatchUnimplemented
-            };
-            if let Ended::WatchUnimplemented = ended {
-                watch_implemented = false;
-                ended = self.poll(&mut client, &mut backoff).await;
+            if ended == Ended::Rotated {
+                let now = Instant::now();
+                let recently = self
+                    .last_rotation
+                    .is_some_and(|last| now.duration_since(last) < self.settings.interval);
+                if recently {
+                    ended = Ended::Failed(Failure::StreamBroken);
+                } else {
+                    self.last_rotation = Some(now);
+                    self.observer.rotated();
+                    continue;
+                }
             }
             if let Ended::Failed(failure) = ended {
                 self.record(ProbeOutcome::Failed(failure), None);
             }
-            tokio::time::sleep(backoff.next(&self.target)).await;
+            let delay = self.backoff.next().unwrap_or(self.settings.interval);
+            tokio::time::sleep(delay.min(self.settings.interval)).await;
         }
     }
 
-    async fn connect(&self) -> Result<HealthClient<Channel>, Failure> {
+    /// A new connection (no HTTP/2 keepalive: see the module docs), by `deadline`.
+    async fn connect(&self, deadline: Instant) -> Result<HealthClient<Channel>, Failure> {
         let endpoint = Endpoint::from_shared(format!("http://{}", self.target))
             .map_err(|_| Failure::ConnectFailed)?
-            .connect_timeout(self.settings.timeout)
-            .http2_keep_alive_interval(self.settings.interval)
-            .keep_alive_timeout(self.settings.timeout)
-            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .user_agent(concat!("kubegrpc-operator/", env!("CARGO_PKG_VERSION")))
             .map_err(|_| Failure::ConnectFailed)?;
-        match tokio::time::timeout(self.settings.timeout, endpoint.connect()).await {
+        match tokio::time::timeout_at(deadline, endpoint.connect()).await {
             Ok(Ok(channel)) => Ok(HealthClient::new(channel)),
             Ok(Err(error)) if is_timeout(&error) => Err(Failure::ConnectTimeout),
             Ok(Err(_)) => Err(Failure::ConnectFailed),
@@ -168,73 +200,98 @@ impl Prober {
         }
     }
 
-    /// Follows one `Watch` stream until it breaks.
-    async fn watch(&mut self, client: &mut HealthClient<Channel>, backoff: &mut Backoff) -> Ended {
+    /// Follows one `Watch` stream, with a liveness `Check` each quiet interval, until it ends.
+    async fn watch(&mut self, client: &mut HealthClient<Channel>, deadline: Instant) -> Ended {
         let started = Instant::now();
-        let request = HealthCheckRequest {
-            service: self.settings.service.clone(),
-        };
-        let mut stream = match tokio::time::timeout(self.settings.timeout, client.watch(request)).await {
+        let mut stream = match tokio::time::timeout_at(deadline, client.watch(self.request())).await {
             Err(_) => return Ended::Failed(Failure::Timeout),
             Ok(Err(status)) if status.code() == Code::Unimplemented => return Ended::WatchUnimplemented,
             Ok(Err(status)) => return Ended::Failed(call_failure(&status)),
             Ok(Ok(response)) => response.into_inner(),
         };
-        let remaining = self.settings.timeout.saturating_sub(started.elapsed());
-        let first = match tokio::time::timeout(remaining, stream.message()).await {
+        let first = match tokio::time::timeout_at(deadline, stream.message()).await {
             Err(_) => return Ended::Failed(Failure::Timeout),
             Ok(Err(status)) if status.code() == Code::Unimplemented => return Ended::WatchUnimplemented,
             Ok(Err(status)) => return Ended::Failed(call_failure(&status)),
             Ok(Ok(None)) => return Ended::Failed(Failure::StreamBroken),
             Ok(Ok(Some(first))) => first,
         };
-        let mut last = answer(&first);
-        self.record(last, Some(started.elapsed()));
-        backoff.reset();
+        self.answered(answer(&first), started);
 
-        // While the stream stays open on SERVING, each interval counts as one more success, so
-        // that a healthy threshold above 1 means "Serving for that many intervals".
+        let mut heard_since_tick = false;
         let mut tick = tokio::time::interval_at(Instant::now() + self.settings.interval, self.settings.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(response)) => {
-                        last = answer(&response);
-                        self.record(last, None);
+                        heard_since_tick = true;
+                        self.record(answer(&response), None);
                     }
-                    Ok(None) => return Ended::Failed(Failure::StreamBroken),
-                    Err(_) => return Ended::Failed(Failure::StreamBroken),
+                    // The stream ended on a connection that answered: the server let it go
+                    // (GOAWAY, connection age, a graceful stop). Whether the endpoint is still
+                    // there is for the next connection to say.
+                    Ok(None) | Err(_) => return Ended::Rotated,
                 },
-                _ = tick.tick(), if last == ProbeOutcome::Serving => self.record(ProbeOutcome::Serving, None),
+                _ = tick.tick() => {
+                    if std::mem::take(&mut heard_since_tick) {
+                        continue;
+                    }
+                    match self.check(client).await {
+                        Liveness::Answered(outcome, started) => self.answered(outcome, started),
+                        // The server answered the call with an error: alive. The Watch stream
+                        // carries the health.
+                        Liveness::Alive => {}
+                        Liveness::Silent => return Ended::Failed(Failure::Timeout),
+                        Liveness::ConnectionGone => return Ended::Rotated,
+                    }
+                }
             }
         }
     }
 
-    /// Polls with `Check` every interval until a call fails at the transport level.
-    async fn poll(&mut self, client: &mut HealthClient<Channel>, backoff: &mut Backoff) -> Ended {
+    /// Polls with `Check` every interval until the connection stops answering.
+    async fn poll(&mut self, client: &mut HealthClient<Channel>) -> Ended {
         loop {
             let started = Instant::now();
-            let request = HealthCheckRequest {
-                service: self.settings.service.clone(),
-            };
-            match tokio::time::timeout(self.settings.timeout, client.check(request)).await {
-                Err(_) => return Ended::Failed(Failure::Timeout),
-                Ok(Ok(response)) => {
-                    self.record(answer(response.get_ref()), Some(started.elapsed()));
-                    backoff.reset();
-                }
-                // The protocol: Check on an unknown service answers NOT_FOUND.
-                Ok(Err(status)) if status.code() == Code::NotFound => {
-                    self.record(
-                        ProbeOutcome::NotServing(NotServingAnswer::NotFound),
-                        Some(started.elapsed()),
-                    );
-                    backoff.reset();
-                }
-                Ok(Err(status)) => return Ended::Failed(call_failure(&status)),
+            match self.check(client).await {
+                Liveness::Answered(outcome, started) => self.answered(outcome, started),
+                Liveness::Alive => self.record(ProbeOutcome::Failed(Failure::CallFailed), Some(started.elapsed())),
+                Liveness::Silent => return Ended::Failed(Failure::Timeout),
+                Liveness::ConnectionGone => return Ended::Rotated,
             }
             tokio::time::sleep_until(started + self.settings.interval).await;
         }
+    }
+
+    /// One `Check`, bounded by `timeout`.
+    async fn check(&self, client: &mut HealthClient<Channel>) -> Liveness {
+        let started = Instant::now();
+        match tokio::time::timeout(self.settings.timeout, client.check(self.request())).await {
+            Err(_) => Liveness::Silent,
+            Ok(Ok(response)) => Liveness::Answered(answer(response.get_ref()), started),
+            // The protocol: Check on an unknown service answers NOT_FOUND.
+            Ok(Err(status)) if status.code() == Code::NotFound => {
+                Liveness::Answered(ProbeOutcome::NotServing(NotServingAnswer::NotFound), started)
+            }
+            Ok(Err(status)) => match call_failure(&status) {
+                Failure::StreamBroken => Liveness::ConnectionGone,
+                Failure::Timeout => Liveness::Silent,
+                _ => Liveness::Alive,
+            },
+        }
+    }
+
+    fn request(&self) -> HealthCheckRequest {
+        HealthCheckRequest {
+            service: self.settings.service.clone(),
+        }
+    }
+
+    /// The health service answered a probe that started at `started`.
+    fn answered(&mut self, outcome: ProbeOutcome, started: Instant) {
+        self.record(outcome, Some(started.elapsed()));
+        self.backoff = backoff(self.settings.interval);
     }
 
     fn record(&mut self, outcome: ProbeOutcome, latency: Option<Duration>) {
@@ -252,6 +309,18 @@ impl Prober {
             self.observer.changed();
         }
     }
+}
+
+/// What one `Check` showed about the connection.
+enum Liveness {
+    /// The health service answered (started at the instant given).
+    Answered(ProbeOutcome, Instant),
+    /// The server answered with another error: it is alive.
+    Alive,
+    /// No answer within the timeout.
+    Silent,
+    /// The connection is gone (closed, GOAWAY, reset).
+    ConnectionGone,
 }
 
 fn answer(response: &HealthCheckResponse) -> ProbeOutcome {
@@ -272,10 +341,14 @@ fn call_failure(status: &Status) -> Failure {
     }
 }
 
+/// Whether a connect error is the operating system's connect timeout.
 fn is_timeout(error: &tonic::transport::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(error) = source {
-        if error.to_string().contains("timed out") {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
             return true;
         }
         source = error.source();
@@ -283,33 +356,49 @@ fn is_timeout(error: &tonic::transport::Error) -> bool {
     false
 }
 
-/// Exponential backoff from 100ms, doubling, capped at the probe interval, with ±20% jitter
-/// so that probers of many endpoints do not retry in lockstep.
-struct Backoff {
-    next: Duration,
-    max: Duration,
+/// Reconnect delays: from 100ms, doubling, with jitter (so that the probers of many endpoints
+/// do not retry in lockstep); the caller caps each at the probe interval.
+fn backoff(interval: Duration) -> ExponentialBackoff {
+    let min = Duration::from_millis(100).min(interval);
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay((interval / 2).max(min))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
-impl Backoff {
-    const INITIAL: Duration = Duration::from_millis(100);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn new(interval: Duration) -> Self {
-        Self {
-            next: Self::INITIAL,
-            max: interval.max(Self::INITIAL),
-        }
+    #[test]
+    fn backoff_starts_small_grows_and_never_exceeds_the_interval() {
+        let interval = Duration::from_secs(2);
+        let delays: Vec<Duration> = backoff(interval).take(20).collect();
+        assert!(delays[0] >= Duration::from_millis(100) && delays[0] < Duration::from_millis(200));
+        assert!(delays.iter().all(|d| *d <= interval), "jitter stays within the interval: {delays:?}");
+        assert!(delays[19] >= Duration::from_secs(1), "it grows: {delays:?}");
     }
 
-    fn next(&mut self, target: &SocketAddr) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write(target.to_string().as_bytes());
-        let jitter = 0.8 + (hasher.finish() % 400) as f64 / 1000.0;
-        base.mul_f64(jitter)
+    #[test]
+    fn transport_codes_mean_the_connection_is_gone() {
+        assert_eq!(call_failure(&Status::unavailable("goaway")), Failure::StreamBroken);
+        assert_eq!(call_failure(&Status::deadline_exceeded("slow")), Failure::Timeout);
+        assert_eq!(call_failure(&Status::permission_denied("no")), Failure::CallFailed);
     }
 
-    fn reset(&mut self) {
-        self.next = Self::INITIAL;
+    #[tokio::test]
+    async fn a_refused_connection_is_not_a_timeout() {
+        // A port nothing listens on, on loopback: refused at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let error = Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(!is_timeout(&error), "{error:?}");
     }
 }

@@ -38,6 +38,10 @@ impl ProbeObserver for Observer {
     fn changed(&self) {
         let _ = self.reports.changed.send(self.backend.clone());
     }
+
+    fn rotated(&self) {
+        self.reports.metrics.probe_connection_rotations.inc();
+    }
 }
 
 struct BackendProbers {
