@@ -328,7 +328,10 @@ fn pick(shared: &Shared, avoid: Option<std::net::SocketAddr>) -> Result<Arc<crat
     };
     match picked {
         Some(endpoint) => Ok(endpoint.clone()),
-        None => Err(Box::new(Status::unavailable(format!("kubegrpc: {}", rotation.unavailable)))),
+        None => Err(Box::new(Status::unavailable(format!(
+            "kubegrpc: {}",
+            rotation.unavailable
+        )))),
     }
 }
 

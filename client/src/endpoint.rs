@@ -263,7 +263,9 @@ impl Replay {
             .into_iter()
             .map(|bytes| Ok::<_, tonic::Status>(Frame::data(bytes)))
             .chain(trailers.map(|t| Ok(Frame::trailers(t))));
-        Some(Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames))))
+        Some(Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        ))))
     }
 }
 

@@ -52,10 +52,15 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
             return Failure::Connect;
         }
         if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            // A stream refused, or cut off by a GOAWAY that did not include it, was never
-            // processed (RFC 9113 8.7).
-            if h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            // A stream the server refused, or cut off by its GOAWAY that did not include it,
+            // was never processed (RFC 9113 8.7).
+            if h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM)) {
                 return Failure::Rotation;
+            }
+            // A stream reset on this side, not by h2 itself: the request body failed (the
+            // caller's stream broke or was cancelled).
+            if h2.is_reset() && !h2.is_remote() && !h2.is_library() {
+                return Failure::Caller;
             }
         }
         if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
@@ -147,10 +152,9 @@ mod tests {
     }
 
     #[test]
-    fn refused_streams_and_goaways_are_rotation() {
-        let refused = h2::Error::from(h2::Reason::REFUSED_STREAM);
-        assert_eq!(classify(&refused), Failure::Rotation);
-        let reset = h2::Error::from(h2::Reason::INTERNAL_ERROR);
-        assert_eq!(classify(&reset), Failure::Transport);
+    fn an_error_h2_raised_itself_is_evidence() {
+        // h2's own errors (a protocol error noticed here) are not the caller's doing.
+        let library = h2::Error::from(h2::Reason::PROTOCOL_ERROR);
+        assert_eq!(classify(&library), Failure::Transport);
     }
 }

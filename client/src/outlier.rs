@@ -309,7 +309,10 @@ mod tests {
         let config = three_hosts();
         let mut ejections = Ejections::default();
         let start = Instant::now();
-        assert_eq!(ejections.eject(address(1), 3, start, &config), Some(Duration::from_secs(30)));
+        assert_eq!(
+            ejections.eject(address(1), 3, start, &config),
+            Some(Duration::from_secs(30))
+        );
         let early = ejections.end_interval(&[], start + Duration::from_secs(20), &config);
         assert!(early.due.is_empty());
         let due = ejections.end_interval(&[], start + Duration::from_secs(30), &config);
@@ -324,15 +327,24 @@ mod tests {
         let config = three_hosts();
         let mut ejections = Ejections::default();
         let now = Instant::now();
-        assert_eq!(ejections.eject(address(1), 3, now, &config), Some(Duration::from_secs(30)));
+        assert_eq!(
+            ejections.eject(address(1), 3, now, &config),
+            Some(Duration::from_secs(30))
+        );
         ejections.readmit(&address(1));
-        assert_eq!(ejections.eject(address(1), 3, now, &config), Some(Duration::from_secs(60)));
+        assert_eq!(
+            ejections.eject(address(1), 3, now, &config),
+            Some(Duration::from_secs(60))
+        );
         ejections.readmit(&address(1));
         assert_eq!(ejections.multiplier(&address(1)), 2);
         // One interval without an ejection lowers it by one, not to zero.
         ejections.end_interval(&[], now, &config);
         assert_eq!(ejections.multiplier(&address(1)), 1);
-        assert_eq!(ejections.eject(address(1), 3, now, &config), Some(Duration::from_secs(60)));
+        assert_eq!(
+            ejections.eject(address(1), 3, now, &config),
+            Some(Duration::from_secs(60))
+        );
         ejections.readmit(&address(1));
         ejections.end_interval(&[], now, &config);
         ejections.end_interval(&[], now, &config);
@@ -356,6 +368,9 @@ mod tests {
         let now = Instant::now();
         assert!(ejections.eject(address(1), 3, now, &config).is_none());
         let failing: Vec<_> = (1..=3).map(|n| (address(n), counts(0, 100))).collect();
-        assert_eq!(ejections.end_interval(&failing, now, &config), IntervalOutcome::default());
+        assert_eq!(
+            ejections.end_interval(&failing, now, &config),
+            IntervalOutcome::default()
+        );
     }
 }

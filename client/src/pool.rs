@@ -76,6 +76,7 @@ pub struct Shared {
     state: Mutex<PoolState>,
     version: watch::Sender<u64>,
     discovery: watch::Sender<DiscoveryState>,
+    outlier_intervals: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -101,6 +102,7 @@ impl Shared {
             }),
             version: watch::channel(0).0,
             discovery: watch::channel(DiscoveryState::Connecting).0,
+            outlier_intervals: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -200,6 +202,7 @@ impl Shared {
             .collect();
         let config = &self.config.outlier_detection;
         let outcome = state.ejections.end_interval(&counts, Instant::now(), config);
+        self.outlier_intervals.fetch_add(1, Ordering::Relaxed);
         for address in &outcome.ejected {
             if let Some(stats) = state.stats.get(address) {
                 stats.ejections.fetch_add(1, Ordering::Relaxed);
@@ -273,8 +276,7 @@ impl Shared {
     pub fn snapshot(&self) -> Snapshot {
         let state = self.lock();
         let rotation = self.rotation();
-        let in_rotation: HashSet<SocketAddr> =
-            rotation.picker.items().iter().map(|e| e.address).collect();
+        let in_rotation: HashSet<SocketAddr> = rotation.picker.items().iter().map(|e| e.address).collect();
         let endpoints = state
             .status
             .iter()
@@ -300,6 +302,7 @@ impl Shared {
             discovery: self.discovery(),
             panic: rotation.panic,
             unavailable: rotation.picker.is_empty().then(|| rotation.unavailable.clone()),
+            outlier_intervals: self.outlier_intervals.load(Ordering::Relaxed),
             endpoints,
         }
     }
@@ -342,7 +345,9 @@ impl Shared {
             state
                 .status
                 .iter()
-                .filter(|e| e.usable() && (state.ejections.is_ejected(&e.address) || state.warming.contains(&e.address)))
+                .filter(|e| {
+                    e.usable() && (state.ejections.is_ejected(&e.address) || state.warming.contains(&e.address))
+                })
                 .map(|e| (e.address, 0))
                 .collect()
         };

@@ -14,6 +14,8 @@ pub struct Snapshot {
     pub panic: bool,
     /// Why requests fail fast right now, if they do.
     pub unavailable: Option<String>,
+    /// Outlier-detection intervals evaluated so far (a clock for "after N intervals").
+    pub outlier_intervals: u64,
     /// Every endpoint of the status, in its order.
     pub endpoints: Vec<EndpointSnapshot>,
 }
@@ -34,13 +36,14 @@ pub struct EndpointSnapshot {
     pub health: Health,
     /// Serving and not terminating, as Kubernetes says.
     pub kubernetes_ready: bool,
-    /// Out of rotation after transport failures, for now.
+    /// Out of rotation on outlier evidence, for now (or connecting again after its ejection).
     pub ejected: bool,
     /// New requests may be picked for it.
     pub in_rotation: bool,
     pub in_flight: u64,
     pub requests: u64,
-    /// Requests that failed at the transport level.
+    /// Requests that failed before a response, whatever the reason (rotation and the
+    /// caller's deadlines included; only some of them are evidence for ejection).
     pub failures: u64,
     pub ejections: u64,
 }

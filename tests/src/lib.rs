@@ -11,6 +11,7 @@ pub mod netns;
 pub mod objects;
 pub mod operator;
 pub mod process;
+pub mod proxy;
 pub mod scenario;
 pub mod wait;
 
