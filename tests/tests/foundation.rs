@@ -341,3 +341,83 @@ fn merge(target: &mut Value, patch: Value) {
         (target, patch) => *target = patch,
     }
 }
+
+/// `kubectl create -f` of the CRD under another group (a fresh create, so the apiserver checks
+/// every field as it does for a user's first `kubectl apply -f crds/`), returning stderr.
+async fn create_crd_copy(control_plane: &ControlPlane, group: &str, edit: impl Fn(String) -> String) -> Result<String> {
+    let yaml = edit(kubegrpc_crds::crd_yaml().replace("kubegrpc.io", group));
+    let path = control_plane.dir().join(format!("crd-{group}.yaml"));
+    std::fs::write(&path, yaml)?;
+    let output = control_plane
+        .kubectl()
+        .args(["create", "-f"])
+        .arg(&path)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "kubectl create failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    control_plane
+        .kubectl_output(&["delete", "crd", &format!("grpcbackends.{group}"), "--wait=false"])
+        .await?;
+    Ok(String::from_utf8(output.stderr)?)
+}
+
+#[tokio::test]
+async fn the_crd_applies_without_warnings_and_bounds_every_integer() -> Result<()> {
+    let control_plane = ControlPlane::shared();
+    let stderr = create_crd_copy(control_plane, "warnings.kubegrpc.io", |yaml| yaml).await?;
+    assert_eq!(stderr, "", "kubectl printed warnings for the CRD");
+    // The check sees warnings when there are some: the format the apiserver does not know.
+    let control = create_crd_copy(control_plane, "control.kubegrpc.io", |yaml| {
+        yaml.replacen(
+            "format: int64\n                      maximum: 4294967295.0",
+            "format: uint32\n                      maximum: 4294967295.0",
+            1,
+        )
+    })
+    .await?;
+    assert!(control.contains("uint32"), "the control CRD should warn: {control:?}");
+
+    let client = control_plane.client().await?;
+    let namespace = control_plane.create_namespace(&client, "bounds").await?;
+    let api = Api::<GrpcBackend>::namespaced(client, &namespace);
+    create(&api, "echo", json!({"service": "echo", "port": "grpc"})).await?;
+    let status = |weight: u64, port: i64, ready: i64| {
+        json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend", "status": {
+            "readyEndpoints": ready, "totalEndpoints": 1,
+            "endpoints": [{"address": "10.250.9.9", "port": port, "weight": weight, "health": "Serving",
+                           "ready": true, "serving": true, "terminating": false,
+                           "lastTransitionTime": "2026-11-25T00:00:00Z"}]}})
+    };
+    let write = |body: Value| {
+        let api = api.clone();
+        async move {
+            api.patch_status(
+                "echo",
+                &kube::api::PatchParams::apply("kubegrpc-tests").force(),
+                &kube::api::Patch::Apply(body),
+            )
+            .await
+        }
+    };
+    write(status(u64::from(u32::MAX), 50051, 1))
+        .await
+        .expect("the largest weight is accepted");
+    for (what, body, field) in [
+        ("a weight of 2^40", status(1 << 40, 50051, 1), "weight"),
+        ("a port of 0", status(100, 0, 1), "port"),
+        ("a negative count", status(100, 50051, -1), "readyEndpoints"),
+    ] {
+        match write(body).await {
+            Err(kube::Error::Api(response)) => {
+                assert_eq!(response.code, 422, "{what}: {response:?}");
+                assert!(response.message.contains(field), "{what}: {}", response.message);
+            }
+            other => panic!("{what} was not refused: {other:?}"),
+        }
+    }
+    Ok(())
+}
