@@ -2,13 +2,14 @@
 SHELL := bash
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test bench controlplane crds fmt lint
+.PHONY: help demo test bench controlplane peers crds fmt lint
 
 help:
 	@echo "make demo          the product end to end on a local control plane (needs root, Go, Rust)"
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list (release build)"
 	@echo "make controlplane  build etcd, kube-apiserver, kube-controller-manager and kubectl (cached)"
+	@echo "make peers         build the grpc-go and grpc-java test peers (cached; needs Go, Java 17, Maven)"
 	@echo "make crds          regenerate crds/grpcbackend.yaml from the Rust types"
 	@echo "make fmt           cargo fmt"
 	@echo "make lint          cargo fmt --check and clippy -D warnings"
@@ -31,6 +32,9 @@ bench:
 
 controlplane:
 	tests/controlplane/build.sh
+
+peers:
+	tests/peers/build.sh
 
 crds:
 	cargo run --quiet -p kubegrpc-crds --example crdgen > crds/grpcbackend.yaml

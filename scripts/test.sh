@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole verification, as `make test` and CI run it:
-#   1. build the control plane (cached under target/controlplane),
+#   1. build the control plane (cached under target/controlplane) and the grpc-go/grpc-java peers
+#      (cached under target/peers),
 #   2. format and lint checks,
 #   3. build every test and binary (outside the network namespace: crates.io is reachable here),
 #   4. run the tests inside a private network namespace, offline.
@@ -24,6 +25,9 @@ phase() {
 phase "control plane (first build: about 11-15 minutes on 2 cores; cached afterwards)"
 bin_dir="$(tests/controlplane/build.sh)"
 
+phase "peers (grpc-go, grpc-java; first build: about 1 minute, Maven Central and the Go module proxy needed; cached afterwards)"
+peers_dir="$(tests/peers/build.sh)"
+
 phase "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -36,7 +40,7 @@ cargo test --workspace --locked --no-run
 
 phase "cargo test, inside a private network namespace"
 # --show-output: the measurements some tests print (latencies, counts, the ceiling) land in the log.
-KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" tests/netns-run.sh \
+KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" KUBEGRPC_PEERS_DIR="$peers_dir" tests/netns-run.sh \
   cargo test --workspace --offline --locked "$@" -- --show-output
 
 phase ""

@@ -1,6 +1,7 @@
 //! The kubegrpc test harness: a real control plane (etcd, kube-apiserver, optionally
-//! kube-controller-manager) in a private network namespace, real tonic backends, and helpers
-//! to wait on conditions with deadlines. Used by the end-to-end tests and by the demo.
+//! kube-controller-manager) in a private network namespace, real tonic backends, grpc-go and
+//! grpc-java peers, and helpers to wait on conditions with deadlines. Used by the end-to-end
+//! tests and by the demo.
 
 pub mod backends;
 pub mod certs;
@@ -10,6 +11,7 @@ pub mod load;
 pub mod netns;
 pub mod objects;
 pub mod operator;
+pub mod peers;
 pub mod process;
 pub mod proxy;
 pub mod scenario;

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Builds the grpc-go and grpc-java peers of the test suite into a cache directory keyed by the
+# pinned versions and a hash of every input, and prints that directory:
+#
+#   tests/peers/build.sh [CACHE_ROOT]     (default: <repo>/target/peers)
+#
+# The directory holds peer-server-go (a binary) and peer-server-java (a launcher script running
+# the compiled classes with the dependency jars in lib/). A second run with unchanged inputs
+# reuses it and runs no build. Needs Go, Java 17+ and Maven (which fetches from Maven Central into
+# ~/.m2); the Go module proxy and Maven Central must be reachable on the first build.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+cache_root="${1:-$repo/target/peers}"
+
+for tool in go java mvn; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "peers/build.sh: $tool is missing: the test peers need Go (grpc-go), Java 17+ and Maven (grpc-java)" >&2
+    echo "peers/build.sh: e.g. apt-get install -y maven openjdk-17-jdk-headless; Go from https://go.dev/dl/" >&2
+    exit 1
+  fi
+done
+
+# The pinned versions, read from the files (no go or mvn run needed).
+grpc_go_version="$(awk '$1 == "google.golang.org/grpc" { print $2; exit }' "$here/go/go.mod")"
+grpc_java_version="$(sed -n 's:.*<grpc.version>\(.*\)</grpc.version>.*:\1:p' "$here/java/pom.xml" | head -1)"
+[[ -n "$grpc_go_version" && -n "$grpc_java_version" ]] || { echo "peers/build.sh: cannot read the pinned gRPC versions from go.mod and pom.xml" >&2; exit 1; }
+
+java_bin="$(command -v java)"
+inputs() {
+  go env GOVERSION
+  "$java_bin" -version 2>&1
+  mvn -v -B 2>/dev/null | head -1 | sed 's/\x1b\[[0-9;]*m//g'
+  local file
+  while IFS= read -r file; do
+    printf '== %s\n' "${file#"$here"/}"
+    cat "$file"
+  done < <(find "$here" \( -name target -prune \) -o -type f \( -name go.mod -o -name go.sum -o -name '*.go' -o -name pom.xml -o -name '*.java' \) -print | LC_ALL=C sort)
+  cat "$0"
+}
+key="$(inputs | sha256sum | cut -c1-16)"
+out="$cache_root/grpc-go-$grpc_go_version-grpc-java-$grpc_java_version-$key"
+
+complete() { [[ -x "$out/peer-server-go" && -x "$out/peer-server-java" && -d "$out/classes" && -d "$out/lib" ]]; }
+
+if complete; then
+  echo "peers: cached build in $out" >&2
+  echo "$out"
+  exit 0
+fi
+
+partial="$out.partial"
+rm -rf "$partial"
+mkdir -p "$partial"
+started=$SECONDS
+step() { echo "peers: [$(( SECONDS - started ))s] $*" >&2; }
+
+step "building the grpc-go peers (grpc-go $grpc_go_version)"
+# stdout carries only the directory: every tool's output goes to stderr.
+(cd "$here/go" && go build -trimpath -ldflags "-s -w" -o "$partial/peer-server-go" ./cmd/peer-server) >&2
+
+step "building the grpc-java peers (grpc-java $grpc_java_version; the first build fetches about 25 MB from Maven Central)"
+# Builds into the cache directory, never into the source tree; only the runtime jars are copied.
+mvn -B -q -Dstyle.color=never -f "$here/java/pom.xml" \
+  -Dpeers.build.dir="$partial/maven" \
+  compile dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$partial/lib" >&2
+mv "$partial/maven/classes" "$partial/classes"
+rm -rf "$partial/maven"
+
+# Small, quick-starting JVMs: a test starts several at once on a 2-core machine.
+cat > "$partial/peer-server-java" <<LAUNCHER
+#!/bin/sh
+# The grpc-java peer server ($grpc_java_version), built by tests/peers/build.sh.
+# Extra JVM flags: PEER_JAVA_OPTS.
+dir="\$(cd "\$(dirname "\$0")" && pwd)"
+exec "$java_bin" -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xss512k -Xmx128m -XX:-UsePerfData \\
+  '-Djava.util.logging.SimpleFormatter.format=%1\$tT.%1\$tL %4\$s %3\$s: %5\$s%6\$s%n' \\
+  \${PEER_JAVA_OPTS:-} -cp "\$dir/classes:\$dir/lib/*" io.kubegrpc.peers.PeerServer "\$@"
+LAUNCHER
+chmod +x "$partial/peer-server-java"
+
+rm -rf "$out"
+mv "$partial" "$out"
+step "done: $out"
+echo "$out"
