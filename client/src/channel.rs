@@ -299,7 +299,7 @@ async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http:
             failure if failure.never_processed() => replay.replayable(),
             // The connection broke: only a request whose body was never read is certainly
             // unprocessed.
-            Failure::Transport => replay.unread(),
+            Failure::Transport | Failure::Drained => replay.unread(),
             Failure::Deadline | Failure::Caller | Failure::Rotation | Failure::Connect => None,
         };
         match again {

@@ -16,6 +16,7 @@ use tonic::body::Body;
 use tower::ServiceExt;
 
 use crate::{
+    connection::ConnectionSlot,
     failure::{Failure, classify},
     outlier::IntervalCounts,
 };
@@ -85,7 +86,7 @@ pub struct SendError {
 /// requests in flight keep their own clone of the channel, so they finish (drain).
 pub struct Endpoint {
     pub address: SocketAddr,
-    channel: tonic::transport::Channel,
+    connection: Arc<ConnectionSlot>,
     pub stats: Arc<EndpointStats>,
 }
 
@@ -105,10 +106,12 @@ impl Endpoint {
     ) -> Result<Self, tonic::transport::Error> {
         let scheme = if tls { "https" } else { "http" };
         let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))?.tcp_nodelay(true);
-        let channel = template(endpoint)?.connect_lazy();
+        let endpoint = template(endpoint)?;
+        // TLS is applied over the stream, so only plaintext frames can be watched for GOAWAY.
+        let watch_frames = !tls && endpoint.uri().scheme_str() != Some("https");
         Ok(Self {
             address,
-            channel,
+            connection: ConnectionSlot::new(address, endpoint, watch_frames),
             stats,
         })
     }
@@ -117,21 +120,16 @@ impl Endpoint {
     /// `grpc.health.v1.Health/Check` (what gRPC's client-side health checking sends; the answer
     /// does not matter here, the operator owns health). Fails only at the transport level.
     pub async fn warm_up(&self) -> Result<(), tonic::transport::Error> {
-        // An empty HealthCheckRequest: the 5-byte gRPC frame header of a 0-byte message.
-        let frame = String::from("\0\0\0\0\0");
-        let request = http::Request::post("/grpc.health.v1.Health/Check")
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header(http::header::TE, "trailers")
-            .body(Body::new(frame))
-            .unwrap_or_default();
-        self.channel.clone().oneshot(request).await.map(drop)
+        let channel = self.connection.current().channel.clone();
+        warm_up(channel).await
     }
 
     /// Sends one request; counts it in flight until its response body ends or is dropped.
     pub async fn send(&self, request: http::Request<Body>) -> Result<http::Response<Body>, SendError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let in_flight = InFlight::new(self.stats.clone());
-        match self.channel.clone().oneshot(request).await {
+        let connection = self.connection.current().clone();
+        match connection.channel.clone().oneshot(request).await {
             Ok(response) => {
                 self.stats.succeeded();
                 Ok(response.map(|body| {
@@ -142,7 +140,12 @@ impl Endpoint {
                 }))
             }
             Err(error) => {
-                let failure = classify(&error);
+                let mut failure = classify(&error);
+                if failure == Failure::Transport && connection.is_draining() {
+                    // The server is rotating this connection; whether it processed the request
+                    // is unknown (its grace period may have cut it).
+                    failure = Failure::Drained;
+                }
                 let consecutive_connect_failures = self.stats.failed(failure);
                 Err(SendError {
                     error,
@@ -152,6 +155,20 @@ impl Endpoint {
             }
         }
     }
+}
+
+/// One `grpc.health.v1.Health/Check` on `channel`, to open its connection (what gRPC's
+/// client-side health checking sends; the answer does not matter here, the operator owns
+/// health). Fails only at the transport level.
+pub async fn warm_up(channel: tonic::transport::Channel) -> Result<(), tonic::transport::Error> {
+    // An empty HealthCheckRequest: the 5-byte gRPC frame header of a 0-byte message.
+    let frame = String::from("\0\0\0\0\0");
+    let request = http::Request::post("/grpc.health.v1.Health/Check")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(Body::new(frame))
+        .unwrap_or_default();
+    channel.oneshot(request).await.map(drop)
 }
 
 /// Counts a request in flight until dropped.

@@ -26,6 +26,10 @@ pub enum Failure {
     Connect,
     /// The connection failed with the request on it (reset, closed mid-request).
     Transport,
+    /// Like `Transport`, on a connection whose server had sent GOAWAY: the server is rotating
+    /// it (its grace period may have ended with the request on it). No evidence; whether the
+    /// request was processed is unknown.
+    Drained,
 }
 
 impl Failure {

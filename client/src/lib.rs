@@ -35,6 +35,7 @@
 //! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace.
 
 mod channel;
+mod connection;
 mod discovery;
 mod endpoint;
 pub mod failure;

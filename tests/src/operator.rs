@@ -40,6 +40,17 @@ impl InProcessOperator {
         }
     }
 
+    /// Status writes made for GrpcBackend `namespace/name` so far.
+    pub fn status_writes(&self, namespace: &str, name: &str) -> u64 {
+        self.metrics
+            .status_writes
+            .get_or_create(&kubegrpc_operator::metrics::BackendLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .get()
+    }
+
     /// Stops gracefully and waits (at most 10s) for the reconciler to end.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

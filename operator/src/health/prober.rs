@@ -377,7 +377,10 @@ mod tests {
         let interval = Duration::from_secs(2);
         let delays: Vec<Duration> = backoff(interval).take(20).collect();
         assert!(delays[0] >= Duration::from_millis(100) && delays[0] < Duration::from_millis(200));
-        assert!(delays.iter().all(|d| *d <= interval), "jitter stays within the interval: {delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= interval),
+            "jitter stays within the interval: {delays:?}"
+        );
         assert!(delays[19] >= Duration::from_secs(1), "it grows: {delays:?}");
     }
 

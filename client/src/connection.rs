@@ -1,0 +1,334 @@
+//! One endpoint's connection, drained and replaced as soon as the server sends GOAWAY.
+//!
+//! A server that rotates connections (`MaxConnectionAge` in grpc-go and grpc-java, a graceful
+//! shutdown) sends a first GOAWAY naming no stream, then a PING, then a second GOAWAY with the
+//! last stream it will process, then closes the connection once those streams are done.
+//! hyper keeps opening streams on a connection until the second GOAWAY is processed, so a
+//! request written between the server's close and the client's reading of that GOAWAY fails
+//! with a broken pipe, and nothing can tell whether it was processed. gRPC's own clients stop
+//! using a connection at the first GOAWAY; so does this crate: the connection's incoming
+//! frames are watched, and on a GOAWAY new requests go to a new connection (opened at once)
+//! while the requests in flight finish on the old one.
+//!
+//! Only plaintext connections can be watched this way (TLS is applied on top of the watched
+//! stream); TLS connections are replaced by tonic when hyper reports them closed.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, OnceLock, Weak},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+/// A connection (a tonic channel to one address) and whether its server has sent GOAWAY.
+pub struct Connection {
+    pub channel: tonic::transport::Channel,
+    /// When the first GOAWAY was received on any connection of this channel.
+    pub draining: Arc<OnceLock<Instant>>,
+}
+
+impl Connection {
+    /// Whether the server sent GOAWAY on this connection.
+    pub fn is_draining(&self) -> bool {
+        self.draining.get().is_some()
+    }
+}
+
+/// The current connection of one endpoint, replaced on GOAWAY.
+pub struct ConnectionSlot {
+    address: SocketAddr,
+    endpoint: tonic::transport::Endpoint,
+    watch_frames: bool,
+    current: ArcSwap<Connection>,
+}
+
+impl ConnectionSlot {
+    /// A slot whose first connection is made on first use. With `watch_frames`, the
+    /// connection's frames are watched for GOAWAY (plaintext only).
+    pub fn new(address: SocketAddr, endpoint: tonic::transport::Endpoint, watch_frames: bool) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<Self>| {
+            let first = open(address, &endpoint, watch_frames, me.clone());
+            Self {
+                address,
+                endpoint,
+                watch_frames,
+                current: ArcSwap::from_pointee(first),
+            }
+        })
+    }
+
+    /// The connection new requests go to.
+    pub fn current(&self) -> arc_swap::Guard<Arc<Connection>> {
+        self.current.load()
+    }
+
+    /// The server of `draining`'s connection sent GOAWAY: new requests get a new connection,
+    /// opened now so that none of them pays for the handshake.
+    fn replace(self: &Arc<Self>, draining: &Arc<OnceLock<Instant>>) {
+        if Arc::ptr_eq(&self.current.load().draining, draining) {
+            let next = open(self.address, &self.endpoint, self.watch_frames, Arc::downgrade(self));
+            let channel = next.channel.clone();
+            self.current.store(Arc::new(next));
+            tokio::spawn(crate::endpoint::warm_up(channel));
+        }
+    }
+}
+
+fn open(
+    address: SocketAddr,
+    endpoint: &tonic::transport::Endpoint,
+    watch_frames: bool,
+    slot: Weak<ConnectionSlot>,
+) -> Connection {
+    let draining = Arc::new(OnceLock::new());
+    if !watch_frames {
+        return Connection {
+            channel: endpoint.connect_lazy(),
+            draining,
+        };
+    }
+    let nodelay = endpoint.get_tcp_nodelay();
+    let keepalive = endpoint.get_tcp_keepalive();
+    let flag = draining.clone();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (slot, flag) = (slot.clone(), flag.clone());
+        async move {
+            let stream = TcpStream::connect(address).await?;
+            stream.set_nodelay(nodelay)?;
+            if let Some(time) = keepalive {
+                socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(time))?;
+            }
+            Ok::<_, io::Error>(TokioIo::new(WatchedStream::new(
+                stream,
+                Box::new(move || {
+                    let _ = flag.set(Instant::now());
+                    if let Some(slot) = slot.upgrade() {
+                        slot.replace(&flag);
+                    }
+                }),
+            )))
+        }
+    });
+    Connection {
+        channel: endpoint.connect_with_connector_lazy(connector),
+        draining,
+    }
+}
+
+/// A TCP stream whose incoming HTTP/2 frames are scanned for GOAWAY.
+///
+/// The bytes after a GOAWAY frame (the server's PING, whose acknowledgement fixes the last
+/// stream it will process) are held back from hyper for one turn: hyper then writes the streams
+/// it had already accepted before it acknowledges the PING, so the server counts them in and
+/// processes them, instead of ignoring them and closing the connection under them.
+struct WatchedStream {
+    stream: TcpStream,
+    scanner: FrameScanner,
+    /// Called once, on the first GOAWAY.
+    on_goaway: Option<Box<dyn FnOnce() + Send>>,
+    /// Bytes read after a GOAWAY, not yet handed to hyper.
+    held: Vec<u8>,
+    /// Hand `held` over only after one more turn of hyper's connection task.
+    hold_one_turn: bool,
+}
+
+impl WatchedStream {
+    fn new(stream: TcpStream, on_goaway: Box<dyn FnOnce() + Send>) -> Self {
+        Self {
+            stream,
+            scanner: FrameScanner::default(),
+            on_goaway: Some(on_goaway),
+            held: Vec::new(),
+            hold_one_turn: false,
+        }
+    }
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.held.is_empty() {
+            if std::mem::take(&mut this.hold_one_turn) {
+                // hyper now writes what it queued; then it reads on.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = this.held.len().min(buf.remaining());
+            buf.put_slice(&this.held[..n]);
+            this.held.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && this.on_goaway.is_some()
+            && let Some(end) = this.scanner.scan(&buf.filled()[before..])
+        {
+            if let Some(on_goaway) = this.on_goaway.take() {
+                on_goaway();
+            }
+            let keep = before + end;
+            this.held.extend_from_slice(&buf.filled()[keep..]);
+            buf.set_filled(keep);
+            this.hold_one_turn = true;
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Follows the frame boundaries of a server's HTTP/2 byte stream (a server sends no preface
+/// string: its first bytes are a SETTINGS frame), looking only at frame types.
+#[derive(Debug, Default)]
+struct FrameScanner {
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+    /// The current frame is a GOAWAY.
+    in_goaway: bool,
+}
+
+/// RFC 9113 6.8.
+const GOAWAY: u8 = 0x7;
+
+impl FrameScanner {
+    /// Scans the next bytes; returns the offset just past the end of the first GOAWAY frame
+    /// that ends within them.
+    fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut at = 0;
+        while at < bytes.len() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len() - at);
+                self.skip -= n;
+                at += n;
+            } else {
+                let n = (9 - self.header_len).min(bytes.len() - at);
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[at..at + n]);
+                self.header_len += n;
+                at += n;
+                if self.header_len < 9 {
+                    continue;
+                }
+                self.header_len = 0;
+                self.skip =
+                    usize::from(self.header[0]) << 16 | usize::from(self.header[1]) << 8 | usize::from(self.header[2]);
+                self.in_goaway = self.header[3] == GOAWAY;
+            }
+            if self.skip == 0 && self.header_len == 0 && std::mem::take(&mut self.in_goaway) {
+                return Some(at);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let length = payload.len();
+        let mut frame = vec![
+            (length >> 16) as u8,
+            (length >> 8) as u8,
+            length as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn the_end_of_a_goaway_is_found_however_the_bytes_are_split() {
+        let settings = frame(0x4, &[0; 12]);
+        let data = frame(0x0, &[7; 300]);
+        // A DATA payload holding bytes that look like a GOAWAY frame is skipped.
+        let tricky = frame(0x0, &frame(GOAWAY, &[0; 8]));
+        let goaway = frame(GOAWAY, &[0, 0, 0, 0, 0, 0, 0, 0, b'x']);
+        let ping = frame(0x6, &[1; 8]);
+        let stream: Vec<u8> = [settings, data, tricky.clone(), goaway, ping.clone()].concat();
+        let goaway_end = stream.len() - ping.len();
+        for chunk in [1, 2, 5, 9, 10, 64, stream.len()] {
+            let mut scanner = FrameScanner::default();
+            let mut found = None;
+            for (i, piece) in stream.chunks(chunk).enumerate() {
+                if let Some(end) = scanner.scan(piece) {
+                    found.get_or_insert(i * chunk + end);
+                }
+            }
+            assert_eq!(found, Some(goaway_end), "chunks of {chunk}");
+        }
+        let mut scanner = FrameScanner::default();
+        assert_eq!(
+            scanner.scan(&[frame(0x4, &[]), tricky, ping].concat()),
+            None,
+            "no GOAWAY frame"
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_after_a_goaway_reach_the_reader_one_turn_later_and_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let sent: Vec<u8> = [frame(0x4, &[]), frame(GOAWAY, &[0; 8]), frame(0x6, &[9; 8])].concat();
+        let server_bytes = sent.clone();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.write_all(&server_bytes).await.unwrap();
+        });
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let mut watched = WatchedStream::new(
+            TcpStream::connect(address).await.unwrap(),
+            Box::new(move || {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        );
+        server.await.unwrap();
+        let mut received = Vec::new();
+        watched.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, sent);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,378 @@
+//! kubegrpc against real grpc-go and grpc-java servers (tests/peers/), with their libraries'
+//! default keepalive enforcement and connection ageing: the operator's prober must not be
+//! churned by them, and the client must neither fail requests nor eject backends when they
+//! rotate connections. Everything is counted at the servers.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, ensure};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kubegrpc::{Channel, FailurePercentage, OutlierDetection};
+use kubegrpc_crds::{GrpcBackendStatus, Health};
+use kubegrpc_echo::StatsReply;
+use kubegrpc_tests::{
+    load::Load,
+    objects::{SliceEndpoint, apply_slice, create_service},
+    operator::InProcessOperator,
+    peers::{PeerLanguage, PeerOptions, PeerServer, start_peers},
+    scenario::{Scenario, endpoint, wait_snapshot},
+    wait,
+};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Starts 3 grpc-go and 3 grpc-java servers with `options`.
+async fn go_and_java_peers(options: &PeerOptions) -> Result<Vec<PeerServer>> {
+    let (go, java) = tokio::join!(
+        start_peers(PeerLanguage::Go, 3, options),
+        start_peers(PeerLanguage::Java, 3, options)
+    );
+    Ok(go?.into_iter().chain(java?).collect())
+}
+
+/// A Service `echo` whose slice lists `peers`, and GrpcBackend `echo` with `health_check`.
+async fn balance(s: &Scenario, peers: &[PeerServer], health_check: serde_json::Value) -> Result<()> {
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    let endpoints: Vec<SliceEndpoint> = peers.iter().map(|p| SliceEndpoint::ready(p.address)).collect();
+    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    s.grpc_backend(
+        "echo",
+        json!({"service": "echo", "port": "grpc", "healthCheck": health_check}),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Watches GrpcBackend `name` from `resource_version` for `window`: fails on any change.
+async fn assert_unchanged_for(s: &Scenario, name: &str, resource_version: &str, window: Duration) -> Result<()> {
+    let params = kube::api::WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(window.as_secs() as u32);
+    let mut events = s.backends().watch(&params, resource_version).await?.boxed();
+    while let Some(event) = events.next().await {
+        match event? {
+            kube::api::WatchEvent::Bookmark(_) => {}
+            kube::api::WatchEvent::Error(error) => anyhow::bail!("watch error: {error:?}"),
+            other => anyhow::bail!("GrpcBackend {name} changed: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn all_serving(count: i32) -> impl Fn(&GrpcBackendStatus) -> bool {
+    move |st| st.ready_endpoints == count && st.endpoints.iter().all(|e| e.health == Health::Serving)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn default_grpc_go_and_grpc_java_servers_keep_one_probe_connection_for_a_minute() -> Result<()> {
+    let s = Scenario::new("peers-quiet").await?;
+    let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let peers = go_and_java_peers(&PeerOptions::default()).await?;
+    let readers = warmed(&peers).await?;
+    balance(&s, &peers, json!({"interval": "1s", "timeout": "500ms"})).await?;
+    let steady = s
+        .wait_status("echo", "6 peers Serving", DEADLINE, all_serving(6))
+        .await?;
+    let writes = operator.status_writes(&s.namespace, "echo");
+
+    // A minute at a probe interval of 1s: the prober of a PING-based liveness would have
+    // been sent GOAWAY too_many_pings by each of these servers about three times by now.
+    assert_unchanged_for(
+        &s,
+        "echo",
+        steady.metadata.resource_version.as_deref().unwrap_or_default(),
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert_eq!(operator.status_writes(&s.namespace, "echo"), writes, "no status write");
+    for reader in &readers {
+        let (peer, stats) = (reader.peer, reader.read().await?);
+        println!(
+            "{} {}: connections accepted {}, too_many_pings {}, health checks {}, watches open {}",
+            peer.language,
+            peer.address,
+            stats.connections_accepted,
+            stats.too_many_pings,
+            stats.health_checks,
+            stats.health_watches_open
+        );
+        assert_eq!(
+            stats.connections_accepted, 1,
+            "{} {}: one connection",
+            peer.language, peer.address
+        );
+        assert_eq!(stats.too_many_pings, 0, "{} {}", peer.language, peer.address);
+        assert_eq!(
+            stats.health_watches_open, 1,
+            "{} {}: one Watch",
+            peer.language, peer.address
+        );
+        // The liveness mechanism: a Check on that connection each quiet interval.
+        assert!(
+            stats.health_checks >= 30,
+            "{} {}: liveness Checks flow ({})",
+            peer.language,
+            peer.address,
+            stats.health_checks
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_ageing_is_not_a_probe_failure() -> Result<()> {
+    let s = Scenario::new("peers-age").await?;
+    let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let ageing = PeerOptions {
+        max_connection_age: Some(Duration::from_secs(2)),
+        max_connection_age_grace: Some(Duration::from_secs(1)),
+        ..PeerOptions::default()
+    };
+    let peers = go_and_java_peers(&ageing).await?;
+    let readers = warmed(&peers).await?;
+    // One failed probe would publish NotServing: any rotation counted as a failure shows.
+    balance(
+        &s,
+        &peers,
+        json!({"interval": "1s", "timeout": "500ms", "unhealthyThreshold": 1}),
+    )
+    .await?;
+    let steady = s
+        .wait_status("echo", "6 peers Serving", DEADLINE, all_serving(6))
+        .await?;
+    let writes = operator.status_writes(&s.namespace, "echo");
+    assert_unchanged_for(
+        &s,
+        "echo",
+        steady.metadata.resource_version.as_deref().unwrap_or_default(),
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert_eq!(operator.status_writes(&s.namespace, "echo"), writes, "no status write");
+    for reader in &readers {
+        let (peer, stats) = (reader.peer, reader.read().await?);
+        println!(
+            "{} {} with MaxConnectionAge 2s: connections accepted {} in 20s, too_many_pings {}",
+            peer.language, peer.address, stats.connections_accepted, stats.too_many_pings
+        );
+        ensure!(
+            stats.connections_accepted >= 4,
+            "{} {}: the server rotated the prober's connection ({} accepted)",
+            peer.language,
+            peer.address,
+            stats.connections_accepted
+        );
+        assert_eq!(stats.too_many_pings, 0);
+    }
+    let rotations = operator.metrics.probe_connection_rotations.get();
+    assert!(rotations >= 6 * 4, "rotations seen by the operator: {rotations}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_peer_is_not_serving_within_the_settings_bound() -> Result<()> {
+    let s = Scenario::new("peers-frozen").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let peers = start_peers(PeerLanguage::Go, 1, &PeerOptions::default()).await?;
+    let (interval, timeout, unhealthy_threshold) = (Duration::from_secs(1), Duration::from_millis(500), 3u32);
+    balance(
+        &s,
+        &peers,
+        json!({"interval": "1s", "timeout": "500ms", "unhealthyThreshold": unhealthy_threshold}),
+    )
+    .await?;
+    let address: SocketAddr = peers[0].address;
+    let is = |health: Health| move |st: &GrpcBackendStatus| endpoint(st, &address).is_some_and(|e| e.health == health);
+    s.wait_status("echo", "Serving", DEADLINE, is(Health::Serving)).await?;
+
+    // A stopped process keeps its sockets open and answers nothing.
+    let stopped = Instant::now();
+    peers[0].process.signal(libc::SIGSTOP)?;
+    let bound = (interval + timeout) * unhealthy_threshold;
+    // The first change of a status is written at once; a watch delivers it in milliseconds.
+    let frozen = s
+        .watch_status("echo", bound + Duration::from_secs(2), is(Health::NotServing))
+        .await?;
+    let seen_after = stopped.elapsed();
+    println!(
+        "SIGSTOP -> NotServing in the status after {seen_after:?} (bound (interval + timeout) x unhealthyThreshold = {bound:?})"
+    );
+    let reason = endpoint(frozen.status.as_ref().unwrap(), &address).and_then(|e| e.reason.clone());
+    assert!(
+        matches!(reason.as_deref(), Some("Timeout" | "ConnectTimeout")),
+        "reason {reason:?}"
+    );
+
+    peers[0].process.signal(libc::SIGCONT)?;
+    s.wait_status("echo", "Serving after SIGCONT", DEADLINE, is(Health::Serving))
+        .await?;
+    Ok(())
+}
+
+/// Reads a peer's counters repeatedly: each Stats call opens a connection of its own (too short
+/// to be aged), so those are taken out of the connection count.
+struct CountersReader<'a> {
+    peer: &'a PeerServer,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> CountersReader<'a> {
+    fn new(peer: &'a PeerServer) -> Self {
+        Self {
+            peer,
+            calls: Default::default(),
+        }
+    }
+
+    async fn read(&self) -> Result<StatsReply> {
+        let mut stats = self.peer.stats().await?;
+        let calls = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        stats.connections_accepted -= calls;
+        Ok(stats)
+    }
+
+    /// Warms a freshly started server (a JVM's first health answer can take longer than a
+    /// probe timeout) with one health Check and the first answer of a Watch, on a connection
+    /// of its own that the counts leave out too.
+    async fn warm_up(&self) -> Result<()> {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.peer.address))?
+            .connect()
+            .await?;
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut health = HealthClient::new(channel);
+        health.check(HealthCheckRequest::default()).await?;
+        let mut watch = health.watch(HealthCheckRequest::default()).await?.into_inner();
+        watch.message().await?;
+        Ok(())
+    }
+}
+
+/// Warms every peer up; the readers then count only the other connections.
+async fn warmed<'a>(peers: &'a [PeerServer]) -> Result<Vec<CountersReader<'a>>> {
+    let readers: Vec<CountersReader> = peers.iter().map(CountersReader::new).collect();
+    for reader in &readers {
+        reader.warm_up().await?;
+    }
+    Ok(readers)
+}
+
+/// Writes a status by hand: every peer Serving, weight 100.
+async fn publish(s: &Scenario, peers: &[PeerServer]) -> Result<()> {
+    let entries: Vec<_> = peers
+        .iter()
+        .map(|p| {
+            json!({"address": p.address.ip().to_string(), "port": p.address.port(), "weight": 100,
+                   "health": "Serving", "ready": true, "serving": true, "terminating": false,
+                   "lastTransitionTime": "2026-11-25T00:00:00Z"})
+        })
+        .collect();
+    s.backends()
+        .patch_status(
+            "echo",
+            &PatchParams::apply("kubegrpc-tests").force(),
+            &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
+                                 "status": {"endpoints": entries, "readyEndpoints": peers.len(),
+                                            "totalEndpoints": peers.len()}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// 8 callers through a kubegrpc channel over 3 servers that age their connections every 2s:
+/// until each server has rotated at least 12 connections (about 30s).
+async fn client_over_ageing_servers(language: PeerLanguage) -> Result<()> {
+    let s = Scenario::new(&format!("client-age-{}", language.to_string().replace("grpc-", ""))).await?;
+    let ageing = PeerOptions {
+        max_connection_age: Some(Duration::from_secs(2)),
+        max_connection_age_grace: Some(Duration::from_secs(5)),
+        ..PeerOptions::default()
+    };
+    let peers = start_peers(language, 3, &ageing).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    publish(&s, &peers).await?;
+    // Evidence-based ejection armed for 3 endpoints: a rotation counted as a failure would
+    // eject within an interval.
+    let outliers = OutlierDetection {
+        interval: Duration::from_secs(1),
+        failure_percentage: Some(FailurePercentage {
+            threshold: 5,
+            minimum_hosts: 3,
+            request_volume: 10,
+        }),
+        ..OutlierDetection::default()
+    };
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .outlier_detection(outliers)
+        .connect()
+        .await?;
+    wait_snapshot(&channel, "3 in rotation", DEADLINE, |s| {
+        s.endpoints.iter().filter(|e| e.in_rotation).count() == 3
+    })
+    .await?;
+    let reading: Vec<CountersReader> = peers.iter().map(CountersReader::new).collect();
+    let mut before = Vec::new();
+    for peer in &reading {
+        before.push(peer.read().await?.requests);
+    }
+
+    let load = Load::start(channel.clone(), 8);
+    let reading = &reading;
+    wait::until(
+        "12 connection rotations at every server",
+        Duration::from_secs(90),
+        || async move {
+            let mut done = true;
+            for peer in reading {
+                done &= peer.read().await?.connections_accepted >= 12;
+            }
+            Ok(done.then_some(()))
+        },
+    )
+    .await?;
+    let counts = load.stop().await;
+
+    let mut served = Vec::new();
+    for (peer, before) in reading.iter().zip(before) {
+        let stats = peer.read().await?;
+        served.push((stats.requests - before, stats.connections_accepted));
+    }
+    let total: u64 = served.iter().map(|(r, _)| r).sum();
+    let snapshot = channel.snapshot();
+    println!(
+        "{language}, MaxConnectionAge 2s grace 5s, 8 callers: {} succeeded, {} failed; per server (requests, connections): {served:?}; ejections {:?}",
+        counts.succeeded(),
+        counts.failed(),
+        snapshot.endpoints.iter().map(|e| e.ejections).collect::<Vec<_>>()
+    );
+    assert_eq!(counts.failed(), 0, "failures: {:?}", counts.failures());
+    assert!(
+        snapshot.endpoints.iter().all(|e| e.ejections == 0),
+        "rotation never ejects: {snapshot:?}"
+    );
+    assert_eq!(total, counts.succeeded(), "every request counted at a server");
+    for (requests, _) in &served {
+        let share = *requests as f64 / total as f64;
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.05,
+            "{language}: shares {served:?} should each be within 5 points of a third"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_over_ageing_grpc_go_servers_fails_nothing_and_ejects_nothing() -> Result<()> {
+    client_over_ageing_servers(PeerLanguage::Go).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_over_ageing_grpc_java_servers_fails_nothing_and_ejects_nothing() -> Result<()> {
+    client_over_ageing_servers(PeerLanguage::Java).await
+}
