@@ -150,10 +150,15 @@ impl Builder {
     /// builder.endpoint(|endpoint| {
     ///     Ok(endpoint
     ///         .timeout(Duration::from_secs(2))
-    ///         .http2_keep_alive_interval(Duration::from_secs(30)))
+    ///         .connect_timeout(Duration::from_secs(1)))
     /// })
     /// # }
     /// ```
+    ///
+    /// HTTP/2 keepalive PINGs are rarely needed (the operator health-checks every endpoint for
+    /// all clients). If you set `http2_keep_alive_interval`, keep it at 5 minutes or more and
+    /// leave `keep_alive_while_idle` off: grpc-go and grpc-java servers by default allow one
+    /// PING per 5 minutes and close connections that send more (GOAWAY "too_many_pings").
     pub fn endpoint(
         mut self,
         configure: impl Fn(tonic::transport::Endpoint) -> Result<tonic::transport::Endpoint, tonic::transport::Error>

@@ -271,3 +271,62 @@ async fn the_callers_deadlines_and_cancellations_never_eject() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_never_reached_a_backend_is_sent_again_elsewhere() -> Result<()> {
+    let s = Scenario::new("retry").await?;
+    let backends = start_backends(3).await?;
+    let proxy = ResettingProxy::start(SocketAddr::from((next_backend_ip(), BACKEND_PORT)), backends[0].address).await?;
+    let dead = proxy.address;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    publish(&s, "echo", &[dead, backends[1].address, backends[2].address]).await?;
+    // No ejection: every request picked for the dead endpoint has to be sent again.
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .outlier_detection(OutlierDetection {
+            enabled: false,
+            ..OutlierDetection::default()
+        })
+        .connect()
+        .await?;
+    wait_snapshot(&channel, "3 in rotation", DEADLINE, |s| {
+        s.endpoints.iter().filter(|e| e.in_rotation).count() == 3
+    })
+    .await?;
+    wait::until("the first endpoint connected", DEADLINE, || async {
+        Ok((proxy.accepted() >= 1).then_some(()))
+    })
+    .await?;
+    // Its connection reset, then nothing listens there: connections are refused.
+    proxy.set_resetting(true);
+    drop(proxy);
+
+    let mut client = EchoClient::new(channel.clone());
+    let mut failed = Vec::new();
+    let sent = 300;
+    for n in 0..sent {
+        if let Err(status) = client
+            .echo(EchoRequest {
+                message: format!("retry {n}"),
+                delay_ms: 0,
+            })
+            .await
+        {
+            failed.push(status);
+        }
+    }
+    let snapshot = channel.snapshot();
+    let at_dead = snapshot.endpoint(&dead).map_or(0, |e| e.failures);
+    let served: u64 = backends[1..].iter().map(|b| b.counters.snapshot().requests).sum();
+    println!(
+        "{sent} requests, {} failed; {at_dead} first attempts to the refusing endpoint sent again; served {served}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    assert_eq!(served, sent, "every request served once, by the two live backends");
+    assert!(
+        at_dead >= 50,
+        "about a third of the picks went to the refusing endpoint first: {at_dead}"
+    );
+    Ok(())
+}

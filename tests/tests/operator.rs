@@ -135,7 +135,8 @@ async fn a_not_serving_flip_is_published_through_watch() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn measure_flip_to_status_latency() -> Result<()> {
     let s = Scenario::new("latency").await?;
-    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    // No coalescing: every flip is written at once, so the figure is probe -> status -> watch.
+    let _operator = InProcessOperator::start_with(s.client.clone(), uncoalesced(&s.namespace));
     let backend = start_backend(BackendOptions::default()).await?;
     s.echo_service(&[backend.address]).await?;
     s.grpc_backend(
@@ -149,8 +150,6 @@ async fn measure_flip_to_status_latency() -> Result<()> {
     let mut latencies = Vec::new();
     for flip in 0..20 {
         let serving = flip % 2 == 1;
-        // Flips further apart than the status write interval (1s) are each written at once.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
         let started = std::time::Instant::now();
         backend.health.set(
             "",
@@ -176,7 +175,7 @@ async fn measure_flip_to_status_latency() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_frozen_backend_process_is_detected_by_keepalive_and_a_killed_one_at_once() -> Result<()> {
+async fn a_frozen_backend_process_is_detected_by_the_liveness_check_and_a_killed_one_at_once() -> Result<()> {
     let s = Scenario::new("sigstop").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
     let address = SocketAddr::from((next_backend_ip(), BACKEND_PORT));
@@ -200,8 +199,8 @@ async fn a_frozen_backend_process_is_detected_by_keepalive_and_a_killed_one_at_o
     let is = |health: Health| move |st: &GrpcBackendStatus| endpoint(st, &address).is_some_and(|e| e.health == health);
     s.wait_status("echo", "Serving", DEADLINE, is(Health::Serving)).await?;
 
-    // A stopped process keeps its socket open: only the keepalive PING going unanswered ends
-    // the Watch stream.
+    // A stopped process keeps its socket open: only the liveness Check on the quiet Watch
+    // stream's connection going unanswered shows it.
     process.process.signal(libc::SIGSTOP)?;
     let frozen = s
         .wait_status("echo", "NotServing while stopped", DEADLINE, is(Health::NotServing))
@@ -228,7 +227,9 @@ async fn a_frozen_backend_process_is_detected_by_keepalive_and_a_killed_one_at_o
 #[tokio::test(flavor = "multi_thread")]
 async fn endpoints_follow_the_slices_added_and_removed() -> Result<()> {
     let s = Scenario::new("slices").await?;
-    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    // No coalescing, so that the measurement below is the path slice -> watch -> probe ->
+    // status, not the coalescing wait.
+    let _operator = InProcessOperator::start_with(s.client.clone(), uncoalesced(&s.namespace));
     let backends = start_backends(3).await?;
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
     let two: Vec<SliceEndpoint> = backends[..2].iter().map(|b| SliceEndpoint::ready(b.address)).collect();
@@ -239,9 +240,6 @@ async fn endpoints_follow_the_slices_added_and_removed() -> Result<()> {
         .await?;
 
     let three: Vec<SliceEndpoint> = backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect();
-    // Past the status write interval (1s) since the last write, so that the measurement below
-    // is the path slice -> watch -> probe -> status, not the coalescing wait.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let started = std::time::Instant::now();
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &three).await?;
     let added = backends[2].address;
@@ -757,7 +755,8 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
     let steady = s
         .wait_status("echo", "ready", DEADLINE, |st| st.ready_endpoints == 1)
         .await?;
-    // Past the write interval since the last write: the next change goes out at once.
+    // The mechanism under test: once the write interval (1s) has passed since the last write,
+    // the next change goes out at once. The operator keeps no clock a test could read.
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     let params = kube::api::WatchParams::default().fields("metadata.name=echo");
@@ -800,4 +799,14 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
         written.len()
     );
     Ok(())
+}
+
+/// Operator settings for `namespace` with every status change written at once.
+fn uncoalesced(namespace: &str) -> kubegrpc_operator::Settings {
+    kubegrpc_operator::Settings {
+        namespace: Some(namespace.into()),
+        identity: format!("test-operator-{namespace}"),
+        status_write_interval: Duration::ZERO,
+        ..kubegrpc_operator::Settings::default()
+    }
 }
