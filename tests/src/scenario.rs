@@ -63,6 +63,37 @@ impl Scenario {
         Ok(create_grpc_backend(&self.client, &self.namespace, name, spec).await?)
     }
 
+    /// Writes `name`'s status by hand, as the operator would (no operator needed): one entry
+    /// per (address, weight, health), all Kubernetes-ready.
+    pub async fn publish_status(&self, name: &str, endpoints: &[(SocketAddr, u32, &str)]) -> Result<()> {
+        let entries: Vec<Value> = endpoints
+            .iter()
+            .map(|(address, weight, health)| {
+                serde_json::json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight,
+                       "health": health, "ready": true, "serving": true, "terminating": false,
+                       "lastTransitionTime": "2026-11-23T00:00:00Z"})
+            })
+            .collect();
+        let ready = endpoints.iter().filter(|(_, w, h)| *w > 0 && *h == "Serving").count();
+        self.backends()
+            .patch_status(
+                name,
+                &kube::api::PatchParams::apply("kubegrpc-tests").force(),
+                &kube::api::Patch::Apply(
+                    serde_json::json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
+                    "status": {"endpoints": entries, "readyEndpoints": ready, "totalEndpoints": endpoints.len()}}),
+                ),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// [`Scenario::publish_status`] with every address Serving at weight 100.
+    pub async fn publish_serving(&self, name: &str, addresses: &[SocketAddr]) -> Result<()> {
+        let entries: Vec<(SocketAddr, u32, &str)> = addresses.iter().map(|a| (*a, 100, "Serving")).collect();
+        self.publish_status(name, &entries).await
+    }
+
     /// Waits until `name`'s status satisfies `accept`; fails with the last status seen.
     pub async fn wait_status(
         &self,

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use kubegrpc::{Channel, DiscoveryState};
 use kubegrpc_echo::{Backend, BackendOptions, EchoClient, EchoRequest, ServingStatus};
 use kubegrpc_tests::{
@@ -23,29 +23,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// Writes a status by hand, as the operator would, with the given weights (all Serving).
 async fn publish(s: &Scenario, name: &str, endpoints: &[(SocketAddr, u32)]) -> Result<()> {
     let entries: Vec<(SocketAddr, u32, &str)> = endpoints.iter().map(|(a, w)| (*a, *w, "Serving")).collect();
-    publish_entries(s, name, &entries).await
-}
-
-/// Writes a status by hand: (address, weight, health) per endpoint, all Kubernetes-ready.
-async fn publish_entries(s: &Scenario, name: &str, endpoints: &[(SocketAddr, u32, &str)]) -> Result<()> {
-    let entries: Vec<_> = endpoints
-        .iter()
-        .map(|(address, weight, health)| {
-            json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight,
-                   "health": health, "ready": true, "serving": true, "terminating": false,
-                   "lastTransitionTime": "2026-11-23T00:00:00Z"})
-        })
-        .collect();
-    s.backends()
-        .patch_status(
-            name,
-            &PatchParams::apply("kubegrpc-tests").force(),
-            &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
-                                 "status": {"endpoints": entries, "readyEndpoints": endpoints.len(),
-                                            "totalEndpoints": endpoints.len()}})),
-        )
-        .await?;
-    Ok(())
+    s.publish_status(name, &entries).await
 }
 
 fn requests(backends: &[Backend]) -> Vec<u64> {
@@ -433,8 +411,7 @@ async fn with_too_few_usable_endpoints_requests_spread_over_the_kubernetes_ready
         .await?;
     // One usable endpoint of four Kubernetes-ready ones: 25%, under the default 50%.
     let a = &backends;
-    publish_entries(
-        &s,
+    s.publish_status(
         "echo",
         &[
             (a[0].address, 100, "Serving"),
@@ -469,8 +446,7 @@ async fn with_too_few_usable_endpoints_requests_spread_over_the_kubernetes_ready
     );
 
     // None usable and panic off: fail fast, saying why.
-    publish_entries(
-        &s,
+    s.publish_status(
         "echo",
         &[(a[0].address, 0, "NotServing"), (a[1].address, 0, "NotServing")],
     )

@@ -9,7 +9,6 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Result;
 use bytes::Bytes;
 use http_body::Frame;
-use kube::api::{Patch, PatchParams};
 use kubegrpc::{Channel, FailurePercentage, OutlierDetection, Snapshot};
 use kubegrpc_echo::{EchoClient, EchoRequest};
 use kubegrpc_tests::{
@@ -23,28 +22,6 @@ use serde_json::json;
 use tower::ServiceExt;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Writes a status by hand: every endpoint Serving, weight 100, Kubernetes-ready.
-async fn publish(s: &Scenario, name: &str, addresses: &[SocketAddr]) -> Result<()> {
-    let entries: Vec<_> = addresses
-        .iter()
-        .map(|address| {
-            json!({"address": address.ip().to_string(), "port": address.port(), "weight": 100,
-                   "health": "Serving", "ready": true, "serving": true, "terminating": false,
-                   "lastTransitionTime": "2026-11-23T00:00:00Z"})
-        })
-        .collect();
-    s.backends()
-        .patch_status(
-            name,
-            &PatchParams::apply("kubegrpc-tests").force(),
-            &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
-                                 "status": {"endpoints": entries, "readyEndpoints": addresses.len(),
-                                            "totalEndpoints": addresses.len()}})),
-        )
-        .await?;
-    Ok(())
-}
 
 fn ejected(snapshot: &Snapshot) -> usize {
     snapshot.endpoints.iter().filter(|e| e.ejected).count()
@@ -63,7 +40,7 @@ async fn a_backend_that_resets_every_connection_is_ejected_on_evidence_capped_an
     let listed = [proxies[0].address, proxies[1].address, backends[2].address];
     s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
         .await?;
-    publish(&s, "echo", &listed).await?;
+    s.publish_serving("echo", &listed).await?;
 
     let request_volume = 10;
     let config = OutlierDetection {
@@ -171,7 +148,7 @@ async fn the_callers_deadlines_and_cancellations_never_eject() -> Result<()> {
     let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
     s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
         .await?;
-    publish(&s, "echo", &addresses).await?;
+    s.publish_serving("echo", &addresses).await?;
 
     // The most eager settings: one failure that counted as evidence would eject.
     let config = OutlierDetection {
@@ -280,7 +257,8 @@ async fn a_request_that_never_reached_a_backend_is_sent_again_elsewhere() -> Res
     let dead = proxy.address;
     s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
         .await?;
-    publish(&s, "echo", &[dead, backends[1].address, backends[2].address]).await?;
+    s.publish_serving("echo", &[dead, backends[1].address, backends[2].address])
+        .await?;
     // No ejection: every request picked for the dead endpoint has to be sent again.
     let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
         .outlier_detection(OutlierDetection {

@@ -10,7 +10,6 @@ use std::{
 
 use anyhow::{Result, ensure};
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kubegrpc::{Channel, FailurePercentage, OutlierDetection};
 use kubegrpc_crds::{GrpcBackendStatus, Health};
 use kubegrpc_echo::StatsReply;
@@ -68,56 +67,68 @@ fn all_serving(count: i32) -> impl Fn(&GrpcBackendStatus) -> bool {
     move |st| st.ready_endpoints == count && st.endpoints.iter().all(|e| e.health == Health::Serving)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn default_grpc_go_and_grpc_java_servers_keep_one_probe_connection_for_a_minute() -> Result<()> {
-    let s = Scenario::new("peers-quiet").await?;
+/// What the servers counted while the operator probed them.
+struct Probed {
+    operator: InProcessOperator,
+    servers: Vec<(PeerLanguage, SocketAddr, StatsReply)>,
+}
+
+/// The operator probes 3 grpc-go and 3 grpc-java servers started with `options`: once all are
+/// Serving, the GrpcBackend must not change for `window` (no status write); then each server's
+/// counters, leaving out the test's own connections.
+async fn probe_quietly(
+    prefix: &str,
+    options: &PeerOptions,
+    health_check: serde_json::Value,
+    window: Duration,
+) -> Result<Probed> {
+    let s = Scenario::new(prefix).await?;
     let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    let peers = go_and_java_peers(&PeerOptions::default()).await?;
+    let peers = go_and_java_peers(options).await?;
     let readers = warmed(&peers).await?;
-    balance(&s, &peers, json!({"interval": "1s", "timeout": "500ms"})).await?;
+    balance(&s, &peers, health_check).await?;
     let steady = s
         .wait_status("echo", "6 peers Serving", DEADLINE, all_serving(6))
         .await?;
     let writes = operator.status_writes(&s.namespace, "echo");
-
-    // A minute at a probe interval of 1s: the prober of a PING-based liveness would have
-    // been sent GOAWAY too_many_pings by each of these servers about three times by now.
     assert_unchanged_for(
         &s,
         "echo",
         steady.metadata.resource_version.as_deref().unwrap_or_default(),
-        Duration::from_secs(60),
+        window,
     )
     .await?;
     assert_eq!(operator.status_writes(&s.namespace, "echo"), writes, "no status write");
+    let mut servers = Vec::new();
     for reader in &readers {
-        let (peer, stats) = (reader.peer, reader.read().await?);
+        servers.push((reader.peer.language, reader.peer.address, reader.read().await?));
+    }
+    Ok(Probed { operator, servers })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn default_grpc_go_and_grpc_java_servers_keep_one_probe_connection_for_a_minute() -> Result<()> {
+    // A minute at a probe interval of 1s: the prober of a PING-based liveness would have
+    // been sent GOAWAY too_many_pings by each of these servers about three times by now.
+    let probed = probe_quietly(
+        "peers-quiet",
+        &PeerOptions::default(),
+        json!({"interval": "1s", "timeout": "500ms"}),
+        Duration::from_secs(60),
+    )
+    .await?;
+    for (language, address, stats) in &probed.servers {
         println!(
-            "{} {}: connections accepted {}, too_many_pings {}, health checks {}, watches open {}",
-            peer.language,
-            peer.address,
-            stats.connections_accepted,
-            stats.too_many_pings,
-            stats.health_checks,
-            stats.health_watches_open
+            "{language} {address}: connections accepted {}, too_many_pings {}, health checks {}, watches open {}",
+            stats.connections_accepted, stats.too_many_pings, stats.health_checks, stats.health_watches_open
         );
-        assert_eq!(
-            stats.connections_accepted, 1,
-            "{} {}: one connection",
-            peer.language, peer.address
-        );
-        assert_eq!(stats.too_many_pings, 0, "{} {}", peer.language, peer.address);
-        assert_eq!(
-            stats.health_watches_open, 1,
-            "{} {}: one Watch",
-            peer.language, peer.address
-        );
+        assert_eq!(stats.connections_accepted, 1, "{language} {address}: one connection");
+        assert_eq!(stats.too_many_pings, 0, "{language} {address}");
+        assert_eq!(stats.health_watches_open, 1, "{language} {address}: one Watch");
         // The liveness mechanism: a Check on that connection each quiet interval.
         assert!(
             stats.health_checks >= 30,
-            "{} {}: liveness Checks flow ({})",
-            peer.language,
-            peer.address,
+            "{language} {address}: liveness Checks flow ({})",
             stats.health_checks
         );
     }
@@ -126,50 +137,32 @@ async fn default_grpc_go_and_grpc_java_servers_keep_one_probe_connection_for_a_m
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_ageing_is_not_a_probe_failure() -> Result<()> {
-    let s = Scenario::new("peers-age").await?;
-    let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
     let ageing = PeerOptions {
         max_connection_age: Some(Duration::from_secs(2)),
         max_connection_age_grace: Some(Duration::from_secs(1)),
         ..PeerOptions::default()
     };
-    let peers = go_and_java_peers(&ageing).await?;
-    let readers = warmed(&peers).await?;
     // One failed probe would publish NotServing: any rotation counted as a failure shows.
-    balance(
-        &s,
-        &peers,
+    let probed = probe_quietly(
+        "peers-age",
+        &ageing,
         json!({"interval": "1s", "timeout": "500ms", "unhealthyThreshold": 1}),
-    )
-    .await?;
-    let steady = s
-        .wait_status("echo", "6 peers Serving", DEADLINE, all_serving(6))
-        .await?;
-    let writes = operator.status_writes(&s.namespace, "echo");
-    assert_unchanged_for(
-        &s,
-        "echo",
-        steady.metadata.resource_version.as_deref().unwrap_or_default(),
         Duration::from_secs(20),
     )
     .await?;
-    assert_eq!(operator.status_writes(&s.namespace, "echo"), writes, "no status write");
-    for reader in &readers {
-        let (peer, stats) = (reader.peer, reader.read().await?);
+    for (language, address, stats) in &probed.servers {
         println!(
-            "{} {} with MaxConnectionAge 2s: connections accepted {} in 20s, too_many_pings {}",
-            peer.language, peer.address, stats.connections_accepted, stats.too_many_pings
+            "{language} {address} with MaxConnectionAge 2s: connections accepted {} in 20s, too_many_pings {}",
+            stats.connections_accepted, stats.too_many_pings
         );
         ensure!(
             stats.connections_accepted >= 4,
-            "{} {}: the server rotated the prober's connection ({} accepted)",
-            peer.language,
-            peer.address,
+            "{language} {address}: the server rotated the prober's connection ({} accepted)",
             stats.connections_accepted
         );
         assert_eq!(stats.too_many_pings, 0);
     }
-    let rotations = operator.metrics.probe_connection_rotations.get();
+    let rotations = probed.operator.metrics.probe_connection_rotations.get();
     assert!(rotations >= 6 * 4, "rotations seen by the operator: {rotations}");
     Ok(())
 }
@@ -262,28 +255,6 @@ async fn warmed<'a>(peers: &'a [PeerServer]) -> Result<Vec<CountersReader<'a>>> 
     Ok(readers)
 }
 
-/// Writes a status by hand: every peer Serving, weight 100.
-async fn publish(s: &Scenario, peers: &[PeerServer]) -> Result<()> {
-    let entries: Vec<_> = peers
-        .iter()
-        .map(|p| {
-            json!({"address": p.address.ip().to_string(), "port": p.address.port(), "weight": 100,
-                   "health": "Serving", "ready": true, "serving": true, "terminating": false,
-                   "lastTransitionTime": "2026-11-25T00:00:00Z"})
-        })
-        .collect();
-    s.backends()
-        .patch_status(
-            "echo",
-            &PatchParams::apply("kubegrpc-tests").force(),
-            &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
-                                 "status": {"endpoints": entries, "readyEndpoints": peers.len(),
-                                            "totalEndpoints": peers.len()}})),
-        )
-        .await?;
-    Ok(())
-}
-
 /// 8 callers through a kubegrpc channel over 3 servers that age their connections every 2s:
 /// until each server has rotated at least 12 connections (about 30s).
 async fn client_over_ageing_servers(language: PeerLanguage) -> Result<()> {
@@ -296,7 +267,8 @@ async fn client_over_ageing_servers(language: PeerLanguage) -> Result<()> {
     let peers = start_peers(language, 3, &ageing).await?;
     s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
         .await?;
-    publish(&s, &peers).await?;
+    let addresses: Vec<SocketAddr> = peers.iter().map(|p| p.address).collect();
+    s.publish_serving("echo", &addresses).await?;
     // Evidence-based ejection armed for 3 endpoints: a rotation counted as a failure would
     // eject within an interval.
     let outliers = OutlierDetection {
