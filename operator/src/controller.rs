@@ -26,7 +26,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
     core::DeserializeGuard,
     runtime::{
         Controller, WatchStreamExt,
@@ -91,6 +91,8 @@ pub struct Context {
     metrics: Arc<Metrics>,
     recorder: Recorder,
     writes: Mutex<HashMap<ObjectKey, LastWrite>>,
+    /// Failed reconciles in a row, per GrpcBackend, for the error backoff.
+    failures: Mutex<HashMap<ObjectKey, u32>>,
 }
 
 /// The operator's own latest status write of one GrpcBackend.
@@ -206,6 +208,7 @@ pub async fn run(
         }),
         metrics,
         writes: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
     });
 
     let (backends_store, backends_writer) = reflector::store();
@@ -283,23 +286,68 @@ impl Drop for AbortOnDrop {
 
 async fn reconcile(backend: Arc<Backend>, context: Arc<Context>) -> Result<Action, Error> {
     context.metrics.reconciles.inc();
-    match &backend.0 {
+    let _timer = context.metrics.reconcile_timer();
+    let key = ObjectKey {
+        namespace: backend.meta().namespace.clone().unwrap_or_default(),
+        name: backend.meta().name.clone().unwrap_or_default(),
+    };
+    let result = match &backend.0 {
         Ok(grpc_backend) => reconcile_backend(grpc_backend, &context).await,
-        Err(invalid) => {
-            let key = ObjectKey {
-                namespace: invalid.metadata.namespace.clone().unwrap_or_default(),
-                name: invalid.metadata.name.clone().unwrap_or_default(),
-            };
-            context.probers.remove(&backend_key(&key));
-            let message = format!("the object cannot be read: {}", invalid.error);
-            let resource_version = invalid.metadata.resource_version.clone();
-            write_invalid(&context, &key, invalid.metadata.generation, resource_version, &message).await
-        }
+        Err(invalid) => match read_ignoring_status(&context.client, &key).await {
+            // Only the status is unreadable (an older shape, a hand edit made while the schema
+            // was relaxed): reconcile from the spec and write the status anew, once.
+            Some(readable) => {
+                warn!(backend = %format!("{}/{}", key.namespace, key.name), error = %invalid.error,
+                    "the status cannot be read; rewriting it from the spec");
+                reconcile_backend(&readable, &context).await
+            }
+            None => {
+                context.probers.remove(&backend_key(&key));
+                let message = format!("the object cannot be read: {}", invalid.error);
+                let resource_version = invalid.metadata.resource_version.clone();
+                write_invalid(&context, &key, invalid.metadata.generation, resource_version, &message).await
+            }
+        },
+    };
+    if result.is_ok() {
+        context.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
     }
+    result
 }
 
-fn error_policy(_backend: Arc<Backend>, error: &Error, context: Arc<Context>) -> Action {
-    warn!(%error, "reconcile failed; retrying in 5s");
+/// The GrpcBackend `key` read again with its status left out, if its spec can be read.
+async fn read_ignoring_status(client: &Client, key: &ObjectKey) -> Option<GrpcBackend> {
+    let resource = ApiResource::erase::<GrpcBackend>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.namespace, &resource);
+    let mut object = match api.get(&key.name).await {
+        Ok(object) => object,
+        Err(error) => {
+            debug!(backend = %format!("{}/{}", key.namespace, key.name), %error, "cannot read the object again");
+            return None;
+        }
+    };
+    if let Some(data) = object.data.as_object_mut() {
+        data.remove("status");
+    }
+    let mut backend: GrpcBackend = serde_json::to_value(object).and_then(serde_json::from_value).ok()?;
+    backend.status = None;
+    Some(backend)
+}
+
+/// A failed reconcile is retried after 1s, doubling per failure in a row, at most 5 minutes.
+fn error_policy(backend: Arc<Backend>, error: &Error, context: Arc<Context>) -> Action {
+    let key = ObjectKey {
+        namespace: backend.meta().namespace.clone().unwrap_or_default(),
+        name: backend.meta().name.clone().unwrap_or_default(),
+    };
+    let failures = {
+        let mut failures = context.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let count = failures.entry(key.clone()).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    let retry_in = error_backoff(failures);
+    warn!(backend = %format!("{}/{}", key.namespace, key.name), %error, failures, ?retry_in, "reconcile failed; retrying");
     context
         .metrics
         .reconcile_errors
@@ -307,8 +355,17 @@ fn error_policy(_backend: Arc<Backend>, error: &Error, context: Arc<Context>) ->
             error: error.metric_label().into(),
         })
         .inc();
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(retry_in)
 }
+
+/// The wait before the next try after `failures` failed reconciles in a row.
+fn error_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1)
+        .saturating_mul(1 << failures.saturating_sub(1).min(20))
+        .min(MAX_ERROR_BACKOFF)
+}
+
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(300);
 
 fn backend_key(key: &ObjectKey) -> BackendKey {
     ObjectRef::new(&key.name).within(&key.namespace)
@@ -563,6 +620,7 @@ impl Context {
         self.probers.remove(&backend_key(key));
         self.metrics.forget(&key.namespace, &key.name);
         self.writes.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         info!(backend = %format!("{}/{}", key.namespace, key.name), "GrpcBackend gone; its probers stopped");
     }
 
@@ -581,5 +639,17 @@ impl Context {
         if let Err(error) = self.recorder.publish(&event, &backend.object_ref(&())).await {
             warn!(%error, "cannot publish an Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_backoff_doubles_from_a_second_and_stops_at_five_minutes() {
+        let waits: Vec<u64> = (1..=12).map(|n| error_backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(error_backoff(u32::MAX), MAX_ERROR_BACKOFF);
     }
 }

@@ -41,6 +41,7 @@ pub struct ErrorLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Counter,
+    pub reconcile_duration: Histogram,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub status_writes: Family<BackendLabels, Counter>,
     pub endpoints: Family<EndpointHealthLabels, Gauge>,
@@ -57,6 +58,10 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("kubegrpc");
         let metrics = Self {
             reconciles: Counter::default(),
+            // 1ms .. ~16s: a reconcile is in-memory work plus at most one status write.
+            reconcile_duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 2.0, 15,
+            )),
             reconcile_errors: Family::default(),
             status_writes: Family::default(),
             endpoints: Family::default(),
@@ -75,6 +80,12 @@ impl Default for Metrics {
             "reconciles",
             "Reconciliations of GrpcBackends",
             metrics.reconciles.clone(),
+        );
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Time one reconcile took, status write included",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.reconcile_duration.clone(),
         );
         registry.register(
             "reconcile_errors",
@@ -120,6 +131,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Measures a reconcile until the returned guard is dropped (however the reconcile ends).
+    pub fn reconcile_timer(&self) -> ReconcileTimer<'_> {
+        ReconcileTimer {
+            histogram: &self.reconcile_duration,
+            started: std::time::Instant::now(),
+        }
+    }
+
     pub fn probed(&self, outcome: ProbeOutcome, latency: Option<Duration>) {
         self.probes
             .get_or_create(&ProbeLabels {
@@ -178,5 +197,17 @@ fn backend(namespace: &str, name: &str) -> BackendLabels {
     BackendLabels {
         namespace: namespace.into(),
         name: name.into(),
+    }
+}
+
+/// Observes the time since it was made into the reconcile histogram when dropped.
+pub struct ReconcileTimer<'a> {
+    histogram: &'a Histogram,
+    started: std::time::Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
 }

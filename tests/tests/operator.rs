@@ -810,3 +810,94 @@ fn uncoalesced(namespace: &str) -> kubegrpc_operator::Settings {
         ..kubegrpc_operator::Settings::default()
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_the_operator_cannot_read_is_rewritten_once_then_left_alone() -> Result<()> {
+    // A control plane of its own: the test relaxes the CRD's status schema, as an older
+    // version of the CRD might have had it.
+    let control_plane = kubegrpc_tests::ControlPlane::start(kubegrpc_tests::ControlPlaneOptions::default()).await?;
+    let client = control_plane.client().await?;
+    let namespace = control_plane.create_namespace(&client, "unreadable").await?;
+    let operator = InProcessOperator::start(client.clone(), &namespace);
+    let backend = start_backend(BackendOptions::default()).await?;
+    create_service(&client, &namespace, "echo", &[("grpc", 80)]).await?;
+    apply_slice(
+        &client,
+        &namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &[SliceEndpoint::ready(backend.address)],
+    )
+    .await?;
+    let backends: kube::Api<kubegrpc_crds::GrpcBackend> = kube::Api::namespaced(client.clone(), &namespace);
+    backends
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
+                "metadata": {"name": "echo"}, "spec": {"service": "echo", "port": "grpc"}}))?,
+        )
+        .await?;
+    let ready = |backends: kube::Api<kubegrpc_crds::GrpcBackend>| async move {
+        Ok(backends.get("echo").await.ok().filter(|b| {
+            b.status
+                .as_ref()
+                .is_some_and(|st| st.ready_endpoints == 1 && st.endpoints.len() == 1)
+        }))
+    };
+    kubegrpc_tests::wait::until("ready", DEADLINE, || ready(backends.clone())).await?;
+
+    let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        kube::Api::all(client.clone());
+    crds.patch(
+        "grpcbackends.kubegrpc.io",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::<()>::Json(serde_json::from_value(json!([{"op": "replace",
+            "path": "/spec/versions/0/schema/openAPIV3Schema/properties/status",
+            "value": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}]))?),
+    )
+    .await?;
+    let before = operator.status_writes(&namespace, "echo");
+    let raw: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        client.clone(),
+        &namespace,
+        &kube::api::ApiResource::erase::<kubegrpc_crds::GrpcBackend>(&()),
+    );
+    let unreadable = json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
+        "status": {"readyEndpoints": "many", "endpoints": [{"address": 7, "weight": "heavy"}]}});
+    // The relaxed schema takes a moment to be served: retry until the write is accepted.
+    kubegrpc_tests::wait::until("the unreadable status accepted", DEADLINE, || {
+        let (raw, unreadable) = (raw.clone(), unreadable.clone());
+        async move {
+            raw.patch_status(
+                "echo",
+                &kube::api::PatchParams::apply("kubegrpc-tests").force(),
+                &kube::api::Patch::Apply(unreadable),
+            )
+            .await?;
+            Ok(Some(()))
+        }
+    })
+    .await?;
+    kubegrpc_tests::wait::until("the status rewritten", DEADLINE, || ready(backends.clone())).await?;
+    let rewritten = backends.get("echo").await?;
+
+    // Then nothing: no write on a timer.
+    let params = kube::api::WatchParams::default()
+        .fields("metadata.name=echo")
+        .timeout(30);
+    let version = rewritten.metadata.resource_version.clone().unwrap_or_default();
+    let mut events = backends.watch(&params, &version).await?.boxed();
+    while let Some(event) = events.next().await {
+        match event? {
+            kube::api::WatchEvent::Bookmark(_) => {}
+            other => panic!("the GrpcBackend changed after its status was rewritten: {other:?}"),
+        }
+    }
+    assert_eq!(
+        operator.status_writes(&namespace, "echo"),
+        before + 1,
+        "exactly one write for the unreadable status over 30s"
+    );
+    Ok(())
+}
