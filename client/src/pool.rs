@@ -455,3 +455,382 @@ pub async fn outlier_timer(shared: Weak<Shared>, interval: std::time::Duration) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+    use tokio::net::TcpListener;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{snapshot::Snapshot, status::parse_status};
+
+    const BACKEND: &str = "default/echo";
+
+    /// A loopback address where an HTTP/2 server answers every request at once with a
+    /// trailers-only gRPC response, so that warm-ups succeed. It serves until the test ends.
+    async fn answering() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        tokio::spawn(async move {
+                            let mut body = request.into_body();
+                            while let Some(Ok(_)) = body.data().await {}
+                            let response = http::Response::builder()
+                                .header(http::header::CONTENT_TYPE, "application/grpc")
+                                .header("grpc-status", "0")
+                                .body(())
+                                .expect("a valid response");
+                            let _ = respond.send_response(response, true);
+                        });
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    /// A loopback address where nothing listens: connections to it are refused.
+    fn refusing() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("local address")
+    }
+
+    fn config(outlier_detection: OutlierDetection, panic_threshold: u8) -> PoolConfig {
+        PoolConfig {
+            template: Arc::new(|endpoint| Ok(endpoint.connect_timeout(Duration::from_secs(5)))),
+            tls: false,
+            outlier_detection,
+            panic_threshold,
+            transparent_retry: true,
+        }
+    }
+
+    /// A pool with the default outlier detection and no panic mode.
+    fn pool() -> Arc<Shared> {
+        Shared::new(BACKEND.into(), config(OutlierDetection::default(), 0))
+    }
+
+    /// A status entry as the operator writes it (Kubernetes' conditions left to their defaults).
+    fn entry(address: SocketAddr, weight: u32, health: &str) -> Value {
+        json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight, "health": health})
+    }
+
+    fn apply(shared: &Arc<Shared>, entries: &[Value]) {
+        let parsed = parse_status(Some(&json!({ "endpoints": entries })));
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        shared.apply_status(parsed);
+    }
+
+    /// How often each endpoint is picked over one cycle of the rotation.
+    fn picks_per_cycle(shared: &Shared) -> HashMap<SocketAddr, usize> {
+        let rotation = shared.rotation();
+        let mut picks = HashMap::new();
+        for _ in 0..rotation.picker.cycle_len() {
+            let endpoint = rotation.picker.pick().expect("a non-empty rotation");
+            *picks.entry(endpoint.address).or_default() += 1;
+        }
+        picks
+    }
+
+    fn connection(shared: &Shared, address: SocketAddr) -> Arc<Endpoint> {
+        let rotation = shared.rotation();
+        let endpoint = rotation.picker.items().iter().find(|e| e.address == address);
+        endpoint.expect("the endpoint is in rotation").clone()
+    }
+
+    /// Waits (at most 10s) until the snapshot satisfies `condition`, woken by each rebuild.
+    async fn wait_until(shared: &Shared, what: &str, condition: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let mut version = shared.version.subscribe();
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let snapshot = shared.snapshot();
+                if condition(&snapshot) {
+                    return snapshot;
+                }
+                version.changed().await.expect("the pool is alive");
+            }
+        });
+        match waited.await {
+            Ok(snapshot) => snapshot,
+            Err(_) => panic!("timed out waiting until {what}: {:#?}", shared.snapshot()),
+        }
+    }
+
+    /// A real transport error: a request through a tonic channel to an address that refuses.
+    async fn connect_error() -> tonic::transport::Error {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", refusing()))
+            .expect("a valid URI")
+            .connect_lazy();
+        let request = http::Request::post("/grpc.health.v1.Health/Check")
+            .body(tonic::body::Body::empty())
+            .expect("a valid request");
+        channel.oneshot(request).await.expect_err("the connection is refused")
+    }
+
+    async fn send_error(failure: Failure, consecutive_connect_failures: u32) -> SendError {
+        SendError {
+            error: connect_error().await,
+            failure,
+            consecutive_connect_failures,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_usable_endpoints_are_in_rotation_with_their_weights() {
+        let [light, heavy, not_serving, unknown, weightless, not_ready, terminating] = [
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+        ];
+        let shared = pool();
+        let mut not_ready_entry = entry(not_ready, 100, "Serving");
+        not_ready_entry["serving"] = json!(false);
+        let mut terminating_entry = entry(terminating, 100, "Serving");
+        terminating_entry["terminating"] = json!(true);
+        apply(
+            &shared,
+            &[
+                entry(light, 100, "Serving"),
+                entry(heavy, 300, "Serving"),
+                entry(not_serving, 100, "NotServing"),
+                entry(unknown, 100, "Unknown"),
+                entry(weightless, 0, "Serving"),
+                not_ready_entry,
+                terminating_entry,
+            ],
+        );
+
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(light, 1), (heavy, 3)]));
+        let snapshot = shared.snapshot();
+        assert_eq!(snapshot.unavailable, None);
+        assert!(!snapshot.panic);
+        let in_rotation: Vec<SocketAddr> = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| e.in_rotation)
+            .map(|e| e.address)
+            .collect();
+        assert_eq!(in_rotation, [light, heavy]);
+        assert_eq!(snapshot.endpoints.len(), 7, "every listed endpoint is shown");
+        assert!(!snapshot.endpoint(&not_ready).unwrap().kubernetes_ready);
+        assert!(!snapshot.endpoint(&terminating).unwrap().kubernetes_ready);
+    }
+
+    #[tokio::test]
+    async fn with_no_usable_endpoint_the_reason_names_the_backend() {
+        let shared = pool();
+        assert_eq!(
+            shared.snapshot().unavailable.as_deref(),
+            Some("GrpcBackend default/echo: its status has not been read yet")
+        );
+
+        apply(&shared, &[]);
+        assert_eq!(
+            shared.snapshot().unavailable.as_deref(),
+            Some("GrpcBackend default/echo lists no endpoints")
+        );
+
+        let [not_serving, weightless] = [answering().await, answering().await];
+        apply(
+            &shared,
+            &[entry(not_serving, 100, "NotServing"), entry(weightless, 0, "Serving")],
+        );
+        assert!(shared.rotation().picker.is_empty());
+        assert_eq!(
+            shared.snapshot().unavailable.as_deref(),
+            Some("GrpcBackend default/echo has no ready endpoints (2 listed, 2 Kubernetes-ready, 1 NotServing)")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_backend_empties_the_rotation_and_says_not_found() {
+        let shared = pool();
+        apply(&shared, &[entry(answering().await, 100, "Serving")]);
+        assert!(!shared.rotation().picker.is_empty());
+
+        shared.apply_missing();
+        let snapshot = shared.snapshot();
+        assert!(shared.rotation().picker.is_empty());
+        assert!(snapshot.endpoints.is_empty());
+        assert_eq!(
+            snapshot.unavailable.as_deref(),
+            Some("GrpcBackend default/echo not found")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_weight_change_keeps_the_connection() {
+        let [first, second] = [answering().await, answering().await];
+        let shared = pool();
+        apply(&shared, &[entry(first, 100, "Serving"), entry(second, 100, "Serving")]);
+        let before = connection(&shared, first);
+
+        apply(&shared, &[entry(first, 300, "Serving"), entry(second, 100, "Serving")]);
+        assert!(Arc::ptr_eq(&before, &connection(&shared, first)), "not reconnected");
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(first, 3), (second, 1)]));
+        assert_eq!(shared.snapshot().endpoint(&first).unwrap().weight, 300);
+    }
+
+    #[tokio::test]
+    async fn below_the_panic_threshold_every_kubernetes_ready_endpoint_is_in_rotation() {
+        let [serving, not_serving, unknown, weightless, terminating] = [
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+        ];
+        let shared = Shared::new(BACKEND.into(), config(OutlierDetection::default(), 50));
+        let mut terminating_entry = entry(terminating, 100, "Serving");
+        terminating_entry["terminating"] = json!(true);
+        // One usable of four Kubernetes-ready: 25% < 50%.
+        apply(
+            &shared,
+            &[
+                entry(serving, 300, "Serving"),
+                entry(not_serving, 100, "NotServing"),
+                entry(unknown, 100, "Unknown"),
+                entry(weightless, 0, "Serving"),
+                terminating_entry,
+            ],
+        );
+
+        assert!(shared.rotation().panic && shared.snapshot().panic);
+        let spread_evenly = HashMap::from([(serving, 1), (not_serving, 1), (unknown, 1), (weightless, 1)]);
+        assert_eq!(picks_per_cycle(&shared), spread_evenly);
+        assert!(!shared.snapshot().endpoint(&terminating).unwrap().in_rotation);
+
+        // Two usable of four: 50% is not below the threshold; panic mode ends.
+        let mut terminating_entry = entry(terminating, 100, "Serving");
+        terminating_entry["terminating"] = json!(true);
+        apply(
+            &shared,
+            &[
+                entry(serving, 300, "Serving"),
+                entry(not_serving, 100, "Serving"),
+                entry(unknown, 100, "Unknown"),
+                entry(weightless, 0, "Serving"),
+                terminating_entry,
+            ],
+        );
+        assert!(!shared.snapshot().panic);
+        assert_eq!(
+            picks_per_cycle(&shared),
+            HashMap::from([(serving, 3), (not_serving, 1)])
+        );
+    }
+
+    #[tokio::test]
+    async fn consecutive_connect_failures_eject_at_once() {
+        let [failing, other] = [answering().await, answering().await];
+        let shared = pool();
+        apply(&shared, &[entry(failing, 100, "Serving"), entry(other, 100, "Serving")]);
+        let threshold = shared.config.outlier_detection.consecutive_connect_failures;
+
+        shared.report_failure(failing, &send_error(Failure::Connect, threshold - 1).await);
+        assert!(shared.snapshot().endpoint(&failing).unwrap().in_rotation, "not yet");
+
+        shared.report_failure(failing, &send_error(Failure::Connect, threshold).await);
+        let snapshot = shared.snapshot();
+        let ejected = snapshot.endpoint(&failing).unwrap();
+        assert!(ejected.ejected && !ejected.in_rotation, "{ejected:?}");
+        assert_eq!(ejected.ejections, 1);
+        assert!(snapshot.endpoint(&other).unwrap().in_rotation);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(other, 1)]));
+    }
+
+    #[tokio::test]
+    async fn rotation_failures_never_eject() {
+        let failing = answering().await;
+        let shared = pool();
+        apply(&shared, &[entry(failing, 100, "Serving")]);
+        let threshold = shared.config.outlier_detection.consecutive_connect_failures;
+
+        shared.report_failure(failing, &send_error(Failure::Rotation, threshold).await);
+        let snapshot = shared.snapshot();
+        let endpoint = snapshot.endpoint(&failing).unwrap();
+        assert!(!endpoint.ejected && endpoint.in_rotation, "{endpoint:?}");
+        assert_eq!(endpoint.ejections, 0);
+    }
+
+    #[tokio::test]
+    async fn an_ejection_whose_time_is_up_comes_back_after_warming_up() {
+        let address = answering().await;
+        let outlier_detection = OutlierDetection {
+            base_ejection_time: Duration::ZERO,
+            ..OutlierDetection::default()
+        };
+        let shared = Shared::new(BACKEND.into(), config(outlier_detection, 0));
+        apply(&shared, &[entry(address, 100, "Serving")]);
+        let threshold = shared.config.outlier_detection.consecutive_connect_failures;
+        shared.report_failure(address, &send_error(Failure::Connect, threshold).await);
+        assert_eq!(
+            shared.snapshot().unavailable.as_deref(),
+            Some("all 1 ready endpoints of GrpcBackend default/echo are ejected after connection failures")
+        );
+
+        // Its time is up: it connects again before it takes requests (nothing has run yet on
+        // this single-threaded runtime).
+        shared.end_interval();
+        let warming = shared.snapshot();
+        assert!(warming.endpoints[0].ejected && !warming.endpoints[0].in_rotation);
+
+        let back = wait_until(&shared, "the endpoint is back in rotation", |s| {
+            s.endpoints[0].in_rotation
+        })
+        .await;
+        assert!(!back.endpoints[0].ejected);
+        assert_eq!(back.endpoints[0].ejections, 1);
+        assert_eq!(back.unavailable, None);
+        assert_eq!(back.outlier_intervals, 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_endpoint_that_refuses_connections_is_ejected() {
+        let [answering, refusing] = [answering().await, refusing()];
+        let shared = pool();
+        apply(
+            &shared,
+            &[entry(answering, 100, "Serving"), entry(refusing, 100, "Serving")],
+        );
+
+        let snapshot = wait_until(&shared, "the refusing endpoint is ejected", |s| {
+            s.endpoint(&refusing).unwrap().ejected
+        })
+        .await;
+        assert!(!snapshot.endpoint(&refusing).unwrap().in_rotation);
+        assert!(snapshot.endpoint(&answering).unwrap().in_rotation);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_still_refusing_after_its_ejection_is_ejected_again() {
+        let refusing = refusing();
+        let outlier_detection = OutlierDetection {
+            base_ejection_time: Duration::ZERO,
+            ..OutlierDetection::default()
+        };
+        let shared = Shared::new(BACKEND.into(), config(outlier_detection, 0));
+        apply(&shared, &[entry(refusing, 100, "Serving")]);
+        wait_until(&shared, "the refusing endpoint is ejected", |s| {
+            s.endpoints[0].ejections == 1
+        })
+        .await;
+
+        shared.end_interval();
+        let snapshot = wait_until(&shared, "it is ejected again", |s| s.endpoints[0].ejections == 2).await;
+        assert!(snapshot.endpoints[0].ejected && !snapshot.endpoints[0].in_rotation);
+    }
+}

@@ -5,7 +5,10 @@
 //! reject the whole object for one bad field; here every endpoint entry is read on its own, a
 //! bad one is skipped with a warning, and the good ones stay in use. Nothing here panics.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+};
 
 use kubegrpc_crds::Health;
 use serde_json::Value;
@@ -64,10 +67,13 @@ pub fn parse_status(status: Option<&Value>) -> ParsedStatus {
             return parsed;
         }
     };
+    // Addresses kept so far: a status may list thousands of endpoints, so a duplicate is found
+    // by hashing rather than by searching the endpoints kept.
+    let mut seen = HashSet::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
         match parse_entry(entry) {
             Ok(endpoint) => {
-                if parsed.endpoints.iter().any(|e| e.address == endpoint.address) {
+                if !seen.insert(endpoint.address) {
                     parsed.warnings.push(format!(
                         "status.endpoints[{index}]: {} listed twice; the first kept",
                         endpoint.address
@@ -199,6 +205,78 @@ mod tests {
         assert!(parse_status(None).endpoints.is_empty());
     }
 
+    #[test]
+    fn ten_thousand_entries_with_duplicates_keep_the_first_of_each_in_order() {
+        let address = |i: usize| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 0xff, i & 0xff);
+        let entry = |address: String, weight: u32| json!({"address": address, "port": 50051, "weight": weight, "health": "Serving"});
+        // Index -> the earlier index it repeats, with another weight to tell the copies apart.
+        let duplicates = [(4000, 10), (6000, 20), (9999, 4001)];
+        let mut expected = Vec::new();
+        let entries: Vec<Value> = (0..10_000)
+            .map(|i| match duplicates.iter().find(|(at, _)| *at == i) {
+                Some((_, original)) => entry(address(*original), 7),
+                None if i == 5000 => json!(42),
+                None => {
+                    expected.push(format!("{}:50051", address(i)));
+                    entry(address(i), 100)
+                }
+            })
+            .collect();
+        assert_eq!(entries.len(), 10_000);
+
+        let parsed = parse_status(Some(&json!({ "endpoints": entries })));
+        assert_eq!(parsed.endpoints.len(), 10_000 - 4);
+        let addresses: Vec<String> = parsed.endpoints.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(
+            addresses, expected,
+            "input order, duplicates and the bad entry left out"
+        );
+        assert!(
+            parsed.endpoints.iter().all(|e| e.weight == 100),
+            "the first of each kept"
+        );
+        assert_eq!(
+            parsed.warnings,
+            [
+                "status.endpoints[4000]: 10.0.0.10:50051 listed twice; the first kept",
+                "status.endpoints[5000] skipped: not an object",
+                "status.endpoints[6000]: 10.0.0.20:50051 listed twice; the first kept",
+                "status.endpoints[9999]: 10.0.15.161:50051 listed twice; the first kept",
+            ]
+        );
+    }
+
+    /// The linear search for duplicates this module used before, to compare against.
+    fn parse_entries_by_linear_search(entries: &[Value]) -> ParsedStatus {
+        let mut parsed = ParsedStatus::default();
+        for (index, entry) in entries.iter().enumerate() {
+            match parse_entry(entry) {
+                Ok(endpoint) if parsed.endpoints.iter().any(|e| e.address == endpoint.address) => {
+                    parsed.warnings.push(format!(
+                        "status.endpoints[{index}]: {} listed twice; the first kept",
+                        endpoint.address
+                    ))
+                }
+                Ok(endpoint) => parsed.endpoints.push(endpoint),
+                Err(why) => parsed
+                    .warnings
+                    .push(format!("status.endpoints[{index}] skipped: {why}")),
+            }
+        }
+        parsed
+    }
+
+    /// Entries from few addresses (so that many repeat), some of them bad.
+    fn entry_from_few_addresses() -> impl Strategy<Value = Value> {
+        let address = prop_oneof![Just("10.0.0.1"), Just("10.0.0.2"), Just("::1"), Just("::ffff:10.0.0.1")];
+        let port = prop_oneof![Just(json!(1)), Just(json!(2)), Just(json!("x"))];
+        let health = prop_oneof![Just("Serving"), Just("NotServing"), Just("Draining")];
+        (address, port, 0..3u32, health, any::<bool>()).prop_map(|(address, port, weight, health, terminating)| {
+            json!({"address": address, "port": port, "weight": weight, "health": health,
+                       "terminating": terminating})
+        })
+    }
+
     fn arbitrary_json() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
@@ -234,6 +312,14 @@ mod tests {
             for endpoint in &parsed.endpoints {
                 prop_assert!(endpoint.address.port() != 0);
             }
+        }
+
+        #[test]
+        fn duplicates_are_found_as_a_linear_search_finds_them(
+            entries in prop::collection::vec(entry_from_few_addresses(), 0..40),
+        ) {
+            let parsed = parse_status(Some(&json!({"endpoints": entries})));
+            prop_assert_eq!(parsed, parse_entries_by_linear_search(&entries));
         }
 
         #[test]
