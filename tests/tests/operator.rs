@@ -901,3 +901,94 @@ async fn a_status_the_operator_cannot_read_is_rewritten_once_then_left_alone() -
     );
     Ok(())
 }
+
+/// A port no other test listens on: one wildcard listener there answers for every
+/// 10.250.x.y address of the namespace.
+const WILDCARD_PORT: u16 = 50900;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarting_the_operator_at_a_thousand_serving_endpoints_writes_nothing() -> Result<()> {
+    let s = Scenario::new("restarts").await?;
+    kubegrpc_tests::netns::assert_private_network();
+    let server = kubegrpc_echo::Backend::start(
+        SocketAddr::from(([0, 0, 0, 0], WILDCARD_PORT)),
+        BackendOptions::default(),
+    )
+    .await?;
+    let all: Vec<SocketAddr> = (0..1000)
+        .map(|_| SocketAddr::from((next_backend_ip(), WILDCARD_PORT)))
+        .collect();
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    for (index, chunk) in all.chunks(100).enumerate() {
+        let endpoints: Vec<SliceEndpoint> = chunk.iter().map(|a| SliceEndpoint::ready(*a)).collect();
+        apply_slice(
+            &s.client,
+            &s.namespace,
+            "echo",
+            &format!("echo-{index}"),
+            "grpc",
+            &endpoints,
+        )
+        .await?;
+    }
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    let mut operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let steady = s
+        .wait_status("echo", "1000 Serving", Duration::from_secs(120), |st| {
+            st.ready_endpoints == 1000
+        })
+        .await?;
+    let version = steady.metadata.resource_version.clone().unwrap_or_default();
+
+    for restart in 1..=3 {
+        operator.stop().await;
+        let started = std::time::Instant::now();
+        operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+        let serving_probes = |operator: &InProcessOperator| {
+            operator
+                .metrics
+                .probes
+                .get_or_create(&kubegrpc_operator::metrics::ProbeLabels {
+                    result: "Serving".into(),
+                })
+                .get()
+        };
+        kubegrpc_tests::wait::until(
+            "every endpoint answered the new operator",
+            Duration::from_secs(120),
+            || {
+                let answered = serving_probes(&operator);
+                async move { Ok((answered >= 1000).then_some(())) }
+            },
+        )
+        .await?;
+        let answered_after = started.elapsed();
+        // Past the write interval, with every first answer in: the object must be untouched.
+        let params = kube::api::WatchParams::default()
+            .fields("metadata.name=echo")
+            .timeout(3);
+        let mut events = s.backends().watch(&params, &version).await?.boxed();
+        while let Some(event) = events.next().await {
+            match event? {
+                kube::api::WatchEvent::Bookmark(_) => {}
+                other => panic!(
+                    "restart {restart}: the status changed: {}",
+                    match other {
+                        kube::api::WatchEvent::Modified(b) => brief(b.status.as_ref()),
+                        other => format!("{other:?}"),
+                    }
+                ),
+            }
+        }
+        assert_eq!(operator.status_writes(&s.namespace, "echo"), 0, "restart {restart}");
+        let now = s.backends().get("echo").await?;
+        assert_eq!(now.metadata.resource_version.as_deref(), Some(version.as_str()));
+        println!(
+            "restart {restart} at 1000 endpoints: all answered after {answered_after:?}, 0 status writes, {} connections accepted so far",
+            server.counters.snapshot().connections_accepted
+        );
+    }
+    operator.stop().await;
+    Ok(())
+}

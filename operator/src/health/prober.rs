@@ -91,12 +91,28 @@ impl ProberHandle {
     }
 }
 
+/// At most this many probe connections are being opened at once, operator-wide: a restart or
+/// a new leader opens one per endpoint, and thousands of handshakes at once would time out
+/// probes of healthy endpoints (a false flap that every client sees). Waiting for a turn does
+/// not count against the probe timeout.
+pub const MAX_CONCURRENT_CONNECTS: usize = 64;
+
+/// Limits how many probe connections are being opened at once (see
+/// [`MAX_CONCURRENT_CONNECTS`]); shared by every prober of an operator.
+pub type ConnectLimiter = Arc<tokio::sync::Semaphore>;
+
+/// A limiter of [`MAX_CONCURRENT_CONNECTS`].
+pub fn connect_limiter() -> ConnectLimiter {
+    Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CONNECTS))
+}
+
 /// Starts probing `target`, starting from `initial` (see [`HealthTracker::new`]).
 pub fn spawn(
     target: SocketAddr,
     settings: ProbeSettings,
     initial: HealthVerdict,
     observer: Arc<dyn ProbeObserver>,
+    connects: ConnectLimiter,
 ) -> ProberHandle {
     let tracker = HealthTracker::new(initial.clone(), settings.thresholds);
     let (state_tx, state) = watch::channel(ProbeState {
@@ -113,6 +129,7 @@ pub fn spawn(
         state: state_tx,
         observer,
         last_rotation: None,
+        connects,
     };
     ProberHandle {
         state,
@@ -129,6 +146,7 @@ struct Prober {
     backoff: ExponentialBackoff,
     /// When the server last rotated the connection without a failure being counted.
     last_rotation: Option<Instant>,
+    connects: ConnectLimiter,
 }
 
 /// Why a connection's probing ended.
@@ -147,13 +165,21 @@ impl Prober {
     async fn run(mut self) {
         let mut watch_implemented = self.settings.mode == HealthCheckMode::Watch;
         loop {
+            // A turn to connect, held until the connection answered or failed.
+            let Ok(turn) = self.connects.clone().acquire_owned().await else {
+                return;
+            };
             let attempt_deadline = Instant::now() + self.settings.timeout;
             let mut ended = match self.connect(attempt_deadline).await {
-                Err(failure) => Ended::Failed(failure),
+                Err(failure) => {
+                    drop(turn);
+                    Ended::Failed(failure)
+                }
                 Ok(mut client) => {
                     let ended = if watch_implemented {
-                        self.watch(&mut client, attempt_deadline).await
+                        self.watch(&mut client, attempt_deadline, turn).await
                     } else {
+                        drop(turn);
                         Ended::WatchUnimplemented
                     };
                     if ended == Ended::WatchUnimplemented {
@@ -201,7 +227,12 @@ impl Prober {
     }
 
     /// Follows one `Watch` stream, with a liveness `Check` each quiet interval, until it ends.
-    async fn watch(&mut self, client: &mut HealthClient<Channel>, deadline: Instant) -> Ended {
+    async fn watch(
+        &mut self,
+        client: &mut HealthClient<Channel>,
+        deadline: Instant,
+        turn: tokio::sync::OwnedSemaphorePermit,
+    ) -> Ended {
         let started = Instant::now();
         let mut stream = match tokio::time::timeout_at(deadline, client.watch(self.request())).await {
             Err(_) => return Ended::Failed(Failure::Timeout),
@@ -216,6 +247,7 @@ impl Prober {
             Ok(Ok(None)) => return Ended::Failed(Failure::StreamBroken),
             Ok(Ok(Some(first))) => first,
         };
+        drop(turn);
         self.answered(answer(&first), started);
 
         let mut heard_since_tick = false;

@@ -11,7 +11,7 @@ use kube::runtime::reflector::ObjectRef;
 use kubegrpc_crds::GrpcBackend;
 
 use super::{
-    prober::{self, ProbeObserver, ProbeSettings, ProbeState, ProberHandle},
+    prober::{self, ConnectLimiter, ProbeObserver, ProbeSettings, ProbeState, ProberHandle},
     tracker::{HealthVerdict, ProbeOutcome},
 };
 use crate::metrics::Metrics;
@@ -53,6 +53,7 @@ struct BackendProbers {
 pub struct ProberRegistry {
     backends: Mutex<HashMap<BackendKey, BackendProbers>>,
     reports: Arc<ProbeReports>,
+    connects: ConnectLimiter,
 }
 
 impl ProberRegistry {
@@ -60,6 +61,7 @@ impl ProberRegistry {
         Self {
             backends: Mutex::new(HashMap::new()),
             reports: Arc::new(reports),
+            connects: prober::connect_limiter(),
         }
     }
 
@@ -90,7 +92,13 @@ impl ProberRegistry {
                     backend: backend.clone(),
                     reports: self.reports.clone(),
                 });
-                prober::spawn(*target, settings.clone(), seed(*target), observer)
+                prober::spawn(
+                    *target,
+                    settings.clone(),
+                    seed(*target),
+                    observer,
+                    self.connects.clone(),
+                )
             });
         }
         let states = entry
