@@ -22,32 +22,19 @@ pub async fn follow(
     shared: Arc<Shared>,
     mut first: Option<oneshot::Sender<Result<(), watcher::Error>>>,
 ) {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher(api, config).default_backoff().boxed();
-    let mut listed = false;
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init) => listed = false,
-            Ok(watcher::Event::InitApply(object) | watcher::Event::Apply(object)) => {
-                listed = true;
+    // kube-runtime's single-object watch: `Some` on every read of the object (the first list
+    // included), `None` when it is deleted or absent from a (re)list.
+    let mut reads = watcher::watch_object(api, &name).default_backoff().boxed();
+    while let Some(read) = reads.next().await {
+        match read {
+            Ok(Some(object)) => {
                 debug!(backend = %shared.backend, "status changed");
                 shared.apply_status(parse_status(object.data.get("status")));
                 shared.set_discovery(DiscoveryState::Synced);
             }
-            Ok(watcher::Event::Delete(_)) => {
+            Ok(None) => {
                 shared.apply_missing();
                 shared.set_discovery(DiscoveryState::NotFound);
-            }
-            Ok(watcher::Event::InitDone) => {
-                if listed {
-                    shared.set_discovery(DiscoveryState::Synced);
-                } else {
-                    shared.apply_missing();
-                    shared.set_discovery(DiscoveryState::NotFound);
-                }
-                if let Some(first) = first.take() {
-                    let _ = first.send(Ok(()));
-                }
             }
             Err(error) => {
                 warn!(backend = %shared.backend, %error, "watching the GrpcBackend failed; keeping the last known endpoints");
@@ -58,7 +45,11 @@ pub async fn follow(
                 if let Some(first) = first.take() {
                     let _ = first.send(Err(error));
                 }
+                continue;
             }
+        }
+        if let Some(first) = first.take() {
+            let _ = first.send(Ok(()));
         }
     }
 }
