@@ -134,6 +134,7 @@ pub async fn run(
         let relisted = relisted.clone();
         watcher(services_api, watcher::Config::default())
             .default_backoff()
+            .modify(discovery::trim_service)
             .reflect(services_writer)
             .for_each(move |event| {
                 match event {
@@ -159,6 +160,7 @@ pub async fn run(
         let relisted = relisted.clone();
         watcher(slices_api, watcher::Config::default().labels(SERVICE_NAME_LABEL))
             .default_backoff()
+            .modify(discovery::trim_slice)
             .for_each(move |event| {
                 match event {
                     Ok(event) => {

@@ -200,6 +200,36 @@ fn slice_port(slice: &EndpointSlice, name: &str) -> Option<u16> {
         .filter(|p| *p != 0)
 }
 
+/// Strips a Service to what the operator reads (name, namespace, labels, its ports), before it
+/// is cached: annotations (a last-applied configuration can be kilobytes), managed fields and
+/// the status are dropped.
+pub fn trim_service(service: &mut Service) {
+    trim_metadata(&mut service.metadata);
+    service.status = None;
+    if let Some(spec) = service.spec.as_mut() {
+        let ports = spec.ports.take();
+        *spec = Default::default();
+        spec.ports = ports;
+    }
+}
+
+/// Strips an EndpointSlice to what discovery reads (its labels, ports, and per endpoint the
+/// addresses, conditions, zone, node and target), before it is cached.
+pub fn trim_slice(slice: &mut EndpointSlice) {
+    trim_metadata(&mut slice.metadata);
+    for endpoint in slice.endpoints.iter_mut().flatten() {
+        endpoint.hints = None;
+        endpoint.deprecated_topology = None;
+        endpoint.hostname = None;
+    }
+}
+
+fn trim_metadata(metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    metadata.annotations = None;
+    metadata.managed_fields = None;
+    metadata.owner_references = None;
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
@@ -408,6 +438,55 @@ mod tests {
                 name: "echo-1".into(),
                 uid: Some("u".into())
             })
+        );
+    }
+
+    #[test]
+    fn trimming_keeps_what_discovery_reads_and_drops_the_rest() {
+        let mut full_service = service(&[("grpc", 80), ("http", 8080)]);
+        full_service.metadata.name = Some("echo".into());
+        full_service.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                "x".repeat(4096),
+            )]
+            .into(),
+        );
+        full_service.metadata.managed_fields = Some(vec![Default::default()]);
+        full_service.spec.as_mut().unwrap().cluster_ip = Some("10.0.0.1".into());
+        let mut trimmed_service = full_service.clone();
+        trim_service(&mut trimmed_service);
+        assert_eq!(trimmed_service.metadata.name.as_deref(), Some("echo"));
+        assert!(trimmed_service.metadata.annotations.is_none() && trimmed_service.metadata.managed_fields.is_none());
+        assert!(trimmed_service.spec.as_ref().unwrap().cluster_ip.is_none());
+        for wanted in [
+            PortRef::Name("grpc".into()),
+            PortRef::Number(8080),
+            PortRef::Name("none".into()),
+        ] {
+            assert_eq!(
+                resolve_port(&wanted, &trimmed_service),
+                resolve_port(&wanted, &full_service)
+            );
+        }
+
+        let mut with_everything = endpoint("10.0.0.1", Some(true), None, Some(false));
+        with_everything.zone = Some("zone-a".into());
+        with_everything.node_name = Some("node-1".into());
+        with_everything.hostname = Some("echo-0".into());
+        with_everything.target_ref = Some(ObjectReference {
+            kind: Some("Pod".into()),
+            name: Some("echo-0".into()),
+            ..Default::default()
+        });
+        let mut full_slice = slice("echo-1", "grpc", 50051, vec![with_everything]);
+        full_slice.metadata.managed_fields = Some(vec![Default::default()]);
+        let mut trimmed_slice = full_slice.clone();
+        trim_slice(&mut trimmed_slice);
+        assert!(trimmed_slice.metadata.managed_fields.is_none());
+        assert_eq!(
+            endpoints_from_slices([&trimmed_slice], &grpc()),
+            endpoints_from_slices([&full_slice], &grpc())
         );
     }
 }
