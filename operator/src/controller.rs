@@ -221,7 +221,7 @@ pub async fn run(
             let backends = backends.clone();
             let context = context.clone();
             move |event| {
-                for gone in backends.apply(event) {
+                for gone in backends.apply(&index_entries(event)) {
                     context.forget(&gone);
                 }
             }
@@ -246,6 +246,36 @@ pub async fn run(
         .await;
     drop(triggers);
     Ok(())
+}
+
+/// What the Service -> GrpcBackends index keeps of a GrpcBackend: its name, namespace and
+/// spec. The status (up to a megabyte) stays in the controller's store only.
+fn index_entries(event: &watcher::Event<Backend>) -> watcher::Event<Backend> {
+    let entry = |backend: &Backend| {
+        let metadata = kube::api::ObjectMeta {
+            name: backend.meta().name.clone(),
+            namespace: backend.meta().namespace.clone(),
+            ..Default::default()
+        };
+        DeserializeGuard(match &backend.0 {
+            Ok(backend) => Ok(GrpcBackend {
+                metadata,
+                spec: backend.spec.clone(),
+                status: None,
+            }),
+            Err(invalid) => Err(kube::core::error_boundary::InvalidObject {
+                error: invalid.error.clone(),
+                metadata,
+            }),
+        })
+    };
+    match event {
+        watcher::Event::Apply(backend) => watcher::Event::Apply(entry(backend)),
+        watcher::Event::Delete(backend) => watcher::Event::Delete(entry(backend)),
+        watcher::Event::InitApply(backend) => watcher::Event::InitApply(entry(backend)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
 }
 
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
@@ -972,5 +1002,22 @@ mod tests {
         let waits: Vec<u64> = (1..=12).map(|n| error_backoff(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
         assert_eq!(error_backoff(u32::MAX), MAX_ERROR_BACKOFF);
+    }
+
+    #[test]
+    fn the_service_index_keeps_a_backends_name_and_spec_not_its_status() {
+        let status = GrpcBackendStatus {
+            ready_endpoints: 1,
+            ..Default::default()
+        };
+        let full = grpc_backend(PortRef::Name("grpc".into()), Some(status));
+        let event = index_entries(&watcher::Event::Apply(DeserializeGuard(Ok(full.clone()))));
+        let watcher::Event::Apply(DeserializeGuard(Ok(entry))) = event else {
+            panic!("an Apply of a readable backend stays one");
+        };
+        assert_eq!(entry.status, None);
+        assert_eq!(entry.spec, full.spec);
+        assert_eq!(ObjectKey::of(&entry), ObjectKey::of(&full));
+        assert!(entry.metadata.resource_version.is_none());
     }
 }
