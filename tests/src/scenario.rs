@@ -51,6 +51,26 @@ impl Scenario {
         self.echo_slice(addresses).await
     }
 
+    /// Creates the headless Service `echo` with port `grpc` and lists `addresses`, all ready, in
+    /// EndpointSlices `echo-0`, `echo-1`, ... of at most `per_slice` endpoints each, as the
+    /// EndpointSlice controller splits a big Service.
+    pub async fn echo_service_in_slices(&self, addresses: &[SocketAddr], per_slice: usize) -> Result<()> {
+        create_service(&self.client, &self.namespace, "echo", &[("grpc", 80)]).await?;
+        for (index, chunk) in addresses.chunks(per_slice.max(1)).enumerate() {
+            let endpoints: Vec<SliceEndpoint> = chunk.iter().map(|a| SliceEndpoint::ready(*a)).collect();
+            apply_slice(
+                &self.client,
+                &self.namespace,
+                "echo",
+                &format!("echo-{index}"),
+                "grpc",
+                &endpoints,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Rewrites EndpointSlice `echo-1` of Service `echo` to list `addresses`, all ready.
     pub async fn echo_slice(&self, addresses: &[SocketAddr]) -> Result<()> {
         let endpoints: Vec<SliceEndpoint> = addresses.iter().map(|a| SliceEndpoint::ready(*a)).collect();

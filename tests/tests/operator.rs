@@ -307,20 +307,7 @@ async fn endpoints_in_two_slices_are_listed_once() -> Result<()> {
 async fn a_thousand_endpoints_give_a_complete_status() -> Result<()> {
     let s = Scenario::new("thousand").await?;
     let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    let all = addresses(1000);
-    for (index, chunk) in all.chunks(100).enumerate() {
-        let endpoints: Vec<SliceEndpoint> = chunk.iter().map(|a| SliceEndpoint::ready(*a)).collect();
-        apply_slice(
-            &s.client,
-            &s.namespace,
-            "echo",
-            &format!("echo-{index}"),
-            "grpc",
-            &endpoints,
-        )
-        .await?;
-    }
+    s.echo_service_in_slices(&addresses(1000), 100).await?;
     s.grpc_backend(
         "echo",
         json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
@@ -918,19 +905,7 @@ async fn restarting_the_operator_at_a_thousand_serving_endpoints_writes_nothing(
     let all: Vec<SocketAddr> = (0..1000)
         .map(|_| SocketAddr::from((next_backend_ip(), WILDCARD_PORT)))
         .collect();
-    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    for (index, chunk) in all.chunks(100).enumerate() {
-        let endpoints: Vec<SliceEndpoint> = chunk.iter().map(|a| SliceEndpoint::ready(*a)).collect();
-        apply_slice(
-            &s.client,
-            &s.namespace,
-            "echo",
-            &format!("echo-{index}"),
-            "grpc",
-            &endpoints,
-        )
-        .await?;
-    }
+    s.echo_service_in_slices(&all, 100).await?;
     s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
         .await?;
     let mut operator = InProcessOperator::start(s.client.clone(), &s.namespace);
