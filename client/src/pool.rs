@@ -61,7 +61,8 @@ struct PoolState {
     connections: HashMap<SocketAddr, Arc<Endpoint>>,
     stats: HashMap<SocketAddr, Arc<EndpointStats>>,
     ejections: Ejections,
-    /// Endpoints whose ejection time is up, connecting before they take requests again.
+    /// Ejected endpoints whose ejection time is up, connecting before they take requests again
+    /// (they stay ejected until then).
     warming: HashSet<SocketAddr>,
     panic: bool,
 }
@@ -120,13 +121,14 @@ impl Shared {
         let before: HashMap<SocketAddr, StatusEndpoint> = state.status.iter().map(|e| (e.address, e.clone())).collect();
         for endpoint in &parsed.endpoints {
             // News about an ejected endpoint from the operator readmits it.
-            if before.get(&endpoint.address) != Some(endpoint) {
-                state.ejections.readmit(&endpoint.address);
+            if before.get(&endpoint.address) != Some(endpoint) && state.ejections.readmit(&endpoint.address) {
+                state.warming.remove(&endpoint.address);
             }
         }
         let present: HashSet<SocketAddr> = parsed.endpoints.iter().map(|e| e.address).collect();
         state.ejections.retain(|address| present.contains(address));
-        state.warming.retain(|address| present.contains(address));
+        let PoolState { ejections, warming, .. } = &mut *state;
+        warming.retain(|address| ejections.is_ejected(address));
         state.status = parsed.endpoints;
         state.presence = Presence::Found;
         self.rebuild(&mut state);
@@ -288,7 +290,7 @@ impl Shared {
                     weight: entry.weight,
                     health: entry.health,
                     kubernetes_ready: entry.kubernetes_ready(),
-                    ejected: state.ejections.is_ejected(&entry.address) || state.warming.contains(&entry.address),
+                    ejected: state.ejections.is_ejected(&entry.address),
                     in_rotation: in_rotation.contains(&entry.address),
                     in_flight: count(|s| s.in_flight.load(Ordering::Relaxed)),
                     requests: count(|s| s.requests.load(Ordering::Relaxed)),
@@ -312,7 +314,7 @@ impl Shared {
         let usable: Vec<&StatusEndpoint> = state
             .status
             .iter()
-            .filter(|e| e.usable() && !state.ejections.is_ejected(&e.address) && !state.warming.contains(&e.address))
+            .filter(|e| e.usable() && !state.ejections.is_ejected(&e.address))
             .collect();
         let threshold = usize::from(self.config.panic_threshold);
         let panic = !kubernetes_ready.is_empty() && usable.len() * 100 < threshold * kubernetes_ready.len();
@@ -345,9 +347,7 @@ impl Shared {
             state
                 .status
                 .iter()
-                .filter(|e| {
-                    e.usable() && (state.ejections.is_ejected(&e.address) || state.warming.contains(&e.address))
-                })
+                .filter(|e| e.usable() && state.ejections.is_ejected(&e.address))
                 .map(|e| (e.address, 0))
                 .collect()
         };
@@ -426,10 +426,7 @@ impl Shared {
                 kubernetes_ready.len()
             );
         }
-        if healthy
-            .iter()
-            .all(|e| state.ejections.is_ejected(&e.address) || state.warming.contains(&e.address))
-        {
+        if healthy.iter().all(|e| state.ejections.is_ejected(&e.address)) {
             return format!(
                 "all {} ready endpoints of GrpcBackend {backend} are ejected after connection failures",
                 healthy.len()
