@@ -173,17 +173,22 @@ async fn with_the_operator_requests_follow_health_and_new_backends() -> Result<(
         assert!(count.abs_diff(1000) <= 50, "{spread:?} is not within 5% of even");
     }
 
-    // Under load: flip one NOT_SERVING. Once the client's snapshot shows weight 0, that backend
-    // must receive nothing more.
+    // Under load: flip one NOT_SERVING. Once the client's snapshot shows weight 0 and the
+    // requests that were in flight to it have finished, that backend must receive nothing more.
     let load = Load::start(channel.clone(), 8);
     load.wait_for_more(500, DEADLINE).await?;
     let flipped = backends[0].address;
     backends[0].health.set("", ServingStatus::NotServing);
-    wait_snapshot(&channel, "the flipped endpoint at weight 0", DEADLINE, |snapshot| {
-        snapshot
-            .endpoint(&flipped)
-            .is_some_and(|e| e.weight == 0 && !e.in_rotation)
-    })
+    wait_snapshot(
+        &channel,
+        "the flipped endpoint at weight 0, drained",
+        DEADLINE,
+        |snapshot| {
+            snapshot
+                .endpoint(&flipped)
+                .is_some_and(|e| e.weight == 0 && !e.in_rotation && e.in_flight == 0)
+        },
+    )
     .await?;
     let at_flip = backends[0].counters.snapshot().requests;
     load.wait_for_more(3000, DEADLINE).await?;
