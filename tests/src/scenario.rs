@@ -162,6 +162,30 @@ impl Scenario {
     }
 }
 
+/// Watches GrpcBackend `name` from `resource_version` for `window`: fails on any change (a
+/// status write shows as one), naming the status it changed to.
+pub async fn assert_unchanged(
+    api: &Api<GrpcBackend>,
+    name: &str,
+    resource_version: &str,
+    window: Duration,
+) -> Result<()> {
+    let params = kube::api::WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(window.as_secs().max(1) as u32);
+    let mut events = api.watch(&params, resource_version).await?.boxed();
+    while let Some(event) = events.next().await {
+        match event? {
+            kube::api::WatchEvent::Bookmark(_) => {}
+            kube::api::WatchEvent::Modified(changed) => {
+                bail!("GrpcBackend {name} changed: status {}", brief(changed.status.as_ref()))
+            }
+            other => bail!("GrpcBackend {name} changed: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 /// The endpoint at `address` in a status.
 pub fn endpoint<'a>(status: &'a GrpcBackendStatus, address: &std::net::SocketAddr) -> Option<&'a EndpointStatus> {
     status

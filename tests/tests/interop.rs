@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::{Result, ensure};
-use futures::StreamExt;
 use kubegrpc::{Channel, FailurePercentage, OutlierDetection};
 use kubegrpc_crds::{GrpcBackendStatus, Health};
 use kubegrpc_echo::StatsReply;
@@ -18,7 +17,7 @@ use kubegrpc_tests::{
     objects::{SliceEndpoint, apply_slice, create_service},
     operator::InProcessOperator,
     peers::{PeerLanguage, PeerOptions, PeerServer, start_peers},
-    scenario::{Scenario, endpoint, wait_snapshot},
+    scenario::{Scenario, assert_unchanged, endpoint, wait_snapshot},
     wait,
 };
 use serde_json::json;
@@ -44,22 +43,6 @@ async fn balance(s: &Scenario, peers: &[PeerServer], health_check: serde_json::V
         json!({"service": "echo", "port": "grpc", "healthCheck": health_check}),
     )
     .await?;
-    Ok(())
-}
-
-/// Watches GrpcBackend `name` from `resource_version` for `window`: fails on any change.
-async fn assert_unchanged_for(s: &Scenario, name: &str, resource_version: &str, window: Duration) -> Result<()> {
-    let params = kube::api::WatchParams::default()
-        .fields(&format!("metadata.name={name}"))
-        .timeout(window.as_secs() as u32);
-    let mut events = s.backends().watch(&params, resource_version).await?.boxed();
-    while let Some(event) = events.next().await {
-        match event? {
-            kube::api::WatchEvent::Bookmark(_) => {}
-            kube::api::WatchEvent::Error(error) => anyhow::bail!("watch error: {error:?}"),
-            other => anyhow::bail!("GrpcBackend {name} changed: {other:?}"),
-        }
-    }
     Ok(())
 }
 
@@ -91,8 +74,8 @@ async fn probe_quietly(
         .wait_status("echo", "6 peers Serving", DEADLINE, all_serving(6))
         .await?;
     let writes = operator.status_writes(&s.namespace, "echo");
-    assert_unchanged_for(
-        &s,
+    assert_unchanged(
+        &s.backends(),
         "echo",
         steady.metadata.resource_version.as_deref().unwrap_or_default(),
         window,

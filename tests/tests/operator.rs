@@ -18,7 +18,7 @@ use kubegrpc_tests::{
     backends::{BACKEND_PORT, BackendProcess, addresses_of, next_backend_ip, start_backend, start_backends},
     objects::{SliceEndpoint, apply_slice, create_service},
     operator::InProcessOperator,
-    scenario::{Scenario, brief, endpoint},
+    scenario::{Scenario, assert_unchanged, brief, endpoint},
 };
 use serde_json::json;
 
@@ -548,17 +548,7 @@ async fn with_nothing_changing_the_operator_writes_nothing() -> Result<()> {
     let resource_version = steady.metadata.resource_version.clone().unwrap();
 
     // Watch the object from that version for 30 seconds: no event may arrive.
-    let params = kube::api::WatchParams::default()
-        .fields("metadata.name=echo")
-        .timeout(30);
-    let mut events = s.backends().watch(&params, &resource_version).await?.boxed();
-    while let Some(event) = events.next().await {
-        match event? {
-            kube::api::WatchEvent::Bookmark(_) => {}
-            kube::api::WatchEvent::Error(error) => anyhow::bail!("watch error: {error:?}"),
-            other => panic!("the GrpcBackend changed with nothing changing: {other:?}"),
-        }
-    }
+    assert_unchanged(&s.backends(), "echo", &resource_version, Duration::from_secs(30)).await?;
     let after = s.backends().get("echo").await?;
     assert_eq!(
         after.metadata.resource_version.as_deref(),
@@ -870,17 +860,8 @@ async fn a_status_the_operator_cannot_read_is_rewritten_once_then_left_alone() -
     let rewritten = backends.get("echo").await?;
 
     // Then nothing: no write on a timer.
-    let params = kube::api::WatchParams::default()
-        .fields("metadata.name=echo")
-        .timeout(30);
     let version = rewritten.metadata.resource_version.clone().unwrap_or_default();
-    let mut events = backends.watch(&params, &version).await?.boxed();
-    while let Some(event) = events.next().await {
-        match event? {
-            kube::api::WatchEvent::Bookmark(_) => {}
-            other => panic!("the GrpcBackend changed after its status was rewritten: {other:?}"),
-        }
-    }
+    assert_unchanged(&backends, "echo", &version, Duration::from_secs(30)).await?;
     assert_eq!(
         operator.status_writes(&namespace, "echo"),
         before + 1,
@@ -940,22 +921,9 @@ async fn restarting_the_operator_at_a_thousand_serving_endpoints_writes_nothing(
         .await?;
         let answered_after = started.elapsed();
         // Past the write interval, with every first answer in: the object must be untouched.
-        let params = kube::api::WatchParams::default()
-            .fields("metadata.name=echo")
-            .timeout(3);
-        let mut events = s.backends().watch(&params, &version).await?.boxed();
-        while let Some(event) = events.next().await {
-            match event? {
-                kube::api::WatchEvent::Bookmark(_) => {}
-                other => panic!(
-                    "restart {restart}: the status changed: {}",
-                    match other {
-                        kube::api::WatchEvent::Modified(b) => brief(b.status.as_ref()),
-                        other => format!("{other:?}"),
-                    }
-                ),
-            }
-        }
+        assert_unchanged(&s.backends(), "echo", &version, Duration::from_secs(3))
+            .await
+            .with_context(|| format!("restart {restart}"))?;
         assert_eq!(operator.status_writes(&s.namespace, "echo"), 0, "restart {restart}");
         let now = s.backends().get("echo").await?;
         assert_eq!(now.metadata.resource_version.as_deref(), Some(version.as_str()));
