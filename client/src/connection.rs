@@ -17,7 +17,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, OnceLock, Weak},
+    sync::{Arc, OnceLock, Weak, atomic::Ordering},
     task::{Context, Poll},
     time::Instant,
 };
@@ -28,6 +28,8 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
+
+use crate::endpoint::EndpointStats;
 
 /// A connection (a tonic channel to one address) and whether its server has sent GOAWAY.
 pub struct Connection {
@@ -48,19 +50,26 @@ pub struct ConnectionSlot {
     address: SocketAddr,
     endpoint: tonic::transport::Endpoint,
     watch_frames: bool,
+    stats: Arc<EndpointStats>,
     current: ArcSwap<Connection>,
 }
 
 impl ConnectionSlot {
     /// A slot whose first connection is made on first use. With `watch_frames`, the
     /// connection's frames are watched for GOAWAY (plaintext only).
-    pub fn new(address: SocketAddr, endpoint: tonic::transport::Endpoint, watch_frames: bool) -> Arc<Self> {
+    pub fn new(
+        address: SocketAddr,
+        endpoint: tonic::transport::Endpoint,
+        watch_frames: bool,
+        stats: Arc<EndpointStats>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me: &Weak<Self>| {
-            let first = open(address, &endpoint, watch_frames, me.clone());
+            let first = open(address, &endpoint, watch_frames, &stats, me.clone());
             Self {
                 address,
                 endpoint,
                 watch_frames,
+                stats,
                 current: ArcSwap::from_pointee(first),
             }
         })
@@ -75,7 +84,13 @@ impl ConnectionSlot {
     /// opened now so that none of them pays for the handshake.
     fn replace(self: &Arc<Self>, draining: &Arc<OnceLock<Instant>>) {
         if Arc::ptr_eq(&self.current.load().draining, draining) {
-            let next = open(self.address, &self.endpoint, self.watch_frames, Arc::downgrade(self));
+            let next = open(
+                self.address,
+                &self.endpoint,
+                self.watch_frames,
+                &self.stats,
+                Arc::downgrade(self),
+            );
             let channel = next.channel.clone();
             self.current.store(Arc::new(next));
             tokio::spawn(crate::endpoint::warm_up(channel));
@@ -87,6 +102,7 @@ fn open(
     address: SocketAddr,
     endpoint: &tonic::transport::Endpoint,
     watch_frames: bool,
+    stats: &Arc<EndpointStats>,
     slot: Weak<ConnectionSlot>,
 ) -> Connection {
     let draining = Arc::new(OnceLock::new());
@@ -99,16 +115,19 @@ fn open(
     let nodelay = endpoint.get_tcp_nodelay();
     let keepalive = endpoint.get_tcp_keepalive();
     let flag = draining.clone();
+    let stats = stats.clone();
     let connector = tower::service_fn(move |_: http::Uri| {
-        let (slot, flag) = (slot.clone(), flag.clone());
+        let (slot, flag, stats) = (slot.clone(), flag.clone(), stats.clone());
         async move {
             let stream = TcpStream::connect(address).await?;
+            let closed = ClosedOnDrop::opened(stats);
             stream.set_nodelay(nodelay)?;
             if let Some(time) = keepalive {
                 socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(time))?;
             }
             Ok::<_, io::Error>(TokioIo::new(WatchedStream::new(
                 stream,
+                closed,
                 Box::new(move || {
                     let _ = flag.set(Instant::now());
                     if let Some(slot) = slot.upgrade() {
@@ -124,6 +143,23 @@ fn open(
     }
 }
 
+/// Counts a connection opened, and closed when hyper drops its stream: from then on nothing can
+/// be written on it, so a request sent after that is never processed there.
+struct ClosedOnDrop(Arc<EndpointStats>);
+
+impl ClosedOnDrop {
+    fn opened(stats: Arc<EndpointStats>) -> Self {
+        stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.connections_closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A TCP stream whose incoming HTTP/2 frames are scanned for GOAWAY.
 ///
 /// The bytes after a GOAWAY frame (the server's PING, whose acknowledgement fixes the last
@@ -132,6 +168,7 @@ fn open(
 /// processes them, instead of ignoring them and closing the connection under them.
 struct WatchedStream {
     stream: TcpStream,
+    _closed: ClosedOnDrop,
     scanner: FrameScanner,
     /// Called once, on the first GOAWAY.
     on_goaway: Option<Box<dyn FnOnce() + Send>>,
@@ -142,9 +179,10 @@ struct WatchedStream {
 }
 
 impl WatchedStream {
-    fn new(stream: TcpStream, on_goaway: Box<dyn FnOnce() + Send>) -> Self {
+    fn new(stream: TcpStream, closed: ClosedOnDrop, on_goaway: Box<dyn FnOnce() + Send>) -> Self {
         Self {
             stream,
+            _closed: closed,
             scanner: FrameScanner::default(),
             on_goaway: Some(on_goaway),
             held: Vec::new(),
@@ -319,8 +357,10 @@ mod tests {
         });
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = calls.clone();
+        let stats = Arc::new(EndpointStats::default());
         let mut watched = WatchedStream::new(
             TcpStream::connect(address).await.unwrap(),
+            ClosedOnDrop::opened(stats.clone()),
             Box::new(move || {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
@@ -330,5 +370,58 @@ mod tests {
         watched.read_to_end(&mut received).await.unwrap();
         assert_eq!(received, sent);
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(stats.connections_closed.load(Ordering::Relaxed), 0, "still held");
+        drop(watched);
+        assert_eq!(stats.connections_opened.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.connections_closed.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_reset_by_its_server_is_counted_closed_and_the_next_request_reconnects() {
+        use tower::ServiceExt;
+        // A server that accepts, reads the client's preface, resets its first connection,
+        // then serves nothing: the slot's connection ends, and the next request connects
+        // again (and fails there).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut preface = [0u8; 24];
+            tokio::io::AsyncReadExt::read_exact(&mut socket, &mut preface)
+                .await
+                .unwrap();
+            #[allow(deprecated)]
+            socket.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            drop(socket);
+            listener
+        });
+        let stats = Arc::new(EndpointStats::default());
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
+        let slot = ConnectionSlot::new(address, endpoint, true, stats.clone());
+        let request = || {
+            http::Request::post("/kubegrpc.Test/Call")
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .body(tonic::body::Body::empty())
+                .unwrap()
+        };
+        let first = slot.current().channel.clone().oneshot(request()).await;
+        assert!(first.is_err(), "the reset connection cannot answer");
+        let listener = server.await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stats.connections_closed.load(Ordering::Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reset connection was never counted closed"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(stats.connections_opened.load(Ordering::Relaxed), 1);
+        drop(listener);
+        let second = slot.current().channel.clone().oneshot(request()).await.unwrap_err();
+        assert_eq!(
+            crate::failure::classify(&second),
+            crate::failure::Failure::Connect,
+            "{second:?}"
+        );
     }
 }

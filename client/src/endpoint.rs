@@ -35,6 +35,11 @@ pub struct EndpointStats {
     /// Requests that failed before a response (any reason).
     pub failures: AtomicU64,
     pub ejections: AtomicU64,
+    /// Connections made to this endpoint, and those of them that have ended (fully closed:
+    /// nothing more can be written on them). Counted on plaintext connections only, whose
+    /// stream this crate wraps.
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
     /// Outlier detection's counts for the current interval: responses, and failures that are
     /// evidence against the endpoint (see [`crate::failure`]).
     interval_successes: AtomicU64,
@@ -111,7 +116,7 @@ impl Endpoint {
         let watch_frames = !tls && endpoint.uri().scheme_str() != Some("https");
         Ok(Self {
             address,
-            connection: ConnectionSlot::new(address, endpoint, watch_frames),
+            connection: ConnectionSlot::new(address, endpoint, watch_frames, stats.clone()),
             stats,
         })
     }

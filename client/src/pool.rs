@@ -296,6 +296,8 @@ impl Shared {
                     requests: count(|s| s.requests.load(Ordering::Relaxed)),
                     failures: count(|s| s.failures.load(Ordering::Relaxed)),
                     ejections: count(|s| s.ejections.load(Ordering::Relaxed)),
+                    connections_opened: count(|s| s.connections_opened.load(Ordering::Relaxed)),
+                    connections_closed: count(|s| s.connections_closed.load(Ordering::Relaxed)),
                 }
             })
             .collect();

@@ -46,6 +46,10 @@ pub struct EndpointSnapshot {
     /// caller's deadlines included; only some of them are evidence for ejection).
     pub failures: u64,
     pub ejections: u64,
+    /// Connections made to it so far, and those of them that have ended; the difference is
+    /// the connections open now. Plaintext endpoints only (0 with TLS).
+    pub connections_opened: u64,
+    pub connections_closed: u64,
 }
 
 /// How the channel's view of the GrpcBackend is kept.

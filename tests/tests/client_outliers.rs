@@ -275,8 +275,16 @@ async fn a_request_that_never_reached_a_backend_is_sent_again_elsewhere() -> Res
         Ok((proxy.accepted() >= 1).then_some(()))
     })
     .await?;
-    // Its connection reset, then nothing listens there: connections are refused.
+    // Its connection reset, then nothing listens there: connections are refused. A request
+    // written before the client has read the reset was on the wire and may fail; this test is
+    // about the ones that never reached a backend, so it waits until the client's connection
+    // has ended.
     proxy.set_resetting(true);
+    wait_snapshot(&channel, "the reset connection ended", DEADLINE, |s| {
+        s.endpoint(&dead)
+            .is_some_and(|e| e.connections_opened >= 1 && e.connections_closed == e.connections_opened)
+    })
+    .await?;
     drop(proxy);
 
     let mut client = EchoClient::new(channel.clone());
