@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use kubegrpc_crds::Health;
+use kubegrpc_crds::{FULL_WEIGHT, Health};
 use serde_json::Value;
 
 /// One endpoint of the status, as the client acts on it.
@@ -51,8 +51,8 @@ pub fn parse_status(status: Option<&Value>) -> ParsedStatus {
     let Some(status) = status else {
         return parsed;
     };
-    let endpoints = match status {
-        Value::Object(fields) => fields.get("endpoints"),
+    let (endpoints, common_port) = match status {
+        Value::Object(fields) => (fields.get("endpoints"), fields.get("port")),
         Value::Null => return parsed,
         _ => {
             parsed.warnings.push("status is not an object".into());
@@ -67,11 +67,17 @@ pub fn parse_status(status: Option<&Value>) -> ParsedStatus {
             return parsed;
         }
     };
+    // The port of every entry that names none; a bad one is reported once, and only the
+    // entries that need it are skipped.
+    let common_port = match common_port {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => port_number(value).map(Some).map_err(|why| format!("status.{why}")),
+    };
     // Addresses kept so far: a status may list thousands of endpoints, so a duplicate is found
     // by hashing rather than by searching the endpoints kept.
     let mut seen = HashSet::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
-        match parse_entry(entry) {
+        match parse_entry(entry, &common_port) {
             Ok(endpoint) => {
                 if !seen.insert(endpoint.address) {
                     parsed.warnings.push(format!(
@@ -90,7 +96,19 @@ pub fn parse_status(status: Option<&Value>) -> ParsedStatus {
     parsed
 }
 
-fn parse_entry(entry: &Value) -> Result<StatusEndpoint, String> {
+fn port_number(value: &Value) -> Result<u16, String> {
+    match value {
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {n} is not from 1 to 65535")),
+        _ => Err("port is not a number".into()),
+    }
+}
+
+/// Reads one entry; `common_port` is `status.port` (the port of entries that name none).
+fn parse_entry(entry: &Value, common_port: &Result<Option<u16>, String>) -> Result<StatusEndpoint, String> {
     let fields = entry.as_object().ok_or("not an object")?;
     let address: IpAddr = match fields.get("address") {
         Some(Value::String(text)) => text
@@ -100,21 +118,20 @@ fn parse_entry(entry: &Value) -> Result<StatusEndpoint, String> {
         None => return Err("no address".into()),
     };
     let port = match fields.get("port") {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("port {n} is not from 1 to 65535"))?,
-        Some(_) => return Err("port is not a number".into()),
-        None => return Err("no port".into()),
+        None | Some(Value::Null) => match common_port {
+            Ok(Some(port)) => *port,
+            Ok(None) => return Err("no port, and no status.port".into()),
+            Err(why) => return Err(format!("no port, and {why}")),
+        },
+        Some(value) => port_number(value)?,
     };
     let weight = match fields.get("weight") {
         Some(Value::Number(n)) => n
             .as_u64()
             .and_then(|w| u32::try_from(w).ok())
             .ok_or_else(|| format!("weight {n} is not a whole number from 0 to {}", u32::MAX))?,
+        None | Some(Value::Null) => FULL_WEIGHT,
         Some(_) => return Err("weight is not a number".into()),
-        None => return Err("no weight".into()),
     };
     // A health this version does not know is not Serving: the endpoint is kept, unused.
     let health = match fields.get("health") {
@@ -178,6 +195,77 @@ mod tests {
         assert_eq!(addresses, ["10.0.0.1:50051", "10.0.0.3:50051"]);
         assert_eq!(parsed.warnings.len(), 5, "{:?}", parsed.warnings);
         assert!(parsed.warnings[0].starts_with("status.endpoints[1] skipped: port is not a number"));
+    }
+
+    #[test]
+    fn the_compact_form_takes_the_status_port_and_the_full_weight() {
+        let status = json!({"port": 8080, "endpoints": [
+            {"address": "10.0.0.1", "health": "Serving", "zone": "a", "pod": "p-1"},
+            {"address": "10.0.0.2", "port": 9090, "weight": 7, "health": "Serving"},
+        ]});
+        let parsed = parse_status(Some(&status));
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        assert_eq!(parsed.endpoints[0].address, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(parsed.endpoints[0].weight, FULL_WEIGHT);
+        assert!(parsed.endpoints[0].usable());
+        assert_eq!(parsed.endpoints[1].address, "10.0.0.2:9090".parse().unwrap());
+        assert_eq!(parsed.endpoints[1].weight, 7);
+    }
+
+    #[test]
+    fn a_bad_status_port_skips_only_the_entries_that_need_it() {
+        let status = json!({"port": "grpc", "endpoints": [
+            {"address": "10.0.0.1", "health": "Serving"},
+            {"address": "10.0.0.2", "port": 9090, "health": "Serving"},
+        ]});
+        let parsed = parse_status(Some(&status));
+        assert_eq!(parsed.endpoints.len(), 1);
+        assert_eq!(parsed.endpoints[0].address, "10.0.0.2:9090".parse().unwrap());
+        assert_eq!(
+            parsed.warnings,
+            ["status.endpoints[0] skipped: no port, and status.port is not a number"]
+        );
+    }
+
+    #[test]
+    fn what_the_operator_writes_is_read_as_written() {
+        use kubegrpc_crds::{EndpointStatus, GrpcBackendStatus};
+        let entry = |address: &str, port: i32, weight: u32, terminating: bool| EndpointStatus {
+            address: address.into(),
+            port,
+            weight,
+            health: Health::Serving,
+            serving: true,
+            terminating,
+            zone: Some("z".into()),
+            pod: Some("p".into()),
+            target_ref: None,
+            reason: None,
+            last_transition_time: None,
+        };
+        let written = GrpcBackendStatus {
+            endpoints: vec![
+                entry("10.0.0.1", 8080, FULL_WEIGHT, false),
+                entry("10.0.0.2", 8080, 0, true),
+                entry("fd00::3", 9090, 55, false),
+            ],
+            ..GrpcBackendStatus::default()
+        };
+        let parsed = parse_status(Some(&serde_json::to_value(&written).unwrap()));
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        let read: Vec<(SocketAddr, u32, bool)> = parsed
+            .endpoints
+            .iter()
+            .map(|e| (e.address, e.weight, e.terminating))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ("10.0.0.1:8080".parse().unwrap(), FULL_WEIGHT, false),
+                ("10.0.0.2:8080".parse().unwrap(), 0, true),
+                ("[fd00::3]:9090".parse().unwrap(), 55, false),
+            ]
+        );
     }
 
     #[test]
@@ -250,7 +338,7 @@ mod tests {
     fn parse_entries_by_linear_search(entries: &[Value]) -> ParsedStatus {
         let mut parsed = ParsedStatus::default();
         for (index, entry) in entries.iter().enumerate() {
-            match parse_entry(entry) {
+            match parse_entry(entry, &Ok(None)) {
                 Ok(endpoint) if parsed.endpoints.iter().any(|e| e.address == endpoint.address) => {
                     parsed.warnings.push(format!(
                         "status.endpoints[{index}]: {} listed twice; the first kept",

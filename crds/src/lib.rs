@@ -309,67 +309,62 @@ pub enum WeightingPolicy {
 
 /// Observed state, written by the kubegrpc operator only, and only when something a client acts
 /// on changes.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
+///
+/// The JSON form is compact, because one status lists every endpoint of a Service (10,000 fit
+/// in the operator's default budget of 1 MiB): the port most endpoints use is given once in
+/// `status.port`, and an entry leaves out what is as usual (see [`EndpointStatus`]). Reading
+/// and writing go through that form, so a status read back equals the one written.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(from = "wire::Status", into = "wire::Status")]
 pub struct GrpcBackendStatus {
     /// The `metadata.generation` of the spec this status was computed from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
-
     /// Endpoints that receive new requests: Kubernetes-serving, not terminating, gRPC Serving
     /// and of weight above 0.
-    #[serde(default)]
-    #[schemars(range(min = 0))]
     pub ready_endpoints: i32,
-
     /// Endpoints of the Service that carry the port, whatever their state.
-    #[serde(default)]
-    #[schemars(range(min = 0))]
     pub total_endpoints: i32,
-
     /// `Ready`, `Degraded` and `Truncated`, in the style of metav1.Condition.
-    #[serde(default)]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-
     /// Every endpoint, sorted by address then port. The operator owns the whole list.
-    #[serde(default)]
-    #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub endpoints: Vec<EndpointStatus>,
+}
+
+impl JsonSchema for GrpcBackendStatus {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GrpcBackendStatus".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        wire::Status::json_schema(generator)
+    }
 }
 
 /// One endpoint (address:port) of the Service, with its Kubernetes readiness and its gRPC
 /// health kept apart.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointStatus {
     /// An IPv4 or IPv6 address.
     pub address: String,
-    #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     /// Share of new requests relative to the other endpoints' weights; 0 gets none.
-    #[schemars(schema_with = "weight_schema")]
     pub weight: u32,
     /// What the endpoint's gRPC health service says.
     pub health: Health,
-    /// The EndpointSlice `ready` condition (nil means true).
-    pub ready: bool,
     /// The EndpointSlice `serving` condition (nil means true).
     pub serving: bool,
     /// The EndpointSlice `terminating` condition (nil means false).
     pub terminating: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The Pod behind the endpoint (the EndpointSlice `targetRef`, when it is a Pod).
+    pub pod: Option<String>,
+    /// The object behind the endpoint when it is not a Pod.
     pub target_ref: Option<TargetRef>,
-    /// Why the health is what it is (e.g. `ConnectFailed`), set when it last changed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Why the health is not Serving (e.g. `ConnectFailed`), set when it last changed.
     pub reason: Option<String>,
-    /// When `health` or `weight` last changed.
-    pub last_transition_time: Time,
+    /// When `health`, readiness or `weight` last changed; listed only while the endpoint is
+    /// not serving at full weight (absent: stable for longer than any slow-start window).
+    pub last_transition_time: Option<Time>,
 }
 
 impl EndpointStatus {
@@ -379,28 +374,190 @@ impl EndpointStatus {
     }
 }
 
+/// The object behind an endpoint, when it is not a Pod (its namespace is the GrpcBackend's).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    pub kind: String,
+    pub name: String,
+}
+
+/// The status as stored and served: what is as usual is left out of each entry.
+mod wire {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use kube::KubeSchema;
+    use serde::{Deserialize, Serialize};
+
+    use super::{FULL_WEIGHT, Health, TargetRef};
+
+    /// Observed state, written by the kubegrpc operator only, and only when something a client
+    /// acts on changes.
+    #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Status {
+        /// The `metadata.generation` of the spec this status was computed from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(min = 0))]
+        pub observed_generation: Option<i64>,
+
+        /// Endpoints that receive new requests: Kubernetes-serving, not terminating, gRPC
+        /// Serving and of weight above 0.
+        #[serde(default)]
+        #[schemars(range(min = 0))]
+        pub ready_endpoints: i32,
+
+        /// Endpoints of the Service that carry the port, whatever their state.
+        #[serde(default)]
+        #[schemars(range(min = 0))]
+        pub total_endpoints: i32,
+
+        /// `Ready`, `Degraded` and `Truncated`, in the style of metav1.Condition.
+        #[serde(default)]
+        #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+        pub conditions: Vec<Condition>,
+
+        /// The port of every listed endpoint that does not name its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(min = 1, max = 65535))]
+        pub port: Option<i32>,
+
+        /// Every endpoint, sorted by address then port. The operator owns the whole list.
+        #[serde(default)]
+        #[x_kube(merge_strategy = ListMerge::Atomic)]
+        pub endpoints: Vec<Endpoint>,
+    }
+
+    /// One endpoint. Left out when as usual: `port` (then `status.port`), `weight` (then
+    /// 100), `serving` (then true), `terminating` (then false), `reason` and
+    /// `lastTransitionTime` (while Serving at full weight).
+    #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Endpoint {
+        /// An IPv4 or IPv6 address.
+        pub address: String,
+        /// The endpoint's port when it is not `status.port`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(min = 1, max = 65535))]
+        pub port: Option<i32>,
+        /// Share of new requests relative to the other endpoints' weights; 0 gets none.
+        /// Absent: 100.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(schema_with = "super::weight_schema")]
+        pub weight: Option<u32>,
+        /// What the endpoint's gRPC health service says.
+        pub health: Health,
+        /// The EndpointSlice `serving` condition. Absent: true.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub serving: Option<bool>,
+        /// The EndpointSlice `terminating` condition. Absent: false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub terminating: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub zone: Option<String>,
+        /// The Pod behind the endpoint.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub pod: Option<String>,
+        /// The object behind the endpoint when it is not a Pod.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub target_ref: Option<TargetRef>,
+        /// Why the health is not Serving (e.g. `ConnectFailed`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+        /// When health, readiness or weight last changed; listed while the endpoint is not
+        /// serving at full weight.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub last_transition_time: Option<Time>,
+    }
+
+    impl From<Status> for super::GrpcBackendStatus {
+        fn from(status: Status) -> Self {
+            let common_port = status.port;
+            Self {
+                observed_generation: status.observed_generation,
+                ready_endpoints: status.ready_endpoints,
+                total_endpoints: status.total_endpoints,
+                conditions: status.conditions,
+                endpoints: status
+                    .endpoints
+                    .into_iter()
+                    .map(|e| super::EndpointStatus {
+                        address: e.address,
+                        // Neither given: 0, which no client connects to.
+                        port: e.port.or(common_port).unwrap_or(0),
+                        weight: e.weight.unwrap_or(FULL_WEIGHT),
+                        health: e.health,
+                        serving: e.serving.unwrap_or(true),
+                        terminating: e.terminating.unwrap_or(false),
+                        zone: e.zone,
+                        pod: e.pod,
+                        target_ref: e.target_ref,
+                        reason: e.reason,
+                        last_transition_time: e.last_transition_time,
+                    })
+                    .collect(),
+            }
+        }
+    }
+
+    impl From<super::GrpcBackendStatus> for Status {
+        fn from(status: super::GrpcBackendStatus) -> Self {
+            let common_port = most_common_port(&status.endpoints);
+            Self {
+                observed_generation: status.observed_generation,
+                ready_endpoints: status.ready_endpoints,
+                total_endpoints: status.total_endpoints,
+                conditions: status.conditions,
+                port: common_port,
+                endpoints: status
+                    .endpoints
+                    .into_iter()
+                    .map(|e| Endpoint::new(e, common_port))
+                    .collect(),
+            }
+        }
+    }
+
+    impl Endpoint {
+        pub fn new(e: super::EndpointStatus, common_port: Option<i32>) -> Self {
+            Self {
+                address: e.address,
+                port: (Some(e.port) != common_port).then_some(e.port),
+                weight: (e.weight != FULL_WEIGHT).then_some(e.weight),
+                health: e.health,
+                serving: (!e.serving).then_some(false),
+                terminating: e.terminating.then_some(true),
+                zone: e.zone,
+                pod: e.pod,
+                target_ref: e.target_ref,
+                reason: e.reason,
+                last_transition_time: e.last_transition_time,
+            }
+        }
+    }
+
+    /// The port most endpoints use (the lowest of equals, so that it does not depend on order).
+    pub fn most_common_port(endpoints: &[super::EndpointStatus]) -> Option<i32> {
+        let mut counts = std::collections::BTreeMap::<i32, usize>::new();
+        for endpoint in endpoints {
+            *counts.entry(endpoint.port).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by(|(port_a, count_a), (port_b, count_b)| count_a.cmp(count_b).then(port_b.cmp(port_a)))
+            .map(|(port, _)| port)
+    }
+}
+
 /// A `u32` as the apiserver understands it: it ignores `format: uint32` (and warns about it on
 /// every apply) and would store any integer, so the bounds are explicit.
 fn weight_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
-        "description": "Share of new requests relative to the other endpoints' weights; 0 gets none.",
+        "description": "Share of new requests relative to the other endpoints' weights; 0 gets none. Absent: 100.",
         "type": "integer",
         "format": "int64",
         "minimum": 0,
         "maximum": u32::MAX,
     })
-}
-
-/// The object behind an endpoint, usually a Pod.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "camelCase")]
-pub struct TargetRef {
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid: Option<String>,
 }
 
 /// gRPC health of an endpoint, as the operator's probes see it.
@@ -427,6 +584,16 @@ impl fmt::Display for Health {
 }
 
 impl GrpcBackendStatus {
+    /// Bytes of JSON each of `endpoints` takes in the status as written (separator included),
+    /// were they the whole list.
+    pub fn encoded_entry_sizes(endpoints: &[EndpointStatus]) -> Vec<usize> {
+        let common_port = wire::most_common_port(endpoints);
+        endpoints
+            .iter()
+            .map(|e| serde_json::to_vec(&wire::Endpoint::new(e.clone(), common_port)).map_or(0, |v| v.len() + 1))
+            .collect()
+    }
+
     /// The condition of the given type, if present.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.type_ == type_)

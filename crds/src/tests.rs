@@ -56,14 +56,13 @@ fn usable_means_serving_not_terminating_healthy_and_weighted() {
         port: 50051,
         weight: FULL_WEIGHT,
         health: Health::Serving,
-        ready: true,
         serving: true,
         terminating: false,
         zone: None,
-        node: None,
+        pod: None,
         target_ref: None,
         reason: None,
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        last_transition_time: None,
     };
     assert!(endpoint.is_usable());
     assert!(
@@ -94,4 +93,108 @@ fn usable_means_serving_not_terminating_healthy_and_weighted() {
         }
         .is_usable()
     );
+}
+
+fn entry(address: &str, port: i32) -> EndpointStatus {
+    EndpointStatus {
+        address: address.into(),
+        port,
+        weight: FULL_WEIGHT,
+        health: Health::Serving,
+        serving: true,
+        terminating: false,
+        zone: Some("us-central1-a".into()),
+        pod: Some("checkout-api-7d9f8c6b5d-x2kqp".into()),
+        target_ref: None,
+        reason: None,
+        last_transition_time: None,
+    }
+}
+
+#[test]
+fn a_usual_entry_is_written_with_address_health_zone_and_pod_only() {
+    let status = GrpcBackendStatus {
+        endpoints: vec![entry("10.244.12.34", 8080), entry("10.244.12.35", 8080)],
+        ..GrpcBackendStatus::default()
+    };
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["port"], 8080);
+    assert_eq!(
+        json["endpoints"][0],
+        serde_json::json!({
+            "address": "10.244.12.34",
+            "health": "Serving",
+            "zone": "us-central1-a",
+            "pod": "checkout-api-7d9f8c6b5d-x2kqp",
+        })
+    );
+}
+
+#[test]
+fn every_entry_reads_back_as_written() {
+    let mut unusual = entry("10.244.0.9", 9090);
+    unusual.weight = 0;
+    unusual.health = Health::NotServing;
+    unusual.serving = false;
+    unusual.terminating = true;
+    unusual.zone = None;
+    unusual.pod = None;
+    unusual.target_ref = Some(TargetRef {
+        kind: "VirtualMachine".into(),
+        name: "vm-1".into(),
+    });
+    unusual.reason = Some("ConnectFailed".into());
+    unusual.last_transition_time = Some(Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap()));
+    let status = GrpcBackendStatus {
+        observed_generation: Some(3),
+        ready_endpoints: 2,
+        total_endpoints: 4,
+        conditions: vec![],
+        endpoints: vec![
+            entry("10.244.0.1", 8080),
+            unusual,
+            entry("10.244.0.10", 8080),
+            entry("fd00::1", 8081),
+        ],
+    };
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["port"], 8080, "the port most endpoints use");
+    assert_eq!(json["endpoints"][1]["port"], 9090);
+    assert_eq!(json["endpoints"][3]["port"], 8081);
+    assert!(json["endpoints"][0].get("port").is_none());
+    let read: GrpcBackendStatus = serde_json::from_value(json).unwrap();
+    assert_eq!(read, status);
+}
+
+#[test]
+fn ten_thousand_usual_entries_take_under_128_bytes_each() {
+    // 10,000 of them then fit in the operator's default budget (1.25 MiB).
+    // Realistic names: a GKE zone, a Deployment's Pod, addresses from a /14 Pod range.
+    let endpoints: Vec<EndpointStatus> = (0..10_000u32)
+        .map(|n| entry(&format!("10.{}.{}.{}", 244 + n / 65_536, n / 256 % 256, n % 256), 8080))
+        .collect();
+    let status = GrpcBackendStatus {
+        endpoints,
+        ..GrpcBackendStatus::default()
+    };
+    let json = serde_json::to_value(&status).unwrap();
+    let bytes = serde_json::to_vec(&json["endpoints"]).unwrap().len();
+    assert!(bytes <= 10_000 * 128, "{bytes} bytes for 10,000 entries");
+}
+
+#[test]
+fn an_older_status_with_every_field_still_reads() {
+    let json = serde_json::json!({
+        "readyEndpoints": 1,
+        "totalEndpoints": 1,
+        "endpoints": [{
+            "address": "10.244.0.1", "port": 8080, "weight": 100, "health": "Serving",
+            "ready": true, "serving": true, "terminating": false, "zone": "a", "node": "n1",
+            "targetRef": {"kind": "Pod", "namespace": "default", "name": "p", "uid": "u"},
+            "reason": "Serving", "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }],
+    });
+    let read: GrpcBackendStatus = serde_json::from_value(json).unwrap();
+    assert_eq!(read.endpoints[0].port, 8080);
+    assert!(read.endpoints[0].is_usable());
 }

@@ -90,7 +90,9 @@ pub struct DiscoveredEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub zone: Option<String>,
-    pub node: Option<String>,
+    /// The Pod behind the endpoint, when its `targetRef` is a Pod.
+    pub pod: Option<String>,
+    /// The object behind the endpoint when it is not a Pod.
     pub target_ref: Option<TargetRef>,
 }
 
@@ -157,21 +159,29 @@ pub fn endpoints_from_slices<'a>(
                 }
             };
             let conditions = endpoint.conditions.as_ref();
+            let target = endpoint
+                .target_ref
+                .as_ref()
+                .and_then(|r| Some((r.kind.as_deref()?, r.name.clone()?)));
+            let (pod, target_ref) = match target {
+                Some(("Pod", name)) => (Some(name), None),
+                Some((kind, name)) => (
+                    None,
+                    Some(TargetRef {
+                        kind: kind.to_string(),
+                        name,
+                    }),
+                ),
+                None => (None, None),
+            };
             let discovered = DiscoveredEndpoint {
                 address: SocketAddr::new(ip, port_number),
                 ready: conditions.and_then(|c| c.ready).unwrap_or(true),
                 serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                 zone: endpoint.zone.clone(),
-                node: endpoint.node_name.clone(),
-                target_ref: endpoint.target_ref.as_ref().and_then(|r| {
-                    Some(TargetRef {
-                        kind: r.kind.clone()?,
-                        namespace: r.namespace.clone(),
-                        name: r.name.clone()?,
-                        uid: r.uid.clone(),
-                    })
-                }),
+                pod,
+                target_ref,
             };
             match by_address.get(&discovered.address) {
                 Some(existing) if existing.rank() >= discovered.rank() => {}
@@ -221,6 +231,15 @@ pub fn trim_slice(slice: &mut EndpointSlice) {
         endpoint.hints = None;
         endpoint.deprecated_topology = None;
         endpoint.hostname = None;
+        endpoint.node_name = None;
+        if let Some(target) = endpoint.target_ref.as_mut() {
+            // Kind and name are what the status shows.
+            target.uid = None;
+            target.namespace = None;
+            target.resource_version = None;
+            target.api_version = None;
+            target.field_path = None;
+        }
     }
 }
 
@@ -411,7 +430,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_zone_node_and_target_ref_are_kept() {
+    fn ipv6_zone_and_the_pod_are_kept_and_the_node_is_not() {
         let mut e = endpoint("fd00::1", None, None, None);
         e.zone = Some("z1".into());
         e.node_name = Some("n1".into());
@@ -429,14 +448,25 @@ mod tests {
         let e = &set.endpoints[0];
         assert_eq!(e.address, "[fd00::1]:50051".parse().unwrap());
         assert_eq!(e.zone.as_deref(), Some("z1"));
-        assert_eq!(e.node.as_deref(), Some("n1"));
+        assert_eq!(e.pod.as_deref(), Some("echo-1"));
+        assert_eq!(e.target_ref, None);
+    }
+
+    #[test]
+    fn a_target_that_is_not_a_pod_keeps_its_kind() {
+        let mut e = endpoint("10.0.0.7", None, None, None);
+        e.target_ref = Some(ObjectReference {
+            kind: Some("VirtualMachineInstance".into()),
+            name: Some("vm-7".into()),
+            ..Default::default()
+        });
+        let set = endpoints_from_slices(&[slice("s", "grpc", 50051, vec![e])], &grpc());
+        assert_eq!(set.endpoints[0].pod, None);
         assert_eq!(
-            e.target_ref,
+            set.endpoints[0].target_ref,
             Some(TargetRef {
-                kind: "Pod".into(),
-                namespace: Some("ns".into()),
-                name: "echo-1".into(),
-                uid: Some("u".into())
+                kind: "VirtualMachineInstance".into(),
+                name: "vm-7".into()
             })
         );
     }

@@ -12,7 +12,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kubegrpc_crds::{
-    EndpointStatus, GrpcBackendStatus, Health, PortRef, WeightingPolicy,
+    EndpointStatus, FULL_WEIGHT, GrpcBackendStatus, Health, PortRef, WeightingPolicy,
     condition::{self, reason},
 };
 
@@ -57,9 +57,10 @@ pub struct StatusContext<'a> {
 }
 
 /// How many bytes of JSON the endpoint list may take by default. etcd refuses requests over
-/// 1.5 MiB (its `--max-request-bytes`), and the object also carries metadata, spec and
-/// conditions; 1 MiB of endpoints (about 3,000 to 4,000 entries) leaves room for them.
-pub const DEFAULT_ENDPOINTS_BUDGET: usize = 1024 * 1024;
+/// 1.5 MiB (its `--max-request-bytes`); the rest of the object (metadata, spec, conditions,
+/// managed fields) takes a few KiB, so 1.25 MiB of endpoints leaves a quarter of a MiB for it.
+/// A usual entry (a Pod of a Deployment, with its zone) takes about 107 bytes: 12,000 fit.
+pub const DEFAULT_ENDPOINTS_BUDGET: usize = 1280 * 1024;
 
 /// The status to publish and when it will change by itself (the next slow-start step).
 #[derive(Clone, Debug, PartialEq)]
@@ -96,7 +97,11 @@ pub fn desired_status(
                     if before.health == health
                         && (before.serving && !before.terminating) == endpoint.kubernetes_ready() =>
                 {
-                    before.last_transition_time.0
+                    // No time listed: stable for longer than any slow-start window.
+                    before
+                        .last_transition_time
+                        .as_ref()
+                        .map_or(Timestamp::UNIX_EPOCH, |t| t.0)
                 }
                 _ => now,
             };
@@ -107,19 +112,23 @@ pub fn desired_status(
             if probed_endpoint.connect_failing {
                 connect_failing += 1;
             }
+            // What is as usual is left out, so that 10,000 entries fit in one object: the
+            // reason and time are listed while an endpoint is not serving at full weight.
+            let settled = usable && weighted.weight == FULL_WEIGHT;
             endpoints.push(EndpointStatus {
                 address,
                 port,
                 weight: weighted.weight,
                 health,
-                ready: endpoint.ready,
                 serving: endpoint.serving,
                 terminating: endpoint.terminating,
                 zone: endpoint.zone.clone(),
-                node: endpoint.node.clone(),
+                pod: endpoint.pod.clone(),
                 target_ref: endpoint.target_ref.clone(),
-                reason: probed_endpoint.verdict.reason.clone(),
-                last_transition_time: Time(since),
+                reason: (health != Health::Serving)
+                    .then(|| probed_endpoint.verdict.reason.clone())
+                    .flatten(),
+                last_transition_time: (!settled).then_some(Time(since)),
             });
         }
     }
@@ -176,10 +185,7 @@ fn sort_key(endpoint: &EndpointStatus) -> (Option<SocketAddr>, String, i32) {
 /// Keeps as many endpoints (in address order) as fit in `budget` bytes of JSON, usable ones
 /// first. Returns the kept endpoints and, if some were cut, how many were kept.
 fn fit_budget(endpoints: Vec<EndpointStatus>, budget: usize) -> (Vec<EndpointStatus>, Option<usize>) {
-    let sizes: Vec<usize> = endpoints
-        .iter()
-        .map(|e| serde_json::to_vec(e).map_or(0, |v| v.len() + 1))
-        .collect();
+    let sizes = GrpcBackendStatus::encoded_entry_sizes(&endpoints);
     if sizes.iter().sum::<usize>() <= budget {
         return (endpoints, None);
     }

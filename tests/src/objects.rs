@@ -58,6 +58,7 @@ pub struct SliceEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub zone: Option<String>,
+    pub node: Option<String>,
     pub pod: Option<String>,
 }
 
@@ -70,6 +71,7 @@ impl SliceEndpoint {
             serving: true,
             terminating: false,
             zone: Some("zone-a".into()),
+            node: None,
             pod: None,
         }
     }
@@ -127,6 +129,7 @@ pub async fn apply_slice(
                         terminating: Some(e.terminating),
                     }),
                     zone: e.zone.clone(),
+                    node_name: e.node.clone(),
                     target_ref: e.pod.as_ref().map(|pod| ObjectReference {
                         kind: Some("Pod".into()),
                         namespace: Some(namespace.into()),

@@ -90,8 +90,7 @@ impl Scenario {
             .iter()
             .map(|(address, weight, health)| {
                 serde_json::json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight,
-                       "health": health, "ready": true, "serving": true, "terminating": false,
-                       "lastTransitionTime": "2026-11-23T00:00:00Z"})
+                       "health": health, "serving": true, "terminating": false})
             })
             .collect();
         let ready = endpoints.iter().filter(|(_, w, h)| *w > 0 && *h == "Serving").count();

@@ -389,8 +389,7 @@ async fn the_crd_applies_without_warnings_and_bounds_every_integer() -> Result<(
         json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend", "status": {
             "readyEndpoints": ready, "totalEndpoints": 1,
             "endpoints": [{"address": "10.250.9.9", "port": port, "weight": weight, "health": "Serving",
-                           "ready": true, "serving": true, "terminating": false,
-                           "lastTransitionTime": "2026-11-25T00:00:00Z"}]}})
+                           "serving": true, "terminating": false}]}})
     };
     let write = |body: Value| {
         let api = api.clone();

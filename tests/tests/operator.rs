@@ -11,7 +11,7 @@ use kube::{
     Api,
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
-use kubegrpc_crds::{FULL_WEIGHT, GrpcBackendStatus, Health, condition};
+use kubegrpc_crds::{EndpointStatus, FULL_WEIGHT, GrpcBackendStatus, Health, condition};
 use kubegrpc_echo::{BackendOptions, ServingStatus};
 use kubegrpc_operator::Settings;
 use kubegrpc_tests::{
@@ -57,7 +57,7 @@ async fn three_serving_backends_are_published_with_equal_weights() -> Result<()>
     assert_eq!(status.endpoints.len(), 3);
     for published in &status.endpoints {
         assert_eq!((published.health, published.weight), (Health::Serving, FULL_WEIGHT));
-        assert!(published.ready && published.serving && !published.terminating);
+        assert!(published.serving && !published.terminating);
         assert_eq!(published.zone.as_deref(), Some("zone-a"));
     }
     let mut sorted = status.endpoints.clone();
@@ -357,7 +357,7 @@ async fn a_terminating_endpoint_that_still_serves_gets_no_weight() -> Result<()>
         .await?;
     let status = backend.status.unwrap();
     let terminating = endpoint(&status, &leaving.address).unwrap();
-    assert!(terminating.terminating && terminating.serving && !terminating.ready);
+    assert!(terminating.terminating && terminating.serving);
     assert_eq!(terminating.weight, 0);
     assert_eq!((status.ready_endpoints, status.total_endpoints), (1, 2));
     Ok(())
@@ -644,7 +644,7 @@ async fn past_the_size_budget_the_status_stays_valid_and_says_so() -> Result<()>
     let status = backend.status.unwrap();
     assert_eq!(status.total_endpoints, 61);
     assert!(status.endpoints.len() < 61, "{}", brief(Some(&status)));
-    assert!(serde_json::to_vec(&status.endpoints)?.len() <= 4096 + 2);
+    assert!(serde_json::to_vec(&serde_json::to_value(&status)?["endpoints"])?.len() <= 4096 + 2);
     assert!(
         endpoint(&status, &serving.address).is_some(),
         "usable endpoints are listed first"
@@ -665,33 +665,46 @@ async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
     let s = Scenario::new("ceiling").await?;
     s.grpc_backend("big", json!({"service": "echo", "port": "grpc"}))
         .await?;
-    let entry = |i: usize| {
-        json!({
-            "address": format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256), "port": 50051, "weight": 100,
-            "health": "Serving", "ready": true, "serving": true, "terminating": false, "zone": "zone-a",
-            "node": "node-0001", "reason": "Serving", "lastTransitionTime": "2026-11-23T00:00:00Z",
-            "targetRef": {"kind": "Pod", "namespace": "default", "name": format!("echo-7d9f8c6b5-{i:05}"),
-                          "uid": "0a1b2c3d-4e5f-6789-abcd-ef0123456789"}
-        })
+    // Entries as the operator writes them for a Deployment's Pods (a GKE zone, a Pod name of
+    // the usual length): the common case, whose size the default budget is set for.
+    let entry = |i: usize| EndpointStatus {
+        address: format!("10.{}.{}.{}", 244 + i / 65536, i / 256 % 256, i % 256),
+        port: 8080,
+        weight: FULL_WEIGHT,
+        health: Health::Serving,
+        serving: true,
+        terminating: false,
+        zone: Some("us-central1-a".into()),
+        pod: Some(format!("checkout-api-7d9f8c6b5d-{:05x}", i)),
+        target_ref: None,
+        reason: None,
+        last_transition_time: None,
     };
     let write = |count: usize| {
         let api = s.backends();
         async move {
-            let endpoints: Vec<_> = (0..count).map(entry).collect();
-            let bytes = serde_json::to_vec(&endpoints)?.len();
+            let status = serde_json::to_value(GrpcBackendStatus {
+                endpoints: (0..count).map(entry).collect(),
+                ..GrpcBackendStatus::default()
+            })?;
+            let bytes = serde_json::to_vec(&status["endpoints"])?.len();
             let result = api
                 .patch_status(
                     "big",
                     &PatchParams::apply("ceiling-probe").force(),
                     &Patch::Apply(json!({"apiVersion": "kubegrpc.io/v1alpha1", "kind": "GrpcBackend",
-                                         "status": {"endpoints": endpoints}})),
+                                         "status": status})),
                 )
                 .await;
             Ok::<_, anyhow::Error>((result.is_ok(), bytes))
         }
     };
-    let entry_bytes = serde_json::to_vec(&entry(1234))?.len();
-    let at_budget = kubegrpc_operator::status::DEFAULT_ENDPOINTS_BUDGET / (entry_bytes + 1);
+    let entry_bytes = GrpcBackendStatus::encoded_entry_sizes(&[entry(1234), entry(1235)])[0];
+    let at_budget = kubegrpc_operator::status::DEFAULT_ENDPOINTS_BUDGET / entry_bytes;
+    assert!(
+        at_budget >= 10_000,
+        "{at_budget} usual entries of {entry_bytes} bytes fit in the budget"
+    );
     let (accepted, bytes) = write(at_budget).await?;
     assert!(
         accepted,
@@ -699,8 +712,8 @@ async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
     );
 
     // Bisect between the budget and a count surely too large.
-    let (mut low, mut high) = (at_budget, 20_000);
-    assert!(!write(high).await?.0, "20,000 entries were accepted");
+    let (mut low, mut high) = (at_budget, 30_000);
+    assert!(!write(high).await?.0, "30,000 entries were accepted");
     while high - low > 16 {
         let middle = (low + high) / 2;
         if write(middle).await?.0 {
@@ -933,5 +946,73 @@ async fn restarting_the_operator_at_a_thousand_serving_endpoints_writes_nothing(
         );
     }
     operator.stop().await;
+    Ok(())
+}
+
+/// A Service the size of a big production one, with what a real EndpointSlice carries (zone,
+/// node, Pod): every endpoint in one status, and few enough bytes per entry that 10,000 fit in
+/// the default budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_thousand_endpoints_with_real_metadata_are_all_listed_in_one_status() -> Result<()> {
+    const PORT: u16 = 50901;
+    const COUNT: usize = 2000;
+    let s = Scenario::new("two-thousand").await?;
+    kubegrpc_tests::netns::assert_private_network();
+    let _server =
+        kubegrpc_echo::Backend::start(SocketAddr::from(([0, 0, 0, 0], PORT)), BackendOptions::default()).await?;
+    let zones = ["us-central1-a", "us-central1-b", "us-central1-c"];
+    let endpoints: Vec<SliceEndpoint> = (0..COUNT)
+        .map(|i| SliceEndpoint {
+            zone: Some(zones[i % 3].into()),
+            node: Some(format!(
+                "gke-prod-default-pool-{:08x}-{:04x}",
+                0x5e1f_0000 + i / 30,
+                i / 30
+            )),
+            pod: Some(format!("checkout-api-7d9f8c6b5d-{:05x}", 0x10000 + i)),
+            ..SliceEndpoint::ready(SocketAddr::from((next_backend_ip(), PORT)))
+        })
+        .collect();
+    create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
+    for (index, chunk) in endpoints.chunks(COUNT / 20).enumerate() {
+        apply_slice(&s.client, &s.namespace, "echo", &format!("echo-{index}"), "grpc", chunk).await?;
+    }
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    let backend = s
+        .wait_status("echo", "2000 Serving", Duration::from_secs(120), |st| {
+            st.ready_endpoints == COUNT as i32
+        })
+        .await?;
+    let status = backend.status.unwrap();
+    assert_eq!(status.total_endpoints, COUNT as i32);
+    assert_eq!(status.endpoints.len(), COUNT, "every endpoint listed");
+    let truncated = status.condition(condition::TRUNCATED);
+    assert!(truncated.is_none_or(|c| c.status == "False"), "{truncated:?}");
+    for expected in &endpoints {
+        let published = endpoint(&status, &expected.address).expect("listed");
+        assert_eq!(
+            (published.zone.as_ref(), published.pod.as_ref(), published.weight),
+            (expected.zone.as_ref(), expected.pod.as_ref(), FULL_WEIGHT)
+        );
+    }
+
+    // The bytes the apiserver serves for the list, as every watching client receives them.
+    let raw: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        s.client.clone(),
+        &s.namespace,
+        &kube::api::ApiResource::erase::<kubegrpc_crds::GrpcBackend>(&()),
+    );
+    let served = raw.get("echo").await?;
+    let object_bytes = serde_json::to_vec(&served)?.len();
+    let list_bytes = serde_json::to_vec(&served.data["status"]["endpoints"])?.len();
+    let per_entry = list_bytes / COUNT;
+    let ten_thousand_need = kubegrpc_operator::status::DEFAULT_ENDPOINTS_BUDGET / 10_000;
+    println!(
+        "{COUNT} endpoints: {list_bytes} bytes of endpoints ({per_entry} per entry; 10,000 need at most \
+         {ten_thousand_need}), whole object {object_bytes} bytes"
+    );
+    assert!(per_entry <= ten_thousand_need, "{per_entry} bytes per entry");
     Ok(())
 }

@@ -13,7 +13,7 @@ fn probed(address: &str, health: Health) -> ProbedEndpoint {
             serving: true,
             terminating: false,
             zone: Some("z1".into()),
-            node: None,
+            pod: None,
             target_ref: None,
         },
         verdict: HealthVerdict {
@@ -98,12 +98,14 @@ fn a_not_serving_endpoint_gets_weight_zero_and_only_its_time_moves() {
     assert_eq!((next.ready_endpoints, next.total_endpoints), (2, 3));
     let flipped = next.endpoints.iter().find(|e| e.address == "10.0.0.2").unwrap();
     assert_eq!((flipped.health, flipped.weight), (Health::NotServing, 0));
-    assert_eq!(flipped.last_transition_time, Time(at(60)));
+    assert_eq!(flipped.last_transition_time, Some(Time(at(60))));
+    assert_eq!(flipped.reason.as_deref(), Some("NotServing"));
     let others: Vec<_> = next.endpoints.iter().filter(|e| e.address != "10.0.0.2").collect();
     assert!(
         others
             .iter()
-            .all(|e| e.last_transition_time == Time(at(0)) && e.weight == FULL_WEIGHT)
+            .all(|e| e.last_transition_time.is_none() && e.reason.is_none() && e.weight == FULL_WEIGHT),
+        "settled endpoints list no time or reason"
     );
     let ready = next.condition(condition::READY).unwrap();
     assert_eq!(ready.message, "2 of 3 endpoints ready");
@@ -209,9 +211,9 @@ fn past_the_size_budget_usable_endpoints_are_listed_first_and_a_condition_says_s
         .map(|i| probed(&format!("10.0.{}.{}:80", i / 250, i % 250), Health::NotServing))
         .collect();
     endpoints.push(probed("10.9.9.9:80", Health::Serving));
-    let one_entry = serde_json::to_vec(&desired_status(None, &three_serving(), &ctx(at(0))).status.endpoints[0])
-        .unwrap()
-        .len();
+    let one_entry =
+        GrpcBackendStatus::encoded_entry_sizes(&desired_status(None, &three_serving(), &ctx(at(0))).status.endpoints)
+            [0];
     let budget = one_entry * 10;
     let status = desired_status(
         None,
@@ -223,7 +225,8 @@ fn past_the_size_budget_usable_endpoints_are_listed_first_and_a_condition_says_s
     )
     .status;
     assert!(status.endpoints.len() < 101 && !status.endpoints.is_empty());
-    assert!(serde_json::to_vec(&status.endpoints).unwrap().len() <= budget + 2);
+    let written = serde_json::to_value(&status).unwrap();
+    assert!(serde_json::to_vec(&written["endpoints"]).unwrap().len() <= budget + 2);
     assert!(
         status.endpoints.iter().any(|e| e.address == "10.9.9.9"),
         "the usable endpoint is kept"
@@ -253,9 +256,22 @@ fn slow_start_ramps_from_when_the_endpoint_became_usable() {
     let later = desired_status(Some(&first.status), &three_serving(), &slow(at(25)));
     assert!(later.status.endpoints.iter().all(|e| e.weight == 30));
     assert_eq!(later.changes_in, Some(Duration::from_secs(5)));
+    assert!(
+        later.status.endpoints.iter().all(|e| e.last_transition_time == Some(Time(at(0)))),
+        "a ramping endpoint lists when it became usable"
+    );
     let done = desired_status(Some(&later.status), &three_serving(), &slow(at(95)));
     assert!(done.status.endpoints.iter().all(|e| e.weight == FULL_WEIGHT));
     assert_eq!(done.changes_in, None);
+    assert!(
+        done.status.endpoints.iter().all(|e| e.last_transition_time.is_none()),
+        "settled: no time listed"
+    );
+    // Read back without a time, a settled endpoint stays settled: no ramp again.
+    let read_back: GrpcBackendStatus = serde_json::from_value(serde_json::to_value(&done.status).unwrap()).unwrap();
+    let after_restart = desired_status(Some(&read_back), &three_serving(), &slow(at(96)));
+    assert_eq!(after_restart.status, read_back);
+    assert_eq!(after_restart.changes_in, None);
 }
 
 #[test]

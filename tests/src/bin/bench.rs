@@ -154,7 +154,7 @@ async fn bench(control_plane: &ControlPlane, length: Duration, rounds: usize, co
         .iter()
         .map(|a| {
             json!({"address": a.ip().to_string(), "port": a.port(), "weight": 100, "health": "Serving",
-                   "ready": true, "serving": true, "terminating": false, "lastTransitionTime": "2026-11-23T00:00:00Z"})
+                   "serving": true, "terminating": false})
         })
         .collect();
     kube::Api::<kubegrpc_crds::GrpcBackend>::namespaced(client.clone(), &namespace)

@@ -182,23 +182,13 @@ async fn show_status(control_plane: &ControlPlane) -> Result<()> {
             .kubectl_output(&["get", "gb", "-n", NAMESPACE, "-o", "wide"])
             .await?
     );
-    println!("$ kubectl get gb echo -n {NAMESPACE} -o jsonpath=<each endpoint>");
-    let template = "{range .status.endpoints[*]}{.address}:{.port}  weight={.weight}  health={.health}  \
-                    ready={.ready}  serving={.serving}  terminating={.terminating}  zone={.zone}{\"\\n\"}{end}";
-    print!(
-        "{}",
-        control_plane
-            .kubectl_output(&[
-                "get",
-                "gb",
-                "echo",
-                "-n",
-                NAMESPACE,
-                "-o",
-                &format!("jsonpath={template}")
-            ])
-            .await?
-    );
+    println!("$ kubectl get gb echo -n {NAMESPACE} -o yaml   # its status");
+    let yaml = control_plane
+        .kubectl_output(&["get", "gb", "echo", "-n", NAMESPACE, "-o", "yaml"])
+        .await?;
+    // The status part: what the operator publishes (what is as usual is left out of entries).
+    let status = yaml.find("\nstatus:").map_or(yaml.as_str(), |at| &yaml[at + 1..]);
+    print!("{status}");
     Ok(())
 }
 
