@@ -2,12 +2,13 @@
 SHELL := bash
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test bench controlplane peers crds fmt lint
+.PHONY: help demo test bench scale controlplane peers crds fmt lint
 
 help:
 	@echo "make demo          the product end to end on a local control plane (needs root, Go, Rust)"
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list (release build)"
+	@echo "make scale         10,000 endpoints in one GrpcBackend and 500 x 20: memory, CPU, writes (release build, ~15 min)"
 	@echo "make controlplane  build etcd, kube-apiserver, kube-controller-manager and kubectl (cached)"
 	@echo "make peers         build the grpc-go and grpc-java test peers (cached; needs Go, Java 17, Maven)"
 	@echo "make crds          regenerate crds/grpcbackend.yaml from the Rust types"
@@ -29,6 +30,11 @@ bench:
 	@bin="$$(tests/controlplane/build.sh)" && \
 	cargo build --release --locked -p kubegrpc-tests --bin bench && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench
+
+scale:
+	@bin="$$(tests/controlplane/build.sh)" && \
+	cargo build --release --locked -p kubegrpc-operator -p kubegrpc-tests --bin kubegrpc-operator --bin scale && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/scale
 
 controlplane:
 	tests/controlplane/build.sh

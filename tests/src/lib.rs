@@ -14,6 +14,7 @@ pub mod operator;
 pub mod peers;
 pub mod process;
 pub mod proxy;
+pub mod scale;
 pub mod scenario;
 pub mod wait;
 

@@ -257,7 +257,11 @@ fn slow_start_ramps_from_when_the_endpoint_became_usable() {
     assert!(later.status.endpoints.iter().all(|e| e.weight == 30));
     assert_eq!(later.changes_in, Some(Duration::from_secs(5)));
     assert!(
-        later.status.endpoints.iter().all(|e| e.last_transition_time == Some(Time(at(0)))),
+        later
+            .status
+            .endpoints
+            .iter()
+            .all(|e| e.last_transition_time == Some(Time(at(0)))),
         "a ramping endpoint lists when it became usable"
     );
     let done = desired_status(Some(&later.status), &three_serving(), &slow(at(95)));

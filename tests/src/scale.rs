@@ -1,0 +1,328 @@
+//! The scale scenario: many endpoints in one GrpcBackend and many small GrpcBackends, against
+//! the operator binary in its own process (so that its memory and CPU are its own).
+//!
+//! Every endpoint is an address of the private network namespace served by one wildcard echo
+//! listener: the namespace owns all of 10.250.x.y, so one socket answers for thousands of
+//! "pods", and the operator opens one real connection per endpoint.
+//!
+//! Used by `make scale` (release operator, 10,000 endpoints both ways) and by a short test in
+//! the README's test command.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use kube::{Api, Client, api::ListParams};
+use kubegrpc_crds::GrpcBackend;
+use kubegrpc_echo::BackendOptions;
+use serde_json::json;
+
+use crate::{
+    ControlPlane,
+    backends::next_backend_ip,
+    install::{free_local_address, http_get},
+    netns::assert_private_network,
+    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
+    process::ManagedProcess,
+    wait,
+};
+
+/// What to build: `backends` GrpcBackends of `endpoints_each` endpoints.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub backends: usize,
+    pub endpoints_each: usize,
+}
+
+impl Shape {
+    pub fn total(&self) -> usize {
+        self.backends * self.endpoints_each
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ScaleOptions {
+    pub shape: Shape,
+    /// The operator binary (release for figures, debug in the short test).
+    pub operator: PathBuf,
+    /// How long to watch the converged operator for writes and CPU.
+    pub idle: Duration,
+    pub restarts: usize,
+    /// The port the wildcard listener takes (one per run in a test process).
+    pub port: u16,
+}
+
+/// What one run measured.
+#[derive(Clone, Debug)]
+pub struct ScaleReport {
+    pub shape: Shape,
+    /// From the operator's start to every GrpcBackend listing all its endpoints Serving.
+    pub first_complete: Duration,
+    /// Resident memory after convergence, and the peak over the run (VmHWM), KiB.
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+    /// CPU used while idle, as a share of one core.
+    pub idle_cpu: f64,
+    pub idle_writes: u64,
+    /// Status writes seen after each restart (should be 0), and how long until every endpoint
+    /// had answered the new process.
+    pub restart_writes: Vec<u64>,
+    pub restart_answered: Vec<Duration>,
+    /// The largest GrpcBackend as served by the apiserver, bytes of JSON.
+    pub largest_object_bytes: usize,
+}
+
+impl ScaleReport {
+    pub fn print(&self) {
+        println!(
+            "scale {} x {} = {} endpoints: first complete status after {:.1?}; RSS {:.1} MiB (peak {:.1} MiB, \
+             {:.1} KiB per endpoint); idle CPU {:.1}% of a core, {} status writes while idle; restarts: writes {:?}, \
+             all answered after {:?}; largest object {} bytes",
+            self.shape.backends,
+            self.shape.endpoints_each,
+            self.shape.total(),
+            self.first_complete,
+            self.rss_kib as f64 / 1024.0,
+            self.peak_rss_kib as f64 / 1024.0,
+            self.peak_rss_kib as f64 / self.shape.total() as f64,
+            self.idle_cpu * 100.0,
+            self.idle_writes,
+            self.restart_writes,
+            self.restart_answered,
+            self.largest_object_bytes,
+        );
+    }
+}
+
+/// The memory limit `deploy/deployment.yaml` gives the operator, in KiB.
+pub fn deploy_memory_limit_kib() -> Result<u64> {
+    let path = crate::install::deploy_dir().join("deployment.yaml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let deployment: serde_json::Value = serde_saphyr::from_str(&text).context("deployment.yaml is not YAML")?;
+    let limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        .as_str()
+        .context("deployment.yaml sets no memory limit")?;
+    let (number, unit) = limit.split_at(limit.find(|c: char| !c.is_ascii_digit()).unwrap_or(limit.len()));
+    let number: u64 = number.parse().context("memory limit")?;
+    Ok(match unit {
+        "Ki" => number,
+        "Mi" => number * 1024,
+        "Gi" => number * 1024 * 1024,
+        other => bail!("memory limit unit {other:?} not understood"),
+    })
+}
+
+/// Runs the scenario in a new namespace of `control_plane`.
+pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result<ScaleReport> {
+    assert_private_network();
+    let client = control_plane.client().await?;
+    let namespace = control_plane.create_namespace(&client, "scale").await?;
+    let _server = kubegrpc_echo::Backend::start(
+        SocketAddr::from(([0, 0, 0, 0], options.port)),
+        BackendOptions::default(),
+    )
+    .await?;
+    let shape = &options.shape;
+    create_objects(&client, &namespace, shape, options.port).await?;
+    let api = Api::<GrpcBackend>::namespaced(client.clone(), &namespace);
+
+    let metrics = free_local_address()?;
+    let log_dir = control_plane.dir().to_path_buf();
+    let start = |generation: usize| -> Result<ManagedProcess> {
+        let mut command = Command::new(&options.operator);
+        command
+            .arg("--kubeconfig")
+            .arg(control_plane.kubeconfig())
+            .args(["--namespace", &namespace, "--identity", &format!("scale-{generation}")])
+            .arg("--metrics-address")
+            .arg(metrics.to_string())
+            .env("RUST_LOG", "info");
+        Ok(ManagedProcess::start(
+            "kubegrpc-operator (scale)",
+            command,
+            &log_dir.join(format!("operator-{namespace}-{generation}.log")),
+        )?)
+    };
+
+    let started = Instant::now();
+    let mut operator = start(0)?;
+    let total = shape.total();
+    let versions = wait::until("every endpoint listed Serving", Duration::from_secs(600), || {
+        let api = api.clone();
+        async move { all_serving(&api, shape).await }
+    })
+    .await
+    .with_context(|| operator.log_tail(20))?;
+    let first_complete = started.elapsed();
+
+    // Idle: nothing changes, so nothing is written, and little CPU is used.
+    let cpu_before = cpu_ticks(operator.pid())?;
+    let idle_started = Instant::now();
+    tokio::time::sleep(options.idle).await;
+    let idle_cpu =
+        (cpu_ticks(operator.pid())? - cpu_before) as f64 / ticks_per_second() / idle_started.elapsed().as_secs_f64();
+    let idle_writes = changed(&api, &versions).await?;
+    let rss_kib = memory_kib(operator.pid(), "VmRSS")?;
+    let mut peak_rss_kib = memory_kib(operator.pid(), "VmHWM")?;
+
+    let mut restart_writes = Vec::new();
+    let mut restart_answered = Vec::new();
+    for generation in 1..=options.restarts {
+        operator.stop(Duration::from_secs(10));
+        let restarted = Instant::now();
+        operator = start(generation)?;
+        wait::until(
+            "every endpoint answered the new process",
+            Duration::from_secs(600),
+            || async move {
+                let serving = serving_probes(metrics).await.unwrap_or(0);
+                Ok((serving >= total as u64).then_some(()))
+            },
+        )
+        .await
+        .with_context(|| operator.log_tail(20))?;
+        restart_answered.push(restarted.elapsed());
+        // Past the status write interval (1 s) after every first answer: a write would show.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        restart_writes.push(changed(&api, &versions).await?);
+        peak_rss_kib = peak_rss_kib.max(memory_kib(operator.pid(), "VmHWM")?);
+    }
+
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &namespace,
+        &kube::api::ApiResource::erase::<GrpcBackend>(&()),
+    );
+    let mut largest_object_bytes = 0;
+    for object in raw.list(&ListParams::default()).await? {
+        largest_object_bytes = largest_object_bytes.max(serde_json::to_vec(&object)?.len());
+    }
+    operator.stop(Duration::from_secs(10));
+    let _ = client;
+    Ok(ScaleReport {
+        shape: shape.clone(),
+        first_complete,
+        rss_kib,
+        peak_rss_kib,
+        idle_cpu,
+        idle_writes,
+        restart_writes,
+        restart_answered,
+        largest_object_bytes,
+    })
+}
+
+/// Services of `endpoints_each` endpoints in slices of at most 100, each with a GrpcBackend,
+/// with what a real EndpointSlice carries (zone, node, Pod).
+async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u16) -> Result<()> {
+    let zones = ["us-central1-a", "us-central1-b", "us-central1-c"];
+    let mut pod = 0usize;
+    for backend in 0..shape.backends {
+        let service = format!("svc-{backend}");
+        create_service(client, namespace, &service, &[("grpc", 80)]).await?;
+        let endpoints: Vec<SliceEndpoint> = (0..shape.endpoints_each)
+            .map(|_| {
+                pod += 1;
+                SliceEndpoint {
+                    zone: Some(zones[pod % 3].into()),
+                    node: Some(format!("gke-prod-default-pool-5e1f{:04x}-{:04x}", pod / 30, pod / 30)),
+                    pod: Some(format!("{service}-7d9f8c6b5d-{:05x}", pod)),
+                    ..SliceEndpoint::ready(SocketAddr::from((next_backend_ip(), port)))
+                }
+            })
+            .collect();
+        for (index, chunk) in endpoints.chunks(100).enumerate() {
+            apply_slice(
+                client,
+                namespace,
+                &service,
+                &format!("{service}-{index}"),
+                "grpc",
+                chunk,
+            )
+            .await?;
+        }
+        create_grpc_backend(
+            client,
+            namespace,
+            &format!("gb-{backend}"),
+            json!({"service": service, "port": "grpc"}),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The resource version of every GrpcBackend once all list all their endpoints Serving.
+async fn all_serving(api: &Api<GrpcBackend>, shape: &Shape) -> Result<Option<BTreeMap<String, String>>> {
+    let list = api.list(&ListParams::default()).await?;
+    let complete = list.items.len() == shape.backends
+        && list.items.iter().all(|b| {
+            b.status.as_ref().is_some_and(|s| {
+                s.ready_endpoints as usize == shape.endpoints_each && s.endpoints.len() == shape.endpoints_each
+            })
+        });
+    Ok(complete.then(|| {
+        list.items
+            .iter()
+            .map(|b| {
+                (
+                    b.metadata.name.clone().unwrap_or_default(),
+                    b.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }))
+}
+
+/// How many GrpcBackends changed since `versions` was taken.
+async fn changed(api: &Api<GrpcBackend>, versions: &BTreeMap<String, String>) -> Result<u64> {
+    let list = api.list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|b| {
+            versions.get(b.metadata.name.as_deref().unwrap_or_default()) != b.metadata.resource_version.as_ref()
+        })
+        .count() as u64)
+}
+
+/// Probes that answered Serving so far, from the operator's /metrics.
+async fn serving_probes(metrics: SocketAddr) -> Result<u64> {
+    let text = http_get(metrics, "/metrics").await?;
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with("kubegrpc_probes_total{") && line.contains("result=\"Serving\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+fn memory_kib(pid: i32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} for process {pid}"))
+}
+
+/// User + system CPU of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let after = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
