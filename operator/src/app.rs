@@ -45,6 +45,10 @@ pub struct Options {
     #[arg(long, default_value_t = DEFAULT_ENDPOINTS_BUDGET)]
     pub endpoints_budget_bytes: usize,
 
+    /// Most GrpcBackends reconciled at once.
+    #[arg(long, default_value_t = crate::controller::DEFAULT_RECONCILE_CONCURRENCY)]
+    pub reconcile_concurrency: u16,
+
     /// This replica's name, in Events and the user agent (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -132,6 +136,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         status_write_interval: options.status_write_interval,
         endpoints_budget: options.endpoints_budget_bytes,
         identity: identity.clone(),
+        reconcile_concurrency: options.reconcile_concurrency,
     };
     info!(%identity, namespace = options.namespace.as_deref().unwrap_or("(all)"), "starting");
     client

@@ -55,6 +55,9 @@ use crate::{
     status::{self, Observation, ProbedEndpoint, StatusContext},
 };
 
+/// Default of [`Settings::reconcile_concurrency`].
+pub const DEFAULT_RECONCILE_CONCURRENCY: u16 = 8;
+
 /// How the operator runs.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -66,6 +69,9 @@ pub struct Settings {
     pub endpoints_budget: usize,
     /// This replica's name, for Events.
     pub identity: String,
+    /// Most GrpcBackends reconciled at once: a reconcile of a big one serializes and writes a
+    /// status of up to a megabyte, so a burst (a restart, a relist) is bounded in memory.
+    pub reconcile_concurrency: u16,
 }
 
 impl Default for Settings {
@@ -75,6 +81,7 @@ impl Default for Settings {
             status_write_interval: Duration::from_secs(1),
             endpoints_budget: status::DEFAULT_ENDPOINTS_BUDGET,
             identity: "kubegrpc-operator".into(),
+            reconcile_concurrency: DEFAULT_RECONCILE_CONCURRENCY,
         }
     }
 }
@@ -231,7 +238,9 @@ pub async fn run(
     let probe_triggers = UnboundedReceiverStream::new(probe_changed).map(|key: BackendKey| {
         ObjectRef::<Backend>::new(&key.name).within(key.namespace.as_deref().unwrap_or_default())
     });
+    let concurrency = context.settings.reconcile_concurrency;
     Controller::for_stream(backends_stream, backends_store)
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .reconcile_on(UnboundedReceiverStream::new(triggered))
         .reconcile_on(probe_triggers)
         .reconcile_all_on(UnboundedReceiverStream::new(relists))

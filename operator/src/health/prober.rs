@@ -36,13 +36,8 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use kubegrpc_crds::HealthCheckMode;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::task::AbortOnDropHandle;
-use tonic::{
-    Code, Status,
-    transport::{Channel, Endpoint},
-};
-use tonic_health::pb::{
-    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic::{Code, Status};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus};
 
 use super::tracker::{Failure, HealthTracker, HealthVerdict, NotServingAnswer, ProbeOutcome, Thresholds};
 
@@ -212,24 +207,14 @@ impl Prober {
     }
 
     /// A new connection (no HTTP/2 keepalive: see the module docs), by `deadline`.
-    async fn connect(&self, deadline: Instant) -> Result<HealthClient<Channel>, Failure> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.target))
-            .map_err(|_| Failure::ConnectFailed)?
-            .tcp_nodelay(true)
-            .user_agent(concat!("kubegrpc-operator/", env!("CARGO_PKG_VERSION")))
-            .map_err(|_| Failure::ConnectFailed)?;
-        match tokio::time::timeout_at(deadline, endpoint.connect()).await {
-            Ok(Ok(channel)) => Ok(HealthClient::new(channel)),
-            Ok(Err(error)) if is_timeout(&error) => Err(Failure::ConnectTimeout),
-            Ok(Err(_)) => Err(Failure::ConnectFailed),
-            Err(_) => Err(Failure::ConnectTimeout),
-        }
+    async fn connect(&self, deadline: Instant) -> Result<HealthCalls, Failure> {
+        connect(self.target, deadline).await
     }
 
     /// Follows one `Watch` stream, with a liveness `Check` each quiet interval, until it ends.
     async fn watch(
         &mut self,
-        client: &mut HealthClient<Channel>,
+        client: &mut HealthCalls,
         deadline: Instant,
         turn: tokio::sync::OwnedSemaphorePermit,
     ) -> Ended {
@@ -283,7 +268,7 @@ impl Prober {
     }
 
     /// Polls with `Check` every interval until the connection stops answering.
-    async fn poll(&mut self, client: &mut HealthClient<Channel>) -> Ended {
+    async fn poll(&mut self, client: &mut HealthCalls) -> Ended {
         loop {
             let started = Instant::now();
             match self.check(client).await {
@@ -297,7 +282,7 @@ impl Prober {
     }
 
     /// One `Check`, bounded by `timeout`.
-    async fn check(&self, client: &mut HealthClient<Channel>) -> Liveness {
+    async fn check(&self, client: &mut HealthCalls) -> Liveness {
         let started = Instant::now();
         match tokio::time::timeout(self.settings.timeout, client.check(self.request())).await {
             Err(_) => Liveness::Silent,
@@ -373,19 +358,132 @@ fn call_failure(status: &Status) -> Failure {
     }
 }
 
-/// Whether a connect error is the operating system's connect timeout.
-fn is_timeout(error: &tonic::transport::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(error) = source {
-        if error
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        source = error.source();
+/// A new bare HTTP/2 connection to `target` (no keepalive PINGs), by `deadline`.
+async fn connect(target: SocketAddr, deadline: Instant) -> Result<HealthCalls, Failure> {
+    let connected = tokio::time::timeout_at(deadline, async {
+        let stream = tokio::net::TcpStream::connect(target).await.map_err(|error| {
+            if error.kind() == std::io::ErrorKind::TimedOut {
+                Failure::ConnectTimeout
+            } else {
+                Failure::ConnectFailed
+            }
+        })?;
+        stream.set_nodelay(true).map_err(|_| Failure::ConnectFailed)?;
+        let (send, connection) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, tonic::body::Body>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|_| Failure::ConnectFailed)?;
+        // The connection runs until the server closes it or `send` and every call are
+        // dropped (the prober's connection ends with it).
+        tokio::spawn(connection);
+        Ok(send)
+    })
+    .await;
+    match connected {
+        Ok(Ok(send)) => HealthCalls::new(send, target).map_err(|_| Failure::ConnectFailed),
+        Ok(Err(failure)) => Err(failure),
+        Err(_) => Err(Failure::ConnectTimeout),
     }
-    false
+}
+
+/// `grpc.health.v1.Health` calls on one connection, with small codec buffers: tonic's
+/// generated client allocates 8 KiB per call and keeps it for a `Watch` stream's whole life,
+/// once per endpoint, for messages of a few bytes. The connection is a bare hyper one: tonic's
+/// `Channel` adds a request buffer (its first block is allocated at once), a reconnect layer
+/// and a task that a prober, which reconnects by itself, does not use.
+struct HealthCalls {
+    grpc: tonic::client::Grpc<Http2Connection>,
+}
+
+/// Bytes a health call's encode and decode buffers start with (they grow if a message needs).
+const HEALTH_CODEC_BUFFER: usize = 256;
+
+impl HealthCalls {
+    fn new(
+        send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+        target: SocketAddr,
+    ) -> Result<Self, http::uri::InvalidUri> {
+        let origin: http::Uri = format!("http://{target}").parse()?;
+        Ok(Self {
+            grpc: tonic::client::Grpc::with_origin(Http2Connection(send), origin),
+        })
+    }
+
+    async fn check(&mut self, request: HealthCheckRequest) -> Result<tonic::Response<HealthCheckResponse>, Status> {
+        self.ready().await?;
+        let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+        self.grpc
+            .unary(tonic::Request::new(request), path, SmallBuffers::default())
+            .await
+    }
+
+    async fn watch(
+        &mut self,
+        request: HealthCheckRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<HealthCheckResponse>>, Status> {
+        self.ready().await?;
+        let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Watch");
+        self.grpc
+            .server_streaming(tonic::Request::new(request), path, SmallBuffers::default())
+            .await
+    }
+
+    /// As tonic's generated clients do: a connection that cannot take a call is UNKNOWN.
+    async fn ready(&mut self) -> Result<(), Status> {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|error| Status::unknown(format!("Service was not ready: {error}")))
+    }
+}
+
+/// One HTTP/2 connection as a tower service, each request sent with the prober's user agent.
+struct Http2Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Http2Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        request.headers_mut().insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(concat!("kubegrpc-operator/", env!("CARGO_PKG_VERSION"))),
+        );
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// The prost codec with [`HEALTH_CODEC_BUFFER`]-byte buffers.
+struct SmallBuffers<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for SmallBuffers<T, U> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for SmallBuffers<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<T, U>::raw_encoder(tonic::codec::BufferSettings::new(HEALTH_CODEC_BUFFER, 32 * 1024))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<T, U>::raw_decoder(tonic::codec::BufferSettings::new(HEALTH_CODEC_BUFFER, 32 * 1024))
+    }
 }
 
 /// Reconnect delays: from 100ms, doubling, with jitter (so that the probers of many endpoints
@@ -424,16 +522,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_connection_is_not_a_timeout() {
+    async fn a_refused_connection_is_a_connect_failure() {
         // A port nothing listens on, on loopback: refused at once.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         drop(listener);
-        let error = Endpoint::from_shared(format!("http://{address}"))
-            .unwrap()
-            .connect()
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(connect(address, deadline).await.err(), Some(Failure::ConnectFailed));
+    }
+
+    #[tokio::test]
+    async fn check_and_watch_are_answered_on_one_bare_connection() {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let _server = AbortOnDropHandle::new(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut calls = connect(address, deadline).await.unwrap();
+        let request = || HealthCheckRequest { service: String::new() };
+        let checked = calls.check(request()).await.unwrap().into_inner();
+        assert_eq!(checked.status, ServingStatus::Serving as i32);
+        let mut stream = calls.watch(request()).await.unwrap().into_inner();
+        assert_eq!(
+            stream.message().await.unwrap().unwrap().status,
+            ServingStatus::Serving as i32
+        );
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        assert_eq!(
+            stream.message().await.unwrap().unwrap().status,
+            ServingStatus::NotServing as i32
+        );
+        let unknown = calls
+            .check(HealthCheckRequest { service: "nope".into() })
             .await
             .unwrap_err();
-        assert!(!is_timeout(&error), "{error:?}");
+        assert_eq!(unknown.code(), Code::NotFound);
     }
 }
