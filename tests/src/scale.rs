@@ -53,7 +53,10 @@ pub struct ScaleOptions {
     /// How long to watch the converged operator for writes and CPU.
     pub idle: Duration,
     pub restarts: usize,
-    /// The port the wildcard listener takes (one per run in a test process).
+    /// Changes of one endpoint to time (see [`ScaleReport::change_latencies`]).
+    pub changes: usize,
+    /// The port the wildcard listener takes (one per run in a test process), below the
+    /// ephemeral range (32768-60999) that the probe connections' local ports come from.
     pub port: u16,
 }
 
@@ -75,6 +78,12 @@ pub struct ScaleReport {
     pub restart_answered: Vec<Duration>,
     /// The largest GrpcBackend as served by the apiserver, bytes of JSON.
     pub largest_object_bytes: usize,
+    /// One endpoint of the first GrpcBackend changed in its EndpointSlice (terminating, then
+    /// not): per change, the time until a watcher of the GrpcBackend saw it in the status.
+    pub change_latencies: Vec<Duration>,
+    /// The operator's mean reconcile time (computing and applying the status) during the
+    /// changes.
+    pub change_reconcile: Duration,
 }
 
 impl ScaleReport {
@@ -82,7 +91,8 @@ impl ScaleReport {
         println!(
             "scale {} x {} = {} endpoints: first complete status after {:.1?}; RSS {:.1} MiB (peak {:.1} MiB, \
              {:.1} KiB per endpoint); idle CPU {:.1}% of a core, {} status writes while idle; restarts: writes {:?}, \
-             all answered after {:?}; largest object {} bytes",
+             all answered after {:?}; largest object {} bytes; one change seen after {:?} (median {:?}), \
+             reconcile {:?}",
             self.shape.backends,
             self.shape.endpoints_each,
             self.shape.total(),
@@ -95,8 +105,18 @@ impl ScaleReport {
             self.restart_writes,
             self.restart_answered,
             self.largest_object_bytes,
+            self.change_latencies,
+            median(&self.change_latencies),
+            self.change_reconcile,
         );
     }
+}
+
+/// The middle value (the upper one of two).
+pub fn median(values: &[Duration]) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
 /// The memory limit `deploy/deployment.yaml` gives the operator, in KiB.
@@ -128,7 +148,7 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
     )
     .await?;
     let shape = &options.shape;
-    create_objects(&client, &namespace, shape, options.port).await?;
+    let first_slice = create_objects(&client, &namespace, shape, options.port).await?;
     let api = Api::<GrpcBackend>::namespaced(client.clone(), &namespace);
 
     let metrics = free_local_address()?;
@@ -193,6 +213,9 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
         peak_rss_kib = peak_rss_kib.max(memory_kib(operator.pid(), "VmHWM")?);
     }
 
+    let (change_latencies, change_reconcile) =
+        changes(&client, &namespace, &api, first_slice, metrics, options.changes).await?;
+
     let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
         client.clone(),
         &namespace,
@@ -214,12 +237,89 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
         restart_writes,
         restart_answered,
         largest_object_bytes,
+        change_latencies,
+        change_reconcile,
     })
 }
 
+/// Flips `terminating` of the first endpoint of `gb-0`'s first slice `count` times; per flip,
+/// the time from the slice write to a watcher seeing it in the status.
+async fn changes(
+    client: &Client,
+    namespace: &str,
+    api: &Api<GrpcBackend>,
+    mut slice: Vec<SliceEndpoint>,
+    metrics: SocketAddr,
+    count: usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    use futures::StreamExt;
+    let (sum_before, count_before) = reconcile_time(metrics).await?;
+    let mut latencies = Vec::new();
+    for _ in 0..count {
+        // Past the status write interval (1 s), so that coalescing does not hold the change.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let current = api.get("gb-0").await?;
+        let version = current.metadata.resource_version.clone().unwrap_or_default();
+        let mut events = api
+            .watch(
+                &kube::api::WatchParams::default().fields("metadata.name=gb-0"),
+                &version,
+            )
+            .await?
+            .boxed();
+        let target = slice[0].address;
+        let terminating = !slice[0].terminating;
+        slice[0].terminating = terminating;
+        slice[0].ready = !terminating;
+        let started = Instant::now();
+        apply_slice(client, namespace, "svc-0", "svc-0-0", "grpc", &slice).await?;
+        let seen = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(event) = events.next().await {
+                if let kube::api::WatchEvent::Modified(object) = event? {
+                    let shown = object.status.as_ref().is_some_and(|s| {
+                        s.endpoints.iter().any(|e| {
+                            e.address == target.ip().to_string()
+                                && e.port == i32::from(target.port())
+                                && e.terminating == terminating
+                        })
+                    });
+                    if shown {
+                        return Ok::<_, anyhow::Error>(started.elapsed());
+                    }
+                }
+            }
+            bail!("the watch ended")
+        })
+        .await
+        .context("the change never showed in the status")??;
+        latencies.push(seen);
+    }
+    let (sum_after, count_after) = reconcile_time(metrics).await?;
+    let reconciles = (count_after - count_before).max(1.0);
+    Ok((
+        latencies,
+        Duration::from_secs_f64((sum_after - sum_before) / reconciles),
+    ))
+}
+
+/// The operator's reconcile duration histogram: sum of seconds and count.
+async fn reconcile_time(metrics: SocketAddr) -> Result<(f64, f64)> {
+    let text = http_get(metrics, "/metrics").await?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("kubegrpc_reconcile_duration_seconds_sum"),
+        value("kubegrpc_reconcile_duration_seconds_count"),
+    ))
+}
+
 /// Services of `endpoints_each` endpoints in slices of at most 100, each with a GrpcBackend,
-/// with what a real EndpointSlice carries (zone, node, Pod).
-async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u16) -> Result<()> {
+/// with what a real EndpointSlice carries (zone, node, Pod). Returns `svc-0`'s first slice.
+async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u16) -> Result<Vec<SliceEndpoint>> {
+    let mut first_slice = Vec::new();
     let zones = ["us-central1-a", "us-central1-b", "us-central1-c"];
     let mut pod = 0usize;
     for backend in 0..shape.backends {
@@ -246,6 +346,9 @@ async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u
                 chunk,
             )
             .await?;
+            if backend == 0 && index == 0 {
+                first_slice = chunk.to_vec();
+            }
         }
         create_grpc_backend(
             client,
@@ -255,7 +358,7 @@ async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u
         )
         .await?;
     }
-    Ok(())
+    Ok(first_slice)
 }
 
 /// The resource version of every GrpcBackend once all list all their endpoints Serving.

@@ -883,9 +883,10 @@ async fn a_status_the_operator_cannot_read_is_rewritten_once_then_left_alone() -
     Ok(())
 }
 
-/// A port no other test listens on: one wildcard listener there answers for every
+/// A port no other test listens on, below the ephemeral range (32768-60999) that thousands of
+/// probe connections take their local ports from: one wildcard listener there answers for every
 /// 10.250.x.y address of the namespace.
-const WILDCARD_PORT: u16 = 50900;
+const WILDCARD_PORT: u16 = 30900;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarting_the_operator_at_a_thousand_serving_endpoints_writes_nothing() -> Result<()> {
@@ -954,7 +955,7 @@ async fn restarting_the_operator_at_a_thousand_serving_endpoints_writes_nothing(
 /// the default budget.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_thousand_endpoints_with_real_metadata_are_all_listed_in_one_status() -> Result<()> {
-    const PORT: u16 = 50901;
+    const PORT: u16 = 30901;
     const COUNT: usize = 2000;
     let s = Scenario::new("two-thousand").await?;
     kubegrpc_tests::netns::assert_private_network();

@@ -19,6 +19,7 @@ async fn check(shape: Shape, port: u16) -> Result<()> {
             operator: built_binary("kubegrpc-operator")?,
             idle: Duration::from_secs(10),
             restarts: 2,
+            changes: 3,
             port,
         },
     )
@@ -46,7 +47,7 @@ async fn two_thousand_endpoints_in_one_grpc_backend_stay_bounded_and_quiet() -> 
             backends: 1,
             endpoints_each: 2000,
         },
-        51010,
+        30910,
     )
     .await
 }
@@ -58,7 +59,7 @@ async fn a_hundred_grpc_backends_of_twenty_stay_bounded_and_quiet() -> Result<()
             backends: 100,
             endpoints_each: 20,
         },
-        51011,
+        30911,
     )
     .await
 }

@@ -46,7 +46,9 @@ async fn main() -> Result<()> {
             operator: operator.clone(),
             idle: Duration::from_secs(idle),
             restarts,
-            port: 51000 + index as u16,
+            changes: 5,
+            // Below the ephemeral range (32768-60999), which thousands of probe connections use.
+            port: 31000 + index as u16,
         };
         let report = run(&control_plane, &options).await?;
         report.print();
