@@ -161,6 +161,9 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
             .args(["--namespace", &namespace, "--identity", &format!("scale-{generation}")])
             .arg("--metrics-address")
             .arg(metrics.to_string())
+            // Every change written at once: the changes timed below come one after the other,
+            // and coalescing (1 s by default) would hold each for the interval.
+            .args(["--status-write-interval", "0s"])
             .env("RUST_LOG", "info");
         Ok(ManagedProcess::start(
             "kubegrpc-operator (scale)",
@@ -256,8 +259,6 @@ async fn changes(
     let (sum_before, count_before) = reconcile_time(metrics).await?;
     let mut latencies = Vec::new();
     for _ in 0..count {
-        // Past the status write interval (1 s), so that coalescing does not hold the change.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
         let current = api.get("gb-0").await?;
         let version = current.metadata.resource_version.clone().unwrap_or_default();
         let mut events = api
