@@ -349,3 +349,110 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     clone.extensions = parts.extensions.clone();
     clone
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        outlier::OutlierDetection,
+        pool::{PoolConfig, Shared},
+        test_support::{BACKEND, answering, apply, config, entry, refusing},
+    };
+
+    use super::*;
+
+    fn request() -> http::Request<Body> {
+        http::Request::post("/kubegrpc.Test/Call")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(Body::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\x05hello",
+            ))))
+            .expect("a valid request")
+    }
+
+    /// A pool without outlier detection, so that a refusing endpoint stays in rotation.
+    fn pool(transparent_retry: bool) -> Arc<Shared> {
+        Shared::new(
+            BACKEND.into(),
+            PoolConfig {
+                transparent_retry,
+                ..config(
+                    OutlierDetection {
+                        enabled: false,
+                        ..OutlierDetection::default()
+                    },
+                    0,
+                )
+            },
+        )
+    }
+
+    fn requests_at(shared: &Shared, address: std::net::SocketAddr) -> (u64, u64) {
+        let snapshot = shared.snapshot();
+        let endpoint = snapshot.endpoint(&address).expect("listed");
+        (endpoint.requests, endpoint.failures)
+    }
+
+    #[tokio::test]
+    async fn with_no_endpoint_a_request_fails_unavailable_with_the_reason() {
+        let shared = pool(true);
+        let error = send(shared, request()).await.expect_err("nowhere to send");
+        let status = error.downcast::<Status>().expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().starts_with("kubegrpc: "), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_attempt_is_sent_again_to_another_endpoint() {
+        let (up, down) = (answering().await, refusing());
+        let shared = pool(true);
+        apply(&shared, &[entry(up, 100, "Serving"), entry(down, 100, "Serving")]);
+        for _ in 0..20 {
+            send(shared.clone(), request()).await.expect("every request is served");
+        }
+        let (down_requests, down_failures) = requests_at(&shared, down);
+        let (up_requests, up_failures) = requests_at(&shared, up);
+        assert!(down_requests >= 1, "the refusing endpoint was picked first sometimes");
+        assert_eq!(down_failures, down_requests, "each attempt there was refused");
+        assert_eq!(
+            (up_requests, up_failures),
+            (20, 0),
+            "each request answered once, by the live one"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_transparent_retry_a_refused_attempt_fails_as_a_connect_error() {
+        let down = refusing();
+        let shared = pool(false);
+        apply(&shared, &[entry(down, 100, "Serving")]);
+        let error = send(shared.clone(), request()).await.expect_err("refused");
+        assert_eq!(crate::failure::classify(&*error), Failure::Connect, "{error:?}");
+        assert_eq!(requests_at(&shared, down), (1, 1), "one attempt");
+    }
+
+    #[tokio::test]
+    async fn a_request_is_attempted_at_most_three_times() {
+        let (first, second) = (refusing(), refusing());
+        let shared = pool(true);
+        apply(&shared, &[entry(first, 100, "Serving"), entry(second, 100, "Serving")]);
+        let error = send(shared.clone(), request())
+            .await
+            .expect_err("every endpoint refuses");
+        assert_eq!(crate::failure::classify(&*error), Failure::Connect, "{error:?}");
+        let attempts = requests_at(&shared, first).0 + requests_at(&shared, second).0;
+        assert_eq!(attempts, MAX_ATTEMPTS as u64);
+    }
+
+    #[test]
+    fn a_retried_request_keeps_its_method_uri_headers_and_extensions() {
+        let mut original = request();
+        original.extensions_mut().insert(42u32);
+        let (parts, _) = original.into_parts();
+        let clone = clone_parts(&parts);
+        assert_eq!(
+            (&clone.method, &clone.uri, &clone.version, &clone.headers),
+            (&parts.method, &parts.uri, &parts.version, &parts.headers)
+        );
+        assert_eq!(clone.extensions.get::<u32>(), Some(&42));
+    }
+}

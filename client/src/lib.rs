@@ -46,6 +46,8 @@ pub mod picker;
 mod pool;
 mod snapshot;
 pub mod status;
+#[cfg(test)]
+mod test_support;
 
 pub use channel::{Builder, Channel};
 pub use outlier::{FailurePercentage, OutlierDetection};

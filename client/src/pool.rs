@@ -459,74 +459,18 @@ pub async fn outlier_timer(shared: Weak<Shared>, interval: std::time::Duration) 
 mod tests {
     use std::time::Duration;
 
-    use serde_json::{Value, json};
-    use tokio::net::TcpListener;
+    use serde_json::json;
     use tower::ServiceExt;
 
     use super::*;
-    use crate::{snapshot::Snapshot, status::parse_status};
-
-    const BACKEND: &str = "default/echo";
-
-    /// A loopback address where an HTTP/2 server answers every request at once with a
-    /// trailers-only gRPC response, so that warm-ups succeed. It serves until the test ends.
-    async fn answering() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("local address");
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut connection) = h2::server::handshake(stream).await else {
-                        return;
-                    };
-                    while let Some(Ok((request, mut respond))) = connection.accept().await {
-                        tokio::spawn(async move {
-                            let mut body = request.into_body();
-                            while let Some(Ok(_)) = body.data().await {}
-                            let response = http::Response::builder()
-                                .header(http::header::CONTENT_TYPE, "application/grpc")
-                                .header("grpc-status", "0")
-                                .body(())
-                                .expect("a valid response");
-                            let _ = respond.send_response(response, true);
-                        });
-                    }
-                });
-            }
-        });
-        address
-    }
-
-    /// A loopback address where nothing listens: connections to it are refused.
-    fn refusing() -> SocketAddr {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("local address")
-    }
-
-    fn config(outlier_detection: OutlierDetection, panic_threshold: u8) -> PoolConfig {
-        PoolConfig {
-            template: Arc::new(|endpoint| Ok(endpoint.connect_timeout(Duration::from_secs(5)))),
-            tls: false,
-            outlier_detection,
-            panic_threshold,
-            transparent_retry: true,
-        }
-    }
+    use crate::{
+        snapshot::Snapshot,
+        test_support::{BACKEND, answering, apply, config, entry, refusing},
+    };
 
     /// A pool with the default outlier detection and no panic mode.
     fn pool() -> Arc<Shared> {
         Shared::new(BACKEND.into(), config(OutlierDetection::default(), 0))
-    }
-
-    /// A status entry as the operator writes it (Kubernetes' conditions left to their defaults).
-    fn entry(address: SocketAddr, weight: u32, health: &str) -> Value {
-        json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight, "health": health})
-    }
-
-    fn apply(shared: &Arc<Shared>, entries: &[Value]) {
-        let parsed = parse_status(Some(&json!({ "endpoints": entries })));
-        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
-        shared.apply_status(parsed);
     }
 
     /// How often each endpoint is picked over one cycle of the rotation.
