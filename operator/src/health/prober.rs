@@ -369,13 +369,14 @@ async fn connect(target: SocketAddr, deadline: Instant) -> Result<HealthCalls, F
             }
         })?;
         stream.set_nodelay(true).map_err(|_| Failure::ConnectFailed)?;
-        let (send, connection) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, tonic::body::Body>(hyper_util::rt::TokioIo::new(stream))
+        let (send, connection) = h2::client::handshake(stream)
             .await
             .map_err(|_| Failure::ConnectFailed)?;
         // The connection runs until the server closes it or `send` and every call are
         // dropped (the prober's connection ends with it).
-        tokio::spawn(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
         Ok(send)
     })
     .await;
@@ -388,9 +389,9 @@ async fn connect(target: SocketAddr, deadline: Instant) -> Result<HealthCalls, F
 
 /// `grpc.health.v1.Health` calls on one connection, with small codec buffers: tonic's
 /// generated client allocates 8 KiB per call and keeps it for a `Watch` stream's whole life,
-/// once per endpoint, for messages of a few bytes. The connection is a bare hyper one: tonic's
+/// once per endpoint, for messages of a few bytes. The connection is a bare h2 one: tonic's
 /// `Channel` adds a request buffer (its first block is allocated at once), a reconnect layer
-/// and a task that a prober, which reconnects by itself, does not use.
+/// and tasks that a prober, which reconnects by itself, does not use.
 struct HealthCalls {
     grpc: tonic::client::Grpc<Http2Connection>,
 }
@@ -399,10 +400,7 @@ struct HealthCalls {
 const HEALTH_CODEC_BUFFER: usize = 256;
 
 impl HealthCalls {
-    fn new(
-        send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-        target: SocketAddr,
-    ) -> Result<Self, http::uri::InvalidUri> {
+    fn new(send: h2::client::SendRequest<bytes::Bytes>, target: SocketAddr) -> Result<Self, http::uri::InvalidUri> {
         let origin: http::Uri = format!("http://{target}").parse()?;
         Ok(Self {
             grpc: tonic::client::Grpc::with_origin(Http2Connection(send), origin),
@@ -437,24 +435,95 @@ impl HealthCalls {
     }
 }
 
-/// One HTTP/2 connection as a tower service, each request sent with the prober's user agent.
-struct Http2Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+/// One h2 connection as the tower service tonic's `Grpc` drives, each request sent with the
+/// prober's user agent. h2 without hyper's client on top: hyper adds a request channel per
+/// connection (8.5 KiB, allocated at once) and a task, for a connection that carries one Watch
+/// stream and a Check now and then. A health request is one small message: its body is read
+/// whole and sent with the headers.
+struct Http2Connection(h2::client::SendRequest<bytes::Bytes>);
 
 impl tower::Service<http::Request<tonic::body::Body>> for Http2Connection {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
+    type Response = http::Response<ResponseBody>;
+    type Error = tonic::codegen::StdError;
     type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.0.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        request.headers_mut().insert(
-            http::header::USER_AGENT,
-            http::HeaderValue::from_static(concat!("kubegrpc-operator/", env!("CARGO_PKG_VERSION"))),
-        );
-        Box::pin(self.0.send_request(request))
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let mut send = self.0.clone();
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            parts.headers.insert(
+                http::header::USER_AGENT,
+                http::HeaderValue::from_static(concat!("kubegrpc-operator/", env!("CARGO_PKG_VERSION"))),
+            );
+            let data = http_body_util::BodyExt::collect(body).await?.to_bytes();
+            let (response, mut stream) = send.send_request(http::Request::from_parts(parts, ()), data.is_empty())?;
+            if !data.is_empty() {
+                stream.send_data(data, true)?;
+            }
+            Ok(response.await?.map(ResponseBody::new))
+        })
+    }
+}
+
+/// An h2 response body as an `http_body::Body`: its data, then its trailers (where gRPC puts
+/// the call's status). Received data is given back to flow control as it is read.
+struct ResponseBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl ResponseBody {
+    fn new(recv: h2::RecvStream) -> Self {
+        Self {
+            recv,
+            data_done: false,
+            done: false,
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = bytes::Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(error)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        let trailers = std::task::ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        Poll::Ready(match trailers {
+            Ok(Some(trailers)) => Some(Ok(http_body::Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 
