@@ -94,3 +94,12 @@ pub async fn http_get(address: SocketAddr, path: &str) -> Result<String> {
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
     Ok(body.to_string())
 }
+
+/// The `kubegrpc_*` series of a /metrics scrape: series (name and labels) -> value.
+pub fn metric_series(scrape: &str) -> std::collections::BTreeMap<String, String> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("kubegrpc_"))
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}

@@ -76,6 +76,19 @@ impl SliceEndpoint {
         }
     }
 
+    /// A ready endpoint as the EndpointSlice controller lists Pod `n` of Deployment
+    /// `deployment` on a real cluster: one of three GKE zones, a node per 30 Pods, and a Pod
+    /// name of the usual length (the metadata big-Service tests size the status with).
+    pub fn deployment_pod(address: SocketAddr, deployment: &str, n: usize) -> Self {
+        const ZONES: [&str; 3] = ["us-central1-a", "us-central1-b", "us-central1-c"];
+        Self {
+            zone: Some(ZONES[n % 3].into()),
+            node: Some(format!("gke-prod-default-pool-5e1f{:04x}-{:04x}", n / 30, n / 30)),
+            pod: Some(format!("{deployment}-7d9f8c6b5d-{n:05x}")),
+            ..Self::ready(address)
+        }
+    }
+
     /// A terminating endpoint that still serves (a pod draining during a rolling update).
     pub fn terminating(address: SocketAddr) -> Self {
         Self {

@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::{
     ControlPlane,
     backends::next_backend_ip,
-    install::{free_local_address, http_get},
+    install::{free_local_address, http_get, metric_series},
     netns::assert_private_network,
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     process::ManagedProcess,
@@ -229,7 +229,6 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
         largest_object_bytes = largest_object_bytes.max(serde_json::to_vec(&object)?.len());
     }
     operator.stop(Duration::from_secs(10));
-    let _ = client;
     Ok(ScaleReport {
         shape: shape.clone(),
         first_complete,
@@ -305,12 +304,8 @@ async fn changes(
 
 /// The operator's reconcile duration histogram: sum of seconds and count.
 async fn reconcile_time(metrics: SocketAddr) -> Result<(f64, f64)> {
-    let text = http_get(metrics, "/metrics").await?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let series = metric_series(&http_get(metrics, "/metrics").await?);
+    let value = |name: &str| series.get(name).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     Ok((
         value("kubegrpc_reconcile_duration_seconds_sum"),
         value("kubegrpc_reconcile_duration_seconds_count"),
@@ -321,7 +316,6 @@ async fn reconcile_time(metrics: SocketAddr) -> Result<(f64, f64)> {
 /// with what a real EndpointSlice carries (zone, node, Pod). Returns `svc-0`'s first slice.
 async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u16) -> Result<Vec<SliceEndpoint>> {
     let mut first_slice = Vec::new();
-    let zones = ["us-central1-a", "us-central1-b", "us-central1-c"];
     let mut pod = 0usize;
     for backend in 0..shape.backends {
         let service = format!("svc-{backend}");
@@ -329,12 +323,7 @@ async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u
         let endpoints: Vec<SliceEndpoint> = (0..shape.endpoints_each)
             .map(|_| {
                 pod += 1;
-                SliceEndpoint {
-                    zone: Some(zones[pod % 3].into()),
-                    node: Some(format!("gke-prod-default-pool-5e1f{:04x}-{:04x}", pod / 30, pod / 30)),
-                    pod: Some(format!("{service}-7d9f8c6b5d-{:05x}", pod)),
-                    ..SliceEndpoint::ready(SocketAddr::from((next_backend_ip(), port)))
-                }
+                SliceEndpoint::deployment_pod(SocketAddr::from((next_backend_ip(), port)), &service, pod)
             })
             .collect();
         for (index, chunk) in endpoints.chunks(100).enumerate() {
@@ -398,12 +387,9 @@ async fn changed(api: &Api<GrpcBackend>, versions: &BTreeMap<String, String>) ->
 
 /// Probes that answered Serving so far, from the operator's /metrics.
 async fn serving_probes(metrics: SocketAddr) -> Result<u64> {
-    let text = http_get(metrics, "/metrics").await?;
-    Ok(text
-        .lines()
-        .filter(|line| line.starts_with("kubegrpc_probes_total{") && line.contains("result=\"Serving\""))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
+    let series = metric_series(&http_get(metrics, "/metrics").await?);
+    let serving = series.get("kubegrpc_probes_total{result=\"Serving\"}");
+    Ok(serving.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64)
 }
 
 fn memory_kib(pid: i32, field: &str) -> Result<u64> {

@@ -1,7 +1,7 @@
 //! `deploy/` against the real apiserver: accepted as a whole, least privilege in fact (not only
 //! in syntax), the operator working under its ServiceAccount, and /metrics telling the truth.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
@@ -17,7 +17,7 @@ use kubegrpc_tests::{
     backends::start_backend,
     controlplane::repository_root,
     install::{
-        OPERATOR_NAMESPACE, apply_deploy, apply_namespace, deploy_dir, free_local_address, http_get,
+        OPERATOR_NAMESPACE, apply_deploy, apply_namespace, deploy_dir, free_local_address, http_get, metric_series,
         operator_kubeconfig, start_operator_process,
     },
     objects::{SliceEndpoint, apply_slice, create_service},
@@ -235,15 +235,6 @@ async fn the_operator_works_under_its_service_account_alone() -> Result<()> {
     Ok(())
 }
 
-/// `kubegrpc_*` lines of a scrape, by series.
-fn series(scrape: &str) -> BTreeMap<String, String> {
-    scrape
-        .lines()
-        .filter(|l| l.starts_with("kubegrpc_"))
-        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_show_exactly_the_numbers_of_a_known_scenario() -> Result<()> {
     let s = Scenario::new("metrics").await?;
@@ -311,10 +302,10 @@ async fn metrics_show_exactly_the_numbers_of_a_known_scenario() -> Result<()> {
     let ready_series = format!("kubegrpc_ready_endpoints{{{labels}}}");
     let scrape = wait::until("the final state in /metrics", DEADLINE, || async {
         let scrape = http_get(metrics_address, "/metrics").await?;
-        Ok((series(&scrape).get(&ready_series).map(String::as_str) == Some("2")).then_some(scrape))
+        Ok((metric_series(&scrape).get(&ready_series).map(String::as_str) == Some("2")).then_some(scrape))
     })
     .await?;
-    let metrics = series(&scrape);
+    let metrics = metric_series(&scrape);
     let value = |key: String| metrics.get(&key).cloned().unwrap_or_else(|| format!("missing {key}"));
     assert_eq!(
         value(format!("kubegrpc_endpoints{{{labels},health=\"Serving\"}}")),

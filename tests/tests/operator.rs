@@ -978,17 +978,9 @@ async fn two_thousand_endpoints_with_real_metadata_are_all_listed_in_one_status(
     kubegrpc_tests::netns::assert_private_network();
     let _server =
         kubegrpc_echo::Backend::start(SocketAddr::from(([0, 0, 0, 0], PORT)), BackendOptions::default()).await?;
-    let zones = ["us-central1-a", "us-central1-b", "us-central1-c"];
     let endpoints: Vec<SliceEndpoint> = (0..COUNT)
-        .map(|i| SliceEndpoint {
-            zone: Some(zones[i % 3].into()),
-            node: Some(format!(
-                "gke-prod-default-pool-{:08x}-{:04x}",
-                0x5e1f_0000 + i / 30,
-                i / 30
-            )),
-            pod: Some(format!("checkout-api-7d9f8c6b5d-{:05x}", 0x10000 + i)),
-            ..SliceEndpoint::ready(SocketAddr::from((next_backend_ip(), PORT)))
+        .map(|i| {
+            SliceEndpoint::deployment_pod(SocketAddr::from((next_backend_ip(), PORT)), "checkout-api", 0x10000 + i)
         })
         .collect();
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
