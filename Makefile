@@ -2,13 +2,14 @@
 SHELL := bash
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test bench scale controlplane peers crds fmt lint
+.PHONY: help demo test bench scale status-cost controlplane peers crds fmt lint
 
 help:
 	@echo "make demo          the product end to end on a local control plane (needs root, Go, Rust)"
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list (release build)"
 	@echo "make scale         10,000 endpoints in one GrpcBackend and 500 x 20: memory, CPU, writes (release build, ~15 min)"
+	@echo "make status-cost   the apiserver's cost of one change in a 1k/5k/10k-endpoint status, with a CPU profile"
 	@echo "make controlplane  build etcd, kube-apiserver, kube-controller-manager and kubectl (cached)"
 	@echo "make peers         build the grpc-go and grpc-java test peers (cached; needs Go, Java 17, Maven)"
 	@echo "make crds          regenerate crds/grpcbackend.yaml from the Rust types"
@@ -35,6 +36,12 @@ scale:
 	@bin="$$(tests/controlplane/build.sh)" && \
 	cargo build --release --locked -p kubegrpc-operator -p kubegrpc-tests --bin kubegrpc-operator --bin scale && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/scale
+
+status-cost:
+	@bin="$$(tests/controlplane/build.sh)" && \
+	cargo build --release --locked -p kubegrpc-tests --bin status_cost && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" STATUS_COST_PROFILE="$${STATUS_COST_PROFILE-target/status-cost}" \
+	  tests/netns-run.sh target/release/status_cost
 
 controlplane:
 	tests/controlplane/build.sh

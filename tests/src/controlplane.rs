@@ -45,6 +45,8 @@ pub struct ControlPlaneOptions {
     pub controller_manager: bool,
     /// Write an audit log of every write to GrpcBackends (who patched what, with user agent).
     pub audit_log: bool,
+    /// Serve the apiserver's `/debug/pprof` (see [`ControlPlane::apiserver_cpu_profile`]).
+    pub profiling: bool,
 }
 
 /// A running etcd + kube-apiserver (+ kube-controller-manager), stopped and cleaned up when
@@ -104,7 +106,13 @@ impl ControlPlane {
         if audit_log.is_some() {
             write(&path.join("audit-policy.yaml"), AUDIT_POLICY)?;
         }
-        let apiserver_args = apiserver_args(&path, apiserver_port, etcd_client_port, audit_log.is_some());
+        let apiserver_args = apiserver_args(
+            &path,
+            apiserver_port,
+            etcd_client_port,
+            audit_log.is_some(),
+            options.profiling,
+        );
         let kubeconfig = path.join("admin.kubeconfig");
         write(
             &kubeconfig,
@@ -180,6 +188,17 @@ impl ControlPlane {
     /// The directory holding this control plane's files; removed with it.
     pub fn dir(&self) -> &Path {
         &self.path
+    }
+
+    /// The running apiserver's process id (to read its CPU time from /proc).
+    pub fn apiserver_pid(&self) -> Option<i32> {
+        self.apiserver.lock().unwrap().as_ref().map(ManagedProcess::pid)
+    }
+
+    /// The directory of the control-plane binaries (for `go tool pprof`, which reads the
+    /// apiserver binary's symbols).
+    pub fn binaries(&self) -> &Path {
+        &self.bin
     }
 
     /// `https://127.0.0.1:<port>`.
@@ -373,6 +392,22 @@ impl Drop for ControlPlane {
 }
 
 /// A kube client from a kubeconfig file, for the calling runtime.
+/// A CPU profile of the apiserver over the next `seconds` (pprof's gzipped protobuf), from
+/// `/debug/pprof/profile`; needs [`ControlPlaneOptions::profiling`] and an admin `client`.
+pub async fn apiserver_cpu_profile(client: Client, seconds: u64) -> Result<Vec<u8>> {
+    let request = http::Request::get(format!("/debug/pprof/profile?seconds={seconds}"))
+        .body(kube::client::Body::empty())
+        .context("profile request")?;
+    let response = client.send(request).await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "apiserver profile: HTTP {} (is profiling on?)",
+        response.status()
+    );
+    let body = http_body_util::BodyExt::collect(response.into_body()).await?;
+    Ok(body.to_bytes().to_vec())
+}
+
 pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     let kubeconfig = Kubeconfig::read_from(path)?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
@@ -453,7 +488,7 @@ fn http_get_plain(port: u16, path: &str) -> std::io::Result<String> {
     Ok(response)
 }
 
-fn apiserver_args(dir: &Path, port: u16, etcd_port: u16, audit: bool) -> Vec<String> {
+fn apiserver_args(dir: &Path, port: u16, etcd_port: u16, audit: bool, profiling: bool) -> Vec<String> {
     let file = |name: &str| dir.join(name).display().to_string();
     let mut args = vec![
         // kube-apiserver refuses to start without a default route unless told its address.
@@ -471,7 +506,7 @@ fn apiserver_args(dir: &Path, port: u16, etcd_port: u16, audit: bool) -> Vec<Str
         "--authorization-mode=RBAC".into(),
         // As envtest: no token controller mounts tokens here.
         "--disable-admission-plugins=ServiceAccount".into(),
-        "--profiling=false".into(),
+        format!("--profiling={profiling}"),
     ];
     if audit {
         args.push(format!("--audit-policy-file={}", file("audit-policy.yaml")));

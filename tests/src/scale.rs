@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use kube::{Api, Client, api::ListParams};
-use kubegrpc_crds::GrpcBackend;
+use kubegrpc_crds::{EndpointStatus, FULL_WEIGHT, GrpcBackend, Health};
 use kubegrpc_echo::BackendOptions;
 use serde_json::json;
 
@@ -119,6 +119,29 @@ pub fn median(values: &[Duration]) -> Duration {
     sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
+/// The entry the operator publishes for [`SliceEndpoint::deployment_pod`] `n` (of Deployment
+/// `echo`, port 8080) while it is Serving.
+pub fn realistic_endpoint(n: usize) -> EndpointStatus {
+    let address = SocketAddr::from((
+        std::net::Ipv4Addr::new(10, 250, (1 + n / 250) as u8, (1 + n % 250) as u8),
+        8080,
+    ));
+    let slice = SliceEndpoint::deployment_pod(address, "echo", n);
+    EndpointStatus {
+        address: address.ip().to_string(),
+        port: i32::from(address.port()),
+        weight: FULL_WEIGHT,
+        health: Health::Serving,
+        serving: true,
+        terminating: false,
+        zone: slice.zone,
+        pod: slice.pod,
+        target_ref: None,
+        reason: None,
+        last_transition_time: None,
+    }
+}
+
 /// The memory limit `deploy/deployment.yaml` gives the operator, in KiB.
 pub fn deploy_memory_limit_kib() -> Result<u64> {
     let path = crate::install::deploy_dir().join("deployment.yaml");
@@ -190,6 +213,12 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
     let idle_cpu =
         (cpu_ticks(operator.pid())? - cpu_before) as f64 / ticks_per_second() / idle_started.elapsed().as_secs_f64();
     let idle_writes = changed(&api, &versions).await?;
+    if idle_writes > 0 {
+        println!(
+            "scale: {idle_writes} status writes while nothing changed; the operator's log ends with:\n{}",
+            operator.log_tail(40)
+        );
+    }
     let rss_kib = memory_kib(operator.pid(), "VmRSS")?;
     let mut peak_rss_kib = memory_kib(operator.pid(), "VmHWM")?;
 
@@ -212,7 +241,14 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
         restart_answered.push(restarted.elapsed());
         // Past the status write interval (1 s) after every first answer: a write would show.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        restart_writes.push(changed(&api, &versions).await?);
+        let writes = changed(&api, &versions).await?;
+        if writes > 0 {
+            println!(
+                "scale: {writes} status writes after restart {generation}; the operator's log ends with:\n{}",
+                operator.log_tail(40)
+            );
+        }
+        restart_writes.push(writes);
         peak_rss_kib = peak_rss_kib.max(memory_kib(operator.pid(), "VmHWM")?);
     }
 
@@ -402,7 +438,7 @@ fn memory_kib(pid: i32, field: &str) -> Result<u64> {
 }
 
 /// User + system CPU of a process, in clock ticks.
-fn cpu_ticks(pid: i32) -> Result<u64> {
+pub fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start at the state, field 3.
     let after = stat.rsplit_once(')').context("odd /proc stat")?.1;
@@ -412,7 +448,7 @@ fn cpu_ticks(pid: i32) -> Result<u64> {
     Ok(utime + stime)
 }
 
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
