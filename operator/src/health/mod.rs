@@ -1,5 +1,7 @@
 //! Health checking with the standard gRPC health protocol: one long-lived prober per endpoint.
 
+pub mod connection;
+pub mod hpack;
 pub mod prober;
 pub mod registry;
 pub mod tracker;

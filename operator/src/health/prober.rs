@@ -36,10 +36,13 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use kubegrpc_crds::HealthCheckMode;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::task::AbortOnDropHandle;
-use tonic::{Code, Status};
-use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus};
+use tonic::Code;
+use tonic_health::pb::{HealthCheckResponse, health_check_response::ServingStatus};
 
-use super::tracker::{Failure, HealthTracker, HealthVerdict, NotServingAnswer, ProbeOutcome, Thresholds};
+use super::{
+    connection::{CallEnd, CallId, Event, HealthConnection, Method},
+    tracker::{Failure, HealthTracker, HealthVerdict, NotServingAnswer, ProbeOutcome, Thresholds},
+};
 
 /// How an endpoint is probed: from the GrpcBackend's `spec.healthCheck`. A change restarts the
 /// GrpcBackend's probers.
@@ -165,21 +168,21 @@ impl Prober {
                 return;
             };
             let attempt_deadline = Instant::now() + self.settings.timeout;
-            let mut ended = match self.connect(attempt_deadline).await {
+            let mut ended = match connect(self.target, attempt_deadline).await {
                 Err(failure) => {
                     drop(turn);
                     Ended::Failed(failure)
                 }
-                Ok(mut client) => {
+                Ok(mut connection) => {
                     let ended = if watch_implemented {
-                        self.watch(&mut client, attempt_deadline, turn).await
+                        self.watch(&mut connection, attempt_deadline, turn).await
                     } else {
                         drop(turn);
                         Ended::WatchUnimplemented
                     };
                     if ended == Ended::WatchUnimplemented {
                         watch_implemented = false;
-                        self.poll(&mut client).await
+                        self.poll(&mut connection).await
                     } else {
                         ended
                     }
@@ -206,31 +209,29 @@ impl Prober {
         }
     }
 
-    /// A new connection (no HTTP/2 keepalive: see the module docs), by `deadline`.
-    async fn connect(&self, deadline: Instant) -> Result<HealthCalls, Failure> {
-        connect(self.target, deadline).await
-    }
-
     /// Follows one `Watch` stream, with a liveness `Check` each quiet interval, until it ends.
     async fn watch(
         &mut self,
-        client: &mut HealthCalls,
+        connection: &mut HealthConnection,
         deadline: Instant,
         turn: tokio::sync::OwnedSemaphorePermit,
     ) -> Ended {
         let started = Instant::now();
-        let mut stream = match tokio::time::timeout_at(deadline, client.watch(self.request())).await {
-            Err(_) => return Ended::Failed(Failure::Timeout),
-            Ok(Err(status)) if status.code() == Code::Unimplemented => return Ended::WatchUnimplemented,
-            Ok(Err(status)) => return Ended::Failed(call_failure(&status)),
-            Ok(Ok(response)) => response.into_inner(),
+        let Ok(watch) = connection.start(Method::Watch, &self.settings.service) else {
+            return Ended::Failed(Failure::StreamBroken);
         };
-        let first = match tokio::time::timeout_at(deadline, stream.message()).await {
-            Err(_) => return Ended::Failed(Failure::Timeout),
-            Ok(Err(status)) if status.code() == Code::Unimplemented => return Ended::WatchUnimplemented,
-            Ok(Err(status)) => return Ended::Failed(call_failure(&status)),
-            Ok(Ok(None)) => return Ended::Failed(Failure::StreamBroken),
-            Ok(Ok(Some(first))) => first,
+        let first = loop {
+            match tokio::time::timeout_at(deadline, connection.next_event()).await {
+                Err(_) => return Ended::Failed(Failure::Timeout),
+                Ok(Err(_)) => return Ended::Failed(Failure::StreamBroken),
+                Ok(Ok(Event::Message(call, response))) if call == watch => break response,
+                Ok(Ok(Event::Ended(call, CallEnd::Status(Code::Unimplemented, _)))) if call == watch => {
+                    return Ended::WatchUnimplemented;
+                }
+                Ok(Ok(Event::Ended(call, end))) if call == watch => return Ended::Failed(end_failure(&end)),
+                // GOAWAY before the first answer: the Watch may still be answered, or refused.
+                Ok(Ok(_)) => {}
+            }
         };
         drop(turn);
         self.answered(answer(&first), started);
@@ -240,21 +241,24 @@ impl Prober {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                message = stream.message() => match message {
-                    Ok(Some(response)) => {
+                event = connection.next_event() => match event {
+                    Ok(Event::Message(call, response)) if call == watch => {
                         heard_since_tick = true;
                         self.record(answer(&response), None);
                     }
-                    // The stream ended on a connection that answered: the server let it go
-                    // (GOAWAY, connection age, a graceful stop). Whether the endpoint is still
-                    // there is for the next connection to say.
-                    Ok(None) | Err(_) => return Ended::Rotated,
+                    // The stream or the connection ended, or the server announced its end
+                    // (GOAWAY: graceful shutdown, connection age), after answering: the server
+                    // let the connection go. Whether the endpoint is still there is for the
+                    // next connection to say.
+                    Ok(Event::Ended(call, _)) if call == watch => return Ended::Rotated,
+                    Ok(Event::GoAway) | Err(_) => return Ended::Rotated,
+                    Ok(_) => {}
                 },
                 _ = tick.tick() => {
                     if std::mem::take(&mut heard_since_tick) {
                         continue;
                     }
-                    match self.check(client).await {
+                    match self.check(connection, Some(watch)).await {
                         Liveness::Answered(outcome, started) => self.answered(outcome, started),
                         // The server answered the call with an error: alive. The Watch stream
                         // carries the health.
@@ -268,10 +272,10 @@ impl Prober {
     }
 
     /// Polls with `Check` every interval until the connection stops answering.
-    async fn poll(&mut self, client: &mut HealthCalls) -> Ended {
+    async fn poll(&mut self, connection: &mut HealthConnection) -> Ended {
         loop {
             let started = Instant::now();
-            match self.check(client).await {
+            match self.check(connection, None).await {
                 Liveness::Answered(outcome, started) => self.answered(outcome, started),
                 Liveness::Alive => self.record(ProbeOutcome::Failed(Failure::CallFailed), Some(started.elapsed())),
                 Liveness::Silent => return Ended::Failed(Failure::Timeout),
@@ -281,27 +285,44 @@ impl Prober {
         }
     }
 
-    /// One `Check`, bounded by `timeout`.
-    async fn check(&self, client: &mut HealthCalls) -> Liveness {
+    /// One `Check`, bounded by `timeout`. Messages of the open `watch`, if any, that arrive
+    /// meanwhile are recorded; its end means the connection is going.
+    async fn check(&mut self, connection: &mut HealthConnection, watch: Option<CallId>) -> Liveness {
         let started = Instant::now();
-        match tokio::time::timeout(self.settings.timeout, client.check(self.request())).await {
-            Err(_) => Liveness::Silent,
-            Ok(Ok(response)) => Liveness::Answered(answer(response.get_ref()), started),
-            // The protocol: Check on an unknown service answers NOT_FOUND.
-            Ok(Err(status)) if status.code() == Code::NotFound => {
-                Liveness::Answered(ProbeOutcome::NotServing(NotServingAnswer::NotFound), started)
+        let Ok(check) = connection.start(Method::Check, &self.settings.service) else {
+            return Liveness::ConnectionGone;
+        };
+        let deadline = started + self.settings.timeout;
+        let mut answer_received = None;
+        loop {
+            let event = match tokio::time::timeout_at(deadline, connection.next_event()).await {
+                Err(_) => return Liveness::Silent,
+                Ok(Err(_)) => return Liveness::ConnectionGone,
+                Ok(Ok(event)) => event,
+            };
+            match event {
+                Event::Message(call, response) if call == check => answer_received = Some(response),
+                Event::Ended(call, end) if call == check => {
+                    return match (end, answer_received) {
+                        (CallEnd::Status(Code::Ok, _), Some(response)) => {
+                            Liveness::Answered(answer(&response), started)
+                        }
+                        // The protocol: Check on an unknown service answers NOT_FOUND.
+                        (CallEnd::Status(Code::NotFound, _), _) => {
+                            Liveness::Answered(ProbeOutcome::NotServing(NotServingAnswer::NotFound), started)
+                        }
+                        (end, _) => match end_failure(&end) {
+                            Failure::StreamBroken => Liveness::ConnectionGone,
+                            Failure::Timeout => Liveness::Silent,
+                            _ => Liveness::Alive,
+                        },
+                    };
+                }
+                Event::Message(call, response) if Some(call) == watch => self.record(answer(&response), None),
+                Event::Ended(call, _) if Some(call) == watch => return Liveness::ConnectionGone,
+                // GOAWAY: the Check, if refused, ends as such; if accepted, it is answered.
+                _ => {}
             }
-            Ok(Err(status)) => match call_failure(&status) {
-                Failure::StreamBroken => Liveness::ConnectionGone,
-                Failure::Timeout => Liveness::Silent,
-                _ => Liveness::Alive,
-            },
-        }
-    }
-
-    fn request(&self) -> HealthCheckRequest {
-        HealthCheckRequest {
-            service: self.settings.service.clone(),
         }
     }
 
@@ -349,209 +370,26 @@ fn answer(response: &HealthCheckResponse) -> ProbeOutcome {
     }
 }
 
-/// A failed call: transport-level codes mean the connection is gone.
-fn call_failure(status: &Status) -> Failure {
-    match status.code() {
-        Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Internal => Failure::StreamBroken,
-        Code::DeadlineExceeded => Failure::Timeout,
-        _ => Failure::CallFailed,
+/// How a call that did not answer failed: transport-level codes and resets mean the connection
+/// is gone.
+fn end_failure(end: &CallEnd) -> Failure {
+    match end {
+        CallEnd::Reset(_) => Failure::StreamBroken,
+        CallEnd::Status(code, _) => match code {
+            Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Internal => Failure::StreamBroken,
+            Code::DeadlineExceeded => Failure::Timeout,
+            _ => Failure::CallFailed,
+        },
     }
 }
 
-/// A new bare HTTP/2 connection to `target` (no keepalive PINGs), by `deadline`.
-async fn connect(target: SocketAddr, deadline: Instant) -> Result<HealthCalls, Failure> {
-    let connected = tokio::time::timeout_at(deadline, async {
-        let stream = tokio::net::TcpStream::connect(target).await.map_err(|error| {
-            if error.kind() == std::io::ErrorKind::TimedOut {
-                Failure::ConnectTimeout
-            } else {
-                Failure::ConnectFailed
-            }
-        })?;
-        stream.set_nodelay(true).map_err(|_| Failure::ConnectFailed)?;
-        let (send, connection) = h2::client::handshake(stream)
-            .await
-            .map_err(|_| Failure::ConnectFailed)?;
-        // The connection runs until the server closes it or `send` and every call are
-        // dropped (the prober's connection ends with it).
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(send)
-    })
-    .await;
-    match connected {
-        Ok(Ok(send)) => HealthCalls::new(send, target).map_err(|_| Failure::ConnectFailed),
-        Ok(Err(failure)) => Err(failure),
+/// A new connection to `target` (no HTTP/2 keepalive: see the module docs), by `deadline`.
+async fn connect(target: SocketAddr, deadline: Instant) -> Result<HealthConnection, Failure> {
+    match tokio::time::timeout_at(deadline, HealthConnection::connect(target)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::TimedOut => Err(Failure::ConnectTimeout),
+        Ok(Err(_)) => Err(Failure::ConnectFailed),
         Err(_) => Err(Failure::ConnectTimeout),
-    }
-}
-
-/// `grpc.health.v1.Health` calls on one connection, with small codec buffers: tonic's
-/// generated client allocates 8 KiB per call and keeps it for a `Watch` stream's whole life,
-/// once per endpoint, for messages of a few bytes. The connection is a bare h2 one: tonic's
-/// `Channel` adds a request buffer (its first block is allocated at once), a reconnect layer
-/// and tasks that a prober, which reconnects by itself, does not use.
-struct HealthCalls {
-    grpc: tonic::client::Grpc<Http2Connection>,
-}
-
-/// Bytes a health call's encode and decode buffers start with (they grow if a message needs).
-const HEALTH_CODEC_BUFFER: usize = 256;
-
-impl HealthCalls {
-    fn new(send: h2::client::SendRequest<bytes::Bytes>, target: SocketAddr) -> Result<Self, http::uri::InvalidUri> {
-        let origin: http::Uri = format!("http://{target}").parse()?;
-        Ok(Self {
-            grpc: tonic::client::Grpc::with_origin(Http2Connection(send), origin),
-        })
-    }
-
-    async fn check(&mut self, request: HealthCheckRequest) -> Result<tonic::Response<HealthCheckResponse>, Status> {
-        self.ready().await?;
-        let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
-        self.grpc
-            .unary(tonic::Request::new(request), path, SmallBuffers::default())
-            .await
-    }
-
-    async fn watch(
-        &mut self,
-        request: HealthCheckRequest,
-    ) -> Result<tonic::Response<tonic::Streaming<HealthCheckResponse>>, Status> {
-        self.ready().await?;
-        let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Watch");
-        self.grpc
-            .server_streaming(tonic::Request::new(request), path, SmallBuffers::default())
-            .await
-    }
-
-    /// As tonic's generated clients do: a connection that cannot take a call is UNKNOWN.
-    async fn ready(&mut self) -> Result<(), Status> {
-        self.grpc
-            .ready()
-            .await
-            .map_err(|error| Status::unknown(format!("Service was not ready: {error}")))
-    }
-}
-
-/// One h2 connection as the tower service tonic's `Grpc` drives, each request sent with the
-/// prober's user agent. h2 without hyper's client on top: hyper adds a request channel per
-/// connection (8.5 KiB, allocated at once) and a task, for a connection that carries one Watch
-/// stream and a Check now and then. A health request is one small message: its body is read
-/// whole and sent with the headers.
-struct Http2Connection(h2::client::SendRequest<bytes::Bytes>);
-
-impl tower::Service<http::Request<tonic::body::Body>> for Http2Connection {
-    type Response = http::Response<ResponseBody>;
-    type Error = tonic::codegen::StdError;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let mut send = self.0.clone();
-        Box::pin(async move {
-            let (mut parts, body) = request.into_parts();
-            parts.headers.insert(
-                http::header::USER_AGENT,
-                http::HeaderValue::from_static(concat!("kubegrpc-operator/", env!("CARGO_PKG_VERSION"))),
-            );
-            let data = http_body_util::BodyExt::collect(body).await?.to_bytes();
-            let (response, mut stream) = send.send_request(http::Request::from_parts(parts, ()), data.is_empty())?;
-            if !data.is_empty() {
-                stream.send_data(data, true)?;
-            }
-            Ok(response.await?.map(ResponseBody::new))
-        })
-    }
-}
-
-/// An h2 response body as an `http_body::Body`: its data, then its trailers (where gRPC puts
-/// the call's status). Received data is given back to flow control as it is read.
-struct ResponseBody {
-    recv: h2::RecvStream,
-    data_done: bool,
-    done: bool,
-}
-
-impl ResponseBody {
-    fn new(recv: h2::RecvStream) -> Self {
-        Self {
-            recv,
-            data_done: false,
-            done: false,
-        }
-    }
-}
-
-impl http_body::Body for ResponseBody {
-    type Data = bytes::Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if !this.data_done {
-            match std::task::ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
-                }
-                Some(Err(error)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(error)));
-                }
-                None => this.data_done = true,
-            }
-        }
-        let trailers = std::task::ready!(this.recv.poll_trailers(cx));
-        this.done = true;
-        Poll::Ready(match trailers {
-            Ok(Some(trailers)) => Some(Ok(http_body::Frame::trailers(trailers))),
-            Ok(None) => None,
-            Err(error) => Some(Err(error)),
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-}
-
-/// The prost codec with [`HEALTH_CODEC_BUFFER`]-byte buffers.
-struct SmallBuffers<T, U>(std::marker::PhantomData<(T, U)>);
-
-impl<T, U> Default for SmallBuffers<T, U> {
-    fn default() -> Self {
-        Self(std::marker::PhantomData)
-    }
-}
-
-impl<T, U> tonic::codec::Codec for SmallBuffers<T, U>
-where
-    T: prost::Message + Send + 'static,
-    U: prost::Message + Default + Send + 'static,
-{
-    type Encode = T;
-    type Decode = U;
-    type Encoder = tonic_prost::ProstEncoder<T>;
-    type Decoder = tonic_prost::ProstDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstCodec::<T, U>::raw_encoder(tonic::codec::BufferSettings::new(HEALTH_CODEC_BUFFER, 32 * 1024))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstCodec::<T, U>::raw_decoder(tonic::codec::BufferSettings::new(HEALTH_CODEC_BUFFER, 32 * 1024))
     }
 }
 
@@ -584,10 +422,12 @@ mod tests {
     }
 
     #[test]
-    fn transport_codes_mean_the_connection_is_gone() {
-        assert_eq!(call_failure(&Status::unavailable("goaway")), Failure::StreamBroken);
-        assert_eq!(call_failure(&Status::deadline_exceeded("slow")), Failure::Timeout);
-        assert_eq!(call_failure(&Status::permission_denied("no")), Failure::CallFailed);
+    fn transport_codes_and_resets_mean_the_connection_is_gone() {
+        let status = |code| CallEnd::Status(code, String::new());
+        assert_eq!(end_failure(&status(Code::Unavailable)), Failure::StreamBroken);
+        assert_eq!(end_failure(&CallEnd::Reset(7)), Failure::StreamBroken);
+        assert_eq!(end_failure(&status(Code::DeadlineExceeded)), Failure::Timeout);
+        assert_eq!(end_failure(&status(Code::PermissionDenied)), Failure::CallFailed);
     }
 
     #[tokio::test]
@@ -598,42 +438,5 @@ mod tests {
         drop(listener);
         let deadline = Instant::now() + Duration::from_secs(5);
         assert_eq!(connect(address, deadline).await.err(), Some(Failure::ConnectFailed));
-    }
-
-    #[tokio::test]
-    async fn check_and_watch_are_answered_on_one_bare_connection() {
-        let (reporter, service) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let _server = AbortOnDropHandle::new(tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        ));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut calls = connect(address, deadline).await.unwrap();
-        let request = || HealthCheckRequest { service: String::new() };
-        let checked = calls.check(request()).await.unwrap().into_inner();
-        assert_eq!(checked.status, ServingStatus::Serving as i32);
-        let mut stream = calls.watch(request()).await.unwrap().into_inner();
-        assert_eq!(
-            stream.message().await.unwrap().unwrap().status,
-            ServingStatus::Serving as i32
-        );
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        assert_eq!(
-            stream.message().await.unwrap().unwrap().status,
-            ServingStatus::NotServing as i32
-        );
-        let unknown = calls
-            .check(HealthCheckRequest { service: "nope".into() })
-            .await
-            .unwrap_err();
-        assert_eq!(unknown.code(), Code::NotFound);
     }
 }

@@ -1,0 +1,339 @@
+//! HPACK (RFC 7541) decoding of response header blocks for the prober's connection.
+//!
+//! Small and bounds-checked: a header block is what a server sends, and a bad one must end the
+//! connection with an error, never panic a prober. Huffman-coded strings are decoded by
+//! `httlib-huffman` (table driven); integers, representations and the tables are here. The
+//! dynamic table is kept (a server may index before it has our SETTINGS) within the size we
+//! allow, which is the protocol's initial 4 KiB at most; we advertise 0, so in practice it
+//! stays empty.
+
+use std::collections::VecDeque;
+
+/// The largest dynamic table a server may make us keep.
+pub const MAX_TABLE_SIZE: usize = 4_096;
+/// The longest header name or value accepted.
+const MAX_STRING: usize = 8_192;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid HPACK: {0}")]
+pub struct HpackError(&'static str);
+
+/// A header field: name and value.
+type Field = (Box<[u8]>, Box<[u8]>);
+
+/// The decoding state of one connection.
+#[derive(Debug)]
+pub struct Decoder {
+    table: VecDeque<Field>,
+    /// The table's size as RFC 7541 4.1 counts it (32 bytes per entry plus name and value).
+    size: usize,
+    max_size: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self {
+            table: VecDeque::new(),
+            size: 0,
+            max_size: MAX_TABLE_SIZE,
+        }
+    }
+}
+
+impl Decoder {
+    /// Decodes one whole header block, calling `field` for each header in order.
+    pub fn decode(&mut self, mut block: &[u8], mut field: impl FnMut(&[u8], &[u8])) -> Result<(), HpackError> {
+        while let Some(&first) = block.first() {
+            if first & 0x80 != 0 {
+                // Indexed field.
+                let (index, rest) = integer(block, 7)?;
+                let (name, value) = self.entry(index)?;
+                field(name, value);
+                block = rest;
+            } else if first & 0xc0 == 0x40 {
+                // Literal with incremental indexing.
+                let (index, rest) = integer(block, 6)?;
+                let ((name, value), rest) = self.literal(index, rest)?;
+                field(&name, &value);
+                self.insert(name, value);
+                block = rest;
+            } else if first & 0xe0 == 0x20 {
+                // Dynamic table size update.
+                let (size, rest) = integer(block, 5)?;
+                if size > MAX_TABLE_SIZE {
+                    return Err(HpackError("a dynamic table size over the allowed maximum"));
+                }
+                self.max_size = size;
+                self.evict(0);
+                block = rest;
+            } else {
+                // Literal without indexing (0000) or never indexed (0001).
+                let (index, rest) = integer(block, 4)?;
+                let ((name, value), rest) = self.literal(index, rest)?;
+                field(&name, &value);
+                block = rest;
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
+        match index {
+            0 => Err(HpackError("index 0")),
+            1..=61 => {
+                let (name, value) = STATIC_TABLE[index - 1];
+                Ok((name.as_bytes(), value.as_bytes()))
+            }
+            _ => self
+                .table
+                .get(index - 62)
+                .map(|(name, value)| (&name[..], &value[..]))
+                .ok_or(HpackError("an index past the tables")),
+        }
+    }
+
+    /// A literal's name (by `index`, or a string when 0) and value; the rest of the block.
+    fn literal<'b>(&self, index: usize, block: &'b [u8]) -> Result<(Field, &'b [u8]), HpackError> {
+        let (name, block) = if index == 0 {
+            string(block)?
+        } else {
+            (self.entry(index)?.0.into(), block)
+        };
+        let (value, block) = string(block)?;
+        Ok(((name, value), block))
+    }
+
+    fn insert(&mut self, name: Box<[u8]>, value: Box<[u8]>) {
+        let size = 32 + name.len() + value.len();
+        if size > self.max_size {
+            // RFC 7541 4.4: an entry larger than the table empties it and is not added.
+            self.evict(self.max_size);
+            return;
+        }
+        self.evict(size);
+        self.size += size;
+        self.table.push_front((name, value));
+    }
+
+    /// Evicts the oldest entries until `room` more bytes fit.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max_size {
+            let Some((name, value)) = self.table.pop_back() else {
+                break;
+            };
+            self.size -= 32 + name.len() + value.len();
+        }
+        if self.table.is_empty() {
+            self.table = VecDeque::new();
+        }
+    }
+}
+
+/// An integer with an `prefix_bits`-bit prefix (RFC 7541 5.1); the rest of the block.
+fn integer(block: &[u8], prefix_bits: u32) -> Result<(usize, &[u8]), HpackError> {
+    let (&first, mut rest) = block.split_first().ok_or(HpackError("a truncated integer"))?;
+    let max = (1usize << prefix_bits) - 1;
+    let mut value = usize::from(first) & max;
+    if value < max {
+        return Ok((value, rest));
+    }
+    for shift in (0..=21).step_by(7) {
+        let (&byte, after) = rest.split_first().ok_or(HpackError("a truncated integer"))?;
+        rest = after;
+        value += usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok((value, rest));
+        }
+    }
+    Err(HpackError("an integer over 2^28"))
+}
+
+/// A string literal, Huffman-coded or not (RFC 7541 5.2); the rest of the block.
+fn string(block: &[u8]) -> Result<(Box<[u8]>, &[u8]), HpackError> {
+    let huffman = block.first().is_some_and(|b| b & 0x80 != 0);
+    let (length, rest) = integer(block, 7)?;
+    if length > MAX_STRING || length > rest.len() {
+        return Err(HpackError("a string longer than its block or 8 KiB"));
+    }
+    let (bytes, rest) = rest.split_at(length);
+    if !huffman {
+        return Ok((bytes.into(), rest));
+    }
+    let mut decoded = Vec::with_capacity(length * 8 / 5 + 1);
+    httlib_huffman::decode(bytes, &mut decoded, httlib_huffman::DecoderSpeed::FourBits)
+        .map_err(|_| HpackError("a string that is not valid Huffman code"))?;
+    Ok((decoded.into(), rest))
+}
+
+/// RFC 7541 Appendix A.
+const STATIC_TABLE: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn decode_all(decoder: &mut Decoder, block: &[u8]) -> Result<Vec<(String, String)>, HpackError> {
+        let mut fields = Vec::new();
+        decoder.decode(block, |name, value| {
+            fields.push((
+                String::from_utf8_lossy(name).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            ))
+        })?;
+        Ok(fields)
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+        digits
+            .chunks(2)
+            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
+            .collect()
+    }
+
+    fn fields(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn rfc_7541_c4_requests_with_huffman_coding_and_the_dynamic_table() {
+        let mut decoder = Decoder::default();
+        let first = hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff");
+        assert_eq!(
+            decode_all(&mut decoder, &first).unwrap(),
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com")
+            ])
+        );
+        let second = hex("8286 84be 5886 a8eb 1064 9cbf");
+        assert_eq!(
+            decode_all(&mut decoder, &second).unwrap(),
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+                ("cache-control", "no-cache")
+            ])
+        );
+        let third = hex("8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf");
+        assert_eq!(
+            decode_all(&mut decoder, &third).unwrap(),
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "www.example.com"),
+                ("custom-key", "custom-value")
+            ])
+        );
+        assert_eq!(decoder.size, 164);
+    }
+
+    #[test]
+    fn a_size_update_evicts_and_a_larger_one_than_allowed_is_refused() {
+        let mut decoder = Decoder::default();
+        // Literal with indexing, new name "a", value "b"; then a size update to 0.
+        decode_all(&mut decoder, &[0x40, 1, b'a', 1, b'b']).unwrap();
+        assert_eq!(decode_all(&mut decoder, &[0xbe]).unwrap(), fields(&[("a", "b")]));
+        decode_all(&mut decoder, &[0x20]).unwrap();
+        assert_eq!(decoder.table.len(), 0);
+        assert!(decode_all(&mut decoder, &[0xbe]).is_err(), "the entry is gone");
+        assert!(
+            decode_all(&mut decoder, &[0x3f, 0xe2, 0x1f]).is_err(),
+            "4,096 + 1 is over"
+        );
+    }
+
+    #[test]
+    fn truncated_blocks_are_errors() {
+        let mut decoder = Decoder::default();
+        assert!(decode_all(&mut decoder, &[0xff]).is_err());
+        assert!(decode_all(&mut decoder, &[0x00, 5, b'a']).is_err());
+        assert!(decode_all(&mut decoder, &[0x04]).is_err());
+        assert!(decode_all(&mut decoder, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_without_panicking(block in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut decoder = Decoder::default();
+            let _ = decoder.decode(&block, |_, _| {});
+            prop_assert!(decoder.size <= MAX_TABLE_SIZE);
+        }
+
+        #[test]
+        fn any_huffman_string_decodes_or_fails_without_panicking(code in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let mut block = vec![0x80 | code.len() as u8];
+            block.extend_from_slice(&code);
+            let _ = string(&block);
+        }
+    }
+}
