@@ -40,6 +40,7 @@ use kubegrpc_crds::{GrpcBackend, GrpcBackendStatus, Health, OPERATOR_FIELD_MANAG
 use serde_json::json;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -135,7 +136,7 @@ pub async fn run(
 
     // Services: a store for the reconciler, triggers for the GrpcBackends that name them.
     let (services, services_writer) = reflector::store();
-    let services_task = tokio::spawn({
+    let _services_task = AbortOnDropHandle::new(tokio::spawn({
         let backends = backends.clone();
         let triggers = triggers.clone();
         let relisted = relisted.clone();
@@ -156,11 +157,11 @@ pub async fn run(
                 }
                 futures::future::ready(())
             })
-    });
+    }));
 
     // EndpointSlices: the by-Service index for the reconciler, and triggers.
     let (slices_ready_tx, mut slices_ready) = tokio::sync::watch::channel(false);
-    let slices_task = tokio::spawn({
+    let _slices_task = AbortOnDropHandle::new(tokio::spawn({
         let slices = slices.clone();
         let backends = backends.clone();
         let triggers = triggers.clone();
@@ -189,8 +190,7 @@ pub async fn run(
                 }
                 futures::future::ready(())
             })
-    });
-    let _stop_watch_tasks = AbortOnDrop(vec![services_task, slices_task]);
+    }));
 
     // Reconciling before both views are complete would publish endpoints as missing.
     info!("waiting for the Service and EndpointSlice caches");
@@ -312,16 +312,6 @@ fn trigger_backends_of(
 ) {
     for backend in backends.of_service(service) {
         let _ = triggers.send(ObjectRef::from_obj(backend.as_ref()));
-    }
-}
-
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
     }
 }
 
