@@ -113,12 +113,12 @@ async fn main() -> Result<()> {
             apiserver_cpu += Duration::from_secs_f64((cpu_ticks(apiserver)? - cpu_before) as f64 / ticks_per_second());
         }
         println!(
-            "| {size} | {written_bytes} | {watcher_bytes} | {:.1?} | {:.0?}, {:.0?} | {:.0?} | {:.0?} |",
-            median(&serialize),
-            median(&applies),
-            applies.iter().max().copied().unwrap_or_default(),
-            median(&seen),
-            apiserver_cpu / writes as u32,
+            "| {size} | {written_bytes} | {watcher_bytes} | {:.1} ms | {} ms, {} ms | {} ms | {} ms |",
+            median(&serialize).as_secs_f64() * 1000.0,
+            median(&applies).as_millis(),
+            applies.iter().max().copied().unwrap_or_default().as_millis(),
+            median(&seen).as_millis(),
+            (apiserver_cpu / writes as u32).as_millis(),
         );
 
         if let Some(dir) = &profile_dir {
