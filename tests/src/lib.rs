@@ -7,6 +7,7 @@ pub mod backends;
 pub mod certs;
 pub mod controlplane;
 pub mod install;
+pub mod kubelet;
 pub mod load;
 pub mod netns;
 pub mod objects;
