@@ -2,13 +2,14 @@
 SHELL := bash
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test bench scale status-cost controlplane peers crds fmt lint
+.PHONY: help demo test bench scale soak status-cost controlplane peers crds fmt lint
 
 help:
 	@echo "make demo          the product end to end on a local control plane (needs root, Go, Rust)"
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list (release build)"
 	@echo "make scale         10,000 endpoints in one GrpcBackend and 500 x 20: memory, CPU, writes (release build, ~15 min)"
+	@echo "make soak          pods churned under load for 10 minutes: operator and client back at their baseline (release build)"
 	@echo "make status-cost   the apiserver's cost of one change in a 1k/5k/10k-endpoint status, with a CPU profile"
 	@echo "make controlplane  build etcd, kube-apiserver, kube-controller-manager and kubectl (cached)"
 	@echo "make peers         build the grpc-go and grpc-java test peers (cached; needs Go, Java 17, Maven)"
@@ -36,6 +37,11 @@ scale:
 	@bin="$$(tests/controlplane/build.sh)" && \
 	cargo build --release --locked -p kubegrpc-operator -p kubegrpc-tests --bin kubegrpc-operator --bin scale && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/scale
+
+soak:
+	@bin="$$(tests/controlplane/build.sh)" && \
+	cargo build --release --locked -p kubegrpc-operator -p kubegrpc-tests --bin kubegrpc-operator --bin soak && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/soak
 
 status-cost:
 	@bin="$$(tests/controlplane/build.sh)" && \

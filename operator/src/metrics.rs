@@ -51,6 +51,8 @@ pub struct Metrics {
     pub probe_connection_rotations: Counter,
     pub probers: Gauge,
     pub leader: Gauge,
+    /// Read from the async runtime at each scrape (see [`Metrics::encode`]).
+    pub runtime_tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -74,6 +76,7 @@ impl Default for Metrics {
             probe_connection_rotations: Counter::default(),
             probers: Gauge::default(),
             leader: Gauge::default(),
+            runtime_tasks: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -125,6 +128,11 @@ impl Default for Metrics {
             "leader",
             "1 while this replica holds the leader lease",
             metrics.leader.clone(),
+        );
+        registry.register(
+            "runtime_tasks",
+            "Tasks alive in the operator's async runtime, one per prober among them (a leak shows as growth)",
+            metrics.runtime_tasks.clone(),
         );
         Self { registry, ..metrics }
     }
@@ -184,8 +192,11 @@ impl Metrics {
         self.status_writes.remove(&backend(namespace, name));
     }
 
-    /// The text exposition of every metric.
+    /// The text exposition of every metric, with the runtime's task count read now.
     pub fn encode(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks.set(runtime.metrics().num_alive_tasks() as i64);
+        }
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

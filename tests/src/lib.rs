@@ -17,6 +17,7 @@ pub mod process;
 pub mod proxy;
 pub mod scale;
 pub mod scenario;
+pub mod soak;
 pub mod wait;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions};

@@ -1,11 +1,13 @@
 //! Kubernetes objects the tests write: headless Services, EndpointSlices written exactly as
-//! the EndpointSlice controller writes them, GrpcBackends from raw JSON.
+//! the EndpointSlice controller writes them, GrpcBackends from raw JSON, and the echo
+//! Deployment (with its Service) that the kubelet stand-in runs.
 
 use std::net::SocketAddr;
 
 use anyhow::Result;
 use k8s_openapi::{
     api::{
+        apps::v1::Deployment,
         core::v1::{ObjectReference, Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
@@ -185,4 +187,48 @@ pub async fn create_grpc_backend(
     Api::<GrpcBackend>::namespaced(client.clone(), namespace)
         .get(name)
         .await
+}
+
+/// The label selector of [`echo_deployment`]'s Pods.
+pub const ECHO_SELECTOR: &str = "app=echo";
+
+/// A headless Service `echo` selecting [`echo_deployment`]'s Pods, port `grpc` by name.
+pub async fn create_echo_deployment_service(client: &Client, namespace: &str) -> Result<Service> {
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo"},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"app": "echo"},
+            "ports": [{"name": "grpc", "port": 80, "targetPort": "grpc"}],
+        },
+    }))?;
+    Ok(Api::<Service>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &service)
+        .await?)
+}
+
+/// A Deployment `echo` of `replicas` echo servers (run by [`crate::kubelet::Kubelet`]),
+/// rolling one Pod at a time without losing capacity (maxSurge 1, maxUnavailable 0).
+pub fn echo_deployment(replicas: i32) -> Result<Deployment> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "echo"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "echo"}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {"app": "echo"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "echo",
+                        "image": "kubegrpc/echo-server",
+                        "ports": [{"name": "grpc", "containerPort": crate::backends::BACKEND_PORT}],
+                    }],
+                },
+            },
+        },
+    }))?)
 }

@@ -428,7 +428,7 @@ async fn serving_probes(metrics: SocketAddr) -> Result<u64> {
     Ok(serving.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64)
 }
 
-fn memory_kib(pid: i32, field: &str) -> Result<u64> {
+pub fn memory_kib(pid: i32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
