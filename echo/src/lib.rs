@@ -4,7 +4,8 @@
 //! client can count where its requests went. The backend serves `grpc.health.v1.Health`
 //! (`Check` and `Watch`, or `Check` only), can be switched NOT_SERVING through
 //! `Echo/SetHealth` or [`HealthState::set`], and counts what it sees: requests, connections,
-//! open health Watch streams.
+//! open health Watch streams. It stops gracefully ([`Backend::stop`]) or dies at once, as a
+//! process killed with SIGKILL does ([`Backend::kill`]).
 
 use std::{
     collections::HashMap,
@@ -12,12 +13,12 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, task::AtomicWaker};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -300,6 +301,7 @@ pub struct Backend {
     pub health: HealthState,
     pub counters: Arc<Counters>,
     stopping: watch::Sender<bool>,
+    kill_switch: Arc<KillSwitch>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -328,7 +330,8 @@ impl Backend {
             counters: counters.clone(),
             health: health.clone(),
         };
-        let incoming = CountingIncoming::new(listener, counters.clone());
+        let kill_switch = Arc::new(KillSwitch::default());
+        let incoming = CountingIncoming::new(listener, counters.clone(), kill_switch.clone());
         let mut shutdown_signal = stopping_signal;
         let mut server = tonic::transport::Server::builder();
         if let Some((cert, key)) = &options.tls {
@@ -351,6 +354,7 @@ impl Backend {
             health,
             counters,
             stopping,
+            kill_switch,
             task,
         })
     }
@@ -363,6 +367,24 @@ impl Backend {
             self.task.abort();
         }
     }
+
+    /// Dies as a process killed with SIGKILL does: no NOT_SERVING, no GOAWAY, no grace. Every
+    /// open connection is reset at once (requests in flight on it fail, health Watch streams
+    /// break) and the port refuses new connections once this returns.
+    ///
+    /// (Aborting the server's task alone would not do: tonic serves each connection in a task
+    /// of its own and shuts them down gracefully, with GOAWAY, when the server goes.)
+    pub async fn kill(mut self) {
+        self.kill_switch.kill();
+        self.task.abort();
+        // Once the task is gone, so is its listener: connecting is refused.
+        let _ = (&mut self.task).await;
+        // The connections' tasks were woken to fail their I/O; wait (briefly) until they closed.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.kill_switch.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
 }
 
 impl Drop for Backend {
@@ -371,15 +393,61 @@ impl Drop for Backend {
     }
 }
 
+/// What [`Backend::kill`] pulls: once pulled, every connection's I/O fails at once.
+///
+/// Each open connection registers the waker of the task serving it, so that an idle
+/// connection (whose task waits on a read) wakes up to fail too.
+#[derive(Default)]
+struct KillSwitch {
+    killed: AtomicBool,
+    next_id: AtomicU64,
+    connections: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+}
+
+impl KillSwitch {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        for waker in connections.values() {
+            waker.wake();
+        }
+    }
+
+    fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+
+    fn register(&self) -> (u64, Arc<AtomicWaker>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let waker = Arc::new(AtomicWaker::new());
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.insert(id, waker.clone());
+        (id, waker)
+    }
+
+    fn unregister(&self, id: u64) {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    fn open_connections(&self) -> usize {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
 /// Accepted connections, counted as they open and close.
 struct CountingIncoming {
     listener: TcpListener,
     counters: Arc<Counters>,
+    kill_switch: Arc<KillSwitch>,
 }
 
 impl CountingIncoming {
-    fn new(listener: TcpListener, counters: Arc<Counters>) -> Self {
-        Self { listener, counters }
+    fn new(listener: TcpListener, counters: Arc<Counters>, kill_switch: Arc<KillSwitch>) -> Self {
+        Self {
+            listener,
+            counters,
+            kill_switch,
+        }
     }
 }
 
@@ -392,9 +460,14 @@ impl Stream for CountingIncoming {
                 let _ = stream.set_nodelay(true);
                 self.counters.connections_accepted.fetch_add(1, Ordering::SeqCst);
                 self.counters.connections_open.fetch_add(1, Ordering::SeqCst);
+                let (id, waker) = self.kill_switch.register();
                 Poll::Ready(Some(Ok(CountedConnection {
                     stream,
                     counters: self.counters.clone(),
+                    kill_switch: self.kill_switch.clone(),
+                    id,
+                    waker,
+                    reset: false,
                 })))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Some(Err(error))),
@@ -403,15 +476,42 @@ impl Stream for CountingIncoming {
     }
 }
 
-/// A TCP connection that counts itself closed when dropped.
+/// A TCP connection that counts itself closed when dropped, and fails at once once its
+/// backend is killed.
 struct CountedConnection {
     stream: TcpStream,
     counters: Arc<Counters>,
+    kill_switch: Arc<KillSwitch>,
+    id: u64,
+    waker: Arc<AtomicWaker>,
+    reset: bool,
+}
+
+impl CountedConnection {
+    /// The error every I/O gets once the backend is killed; the first time, the socket is set
+    /// to be reset (RST) rather than closed in order when it is dropped, as the kernel does
+    /// with the sockets of a killed process that had data unread.
+    fn killed(&mut self) -> Option<std::io::Error> {
+        if !self.kill_switch.is_killed() {
+            return None;
+        }
+        if !self.reset {
+            self.reset = true;
+            // SO_LINGER 0: the close is a reset and never blocks.
+            #[allow(deprecated)]
+            let _ = self.stream.set_linger(Some(std::time::Duration::ZERO));
+        }
+        Some(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the backend was killed",
+        ))
+    }
 }
 
 impl Drop for CountedConnection {
     fn drop(&mut self) {
         self.counters.connections_open.fetch_sub(1, Ordering::SeqCst);
+        self.kill_switch.unregister(self.id);
     }
 }
 
@@ -425,20 +525,34 @@ impl Connected for CountedConnection {
 
 impl AsyncRead for CountedConnection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        // The serving task always waits on a read: registered here, a kill wakes it.
+        self.waker.register(cx.waker());
+        if let Some(error) = self.killed() {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for CountedConnection {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Some(error) = self.killed() {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(error) = self.killed() {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(error) = self.killed() {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

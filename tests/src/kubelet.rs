@@ -7,7 +7,9 @@
 //! EndpointSlice controller lists it. When a Pod is deleted it drains as a well-behaved gRPC
 //! server does on SIGTERM: health NOT_SERVING and Ready=False at once, requests still served for
 //! the drain period, then a graceful stop, then the Pod is removed (grace period 0), as the
-//! kubelet does once the containers stopped.
+//! kubelet does once the containers stopped. [`Kubelet::kill`] kills a Pod's backend instead,
+//! as SIGKILL (or a crash) would: no NOT_SERVING, no drain, every connection reset at once; the
+//! Pod turns Ready=False and stays, as a Pod whose container died does.
 //!
 //! The run disables the node-lifecycle and pod-GC controllers
 //! (`--controllers=*,-nodelifecycle,-podgc`, see [`crate::controlplane`]), so the stand-in
@@ -21,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
 use kube::{
@@ -31,7 +33,10 @@ use kube::{
 };
 use kubegrpc_echo::{BackendOptions, Counters, ServingStatus};
 use serde_json::json;
-use tokio::{sync::watch, task::JoinSet};
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinSet,
+};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::backends::start_backend;
@@ -42,6 +47,9 @@ pub const NODE_NAME: &str = "kubelet-standin";
 pub const ZONE: &str = "zone-a";
 /// How long a deleted Pod keeps serving after it turned NOT_SERVING.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(2);
+/// How long a kubelet takes to notice a container that died: its pod lifecycle event
+/// generator relists containers every second.
+pub const DEFAULT_DEAD_CONTAINER_NOTICED_AFTER: Duration = Duration::from_secs(1);
 
 /// How the stand-in behaves.
 #[derive(Clone, Debug)]
@@ -53,6 +61,9 @@ pub struct KubeletOptions {
     /// How long a terminating Pod keeps serving (NOT_SERVING, Ready=False) before it stops.
     /// Keep it well within the Pods' `terminationGracePeriodSeconds`.
     pub drain: Duration,
+    /// How long after a [`Kubelet::kill`] the Pod is marked Ready=False (a kubelet learns of a
+    /// dead container by relisting, not at once).
+    pub dead_container_noticed_after: Duration,
 }
 
 impl Default for KubeletOptions {
@@ -61,6 +72,7 @@ impl Default for KubeletOptions {
             node: NODE_NAME.into(),
             zone: ZONE.into(),
             drain: DEFAULT_DRAIN,
+            dead_container_noticed_after: DEFAULT_DEAD_CONTAINER_NOTICED_AFTER,
         }
     }
 }
@@ -85,6 +97,9 @@ struct Shared {
     started: Instant,
     /// Pod name -> its backend's address and counters, for every Pod ever started.
     served: Mutex<BTreeMap<String, Served>>,
+    /// Pod name -> how to kill its running backend ([`Kubelet::kill`]); answered with the
+    /// instant the backend was dead.
+    kills: Mutex<HashMap<String, oneshot::Sender<oneshot::Sender<Instant>>>>,
 }
 
 impl Shared {
@@ -111,6 +126,7 @@ impl Kubelet {
             pods: Api::namespaced(client, namespace),
             started: Instant::now(),
             served: Mutex::new(BTreeMap::new()),
+            kills: Mutex::new(HashMap::new()),
         });
         let task = AbortOnDropHandle::new(tokio::spawn(run(shared.clone())));
         Ok(Kubelet { shared, _task: task })
@@ -137,6 +153,26 @@ impl Kubelet {
             .iter()
             .map(|(pod, served)| (pod.clone(), served.address))
             .collect()
+    }
+
+    /// Kills `pod`'s backend as SIGKILL would: no NOT_SERVING, no drain, no GOAWAY; every
+    /// connection is reset at once and its port refuses new ones. Then the Pod is marked as a
+    /// kubelet marks a Pod whose container died (ContainersReady and Ready False); it stays (a
+    /// later deletion removes it at once: nothing is left to drain). Returns the instant the
+    /// backend was dead, before the Pod's status is written.
+    pub async fn kill(&self, pod: &str) -> Result<Instant> {
+        let kill = self
+            .shared
+            .kills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(pod)
+            .ok_or_else(|| anyhow!("pod {}/{pod} has no running backend to kill", self.shared.namespace))?;
+        let (answer, dead) = oneshot::channel();
+        kill.send(answer)
+            .map_err(|_| anyhow!("pod {}/{pod} stopped before it was killed", self.shared.namespace))?;
+        dead.await
+            .map_err(|_| anyhow!("pod {}/{pod}: its task ended during the kill", self.shared.namespace))
     }
 
     /// The Node's name.
@@ -292,10 +328,32 @@ async fn pod_life(shared: &Shared, name: &str, uid: &str, latest: &mut watch::Re
             counters: backend.counters.clone(),
         },
     );
+    let (kill, mut killed) = oneshot::channel();
+    shared
+        .kills
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.to_string(), kill);
+    let result = serve(shared, name, uid, latest, backend, address, &mut killed).await;
+    shared.kills.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    result
+}
+
+/// Runs a started Pod's backend until the Pod is deleted (then drains it) or it is killed.
+async fn serve(
+    shared: &Shared,
+    name: &str,
+    uid: &str,
+    latest: &mut watch::Receiver<Option<Pod>>,
+    backend: kubegrpc_echo::Backend,
+    address: SocketAddr,
+    killed: &mut oneshot::Receiver<oneshot::Sender<Instant>>,
+) -> Result<()> {
     mark_running(shared, name, address).await?;
     shared.log(name, format_args!("running, Ready, backend at {address}"));
 
-    // Serve until the Pod is deleted.
+    // Serve until the Pod is deleted, or the backend is killed.
+    let mut killable = true;
     loop {
         match latest.borrow_and_update().as_ref() {
             None => {
@@ -305,8 +363,23 @@ async fn pod_life(shared: &Shared, name: &str, uid: &str, latest: &mut watch::Re
             Some(pod) if is_deleting(pod) => break,
             Some(_) => {}
         }
-        if latest.changed().await.is_err() {
-            return Ok(());
+        tokio::select! {
+            changed = latest.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            answer = &mut *killed, if killable => {
+                let Ok(answer) = answer else {
+                    killable = false;
+                    continue;
+                };
+                let served = backend.counters.snapshot().requests;
+                backend.kill().await;
+                let _ = answer.send(Instant::now());
+                shared.log(name, format_args!("backend killed (SIGKILL) after {served} requests"));
+                return dead(shared, name, uid, latest).await;
+            }
         }
     }
 
@@ -326,6 +399,26 @@ async fn pod_life(shared: &Shared, name: &str, uid: &str, latest: &mut watch::Re
     backend.stop().await;
     shared.log(name, format_args!("backend stopped after {served} requests"));
     remove(shared, name, uid).await
+}
+
+/// A Pod whose container died and is not restarted: Ready=False as the kubelet reports it,
+/// kept until deleted, then removed at once (nothing left to drain).
+async fn dead(shared: &Shared, name: &str, uid: &str, latest: &mut watch::Receiver<Option<Pod>>) -> Result<()> {
+    // Noticed at the next relist, not at once (the operator's probes may be quicker).
+    tokio::time::sleep(shared.options.dead_container_noticed_after).await;
+    if let Err(error) = mark_not_ready(shared, name).await {
+        shared.log(name, format_args!("cannot mark not Ready: {error:#}"));
+    } else {
+        shared.log(name, "container dead: Ready=False");
+    }
+    let deleted = latest
+        .wait_for(|pod| pod.as_ref().is_none_or(is_deleting))
+        .await
+        .map(|pod| pod.is_some());
+    match deleted {
+        Ok(true) => remove(shared, name, uid).await,
+        _ => Ok(()),
+    }
 }
 
 /// What the scheduler does: a Binding to the Node, through the Pod's `binding` subresource.
