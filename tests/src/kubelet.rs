@@ -181,8 +181,8 @@ impl Kubelet {
     }
 }
 
-/// Creates the Node (or finds it) and sets its Ready condition.
-async fn register_node(client: &Client, name: &str, zone: &str) -> Result<()> {
+/// Creates the Node (or finds it) and sets its Ready condition, as a kubelet registers itself.
+pub async fn register_node(client: &Client, name: &str, zone: &str) -> Result<()> {
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone, "kubernetes.io/hostname": name}},

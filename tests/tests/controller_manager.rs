@@ -6,11 +6,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
 use k8s_openapi::{
-    api::core::v1::{Container, ContainerPort, Node, Pod, PodSpec, Service, ServicePort, ServiceSpec},
+    api::core::v1::{Container, ContainerPort, Pod, PodSpec, Service, ServicePort, ServiceSpec},
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use kube::{
-    Api, Client,
+    Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use kubegrpc_crds::{FULL_WEIGHT, Health};
@@ -18,6 +18,7 @@ use kubegrpc_echo::BackendOptions;
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
     backends::{BACKEND_PORT, start_backend},
+    kubelet::register_node,
     objects::create_grpc_backend,
     operator::InProcessOperator,
     scenario::endpoint,
@@ -40,7 +41,7 @@ async fn the_operator_follows_slices_written_by_the_endpointslice_controller() -
     let namespace = control_plane.create_namespace(&client, "kcm").await?;
     let _operator = InProcessOperator::start(client.clone(), &namespace);
 
-    register_node(&client).await?;
+    register_node(&client, NODE, ZONE).await?;
     let service = Service {
         metadata: ObjectMeta {
             name: Some("echo".into()),
@@ -131,27 +132,6 @@ async fn the_operator_follows_slices_written_by_the_endpointslice_controller() -
     .await?;
     let remaining: Vec<Option<&str>> = status.endpoints.iter().map(|e| e.pod.as_deref()).collect();
     assert!(remaining.iter().all(|pod| pod.is_some_and(|pod| pod != "echo-0")));
-    Ok(())
-}
-
-async fn register_node(client: &Client) -> Result<()> {
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": ZONE, "kubernetes.io/hostname": NODE}},
-    }))?;
-    let nodes = Api::<Node>::all(client.clone());
-    nodes.create(&PostParams::default(), &node).await?;
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    nodes
-        .patch_status(
-            NODE,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"conditions": [
-                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "test kubelet",
-                 "lastHeartbeatTime": now, "lastTransitionTime": now}
-            ]}})),
-        )
-        .await?;
     Ok(())
 }
 

@@ -11,12 +11,9 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    core::v1::{Pod, Service},
-};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{
-    Api, Client,
+    Api,
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
@@ -27,7 +24,7 @@ use kubegrpc_tests::{
     backends::BACKEND_PORT,
     kubelet::Kubelet,
     load::{RateLoad, RateLoadReport},
-    objects::create_grpc_backend,
+    objects::{ECHO_SELECTOR, create_echo_deployment_service, create_grpc_backend, echo_deployment},
     operator::InProcessOperator,
     wait,
 };
@@ -37,7 +34,6 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Five Pods replaced one at a time, each drained for 2 s: well under a minute on 2 cores.
 const ROLLOUT_DEADLINE: Duration = Duration::from_secs(180);
 const RATE: u32 = 200;
-const SELECTOR: &str = "app=echo";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_restart_under_load_fails_no_request_and_every_new_pod_serves() -> Result<()> {
@@ -330,7 +326,7 @@ impl Cluster {
         let operator = InProcessOperator::start(client.clone(), &namespace);
         let kubelet = Kubelet::start(client.clone(), &namespace).await?;
 
-        create_echo_service(&client, &namespace).await?;
+        create_echo_deployment_service(&client, &namespace).await?;
         create_grpc_backend(&client, &namespace, "echo", json!({"service": "echo", "port": "grpc"})).await?;
         let deployments = Api::<Deployment>::namespaced(client.clone(), &namespace);
         deployments
@@ -445,49 +441,10 @@ fn assert_no_failure(report: &RateLoadReport) {
     assert_eq!(report.sent, report.succeeded);
 }
 
-async fn create_echo_service(client: &Client, namespace: &str) -> Result<()> {
-    let service: Service = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "echo"},
-        "spec": {
-            "clusterIP": "None",
-            "selector": {"app": "echo"},
-            "ports": [{"name": "grpc", "port": 80, "targetPort": "grpc"}],
-        },
-    }))?;
-    Api::<Service>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &service)
-        .await?;
-    Ok(())
-}
-
-fn echo_deployment(replicas: i32) -> Result<Deployment> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "echo"},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": "echo"}},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
-                "metadata": {"labels": {"app": "echo"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [{
-                        "name": "echo",
-                        "image": "kubegrpc/echo-server",
-                        "ports": [{"name": "grpc", "containerPort": BACKEND_PORT}],
-                    }],
-                },
-            },
-        },
-    }))?)
-}
-
 /// The names of the Deployment's Pods, terminating ones included.
 async fn pod_names(pods: &Api<Pod>) -> Result<BTreeSet<String>> {
     Ok(pods
-        .list(&ListParams::default().labels(SELECTOR))
+        .list(&ListParams::default().labels(ECHO_SELECTOR))
         .await?
         .items
         .into_iter()
