@@ -12,10 +12,9 @@ use kubegrpc_crds::Health;
 use kubegrpc_echo::{BackendOptions, ServingStatus};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
-    backends::{start_backend, start_backends},
+    backends::{addresses_of, start_backend, start_backends},
     install::{apply_deploy, free_local_address, http_get, metric_series, operator_kubeconfig, start_operator_process},
     load::RateLoad,
-    objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     process::ManagedProcess,
     scenario::{Scenario, assert_unchanged, endpoint},
     wait,
@@ -49,12 +48,9 @@ async fn a_killed_operator_restarts_under_load_without_a_failed_request_or_a_nee
     let kubeconfig = operator_kubeconfig(control_plane).await?;
 
     let mut backends = start_backends(3).await?;
-    create_service(&client, &namespace, "echo", &[("grpc", 80)]).await?;
-    let slice = |backends: &[kubegrpc_echo::Backend]| -> Vec<SliceEndpoint> {
-        backends.iter().map(|b| SliceEndpoint::ready(b.address)).collect()
-    };
-    apply_slice(&client, &namespace, "echo", "echo-1", "grpc", &slice(&backends)).await?;
-    create_grpc_backend(&client, &namespace, "echo", json!({"service": "echo", "port": "grpc"})).await?;
+    s.echo_service(&addresses_of(&backends)).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
 
     let metrics = free_local_address()?;
     let start = |generation: u32| -> Result<ManagedProcess> {
@@ -106,7 +102,7 @@ async fn a_killed_operator_restarts_under_load_without_a_failed_request_or_a_nee
     let joining = start_backend(BackendOptions::default()).await?;
     let joined = joining.address;
     backends.push(joining);
-    apply_slice(&client, &namespace, "echo", "echo-1", "grpc", &slice(&backends)).await?;
+    s.echo_slice(&addresses_of(&backends)).await?;
     load.wait_for_more(u64::from(RATE), DEADLINE).await?;
     assert_unchanged(&s.backends(), "echo", &version, Duration::from_secs(1)).await?;
 

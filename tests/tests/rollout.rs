@@ -72,13 +72,9 @@ async fn a_rollout_restart_under_load_fails_no_request_and_every_new_pod_serves(
     load.wait_for_more(2 * u64::from(RATE), DEADLINE).await?;
     let report = load.stop().await;
 
-    let served = cluster.kubelet.served();
     print_report(&report, &cluster.kubelet, &new_pods);
     assert_no_failure(&report);
-    for pod in &new_pods {
-        let count = served.get(pod).copied().unwrap_or(0);
-        assert!(count > 0, "new pod {pod} served no request: {served:?}");
-    }
+    assert_every_pod_served(&cluster.kubelet, &new_pods, "new pod");
     Ok(())
 }
 
@@ -127,13 +123,9 @@ async fn scaling_3_to_10_to_2_under_load_fails_no_request_and_every_new_pod_serv
     load.wait_for_more(2 * u64::from(RATE), DEADLINE).await?;
     let report = load.stop().await;
 
-    let served = cluster.kubelet.served();
     print_report(&report, &cluster.kubelet, &new_pods);
     assert_no_failure(&report);
-    for pod in &new_pods {
-        let count = served.get(pod).copied().unwrap_or(0);
-        assert!(count > 0, "pod {pod} of the scale-out served no request: {served:?}");
-    }
+    assert_every_pod_served(&cluster.kubelet, &new_pods, "pod of the scale-out");
     Ok(())
 }
 
@@ -430,6 +422,15 @@ fn print_report(report: &RateLoadReport, kubelet: &Kubelet, new_pods: &BTreeSet<
         println!("  {age} pod {pod} at {address}: served {count} (client saw {seen} answers)");
     }
     println!("served at the backends in total: {}", served.values().sum::<u64>());
+}
+
+/// Every one of `pods` served requests, counted at its backend.
+fn assert_every_pod_served(kubelet: &Kubelet, pods: &BTreeSet<String>, what: &str) {
+    let served = kubelet.served();
+    for pod in pods {
+        let count = served.get(pod).copied().unwrap_or(0);
+        assert!(count > 0, "{what} {pod} served no request: {served:?}");
+    }
 }
 
 fn assert_no_failure(report: &RateLoadReport) {
