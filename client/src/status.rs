@@ -238,6 +238,7 @@ mod tests {
             serving: true,
             terminating,
             zone: Some("z".into()),
+            for_zones: Vec::new(),
             pod: Some("p".into()),
             target_ref: None,
             reason: None,

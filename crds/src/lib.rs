@@ -285,26 +285,129 @@ pub enum HealthCheckMode {
 /// How endpoints that pass their health checks are weighted.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.policy == 'LoadReport' || !has(self.loadReport)").message(
+    "spec.weighting.loadReport is only used by the LoadReport policy: set policy: LoadReport or remove it"
+))]
 pub struct Weighting {
-    /// The weighting policy. `Equal`: every usable endpoint gets the same weight.
+    /// The weighting policy:
+    /// - `Equal`: every usable endpoint gets the same weight (100);
+    /// - `Static`: the weight in the annotation `kubegrpc.io/weight` of the Pod behind each
+    ///   endpoint (a whole number from 0 to 10000; absent: 100; not a number in range: 100,
+    ///   with a Warning Event on the GrpcBackend);
+    /// - `LoadReport`: weights from the load each backend reports over ORCA
+    ///   (`xds.service.orca.v3.OpenRcaService`), computed as gRPC's `weighted_round_robin`
+    ///   (gRFC A58) does, once for every client. See `loadReport`.
     #[serde(default)]
     pub policy: WeightingPolicy,
 
-    /// A newly Serving endpoint's weight ramps up linearly over this window (in ten steps,
-    /// from 10% to 100%) instead of taking its full share at once. Unset or "0s": off.
-    /// At most 1h.
+    /// Slow start: clients ramp a newly Serving endpoint's share up over this window instead
+    /// of handing it its full share at once (Envoy's formula: weight x max(minWeightPercent,
+    /// (t / window) ^ (1 / aggression))). The operator publishes the full weight and when the
+    /// endpoint became Serving; each client ramps on its own, so the ramp costs no status
+    /// writes. Unset or "0s": off. At most 1h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(concat!(
         "self.matches('", duration_pattern!(), "') && duration(self) <= duration('1h')"
     )).message("spec.weighting.slowStartWindow must be a duration from 0s to 1h, such as \"30s\" (0s turns slow start off)"))]
     pub slow_start_window: Option<Duration>,
+
+    /// The slow-start curve's aggression (Envoy's `aggression`): 1 ramps linearly, above 1
+    /// gives the new endpoint more early on, below 1 less. From 0.1 to 10; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.1 && self <= 10.0")
+        .message("spec.weighting.slowStartAggression must be from 0.1 to 10 (1 ramps linearly)"))]
+    pub slow_start_aggression: Option<f64>,
+
+    /// The share a slow-starting endpoint gets at least, in percent of its weight (Envoy's
+    /// `min_weight_percent`). From 1 to 100; default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub slow_start_min_weight_percent: Option<i32>,
+
+    /// Settings of the `LoadReport` policy (gRFC A58's, with its defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_report: Option<LoadReport>,
 }
 
-/// Weighting policies. New policies are added with their behaviour.
+/// How backend load reports become weights (gRFC A58's settings and defaults).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadReport {
+    /// How often each backend is asked to send a report on its out-of-band ORCA stream
+    /// (servers may send less often: grpc-go's `orca` package sends at most one per 30s by
+    /// default). From 1s to 5m; default 10s.
+    #[serde(default = "default_report_interval")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) >= duration('1s') && duration(self) <= duration('5m')"
+    )).message("spec.weighting.loadReport.reportInterval must be a duration from 1s to 5m, such as \"10s\""))]
+    pub report_interval: Duration,
+
+    /// Reports are not used until they have been arriving for this long (a backend that
+    /// just started reports a misleadingly low load). Default 10s.
+    #[serde(default = "default_blackout_period")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) <= duration('1h')"
+    )).message("spec.weighting.loadReport.blackoutPeriod must be a duration from 0s to 1h, such as \"10s\""))]
+    pub blackout_period: Duration,
+
+    /// A weight whose last report is older than this expires: the endpoint gets the mean
+    /// weight again, and the blackout starts over when reports resume. Default 3m.
+    #[serde(default = "default_weight_expiration_period")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) >= duration('1s') && duration(self) <= duration('24h')"
+    )).message("spec.weighting.loadReport.weightExpirationPeriod must be a duration from 1s to 24h, such as \"3m\""))]
+    pub weight_expiration_period: Duration,
+
+    /// How much errors count as load: utilization + eps / qps x this. From 0 to 100;
+    /// default 1.
+    #[serde(default = "default_error_utilization_penalty")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
+        .message("spec.weighting.loadReport.errorUtilizationPenalty must be from 0 to 100"))]
+    pub error_utilization_penalty: f64,
+}
+
+impl Default for LoadReport {
+    fn default() -> Self {
+        Self {
+            report_interval: default_report_interval(),
+            blackout_period: default_blackout_period(),
+            weight_expiration_period: default_weight_expiration_period(),
+            error_utilization_penalty: default_error_utilization_penalty(),
+        }
+    }
+}
+
+fn default_report_interval() -> Duration {
+    StdDuration::from_secs(10).into()
+}
+
+fn default_blackout_period() -> Duration {
+    StdDuration::from_secs(10).into()
+}
+
+fn default_weight_expiration_period() -> Duration {
+    StdDuration::from_secs(180).into()
+}
+
+fn default_error_utilization_penalty() -> f64 {
+    1.0
+}
+
+/// The Pod annotation the `Static` policy reads an endpoint's weight from.
+pub const WEIGHT_ANNOTATION: &str = "kubegrpc.io/weight";
+/// The largest weight the `Static` annotation may give.
+pub const MAX_STATIC_WEIGHT: u32 = 10_000;
+/// Slow start's defaults (Envoy's).
+pub const DEFAULT_SLOW_START_AGGRESSION: f64 = 1.0;
+pub const DEFAULT_SLOW_START_MIN_WEIGHT_PERCENT: u32 = 10;
+
+/// Weighting policies.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum WeightingPolicy {
     #[default]
     Equal,
+    Static,
+    LoadReport,
 }
 
 /// Observed state, written by the kubegrpc operator only, and only when something a client acts
@@ -356,14 +459,19 @@ pub struct EndpointStatus {
     /// The EndpointSlice `terminating` condition (nil means false).
     pub terminating: bool,
     pub zone: Option<String>,
+    /// The zones this endpoint should serve (the EndpointSlice `hints.forZones`, which the
+    /// EndpointSlice controller sets for a Service's `trafficDistribution` or topology-aware
+    /// routing); empty: none given, a client uses `zone`.
+    pub for_zones: Vec<String>,
     /// The Pod behind the endpoint (the EndpointSlice `targetRef`, when it is a Pod).
     pub pod: Option<String>,
     /// The object behind the endpoint when it is not a Pod.
     pub target_ref: Option<TargetRef>,
     /// Why the health is not Serving (e.g. `ConnectFailed`), set when it last changed.
     pub reason: Option<String>,
-    /// When `health`, readiness or `weight` last changed; listed only while the endpoint is
-    /// not serving at full weight (absent: stable for longer than any slow-start window).
+    /// When `health` or readiness last changed. Listed while the endpoint is not usable, and
+    /// while it is within the slow-start window after becoming usable (clients ramp from
+    /// it); left out at the next write after that (absent: usable for longer than the window).
     pub last_transition_time: Option<Time>,
 }
 
@@ -454,6 +562,11 @@ mod wire {
         pub terminating: Option<bool>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub zone: Option<String>,
+        /// The zones this endpoint should serve (EndpointSlice `hints.forZones`). Absent: none
+        /// given.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schemars(length(max = 16))]
+        pub for_zones: Vec<String>,
         /// The Pod behind the endpoint.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub pod: Option<String>,
@@ -463,8 +576,8 @@ mod wire {
         /// Why the health is not Serving (e.g. `ConnectFailed`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub reason: Option<String>,
-        /// When health, readiness or weight last changed; listed while the endpoint is not
-        /// serving at full weight.
+        /// When health or readiness last changed; listed while the endpoint is not usable or
+        /// is within the slow-start window after becoming usable.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub last_transition_time: Option<Time>,
     }
@@ -489,6 +602,7 @@ mod wire {
                         serving: e.serving.unwrap_or(true),
                         terminating: e.terminating.unwrap_or(false),
                         zone: e.zone,
+                        for_zones: e.for_zones,
                         pod: e.pod,
                         target_ref: e.target_ref,
                         reason: e.reason,
@@ -527,6 +641,7 @@ mod wire {
                 serving: (!e.serving).then_some(false),
                 terminating: e.terminating.then_some(true),
                 zone: e.zone,
+                for_zones: e.for_zones,
                 pod: e.pod,
                 target_ref: e.target_ref,
                 reason: e.reason,
@@ -616,6 +731,25 @@ impl Weighting {
     /// `slowStartWindow` as a std duration (zero when off).
     pub fn slow_start_window(&self) -> StdDuration {
         self.slow_start_window.map(non_negative).unwrap_or_default()
+    }
+
+    /// `loadReport`, or its defaults.
+    pub fn load_report(&self) -> LoadReport {
+        self.load_report.clone().unwrap_or_default()
+    }
+}
+
+impl LoadReport {
+    pub fn report_interval(&self) -> StdDuration {
+        non_negative(self.report_interval)
+    }
+
+    pub fn blackout_period(&self) -> StdDuration {
+        non_negative(self.blackout_period)
+    }
+
+    pub fn weight_expiration_period(&self) -> StdDuration {
+        non_negative(self.weight_expiration_period)
     }
 }
 

@@ -20,14 +20,17 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
-    core::DeserializeGuard,
+    core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -36,7 +39,10 @@ use kube::{
         watcher,
     },
 };
-use kubegrpc_crds::{GrpcBackend, GrpcBackendStatus, Health, OPERATOR_FIELD_MANAGER, condition, condition::reason};
+use kubegrpc_crds::{
+    FULL_WEIGHT, GrpcBackend, GrpcBackendStatus, Health, OPERATOR_FIELD_MANAGER, WEIGHT_ANNOTATION, WeightingPolicy,
+    condition, condition::reason,
+};
 use serde_json::json;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -52,8 +58,10 @@ use crate::{
     },
     index::{ByService, ObjectKey, ServiceKey},
     metrics::Metrics,
+    pods::{self, PodWeights},
     spec,
     status::{self, Observation, ProbedEndpoint, StatusContext},
+    weights,
 };
 
 /// Default of [`Settings::reconcile_concurrency`].
@@ -101,6 +109,11 @@ pub struct Context {
     writes: Mutex<HashMap<ObjectKey, LastWrite>>,
     /// Failed reconciles in a row, per GrpcBackend, for the error backoff.
     failures: Mutex<HashMap<ObjectKey, u32>>,
+    /// The `Static` policy's Pod annotations.
+    pods: Arc<PodWeights>,
+    /// Bad `kubegrpc.io/weight` values already reported by an Event (namespace, Pod, value),
+    /// so that each is reported once rather than at every reconcile.
+    bad_annotations: Mutex<std::collections::HashSet<(String, String, String)>>,
 }
 
 /// The operator's own latest status write of one GrpcBackend.
@@ -192,10 +205,52 @@ pub async fn run(
             })
     }));
 
+    // Pods, metadata only: the Static policy's weight annotations.
+    let pod_weights = Arc::new(PodWeights::default());
+    let (pods_ready_tx, mut pods_ready) = tokio::sync::watch::channel(false);
+    let _pods_task = AbortOnDropHandle::new(tokio::spawn({
+        let pod_weights = pod_weights.clone();
+        let backends = backends.clone();
+        let triggers = triggers.clone();
+        watcher(
+            scoped::<PartialObjectMeta<Pod>>(&client, &settings.namespace),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(pods::trim)
+        .for_each(move |event| {
+            match event {
+                Ok(event) => {
+                    for namespace in pod_weights.apply(&event) {
+                        for backend in backends.in_namespace(&namespace) {
+                            let is_static = backend
+                                .0
+                                .as_ref()
+                                .is_ok_and(|b| b.spec.weighting.policy == WeightingPolicy::Static);
+                            if is_static {
+                                let _ = triggers.send(ObjectRef::from_obj(backend.as_ref()));
+                            }
+                        }
+                    }
+                    if matches!(event, watcher::Event::InitDone) {
+                        let _ = pods_ready_tx.send(true);
+                    }
+                }
+                Err(error) => warn!(%error, "watching Pods (metadata) failed; retrying"),
+            }
+            futures::future::ready(())
+        })
+    }));
+
     // Reconciling before both views are complete would publish endpoints as missing.
     info!("waiting for the Service and EndpointSlice caches");
     services.wait_until_ready().await.map_err(|_| Error::CacheNeverReady)?;
     slices_ready
+        .wait_for(|ready| *ready)
+        .await
+        .map_err(|_| Error::CacheNeverReady)?;
+    // Static weights published before the Pods are read would be written twice.
+    pods_ready
         .wait_for(|ready| *ready)
         .await
         .map_err(|_| Error::CacheNeverReady)?;
@@ -218,6 +273,8 @@ pub async fn run(
         metrics,
         writes: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
+        pods: pod_weights,
+        bad_annotations: Mutex::new(Default::default()),
     });
 
     let (backends_store, backends_writer) = reflector::store();
@@ -404,49 +461,67 @@ fn backend_key(key: &ObjectKey) -> BackendKey {
 
 async fn reconcile_backend(backend: &GrpcBackend, context: &Context) -> Result<Action, Error> {
     let key = ObjectKey::of(backend);
-    let (observation, first_probes_due) = observe(backend, &key, context);
-    if let Some(wait) = first_probes_due {
+    let observed = observe(backend, &key, context);
+    if let Some(wait) = observed.first_probes_due {
         // A new endpoint's first answer is moments away: publish it with its health rather than
         // as Unknown now and again in a moment (every write wakes every client).
         return Ok(Action::requeue(wait));
     }
-    if !matches!(observation, Observation::Endpoints(_)) {
+    if !matches!(observed.observation, Observation::Endpoints(_)) {
         context.probers.remove(&backend_key(&key));
+    }
+    for notice in observed.notices {
+        context.publish_event(backend, notice).await;
     }
     let status_context = StatusContext {
         namespace: &key.namespace,
         service: &backend.spec.service,
         port: &backend.spec.port,
         generation: backend.metadata.generation,
-        policy: backend.spec.weighting.policy,
         slow_start_window: backend.spec.weighting.slow_start_window(),
         now: Timestamp::now(),
         endpoints_budget: context.settings.endpoints_budget,
     };
-    let desired = status::desired_status(backend.status.as_ref(), &observation, &status_context);
+    let desired = status::desired_status(backend.status.as_ref(), &observed.observation, &status_context);
     let written = write_status(context, backend, &key, &desired.status).await?;
-    Ok(match (written, desired.changes_in) {
-        (WriteOutcome::Deferred(wait), Some(step)) => Action::requeue(wait.min(step)),
+    Ok(match (written, observed.weights_change_in) {
+        (WriteOutcome::Deferred(wait), Some(next)) => Action::requeue(wait.min(next)),
         (WriteOutcome::Deferred(wait), None) => Action::requeue(wait),
-        (_, Some(step)) => Action::requeue(step),
+        (_, Some(next)) => Action::requeue(next),
         (_, None) => Action::await_change(),
     })
 }
 
-/// What the reconciler sees for one GrpcBackend, probers synced to it; and, if endpoints new to
-/// the status still await their first probe, how long to wait for it at most.
-fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> (Observation, Option<Duration>) {
+/// What the reconciler sees for one GrpcBackend, its probers synced to it.
+struct Observed {
+    observation: Observation,
+    /// Endpoints new to the status still await their first probe: wait this long at most.
+    first_probes_due: Option<Duration>,
+    /// The weights may change by themselves (new load reports, a blackout ending, a weight
+    /// expiring): look again after this long.
+    weights_change_in: Option<Duration>,
+    /// Events to publish (a bad weight annotation).
+    notices: Vec<status::Notice>,
+}
+
+fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observed {
+    let observed = |observation| Observed {
+        observation,
+        first_probes_due: None,
+        weights_change_in: None,
+        notices: Vec::new(),
+    };
     let settings = match spec::probe_settings(&backend.spec) {
         Ok(settings) => settings,
-        Err(why) => return (Observation::InvalidSpec(why), None),
+        Err(why) => return observed(Observation::InvalidSpec(why)),
     };
     let service_ref = ObjectRef::<Service>::new(&backend.spec.service).within(&key.namespace);
     let Some(service) = context.services.get(&service_ref) else {
-        return (Observation::ServiceNotFound, None);
+        return observed(Observation::ServiceNotFound);
     };
     let port = match discovery::resolve_port(&backend.spec.port, &service) {
         Ok(port) => port,
-        Err(missing) => return (Observation::PortNotFound(missing), None),
+        Err(missing) => return observed(Observation::PortNotFound(missing)),
     };
     let service_key = ServiceKey {
         namespace: key.namespace.clone(),
@@ -459,7 +534,7 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> (Observ
             address = %skipped.address, why = skipped.why, "endpoint skipped");
     }
 
-    let published: HashMap<SocketAddr, HealthVerdict> = backend
+    let published: HashMap<SocketAddr, (HealthVerdict, u32)> = backend
         .status
         .iter()
         .flat_map(|s| &s.endpoints)
@@ -468,20 +543,26 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> (Observ
             let port = u16::try_from(e.port).ok()?;
             Some((
                 SocketAddr::new(ip, port),
-                HealthVerdict {
-                    health: e.health,
-                    reason: e.reason.clone(),
-                },
+                (
+                    HealthVerdict {
+                        health: e.health,
+                        reason: e.reason.clone(),
+                    },
+                    e.weight,
+                ),
             ))
         })
         .collect();
     let targets: Vec<SocketAddr> = set.endpoints.iter().map(|e| e.address).collect();
     let states: HashMap<SocketAddr, crate::health::prober::ProbeState> =
         context.probers.sync(&backend_key(key), &settings, &targets, |target| {
-            published.get(&target).cloned().unwrap_or(HealthVerdict {
-                health: Health::Unknown,
-                reason: None,
-            })
+            published
+                .get(&target)
+                .map(|(verdict, _)| verdict.clone())
+                .unwrap_or(HealthVerdict {
+                    health: Health::Unknown,
+                    reason: None,
+                })
         });
     let first_probes_due = states
         .iter()
@@ -491,20 +572,96 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> (Observ
         })
         .filter(|wait| !wait.is_zero())
         .max();
-    let observation = Observation::Endpoints(
-        set.endpoints
-            .into_iter()
-            .filter_map(|endpoint| {
-                let state = states.get(&endpoint.address)?.clone();
-                Some(ProbedEndpoint {
-                    endpoint,
-                    verdict: state.verdict,
-                    connect_failing: state.connect_failing,
-                })
+    let mut probed: Vec<ProbedEndpoint> = set
+        .endpoints
+        .into_iter()
+        .filter_map(|endpoint| {
+            let state = states.get(&endpoint.address)?;
+            Some(ProbedEndpoint {
+                endpoint,
+                verdict: state.verdict.clone(),
+                connect_failing: state.connect_failing,
+                weight: FULL_WEIGHT,
             })
-            .collect(),
-    );
-    (observation, first_probes_due)
+        })
+        .collect();
+
+    let mut notices = Vec::new();
+    let mut weights_change_in = None;
+    match backend.spec.weighting.policy {
+        WeightingPolicy::Equal => {}
+        WeightingPolicy::Static => {
+            for endpoint in &mut probed {
+                let Some(pod) = &endpoint.endpoint.pod else { continue };
+                let annotation = context.pods.annotation(&key.namespace, pod);
+                endpoint.weight = match weights::static_weight(annotation.as_deref()) {
+                    Ok(weight) => weight,
+                    Err(why) => {
+                        let value = annotation.unwrap_or_default();
+                        let first = context
+                            .bad_annotations
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((key.namespace.clone(), pod.clone(), value));
+                        if first {
+                            notices.push(status::Notice {
+                                warning: true,
+                                reason: "InvalidWeightAnnotation".into(),
+                                note: format!(
+                                    "Pod {pod}: {WEIGHT_ANNOTATION} {why}; the endpoint gets the default weight {FULL_WEIGHT}"
+                                ),
+                            });
+                        }
+                        FULL_WEIGHT
+                    }
+                };
+            }
+        }
+        WeightingPolicy::LoadReport => {
+            // Settings were checked by `probe_settings` above.
+            let load = spec::load_settings(&backend.spec).unwrap_or(weights::LoadSettings {
+                blackout_period: Duration::from_secs(10),
+                weight_expiration_period: Duration::from_secs(180),
+                error_utilization_penalty: 1.0,
+            });
+            let now = Instant::now();
+            let usable: Vec<usize> = (0..probed.len())
+                .filter(|i| probed[*i].endpoint.kubernetes_ready() && probed[*i].verdict.health == Health::Serving)
+                .collect();
+            let current: Vec<Option<f64>> = usable
+                .iter()
+                .map(|i| {
+                    states
+                        .get(&probed[*i].endpoint.address)
+                        .and_then(|s| s.load.current(&load, now))
+                })
+                .collect();
+            let before: Vec<Option<u32>> = usable
+                .iter()
+                .map(|i| {
+                    published
+                        .get(&probed[*i].endpoint.address)
+                        .map(|(_, weight)| *weight)
+                        .filter(|weight| *weight > 0)
+                })
+                .collect();
+            for (i, weight) in usable.iter().zip(weights::publish_load_weights(&current, &before)) {
+                probed[*i].weight = weight;
+            }
+            let report_interval = backend.spec.weighting.load_report().report_interval();
+            weights_change_in = states
+                .values()
+                .filter_map(|s| s.load.changes_in(&load, now))
+                .chain([report_interval])
+                .min();
+        }
+    }
+    Observed {
+        observation: Observation::Endpoints(probed),
+        first_probes_due,
+        weights_change_in,
+        notices,
+    }
 }
 
 /// Beyond the probe timeout, how long a write waits for a new endpoint's first probe.
@@ -736,6 +893,8 @@ mod tests {
                 metrics,
                 writes: Mutex::new(HashMap::new()),
                 failures: Mutex::new(HashMap::new()),
+                pods: Arc::new(PodWeights::default()),
+                bad_annotations: Mutex::new(Default::default()),
             };
             (context, probe_changes)
         }

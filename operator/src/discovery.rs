@@ -90,6 +90,9 @@ pub struct DiscoveredEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub zone: Option<String>,
+    /// The slice's `hints.forZones` (set by the EndpointSlice controller for a Service's
+    /// `trafficDistribution`), sorted.
+    pub for_zones: Vec<String>,
     /// The Pod behind the endpoint, when its `targetRef` is a Pod.
     pub pod: Option<String>,
     /// The object behind the endpoint when it is not a Pod.
@@ -180,6 +183,17 @@ pub fn endpoints_from_slices<'a>(
                 serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                 zone: endpoint.zone.clone(),
+                for_zones: {
+                    let mut zones: Vec<String> = endpoint
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| z.name.clone())
+                        .collect();
+                    zones.sort();
+                    zones.dedup();
+                    zones
+                },
                 pod,
                 target_ref,
             };
@@ -224,11 +238,13 @@ pub fn trim_service(service: &mut Service) {
 }
 
 /// Strips an EndpointSlice to what discovery reads (its labels, ports, and per endpoint the
-/// addresses, conditions, zone, node and target), before it is cached.
+/// addresses, conditions, zone, zone hints and target), before it is cached.
 pub fn trim_slice(slice: &mut EndpointSlice) {
     trim_metadata(&mut slice.metadata);
     for endpoint in slice.endpoints.iter_mut().flatten() {
-        endpoint.hints = None;
+        if let Some(hints) = endpoint.hints.as_mut() {
+            hints.for_nodes = None;
+        }
         endpoint.deprecated_topology = None;
         endpoint.hostname = None;
         endpoint.node_name = None;

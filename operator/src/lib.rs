@@ -13,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod index;
 pub mod metrics;
+pub mod pods;
 pub mod spec;
 pub mod status;
 pub mod weights;

@@ -4,9 +4,15 @@
 
 use std::time::Duration;
 
-use kubegrpc_crds::{GrpcBackendSpec, PortRef};
+use kubegrpc_crds::{GrpcBackendSpec, PortRef, WeightingPolicy};
 
-use crate::health::{prober::ProbeSettings, tracker::Thresholds};
+use crate::{
+    health::{
+        prober::{LoadReportSettings, ProbeSettings},
+        tracker::Thresholds,
+    },
+    weights::LoadSettings,
+};
 
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const MIN_TIMEOUT: Duration = Duration::from_millis(10);
@@ -61,12 +67,75 @@ pub fn probe_settings(spec: &GrpcBackendSpec) -> Result<ProbeSettings, String> {
             "spec.weighting.slowStartWindow must be from 0s to 1h (it is {window})"
         ));
     }
+    if let Some(aggression) = spec.weighting.slow_start_aggression
+        && !(0.1..=10.0).contains(&aggression)
+    {
+        return Err(format!(
+            "spec.weighting.slowStartAggression must be from 0.1 to 10 (it is {aggression})"
+        ));
+    }
+    if let Some(percent) = spec.weighting.slow_start_min_weight_percent
+        && !(1..=100).contains(&percent)
+    {
+        return Err(format!(
+            "spec.weighting.slowStartMinWeightPercent must be from 1 to 100 (it is {percent})"
+        ));
+    }
+    let load_reports = match spec.weighting.policy {
+        WeightingPolicy::LoadReport => {
+            let load = load_settings(spec)?;
+            Some(LoadReportSettings {
+                interval: spec.weighting.load_report().report_interval(),
+                weight_expiration_period: load.weight_expiration_period,
+            })
+        }
+        _ => None,
+    };
     Ok(ProbeSettings {
         service: check.service.clone(),
         mode: check.mode,
         interval: check.interval(),
         timeout: check.timeout(),
         thresholds,
+        load_reports,
+    })
+}
+
+/// The `LoadReport` policy's settings of a valid spec (defaults when unset).
+pub fn load_settings(spec: &GrpcBackendSpec) -> Result<LoadSettings, String> {
+    let load = spec.weighting.load_report();
+    let interval = load.report_interval();
+    if load.report_interval.is_negative() || !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&interval) {
+        return Err(format!(
+            "spec.weighting.loadReport.reportInterval must be from 1s to 5m (it is {})",
+            load.report_interval
+        ));
+    }
+    if load.blackout_period.is_negative() || load.blackout_period() > Duration::from_secs(3600) {
+        return Err(format!(
+            "spec.weighting.loadReport.blackoutPeriod must be from 0s to 1h (it is {})",
+            load.blackout_period
+        ));
+    }
+    let expiration = load.weight_expiration_period();
+    if load.weight_expiration_period.is_negative()
+        || !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&expiration)
+    {
+        return Err(format!(
+            "spec.weighting.loadReport.weightExpirationPeriod must be from 1s to 24h (it is {})",
+            load.weight_expiration_period
+        ));
+    }
+    if !(0.0..=100.0).contains(&load.error_utilization_penalty) {
+        return Err(format!(
+            "spec.weighting.loadReport.errorUtilizationPenalty must be from 0 to 100 (it is {})",
+            load.error_utilization_penalty
+        ));
+    }
+    Ok(LoadSettings {
+        blackout_period: load.blackout_period(),
+        weight_expiration_period: expiration,
+        error_utilization_penalty: load.error_utilization_penalty,
     })
 }
 
@@ -118,5 +187,37 @@ mod tests {
             refused(json!({"service": "e", "port": 1, "weighting": {"slowStartWindow": "2h"}}))
                 .starts_with("spec.weighting.slowStartWindow")
         );
+        assert!(
+            refused(json!({"service": "e", "port": 1, "weighting": {"slowStartAggression": 0.0}}))
+                .starts_with("spec.weighting.slowStartAggression")
+        );
+        assert!(
+            refused(json!({"service": "e", "port": 1, "weighting": {"policy": "LoadReport",
+                "loadReport": {"reportInterval": "100ms"}}}))
+            .starts_with("spec.weighting.loadReport.reportInterval")
+        );
+        assert!(
+            refused(json!({"service": "e", "port": 1, "weighting": {"policy": "LoadReport",
+                "loadReport": {"errorUtilizationPenalty": -1.0}}}))
+            .starts_with("spec.weighting.loadReport.errorUtilizationPenalty")
+        );
+    }
+
+    #[test]
+    fn load_report_asks_the_prober_for_reports_with_a58_defaults() {
+        let load = spec(json!({"service": "e", "port": 1, "weighting": {"policy": "LoadReport"}}));
+        let settings = probe_settings(&load).unwrap();
+        assert_eq!(
+            settings.load_reports,
+            Some(LoadReportSettings {
+                interval: Duration::from_secs(10),
+                weight_expiration_period: Duration::from_secs(180),
+            })
+        );
+        let a58 = load_settings(&load).unwrap();
+        assert_eq!(a58.blackout_period, Duration::from_secs(10));
+        assert_eq!(a58.error_utilization_penalty, 1.0);
+        let equal = spec(json!({"service": "e", "port": 1}));
+        assert_eq!(probe_settings(&equal).unwrap().load_reports, None);
     }
 }

@@ -12,14 +12,13 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kubegrpc_crds::{
-    EndpointStatus, FULL_WEIGHT, GrpcBackendStatus, Health, PortRef, WeightingPolicy,
+    EndpointStatus, GrpcBackendStatus, Health, PortRef,
     condition::{self, reason},
 };
 
 use crate::{
     discovery::{DiscoveredEndpoint, PortNotFound},
     health::tracker::HealthVerdict,
-    weights,
 };
 
 /// An endpoint with what its prober concluded.
@@ -29,6 +28,8 @@ pub struct ProbedEndpoint {
     pub verdict: HealthVerdict,
     /// The latest probe failed at connect time.
     pub connect_failing: bool,
+    /// The weight the policy gives it were it usable (see [`crate::weights`]).
+    pub weight: u32,
 }
 
 /// What the reconciler found for one GrpcBackend.
@@ -49,7 +50,8 @@ pub struct StatusContext<'a> {
     pub service: &'a str,
     pub port: &'a PortRef,
     pub generation: Option<i64>,
-    pub policy: WeightingPolicy,
+    /// Clients ramp an endpoint up over this window after it became usable, from the
+    /// `lastTransitionTime` listed meanwhile.
     pub slow_start_window: Duration,
     pub now: Timestamp,
     /// Most bytes of JSON the endpoint list may take (see [`DEFAULT_ENDPOINTS_BUDGET`]).
@@ -62,11 +64,10 @@ pub struct StatusContext<'a> {
 /// A usual entry (a Pod of a Deployment, with its zone) takes about 107 bytes: 12,000 fit.
 pub const DEFAULT_ENDPOINTS_BUDGET: usize = 1280 * 1024;
 
-/// The status to publish and when it will change by itself (the next slow-start step).
+/// The status to publish.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {
     pub status: GrpcBackendStatus,
-    pub changes_in: Option<Duration>,
 }
 
 /// Computes the status to publish.
@@ -83,7 +84,6 @@ pub fn desired_status(
         .unwrap_or_default();
 
     let mut endpoints = Vec::new();
-    let mut changes_in: Option<Duration> = None;
     let mut connect_failing = 0;
     if let Observation::Endpoints(probed) = observation {
         for probed_endpoint in probed {
@@ -97,7 +97,7 @@ pub fn desired_status(
                     if before.health == health
                         && (before.serving && !before.terminating) == endpoint.kubernetes_ready() =>
                 {
-                    // No time listed: stable for longer than any slow-start window.
+                    // No time listed: usable for longer than any slow-start window.
                     before
                         .last_transition_time
                         .as_ref()
@@ -105,30 +105,31 @@ pub fn desired_status(
                 }
                 _ => now,
             };
-            let weighted = weights::weight(ctx.policy, usable, since, ctx.now, ctx.slow_start_window);
-            if let Some(next) = weighted.changes_in {
-                changes_in = Some(changes_in.map_or(next, |c| c.min(next)));
-            }
             if probed_endpoint.connect_failing {
                 connect_failing += 1;
             }
-            // What is as usual is left out, so that 10,000 entries fit in one object: the
-            // reason and time are listed while an endpoint is not serving at full weight.
-            let settled = usable && weighted.weight == FULL_WEIGHT;
+            // Clients ramp a new endpoint from the time listed; past the window the time is
+            // left out at the next write (never a write of its own: that would wake every
+            // client for nothing), so that 10,000 usual entries fit in one object.
+            let ramping = usable
+                && !ctx.slow_start_window.is_zero()
+                && Duration::try_from(now.duration_since(since)).is_ok_and(|age| age < ctx.slow_start_window);
+            let weight = if usable { probed_endpoint.weight } else { 0 };
             endpoints.push(EndpointStatus {
                 address,
                 port,
-                weight: weighted.weight,
+                weight,
                 health,
                 serving: endpoint.serving,
                 terminating: endpoint.terminating,
                 zone: endpoint.zone.clone(),
+                for_zones: endpoint.for_zones.clone(),
                 pod: endpoint.pod.clone(),
                 target_ref: endpoint.target_ref.clone(),
                 reason: (health != Health::Serving)
                     .then(|| probed_endpoint.verdict.reason.clone())
                     .flatten(),
-                last_transition_time: (!settled).then_some(Time(since)),
+                last_transition_time: (!usable || ramping).then_some(Time(since)),
             });
         }
     }
@@ -168,7 +169,6 @@ pub fn desired_status(
             conditions,
             endpoints: listed,
         },
-        changes_in,
     }
 }
 

@@ -1,171 +1,294 @@
-//! Weights, as a pure function of an endpoint's state, its policy and the clock.
+//! Weights, as pure functions of what the operator knows about each endpoint.
 //!
-//! `Equal`: every usable endpoint (Kubernetes-serving, not terminating, gRPC Serving) gets
-//! [`FULL_WEIGHT`]; every other endpoint 0. With a slow-start window, an endpoint that just
-//! became usable starts at 10% and steps up by 10% every tenth of the window (full weight from
-//! nine tenths of the window on), so a cold
-//! process is not handed its full share at once. Steps rather than a smooth ramp because every
-//! change is a status write that wakes every client.
+//! - `Equal`: every usable endpoint gets [`FULL_WEIGHT`].
+//! - `Static`: the Pod annotation `kubegrpc.io/weight` ([`static_weight`]).
+//! - `LoadReport`: gRFC A58's `weighted_round_robin` weights from each backend's ORCA reports
+//!   ([`LoadWeight`]), computed once by the operator for every client, then scaled so that
+//!   the mean is [`FULL_WEIGHT`] and published with hysteresis ([`publish_load_weights`]):
+//!   a steady load makes no status writes.
+//!
+//! Slow start is the clients' (see the client crate): the status carries the full weight and
+//! when the endpoint became usable, so a new endpoint costs one status write, not one per step.
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
-use kubegrpc_crds::{FULL_WEIGHT, WeightingPolicy};
+use kubegrpc_crds::{FULL_WEIGHT, MAX_STATIC_WEIGHT};
+use kubegrpc_orca::OrcaLoadReport;
+use tokio::time::Instant;
 
-/// Number of slow-start steps from 10% to 100%.
-const SLOW_START_STEPS: u32 = 10;
-
-/// An endpoint's weight and when it will change by itself (the next slow-start step).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Weighted {
-    pub weight: u32,
-    pub changes_in: Option<Duration>,
+/// The weight a Pod's `kubegrpc.io/weight` annotation gives (absent: [`FULL_WEIGHT`]), or why
+/// the value cannot be used.
+pub fn static_weight(annotation: Option<&str>) -> Result<u32, String> {
+    let Some(text) = annotation else {
+        return Ok(FULL_WEIGHT);
+    };
+    match text.trim().parse::<u32>() {
+        Ok(weight) if weight <= MAX_STATIC_WEIGHT => Ok(weight),
+        _ => Err(format!(
+            "{:?} is not a whole number from 0 to {MAX_STATIC_WEIGHT}",
+            text.chars().take(64).collect::<String>()
+        )),
+    }
 }
 
-/// The weight of one endpoint.
+/// What one ORCA report says, as A58 reads it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoadSample {
+    /// Requests per second.
+    pub qps: f64,
+    /// Errors per second.
+    pub eps: f64,
+    /// `application_utilization` when above 0, else `cpu_utilization`.
+    pub utilization: f64,
+}
+
+impl LoadSample {
+    pub fn from_report(report: &OrcaLoadReport) -> Self {
+        let utilization = if report.application_utilization > 0.0 {
+            report.application_utilization
+        } else {
+            report.cpu_utilization
+        };
+        Self {
+            qps: report.rps_fractional,
+            eps: report.eps,
+            utilization,
+        }
+    }
+
+    /// A58: a report without load (no requests, or no utilization) says nothing about
+    /// capacity and is ignored.
+    fn is_empty(&self) -> bool {
+        !(self.qps > 0.0 && self.utilization > 0.0 && self.qps.is_finite() && self.utilization.is_finite())
+    }
+
+    /// A58's weight: qps / (utilization + eps / qps x penalty).
+    fn weight(&self, error_utilization_penalty: f64) -> f64 {
+        let penalty = if self.eps.is_finite() && self.eps > 0.0 {
+            self.eps / self.qps * error_utilization_penalty
+        } else {
+            0.0
+        };
+        self.qps / (self.utilization + penalty)
+    }
+}
+
+/// gRFC A58's per-endpoint weight state, fed by its reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadWeight {
+    last: Option<LoadSample>,
+    /// Since when non-empty reports have been arriving without a gap longer than the
+    /// expiration period (the blackout runs from here).
+    non_empty_since: Option<Instant>,
+    last_updated: Option<Instant>,
+}
+
+/// A58's settings, from the GrpcBackend spec.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoadSettings {
+    pub blackout_period: Duration,
+    pub weight_expiration_period: Duration,
+    pub error_utilization_penalty: f64,
+}
+
+impl LoadWeight {
+    /// A report arrived at `now`.
+    pub fn update(&mut self, sample: LoadSample, expiration: Duration, now: Instant) {
+        if sample.is_empty() {
+            return;
+        }
+        let expired = self
+            .last_updated
+            .is_none_or(|last| now.saturating_duration_since(last) >= expiration);
+        if expired {
+            self.non_empty_since = Some(now);
+        }
+        self.last = Some(sample);
+        self.last_updated = Some(now);
+    }
+
+    /// The load stream started over (a new connection): A58 restarts the blackout, since a
+    /// reconnected backend may well be a restarted one.
+    pub fn restart(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The weight to use at `now`: `None` before the first report, during the blackout and
+    /// after the reports stopped for the expiration period.
+    pub fn current(&self, settings: &LoadSettings, now: Instant) -> Option<f64> {
+        let (sample, since, updated) = (self.last?, self.non_empty_since?, self.last_updated?);
+        if now.saturating_duration_since(updated) >= settings.weight_expiration_period {
+            return None;
+        }
+        if now.saturating_duration_since(since) < settings.blackout_period {
+            return None;
+        }
+        let weight = sample.weight(settings.error_utilization_penalty);
+        (weight.is_finite() && weight > 0.0).then_some(weight)
+    }
+
+    /// When [`LoadWeight::current`] changes by itself next (the blackout ends or the weight
+    /// expires), if it will.
+    pub fn changes_in(&self, settings: &LoadSettings, now: Instant) -> Option<Duration> {
+        let (since, updated) = (self.non_empty_since?, self.last_updated?);
+        let expires = (updated + settings.weight_expiration_period).saturating_duration_since(now);
+        let blackout_ends = (since + settings.blackout_period).saturating_duration_since(now);
+        [blackout_ends, expires].into_iter().filter(|d| !d.is_zero()).min()
+    }
+}
+
+/// How far a new weight may drift from the published one, in percent, before it is published.
+/// The weights come from measurements, which wobble by a few percent from report to report;
+/// publishing every wobble would wake every client every report interval.
+pub const HYSTERESIS_PERCENT: u32 = 10;
+
+/// The weights to publish for the usable endpoints of one GrpcBackend under `LoadReport`.
 ///
-/// `usable_since` is when the endpoint last became usable (its published `lastTransitionTime`),
-/// so that a restarted operator continues a ramp where it was.
-pub fn weight(
-    policy: WeightingPolicy,
-    usable: bool,
-    usable_since: Timestamp,
-    now: Timestamp,
-    slow_start_window: Duration,
-) -> Weighted {
-    match policy {
-        WeightingPolicy::Equal => equal(usable, usable_since, now, slow_start_window),
+/// `current[i]` is endpoint i's A58 weight (`None`: no valid weight), `published[i]` what the
+/// status says now (`None`: not usable there). A58 gives endpoints without a valid weight the
+/// mean of the others; the weights are scaled so that their mean is [`FULL_WEIGHT`] (a
+/// resolution of 1%), and an endpoint keeps its published weight while the new one is within
+/// [`HYSTERESIS_PERCENT`] of it.
+pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>]) -> Vec<u32> {
+    assert_eq!(current.len(), published.len(), "one published weight per endpoint");
+    let valid: Vec<f64> = current.iter().flatten().copied().collect();
+    if valid.is_empty() {
+        return vec![FULL_WEIGHT; current.len()];
     }
-}
-
-fn equal(usable: bool, usable_since: Timestamp, now: Timestamp, window: Duration) -> Weighted {
-    if !usable {
-        return Weighted {
-            weight: 0,
-            changes_in: None,
-        };
-    }
-    let step_length = window / SLOW_START_STEPS;
-    if step_length.is_zero() {
-        return Weighted {
-            weight: FULL_WEIGHT,
-            changes_in: None,
-        };
-    }
-    // A clock that went backwards counts as no time elapsed.
-    let elapsed = Duration::try_from(now.duration_since(usable_since)).unwrap_or(Duration::ZERO);
-    let steps_done = (elapsed.as_nanos() / step_length.as_nanos()).min(u128::from(SLOW_START_STEPS)) as u32;
-    let step = steps_done + 1;
-    if step >= SLOW_START_STEPS {
-        return Weighted {
-            weight: FULL_WEIGHT,
-            changes_in: None,
-        };
-    }
-    Weighted {
-        weight: FULL_WEIGHT * step / SLOW_START_STEPS,
-        changes_in: Some(step_length * step - elapsed),
-    }
+    let mean = valid.iter().sum::<f64>() / valid.len() as f64;
+    current
+        .iter()
+        .zip(published)
+        .map(|(weight, published)| {
+            let scaled = weight.map_or(f64::from(FULL_WEIGHT), |w| w / mean * f64::from(FULL_WEIGHT));
+            let new = (scaled.round() as u32).clamp(1, MAX_STATIC_WEIGHT);
+            match published {
+                Some(old) if *old > 0 && new.abs_diff(*old) * 100 <= old * HYSTERESIS_PERCENT => *old,
+                _ => new,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn at(seconds: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
-    }
-
-    const WINDOW: Duration = Duration::from_secs(100);
-
     #[test]
-    fn equal_gives_every_usable_endpoint_full_weight_and_others_zero() {
-        let usable = weight(WeightingPolicy::Equal, true, at(0), at(0), Duration::ZERO);
-        assert_eq!(
-            usable,
-            Weighted {
-                weight: FULL_WEIGHT,
-                changes_in: None
-            }
-        );
-        let unusable = weight(WeightingPolicy::Equal, false, at(0), at(0), WINDOW);
-        assert_eq!(
-            unusable,
-            Weighted {
-                weight: 0,
-                changes_in: None
-            }
-        );
-    }
-
-    #[test]
-    fn slow_start_steps_from_ten_percent_to_full() {
-        let w = |elapsed: i64| weight(WeightingPolicy::Equal, true, at(0), at(elapsed), WINDOW);
-        assert_eq!(
-            w(0),
-            Weighted {
-                weight: 10,
-                changes_in: Some(Duration::from_secs(10))
-            }
-        );
-        assert_eq!(
-            w(9),
-            Weighted {
-                weight: 10,
-                changes_in: Some(Duration::from_secs(1))
-            }
-        );
-        assert_eq!(
-            w(10),
-            Weighted {
-                weight: 20,
-                changes_in: Some(Duration::from_secs(10))
-            }
-        );
-        assert_eq!(
-            w(55),
-            Weighted {
-                weight: 60,
-                changes_in: Some(Duration::from_secs(5))
-            }
-        );
-        assert_eq!(
-            w(89),
-            Weighted {
-                weight: 90,
-                changes_in: Some(Duration::from_secs(1))
-            }
-        );
-        assert_eq!(
-            w(90),
-            Weighted {
-                weight: FULL_WEIGHT,
-                changes_in: None
-            }
-        );
-        assert_eq!(
-            w(1000),
-            Weighted {
-                weight: FULL_WEIGHT,
-                changes_in: None
-            }
-        );
-    }
-
-    #[test]
-    fn a_clock_that_went_back_starts_the_ramp_over_rather_than_panicking() {
-        let w = weight(WeightingPolicy::Equal, true, at(50), at(0), WINDOW);
-        assert_eq!(w.weight, 10);
-    }
-
-    #[test]
-    fn weights_never_decrease_along_a_ramp() {
-        let mut last = 0;
-        for elapsed in 0..200 {
-            let w = weight(WeightingPolicy::Equal, true, at(0), at(elapsed), WINDOW).weight;
-            assert!(w >= last && w > 0);
-            last = w;
+    fn a_static_weight_is_read_from_the_annotation_and_bad_values_are_refused() {
+        assert_eq!(static_weight(None), Ok(FULL_WEIGHT));
+        assert_eq!(static_weight(Some("3")), Ok(3));
+        assert_eq!(static_weight(Some(" 0 ")), Ok(0));
+        assert_eq!(static_weight(Some("10000")), Ok(10_000));
+        for bad in ["10001", "-1", "1.5", "heavy", ""] {
+            let error = static_weight(Some(bad)).unwrap_err();
+            assert!(error.contains("whole number from 0 to 10000"), "{error}");
         }
-        assert_eq!(last, FULL_WEIGHT);
+    }
+
+    const SETTINGS: LoadSettings = LoadSettings {
+        blackout_period: Duration::from_secs(10),
+        weight_expiration_period: Duration::from_secs(180),
+        error_utilization_penalty: 1.0,
+    };
+
+    fn sample(qps: f64, eps: f64, utilization: f64) -> LoadSample {
+        LoadSample { qps, eps, utilization }
+    }
+
+    #[test]
+    fn the_a58_formula_divides_qps_by_utilization_plus_the_error_penalty() {
+        assert_eq!(sample(100.0, 0.0, 0.5).weight(1.0), 200.0);
+        // 10% errors at penalty 1 count as 0.1 utilization.
+        assert!((sample(100.0, 10.0, 0.4).weight(1.0) - 200.0).abs() < 1e-9);
+        assert!((sample(100.0, 10.0, 0.4).weight(2.0) - 100.0 / 0.6).abs() < 1e-9);
+        assert_eq!(sample(100.0, 10.0, 0.5).weight(0.0), 200.0);
+    }
+
+    #[test]
+    fn application_utilization_is_preferred_over_cpu() {
+        let report = OrcaLoadReport {
+            cpu_utilization: 0.9,
+            application_utilization: 0.3,
+            rps_fractional: 30.0,
+            ..Default::default()
+        };
+        assert_eq!(LoadSample::from_report(&report).utilization, 0.3);
+        let cpu_only = OrcaLoadReport {
+            cpu_utilization: 0.9,
+            rps_fractional: 30.0,
+            ..Default::default()
+        };
+        assert_eq!(LoadSample::from_report(&cpu_only).utilization, 0.9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_weight_counts_only_after_the_blackout_and_expires_when_reports_stop() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut weight = LoadWeight::default();
+        assert_eq!(weight.current(&SETTINGS, at(0)), None, "no report yet");
+        weight.update(sample(100.0, 0.0, 0.5), SETTINGS.weight_expiration_period, at(0));
+        assert_eq!(weight.current(&SETTINGS, at(9)), None, "in the blackout");
+        assert_eq!(weight.changes_in(&SETTINGS, at(9)), Some(Duration::from_secs(1)));
+        assert_eq!(weight.current(&SETTINGS, at(10)), Some(200.0));
+        weight.update(sample(100.0, 0.0, 0.25), SETTINGS.weight_expiration_period, at(20));
+        assert_eq!(
+            weight.current(&SETTINGS, at(21)),
+            Some(400.0),
+            "the latest report counts"
+        );
+        assert_eq!(weight.changes_in(&SETTINGS, at(21)), Some(Duration::from_secs(179)));
+        assert_eq!(weight.current(&SETTINGS, at(199)), Some(400.0));
+        assert_eq!(
+            weight.current(&SETTINGS, at(200)),
+            None,
+            "expired 3 min after the last report"
+        );
+        // Reports resume: the blackout starts over.
+        weight.update(sample(100.0, 0.0, 0.5), SETTINGS.weight_expiration_period, at(300));
+        assert_eq!(weight.current(&SETTINGS, at(305)), None);
+        assert_eq!(weight.current(&SETTINGS, at(310)), Some(200.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_reports_are_ignored_and_a_restart_begins_a_new_blackout() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut weight = LoadWeight::default();
+        weight.update(sample(0.0, 0.0, 0.5), SETTINGS.weight_expiration_period, at(0));
+        weight.update(sample(10.0, 0.0, 0.0), SETTINGS.weight_expiration_period, at(0));
+        weight.update(sample(f64::NAN, 0.0, 0.5), SETTINGS.weight_expiration_period, at(0));
+        assert_eq!(weight, LoadWeight::default(), "no load, no information");
+        weight.update(sample(10.0, 0.0, 0.5), SETTINGS.weight_expiration_period, at(0));
+        assert_eq!(weight.current(&SETTINGS, at(11)), Some(20.0));
+        weight.restart();
+        weight.update(sample(10.0, 0.0, 0.5), SETTINGS.weight_expiration_period, at(12));
+        assert_eq!(weight.current(&SETTINGS, at(13)), None);
+    }
+
+    #[test]
+    fn published_weights_have_mean_100_and_endpoints_without_reports_get_the_mean() {
+        let weights = publish_load_weights(&[Some(100.0), Some(100.0), Some(200.0), None], &[None; 4]);
+        assert_eq!(weights, [75, 75, 150, 100]);
+        assert_eq!(publish_load_weights(&[None, None], &[Some(75), Some(150)]), [100, 100]);
+        assert_eq!(publish_load_weights(&[], &[]), Vec::<u32>::new());
+        // Extreme ratios stay in range.
+        assert_eq!(publish_load_weights(&[Some(1e-9), Some(1e9)], &[None; 2]), [1, 200]);
+    }
+
+    #[test]
+    fn a_weight_within_the_hysteresis_keeps_its_published_value() {
+        let published = [Some(75), Some(75), Some(150)];
+        // A few percent of measurement noise: nothing changes.
+        assert_eq!(
+            publish_load_weights(&[Some(103.0), Some(97.0), Some(205.0)], &published),
+            [75, 75, 150]
+        );
+        // A real change is published.
+        assert_eq!(
+            publish_load_weights(&[Some(100.0), Some(100.0), Some(100.0)], &published),
+            [100, 100, 100]
+        );
     }
 }

@@ -135,6 +135,7 @@ pub fn realistic_endpoint(n: usize) -> EndpointStatus {
         serving: true,
         terminating: false,
         zone: slice.zone,
+        for_zones: Vec::new(),
         pod: slice.pod,
         target_ref: None,
         reason: None,

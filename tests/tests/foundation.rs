@@ -212,6 +212,35 @@ fn boundaries() -> Vec<Boundary> {
             rejected: with(json!({"weighting": {"slowStartWindow": "61m"}})),
             accepted: with(json!({"weighting": {"slowStartWindow": "1h"}})),
         },
+        Boundary {
+            field: "spec.weighting.slowStartAggression",
+            rejected: with(json!({"weighting": {"slowStartAggression": 0.05}})),
+            accepted: with(json!({"weighting": {"slowStartAggression": 0.1}})),
+        },
+        Boundary {
+            field: "spec.weighting.slowStartMinWeightPercent",
+            rejected: with(json!({"weighting": {"slowStartMinWeightPercent": 0}})),
+            accepted: with(json!({"weighting": {"slowStartMinWeightPercent": 1}})),
+        },
+        Boundary {
+            field: "spec.weighting.loadReport",
+            rejected: with(json!({"weighting": {"policy": "Static", "loadReport": {}}})),
+            accepted: with(json!({"weighting": {"policy": "LoadReport", "loadReport": {}}})),
+        },
+        Boundary {
+            field: "spec.weighting.loadReport.reportInterval",
+            rejected: with(json!({"weighting": {"policy": "LoadReport", "loadReport": {"reportInterval": "999ms"}}})),
+            accepted: with(json!({"weighting": {"policy": "LoadReport", "loadReport": {"reportInterval": "1s"}}})),
+        },
+        Boundary {
+            field: "spec.weighting.loadReport.errorUtilizationPenalty",
+            rejected: with(
+                json!({"weighting": {"policy": "LoadReport", "loadReport": {"errorUtilizationPenalty": 101}}}),
+            ),
+            accepted: with(
+                json!({"weighting": {"policy": "LoadReport", "loadReport": {"errorUtilizationPenalty": 100}}}),
+            ),
+        },
     ]
 }
 

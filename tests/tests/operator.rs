@@ -675,6 +675,7 @@ async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
         serving: true,
         terminating: false,
         zone: Some("us-central1-a".into()),
+        for_zones: Vec::new(),
         pod: Some(format!("checkout-api-7d9f8c6b5d-{:05x}", i)),
         target_ref: None,
         reason: None,

@@ -21,7 +21,8 @@
 
 use std::{collections::VecDeque, io, net::SocketAddr};
 
-use prost::Message;
+use kubegrpc_orca::{OrcaLoadReport, OrcaLoadReportRequest, STREAM_CORE_METRICS_PATH};
+use prost::Message as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -38,7 +39,8 @@ const MAX_FRAME_SIZE: usize = 16_384;
 /// The most header-block bytes (HEADERS and CONTINUATION) one response may take; also
 /// advertised as SETTINGS_MAX_HEADER_LIST_SIZE.
 const MAX_HEADER_BLOCK: usize = 16_384;
-/// The largest health message accepted: a `HealthCheckResponse` is two bytes.
+/// The largest message accepted: a `HealthCheckResponse` is two bytes, an `OrcaLoadReport`
+/// a few dozen (more with named metrics).
 const MAX_MESSAGE: usize = 4_096;
 /// What the read and write buffers start with, and shrink back to after a big frame.
 const SMALL_BUFFER: usize = 512;
@@ -94,6 +96,20 @@ impl Method {
     }
 }
 
+/// What a call's response messages are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answers {
+    Health,
+    LoadReports,
+}
+
+/// A response message.
+#[derive(Debug, PartialEq)]
+pub enum Message {
+    Health(HealthCheckResponse),
+    LoadReport(OrcaLoadReport),
+}
+
 /// A call on a connection (its HTTP/2 stream id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallId(u32);
@@ -102,7 +118,7 @@ pub struct CallId(u32);
 #[derive(Debug, PartialEq)]
 pub enum Event {
     /// A response message of a call.
-    Message(CallId, HealthCheckResponse),
+    Message(CallId, Message),
     /// A call ended; it gets no further event.
     Ended(CallId, CallEnd),
     /// The server sent GOAWAY: calls it accepted go on, no new call can start.
@@ -153,6 +169,7 @@ pub struct HealthConnection {
 
 struct Call {
     id: u32,
+    answers: Answers,
     /// The response's HEADERS arrived (the next HEADERS are its trailers).
     responded: bool,
     /// Message bytes received but not yet a whole message.
@@ -201,6 +218,28 @@ impl HealthConnection {
 
     /// Starts a call of `method` for `service`; its answers come as [`Event`]s.
     pub fn start(&mut self, method: Method, service: &str) -> Result<CallId, ConnectionError> {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        self.start_call(method.path(), &request, Answers::Health)
+    }
+
+    /// Opens ORCA's out-of-band load-report stream, asking for a report every `interval`;
+    /// the reports come as [`Message::LoadReport`]s.
+    pub fn start_load_reports(&mut self, interval: std::time::Duration) -> Result<CallId, ConnectionError> {
+        let request = OrcaLoadReportRequest {
+            report_interval: Some(interval.into()),
+            request_cost_names: Vec::new(),
+        };
+        self.start_call(STREAM_CORE_METRICS_PATH.as_bytes(), &request, Answers::LoadReports)
+    }
+
+    fn start_call(
+        &mut self,
+        path: &[u8],
+        request: &impl prost::Message,
+        answers: Answers,
+    ) -> Result<CallId, ConnectionError> {
         if self.going_away || self.next_stream_id > i32::MAX as u32 {
             return Err(ConnectionError::GoingAway);
         }
@@ -210,7 +249,7 @@ impl HealthConnection {
         let mut block = Vec::with_capacity(128);
         block.push(0x80 | 3); // :method POST (static table 3)
         block.push(0x80 | 6); // :scheme http (static table 6)
-        literal(&mut block, 4, method.path()); // :path
+        literal(&mut block, 4, path); // :path
         literal(&mut block, 1, self.target.to_string().as_bytes()); // :authority
         literal(&mut block, 31, b"application/grpc"); // content-type
         literal_new_name(&mut block, b"te", b"trailers");
@@ -221,9 +260,6 @@ impl HealthConnection {
         ); // user-agent
         self.queue_frame(frame::HEADERS, flag::END_HEADERS, id, &block);
 
-        let request = HealthCheckRequest {
-            service: service.into(),
-        };
         let mut message = Vec::with_capacity(5 + request.encoded_len());
         message.push(0); // not compressed
         message.extend_from_slice(&(request.encoded_len() as u32).to_be_bytes());
@@ -232,6 +268,7 @@ impl HealthConnection {
 
         self.calls.push(Call {
             id,
+            answers,
             responded: false,
             partial: Vec::new(),
             unacknowledged: 0,
@@ -434,16 +471,24 @@ impl HealthConnection {
                 break;
             }
             if length > MAX_MESSAGE {
-                failure = Some((Code::ResourceExhausted, "a health message larger than 4 KiB"));
+                failure = Some((Code::ResourceExhausted, "a message larger than 4 KiB"));
                 break;
             }
             if call.partial.len() < 5 + length {
                 break;
             }
-            match HealthCheckResponse::decode(&call.partial[5..5 + length]) {
-                Ok(response) => self.events.push_back(Event::Message(CallId(stream), response)),
+            let bytes = &call.partial[5..5 + length];
+            let message = match call.answers {
+                Answers::Health => HealthCheckResponse::decode(bytes).map(Message::Health),
+                Answers::LoadReports => OrcaLoadReport::decode(bytes).map(Message::LoadReport),
+            };
+            match message {
+                Ok(message) => self.events.push_back(Event::Message(CallId(stream), message)),
                 Err(_) => {
-                    failure = Some((Code::Internal, "a message that is not a HealthCheckResponse"));
+                    failure = Some((
+                        Code::Internal,
+                        "a message that does not decode as the method's response",
+                    ));
                     break;
                 }
             }
@@ -715,7 +760,10 @@ mod tests {
             .expect("the connection works")
     }
 
-    fn status(response: &HealthCheckResponse) -> ServingStatus {
+    fn status(response: &Message) -> ServingStatus {
+        let Message::Health(response) = response else {
+            return ServingStatus::Unknown;
+        };
         match response.status {
             1 => ServingStatus::Serving,
             2 => ServingStatus::NotServing,
@@ -876,7 +924,7 @@ mod tests {
         assert_eq!(
             events,
             [
-                Event::Message(first, HealthCheckResponse { status: 1 }),
+                Event::Message(first, Message::Health(HealthCheckResponse { status: 1 })),
                 Event::Ended(first, CallEnd::Status(Code::Unavailable, "going away".into())),
                 Event::Ended(second, CallEnd::Status(Code::Unimplemented, String::new())),
                 Event::Ended(third, CallEnd::Reset(reason::REFUSED_STREAM)),

@@ -28,6 +28,13 @@
 //! So a Serving endpoint that stops answering is published NotServing at most
 //! `unhealthyThreshold x (interval + timeout)` after it stopped.
 //!
+//! Under the `LoadReport` policy the prober also opens ORCA's out-of-band load-report stream
+//! (`OpenRcaService/StreamCoreMetrics`) on the same connection once the health service has
+//! answered, and keeps each report in its state (gRFC A58's weight state, see
+//! [`crate::weights::LoadWeight`]). A server without ORCA answers UNIMPLEMENTED: it is not
+//! asked again, and gets the mean weight. A reconnect after a failure restarts the blackout,
+//! as A58 does on a reconnect; a routine rotation does not (the backend did not restart).
+//!
 //! The prober ends when its handle is dropped.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -38,9 +45,12 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::task::AbortOnDropHandle;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckResponse, health_check_response::ServingStatus};
+use tracing::debug;
+
+use crate::weights::{LoadSample, LoadWeight};
 
 use super::{
-    connection::{CallEnd, CallId, Event, HealthConnection, Method},
+    connection::{CallEnd, CallId, Event, HealthConnection, Message, Method},
     tracker::{Failure, HealthTracker, HealthVerdict, NotServingAnswer, ProbeOutcome, Thresholds},
 };
 
@@ -53,10 +63,20 @@ pub struct ProbeSettings {
     pub interval: Duration,
     pub timeout: Duration,
     pub thresholds: Thresholds,
+    /// Under the `LoadReport` policy: the ORCA stream's report interval and when a weight
+    /// expires.
+    pub load_reports: Option<LoadReportSettings>,
+}
+
+/// What the prober needs of `spec.weighting.loadReport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadReportSettings {
+    pub interval: Duration,
+    pub weight_expiration_period: Duration,
 }
 
 /// What a prober publishes: the verdict and whether the latest probe failed at connect time.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProbeState {
     pub verdict: HealthVerdict,
     pub connect_failing: bool,
@@ -64,6 +84,10 @@ pub struct ProbeState {
     /// a moment for a new endpoint's first answer rather than publish it as Unknown first.
     pub started: Instant,
     pub probed: bool,
+    /// The endpoint's load reports (`LoadReport` policy only).
+    pub load: LoadWeight,
+    /// The server answered the load-report stream with UNIMPLEMENTED.
+    pub load_reports_unimplemented: bool,
 }
 
 /// Where a prober reports its probes (metrics) and its state changes (a reconcile trigger).
@@ -118,6 +142,8 @@ pub fn spawn(
         connect_failing: false,
         started: Instant::now(),
         probed: false,
+        load: LoadWeight::default(),
+        load_reports_unimplemented: false,
     });
     let prober = Prober {
         target,
@@ -128,6 +154,7 @@ pub fn spawn(
         observer,
         last_rotation: None,
         connects,
+        load_call: None,
     };
     ProberHandle {
         state,
@@ -145,6 +172,8 @@ struct Prober {
     /// When the server last rotated the connection without a failure being counted.
     last_rotation: Option<Instant>,
     connects: ConnectLimiter,
+    /// The load-report stream on the current connection, once started.
+    load_call: Option<CallId>,
 }
 
 /// Why a connection's probing ended.
@@ -174,6 +203,7 @@ impl Prober {
                     Ended::Failed(failure)
                 }
                 Ok(mut connection) => {
+                    self.load_call = None;
                     let ended = if watch_implemented {
                         self.watch(&mut connection, attempt_deadline, turn).await
                     } else {
@@ -203,6 +233,7 @@ impl Prober {
             }
             if let Ended::Failed(failure) = ended {
                 self.record(ProbeOutcome::Failed(failure), None);
+                self.state.send_modify(|state| state.load.restart());
             }
             let delay = self.backoff.next().unwrap_or(self.settings.interval);
             tokio::time::sleep(delay.min(self.settings.interval)).await;
@@ -224,7 +255,7 @@ impl Prober {
             match tokio::time::timeout_at(deadline, connection.next_event()).await {
                 Err(_) => return Ended::Failed(Failure::Timeout),
                 Ok(Err(_)) => return Ended::Failed(Failure::StreamBroken),
-                Ok(Ok(Event::Message(call, response))) if call == watch => break response,
+                Ok(Ok(Event::Message(call, Message::Health(response)))) if call == watch => break response,
                 Ok(Ok(Event::Ended(call, CallEnd::Status(Code::Unimplemented, _)))) if call == watch => {
                     return Ended::WatchUnimplemented;
                 }
@@ -235,6 +266,7 @@ impl Prober {
         };
         drop(turn);
         self.answered(answer(&first), started);
+        self.start_load_reports(connection);
 
         let mut heard_since_tick = false;
         let mut tick = tokio::time::interval_at(Instant::now() + self.settings.interval, self.settings.interval);
@@ -242,10 +274,11 @@ impl Prober {
         loop {
             tokio::select! {
                 event = connection.next_event() => match event {
-                    Ok(Event::Message(call, response)) if call == watch => {
+                    Ok(Event::Message(call, Message::Health(response))) if call == watch => {
                         heard_since_tick = true;
                         self.record(answer(&response), None);
                     }
+                    Ok(event) if self.load_event(&event) => {}
                     // The stream or the connection ended, or the server announced its end
                     // (GOAWAY: graceful shutdown, connection age), after answering: the server
                     // let the connection go. Whether the endpoint is still there is for the
@@ -276,7 +309,10 @@ impl Prober {
         loop {
             let started = Instant::now();
             match self.check(connection, None).await {
-                Liveness::Answered(outcome, started) => self.answered(outcome, started),
+                Liveness::Answered(outcome, started) => {
+                    self.answered(outcome, started);
+                    self.start_load_reports(connection);
+                }
                 Liveness::Alive => self.record(ProbeOutcome::Failed(Failure::CallFailed), Some(started.elapsed())),
                 Liveness::Silent => return Ended::Failed(Failure::Timeout),
                 Liveness::ConnectionGone => return Ended::Rotated,
@@ -301,7 +337,7 @@ impl Prober {
                 Ok(Ok(event)) => event,
             };
             match event {
-                Event::Message(call, response) if call == check => answer_received = Some(response),
+                Event::Message(call, Message::Health(response)) if call == check => answer_received = Some(response),
                 Event::Ended(call, end) if call == check => {
                     return match (end, answer_received) {
                         (CallEnd::Status(Code::Ok, _), Some(response)) => {
@@ -318,11 +354,55 @@ impl Prober {
                         },
                     };
                 }
-                Event::Message(call, response) if Some(call) == watch => self.record(answer(&response), None),
+                Event::Message(call, Message::Health(response)) if Some(call) == watch => {
+                    self.record(answer(&response), None)
+                }
+                ref event if self.load_event(event) => {}
                 Event::Ended(call, _) if Some(call) == watch => return Liveness::ConnectionGone,
                 // GOAWAY: the Check, if refused, ends as such; if accepted, it is answered.
                 _ => {}
             }
+        }
+    }
+
+    /// Opens the load-report stream on `connection` if the policy wants reports, the server
+    /// has not refused them, and it is not open yet.
+    fn start_load_reports(&mut self, connection: &mut HealthConnection) {
+        let Some(settings) = self.settings.load_reports else {
+            return;
+        };
+        if self.load_call.is_some() || self.state.borrow().load_reports_unimplemented {
+            return;
+        }
+        self.load_call = connection.start_load_reports(settings.interval).ok();
+    }
+
+    /// Takes `event` if it belongs to the load-report stream.
+    fn load_event(&mut self, event: &Event) -> bool {
+        let Some(load_call) = self.load_call else {
+            return false;
+        };
+        match event {
+            Event::Message(call, Message::LoadReport(report)) if *call == load_call => {
+                let sample = LoadSample::from_report(report);
+                let expiration = self
+                    .settings
+                    .load_reports
+                    .map_or(Duration::MAX, |s| s.weight_expiration_period);
+                self.state
+                    .send_modify(|state| state.load.update(sample, expiration, Instant::now()));
+                true
+            }
+            Event::Ended(call, end) if *call == load_call => {
+                if matches!(end, CallEnd::Status(Code::Unimplemented, _)) {
+                    debug!(target = %self.target, "no ORCA load reports (UNIMPLEMENTED): the endpoint gets the mean weight");
+                    self.state.send_modify(|state| state.load_reports_unimplemented = true);
+                } else {
+                    debug!(target = %self.target, ?end, "the load-report stream ended; reopened on the next connection");
+                }
+                true
+            }
+            _ => false,
         }
     }
 
@@ -338,11 +418,11 @@ impl Prober {
         let first = !self.state.borrow().probed;
         if changed || first {
             let started = self.state.borrow().started;
-            self.state.send_replace(ProbeState {
-                verdict: self.tracker.verdict().clone(),
-                connect_failing: self.tracker.connect_failing(),
-                started,
-                probed: true,
+            self.state.send_modify(|state| {
+                state.verdict = self.tracker.verdict().clone();
+                state.connect_failing = self.tracker.connect_failing();
+                state.started = started;
+                state.probed = true;
             });
             self.observer.changed();
         }

@@ -13,6 +13,7 @@ fn probed(address: &str, health: Health) -> ProbedEndpoint {
             serving: true,
             terminating: false,
             zone: Some("z1".into()),
+            for_zones: Vec::new(),
             pod: None,
             target_ref: None,
         },
@@ -21,6 +22,7 @@ fn probed(address: &str, health: Health) -> ProbedEndpoint {
             reason: Some(health.to_string()),
         },
         connect_failing: false,
+        weight: FULL_WEIGHT,
     }
 }
 
@@ -32,7 +34,6 @@ fn ctx(now: Timestamp) -> StatusContext<'static> {
         service: "echo",
         port: &PORT,
         generation: Some(1),
-        policy: WeightingPolicy::Equal,
         slow_start_window: Duration::ZERO,
         now,
         endpoints_budget: DEFAULT_ENDPOINTS_BUDGET,
@@ -65,7 +66,6 @@ fn three_serving_endpoints_are_ready_with_equal_weights_in_address_order() {
     assert_eq!(ready.message, "3 of 3 endpoints ready");
     assert_eq!(status.condition(condition::DEGRADED).unwrap().status, "False");
     assert_eq!(status.observed_generation, Some(1));
-    assert_eq!(desired.changes_in, None);
 }
 
 #[test]
@@ -245,37 +245,65 @@ fn past_the_size_budget_usable_endpoints_are_listed_first_and_a_condition_says_s
 }
 
 #[test]
-fn slow_start_ramps_from_when_the_endpoint_became_usable() {
+fn slow_start_lists_when_the_endpoint_became_usable_for_the_clients_to_ramp_from() {
     let slow = |now| StatusContext {
         slow_start_window: Duration::from_secs(100),
         ..ctx(now)
     };
-    let first = desired_status(None, &three_serving(), &slow(at(0)));
-    assert!(first.status.endpoints.iter().all(|e| e.weight == 10));
-    assert_eq!(first.changes_in, Some(Duration::from_secs(10)));
-    let later = desired_status(Some(&first.status), &three_serving(), &slow(at(25)));
-    assert!(later.status.endpoints.iter().all(|e| e.weight == 30));
-    assert_eq!(later.changes_in, Some(Duration::from_secs(5)));
+    let first = desired_status(None, &three_serving(), &slow(at(0))).status;
     assert!(
-        later
-            .status
+        first.endpoints.iter().all(|e| e.weight == FULL_WEIGHT),
+        "the full weight is published: clients ramp it"
+    );
+    assert!(
+        first
             .endpoints
             .iter()
-            .all(|e| e.last_transition_time == Some(Time(at(0)))),
-        "a ramping endpoint lists when it became usable"
+            .all(|e| e.last_transition_time == Some(Time(at(0))))
     );
-    let done = desired_status(Some(&later.status), &three_serving(), &slow(at(95)));
-    assert!(done.status.endpoints.iter().all(|e| e.weight == FULL_WEIGHT));
-    assert_eq!(done.changes_in, None);
+    let later = desired_status(Some(&first), &three_serving(), &slow(at(50))).status;
+    assert_eq!(
+        later, first,
+        "nothing to write during the window: one write per new endpoint"
+    );
+    // After the window the time goes at the next write, which something else causes.
+    let done = desired_status(Some(&later), &three_serving(), &slow(at(100))).status;
     assert!(
-        done.status.endpoints.iter().all(|e| e.last_transition_time.is_none()),
+        done.endpoints.iter().all(|e| e.last_transition_time.is_none()),
         "settled: no time listed"
     );
     // Read back without a time, a settled endpoint stays settled: no ramp again.
-    let read_back: GrpcBackendStatus = serde_json::from_value(serde_json::to_value(&done.status).unwrap()).unwrap();
-    let after_restart = desired_status(Some(&read_back), &three_serving(), &slow(at(96)));
-    assert_eq!(after_restart.status, read_back);
-    assert_eq!(after_restart.changes_in, None);
+    let read_back: GrpcBackendStatus = serde_json::from_value(serde_json::to_value(&done).unwrap()).unwrap();
+    let after_restart = desired_status(Some(&read_back), &three_serving(), &slow(at(101))).status;
+    assert_eq!(after_restart, read_back);
+}
+
+#[test]
+fn the_policy_weight_is_published_for_usable_endpoints_and_zero_otherwise() {
+    let mut observation = three_serving();
+    if let Observation::Endpoints(endpoints) = &mut observation {
+        endpoints[0].weight = 3;
+        endpoints[1].weight = 0;
+        endpoints[2].verdict.health = Health::NotServing;
+        endpoints[2].weight = 7;
+        endpoints[0].endpoint.for_zones = vec!["z2".into()];
+    }
+    let status = desired_status(None, &observation, &ctx(at(0))).status;
+    let weights: Vec<(&str, u32, bool)> = status
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.weight, e.is_usable()))
+        .collect();
+    assert_eq!(
+        weights,
+        [("10.0.0.1", 0, false), ("10.0.0.2", 3, true), ("10.0.0.10", 0, false)]
+    );
+    assert_eq!(status.ready_endpoints, 1);
+    assert_eq!(
+        status.endpoints[1].for_zones,
+        ["z2"],
+        "zone hints are carried to clients"
+    );
 }
 
 #[test]

@@ -176,6 +176,7 @@ fn big_status(size: usize) -> GrpcBackendStatus {
             if minimal {
                 EndpointStatus {
                     zone: None,
+                    for_zones: Vec::new(),
                     pod: None,
                     ..e
                 }

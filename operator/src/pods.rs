@@ -1,0 +1,209 @@
+//! The `Static` policy's weights: the `kubegrpc.io/weight` annotation of the Pods behind
+//! endpoints, followed by a metadata-only Pod watch (names and annotations, no spec or
+//! status), kept only for Pods that carry the annotation.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
+
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use kube::{core::PartialObjectMeta, runtime::watcher::Event};
+use kubegrpc_crds::WEIGHT_ANNOTATION;
+
+/// A Pod: namespace and name.
+pub type PodKey = (String, String);
+
+/// The annotation of every annotated Pod.
+#[derive(Default)]
+pub struct PodWeights {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    annotations: HashMap<PodKey, String>,
+    /// Annotations listed since the last `Init`, applied at `InitDone`.
+    relist: Option<HashMap<PodKey, String>>,
+}
+
+impl PodWeights {
+    /// The annotation of Pod `name` in `namespace`, if it carries one.
+    pub fn annotation(&self, namespace: &str, name: &str) -> Option<String> {
+        self.lock()
+            .annotations
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Applies a watch event; returns the namespaces where an annotation changed.
+    pub fn apply(&self, event: &Event<PartialObjectMeta<Pod>>) -> HashSet<String> {
+        let mut state = self.lock();
+        let mut changed = HashSet::new();
+        match event {
+            Event::Apply(meta) => {
+                if let Some((key, value)) = entry(&meta.metadata) {
+                    set(&mut state.annotations, key, value, &mut changed);
+                }
+            }
+            Event::Delete(meta) => {
+                if let Some((key, _)) = entry(&meta.metadata)
+                    && state.annotations.remove(&key).is_some()
+                {
+                    changed.insert(key.0);
+                }
+            }
+            Event::Init => state.relist = Some(HashMap::new()),
+            Event::InitApply(meta) => {
+                if let Some((key, value)) = entry(&meta.metadata) {
+                    match state.relist.as_mut() {
+                        Some(relist) => {
+                            if let Some(value) = value {
+                                relist.insert(key, value);
+                            }
+                        }
+                        None => set(&mut state.annotations, key, value, &mut changed),
+                    }
+                }
+            }
+            Event::InitDone => {
+                let listed = state.relist.take().unwrap_or_default();
+                for (key, value) in &state.annotations {
+                    if listed.get(key) != Some(value) {
+                        changed.insert(key.0.clone());
+                    }
+                }
+                for key in listed.keys() {
+                    if !state.annotations.contains_key(key) {
+                        changed.insert(key.0.clone());
+                    }
+                }
+                state.annotations = listed;
+            }
+        }
+        changed
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The Pod's key and its annotation (`None`: it carries none).
+fn entry(meta: &ObjectMeta) -> Option<(PodKey, Option<String>)> {
+    let key = (meta.namespace.clone()?, meta.name.clone()?);
+    let value = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WEIGHT_ANNOTATION))
+        .cloned();
+    Some((key, value))
+}
+
+fn set(annotations: &mut HashMap<PodKey, String>, key: PodKey, value: Option<String>, changed: &mut HashSet<String>) {
+    let before = match &value {
+        Some(value) => annotations.insert(key.clone(), value.clone()),
+        None => annotations.remove(&key),
+    };
+    if before != value {
+        changed.insert(key.0);
+    }
+}
+
+/// Drops everything but the name, namespace and the weight annotation before caching.
+pub fn trim(pod: &mut PartialObjectMeta<Pod>) {
+    let meta = &mut pod.metadata;
+    let weight = meta
+        .annotations
+        .take()
+        .and_then(|mut a| a.remove_entry(WEIGHT_ANNOTATION));
+    let (name, namespace) = (meta.name.take(), meta.namespace.take());
+    *meta = ObjectMeta {
+        name,
+        namespace,
+        annotations: weight.map(|(k, v)| [(k, v)].into()),
+        ..Default::default()
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, weight: Option<&str>) -> PartialObjectMeta<Pod> {
+        let mut pod = PartialObjectMeta::<Pod>::default();
+        pod.metadata = ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            annotations: weight.map(|w| {
+                [
+                    (WEIGHT_ANNOTATION.to_string(), w.to_string()),
+                    ("other".to_string(), "x".repeat(1000)),
+                ]
+                .into()
+            }),
+            labels: Some([("app".to_string(), "echo".to_string())].into()),
+            ..Default::default()
+        };
+        pod
+    }
+
+    #[test]
+    fn only_changes_of_the_annotation_report_a_namespace() {
+        let weights = PodWeights::default();
+        assert_eq!(
+            weights.apply(&Event::Apply(pod("a", Some("3")))),
+            HashSet::from(["ns".to_string()])
+        );
+        assert_eq!(weights.annotation("ns", "a").as_deref(), Some("3"));
+        assert!(
+            weights.apply(&Event::Apply(pod("a", Some("3")))).is_empty(),
+            "same value: nothing to do"
+        );
+        assert!(
+            weights.apply(&Event::Apply(pod("b", None))).is_empty(),
+            "no annotation before or after"
+        );
+        assert_eq!(
+            weights.apply(&Event::Apply(pod("a", None))).len(),
+            1,
+            "annotation removed"
+        );
+        assert_eq!(weights.annotation("ns", "a"), None);
+        weights.apply(&Event::Apply(pod("a", Some("1"))));
+        assert_eq!(weights.apply(&Event::Delete(pod("a", Some("1")))).len(), 1);
+        assert_eq!(weights.annotation("ns", "a"), None);
+    }
+
+    #[test]
+    fn a_relist_forgets_pods_deleted_meanwhile_and_reports_what_changed() {
+        let weights = PodWeights::default();
+        weights.apply(&Event::Apply(pod("gone", Some("2"))));
+        weights.apply(&Event::Apply(pod("kept", Some("2"))));
+        weights.apply(&Event::Init);
+        weights.apply(&Event::InitApply(pod("kept", Some("2"))));
+        assert_eq!(
+            weights.annotation("ns", "gone").as_deref(),
+            Some("2"),
+            "applied at InitDone only"
+        );
+        assert_eq!(weights.apply(&Event::InitDone), HashSet::from(["ns".to_string()]));
+        assert_eq!(weights.annotation("ns", "gone"), None);
+        assert_eq!(weights.annotation("ns", "kept").as_deref(), Some("2"));
+        weights.apply(&Event::Init);
+        weights.apply(&Event::InitApply(pod("kept", Some("2"))));
+        assert!(weights.apply(&Event::InitDone).is_empty(), "nothing changed");
+    }
+
+    #[test]
+    fn trimming_keeps_the_name_namespace_and_weight_only() {
+        let mut trimmed = pod("a", Some("3"));
+        trim(&mut trimmed);
+        assert_eq!(trimmed.metadata.labels, None);
+        assert_eq!(trimmed.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
+        assert_eq!(
+            entry(&trimmed.metadata),
+            Some((("ns".into(), "a".into()), Some("3".into())))
+        );
+    }
+}
