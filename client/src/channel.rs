@@ -40,9 +40,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// ```
 ///
 /// Requests go to usable endpoints (Serving, weight above 0, not ejected) in proportion to
-/// their weights. With none usable, a request fails at once with `Unavailable` and a message
-/// naming the GrpcBackend and why. Clones share the connections and the discovery task; the
-/// task stops when the last clone is dropped.
+/// their weights: with a zone ([`Builder::zone`]), to those for the client's zone while there
+/// is one; while an endpoint slow-starts (the GrpcBackend's `spec.weighting.slowStartWindow`),
+/// with part of its weight. With none usable, a request fails at once with `Unavailable` and a
+/// message naming the GrpcBackend and why. Clones share the connections and the discovery task;
+/// the task stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct Channel {
     inner: Arc<Inner>,
@@ -83,6 +85,7 @@ impl Channel {
             outlier_detection: OutlierDetection::default(),
             panic_threshold: 50,
             transparent_retry: true,
+            zone: None,
         }
     }
 
@@ -138,6 +141,13 @@ pub struct Builder {
     outlier_detection: OutlierDetection,
     panic_threshold: u8,
     transparent_retry: bool,
+    zone: Option<ZoneSource>,
+}
+
+/// Where the client's zone comes from.
+enum ZoneSource {
+    Named(String),
+    Node(String),
 }
 
 impl Builder {
@@ -206,8 +216,78 @@ impl Builder {
         self
     }
 
+    /// The client's zone: requests go only to the usable endpoints for this zone while there is
+    /// at least one, and to every usable endpoint (in every zone) while there is none; they
+    /// move back as soon as an endpoint for the zone is usable again. These are kube-proxy's
+    /// semantics for Services with `trafficDistribution: PreferClose` (or `PreferSameZone`) or
+    /// topology-aware routing: an endpoint is for zone Z when its EndpointSlice hints
+    /// (`hints.forZones`, published as `forZones`) name Z, or, when it has no hints, when its
+    /// own zone is Z. An empty string means no zone (every endpoint, as without this call).
+    ///
+    /// Panic mode ([`Builder::panic_threshold`]) is decided over every zone and, when it is on,
+    /// spreads requests over every Kubernetes-ready endpoint of every zone: too few endpoints
+    /// are usable to trust the health view, so the load goes as wide as it can (Envoy, too,
+    /// routes zone-aware only outside panic mode). Outlier detection counts every zone.
+    ///
+    /// Slow start shapes the shares within the rotation: an endpoint that becomes usable while
+    /// it is alone in the client's zone takes the zone's whole traffic at once.
+    ///
+    /// Connections are opened to the endpoints in rotation only: while the zone has usable
+    /// endpoints, no connection is held to other zones; falling back opens them.
+    ///
+    /// In a Pod, the zone is best passed in from the downward API. The downward API cannot read
+    /// Node labels, but Kubernetes copies the Node's `topology.kubernetes.io/zone` label onto
+    /// the Pod when it binds the Pod to its Node, if the `PodTopologyLabels` admission plugin
+    /// is on (feature gate `PodTopologyLabelsAdmission`: alpha in Kubernetes 1.33, beta from
+    /// 1.35, KEP-4742); the Pod's label can then be read into an env var:
+    ///
+    /// ```yaml
+    /// env:
+    ///   - name: ZONE
+    ///     valueFrom:
+    ///       fieldRef:
+    ///         fieldPath: metadata.labels['topology.kubernetes.io/zone']
+    /// ```
+    ///
+    /// ```no_run
+    /// # fn example(builder: kubegrpc::Builder) -> kubegrpc::Builder {
+    /// builder.zone(std::env::var("ZONE").unwrap_or_default())
+    /// # }
+    /// ```
+    ///
+    /// Otherwise read the Node's label with [`Builder::zone_from_node`].
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.zone = Some(ZoneSource::Named(zone.into()));
+        self
+    }
+
+    /// The client's zone (see [`Builder::zone`]) from the `topology.kubernetes.io/zone` label of
+    /// Node `node_name` (typically the Pod's `spec.nodeName`, from the downward API:
+    /// `fieldRef: {fieldPath: spec.nodeName}`), read once at connect through the kube client.
+    /// If it cannot be read within 10 s (no such Node, no permission, no label), the channel
+    /// logs a warning and runs without a zone.
+    ///
+    /// Needs RBAC `get` on `nodes` (cluster-scoped: a ClusterRole and a ClusterRoleBinding to
+    /// the workload's ServiceAccount):
+    ///
+    /// ```yaml
+    /// apiVersion: rbac.authorization.k8s.io/v1
+    /// kind: ClusterRole
+    /// metadata:
+    ///   name: kubegrpc-client-node-reader
+    /// rules:
+    ///   - apiGroups: [""]
+    ///     resources: ["nodes"]
+    ///     verbs: ["get"]
+    /// ```
+    pub fn zone_from_node(mut self, node_name: impl Into<String>) -> Self {
+        self.zone = Some(ZoneSource::Node(node_name.into()));
+        self
+    }
+
     /// Starts following the GrpcBackend and waits for its first read (found or not). Fails if
-    /// the Kubernetes API cannot be read.
+    /// the Kubernetes API cannot be read. With [`Builder::zone_from_node`], the Node is read
+    /// first.
     pub async fn connect(self) -> Result<Channel, Error> {
         let backend = format!("{}/{}", self.namespace, self.name);
         let (first, first_read) = oneshot::channel();
@@ -237,9 +317,26 @@ impl Builder {
                 transparent_retry: self.transparent_retry,
             },
         );
+        let node = match self.zone {
+            Some(ZoneSource::Named(zone)) => {
+                shared.set_zone(Some(zone));
+                None
+            }
+            Some(ZoneSource::Node(node)) => Some((self.client.clone(), node)),
+            None => None,
+        };
         let resource = ApiResource::erase::<GrpcBackend>(&());
         let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
-        let discovery = tokio::spawn(crate::discovery::follow(api, self.name, shared.clone(), first));
+        let following = shared.clone();
+        let discovery = tokio::spawn(async move {
+            // The zone is read before the first read of the GrpcBackend, so that the first
+            // rotation (and `connect`'s return) already has it.
+            if let Some((client, node)) = node {
+                let zone = crate::discovery::node_zone(client, &node, &following.backend).await;
+                following.set_zone(zone);
+            }
+            crate::discovery::follow(api, self.name, following, first).await;
+        });
         let interval = shared.config.outlier_detection.interval.max(Duration::from_millis(10));
         let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&shared), interval));
         Channel {

@@ -18,7 +18,48 @@
 //!   and connection attempts failing in a row) ejects an endpoint before the operator's next
 //!   status; an ejected endpoint keeps its connection and comes back connected;
 //! - with no usable endpoint, a request fails at once with `Unavailable` naming the
-//!   GrpcBackend and why.
+//!   GrpcBackend and why;
+//! - slow start, on the client: an endpoint that just became usable gets part of its weight,
+//!   growing over the GrpcBackend's slow-start window (below);
+//! - zones: a client that knows its zone keeps requests in it while it can (below).
+//!
+//! ## Slow start
+//!
+//! With `spec.weighting.slowStartWindow` set on the GrpcBackend (a Go duration such as "30s",
+//! at most 1h; unset or "0s" is off), the operator publishes every endpoint's full weight and,
+//! per endpoint, when its health or readiness last changed (`lastTransitionTime`). Each
+//! client then weights an endpoint that became usable `t` ago, while `t < window`, with
+//! Envoy's formula:
+//!
+//! ```text
+//! weight x max(slowStartMinWeightPercent / 100, (t / window) ^ (1 / slowStartAggression))
+//! ```
+//!
+//! (defaults: aggression 1, linear; minimum 10%). A transition time in the future counts as
+//! now; one older than the window means fully ramped. This applies to endpoints that become
+//! usable while the client runs and to those the client first reads with a recent transition
+//! (they are new for every client), never to endpoints long in service, and not to an
+//! endpoint coming back from an outlier ejection. While something in rotation ramps, the
+//! channel recomputes the shares every 2% of the window (between 100 ms and 1 s) and swaps in
+//! a new rotation when a share (kept in whole percent) changed; connections and requests in
+//! flight are not touched, and the timer stops when nothing ramps. Bad values in the spec give
+//! a warning in the log and their default (slow start off, for a bad window). In panic mode
+//! every Kubernetes-ready endpoint gets the same share, ramping or not.
+//! [`EndpointSnapshot::effective_weight`] and [`EndpointSnapshot::slow_start_percent`] show
+//! the weight in use.
+//!
+//! ## Zones
+//!
+//! [`Builder::zone`] (or [`Builder::zone_from_node`], which reads the Node's
+//! `topology.kubernetes.io/zone` label) gives the client its zone. Requests then go only to
+//! the usable endpoints for that zone while there is at least one, and to every usable
+//! endpoint while there is none, coming back as soon as a local endpoint is usable again:
+//! kube-proxy's semantics for Services with `trafficDistribution: PreferClose` or
+//! topology-aware routing. An endpoint is for zone Z when its EndpointSlice hints
+//! (`hints.forZones`, published as `forZones`) name Z or, without hints, when its zone is Z.
+//! Panic mode is decided over all zones and, when on, spreads over every zone (the health view
+//! is not trusted then; Envoy also routes zone-aware only outside panic mode). The snapshot
+//! shows the client's zone, whether it fell back to every zone, and which endpoints are local.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,12 +68,16 @@
 //! // let mut client = EchoClient::new(channel.clone());
 //! tokio::time::timeout(std::time::Duration::from_secs(10), channel.ready()).await?;
 //! for endpoint in channel.snapshot().endpoints {
-//!     println!("{} weight {} requests {}", endpoint.address, endpoint.weight, endpoint.requests);
+//!     println!(
+//!         "{} weight {} (in use {}) requests {}",
+//!         endpoint.address, endpoint.weight, endpoint.effective_weight, endpoint.requests
+//!     );
 //! }
 //! # Ok(()) }
 //! ```
 //!
-//! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace.
+//! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace,
+//! and, for [`Builder::zone_from_node`] only, `get` on `nodes` (a ClusterRole).
 
 mod channel;
 mod connection;
@@ -44,6 +89,7 @@ pub mod metrics;
 pub mod outlier;
 pub mod picker;
 mod pool;
+pub mod slow_start;
 mod snapshot;
 pub mod status;
 #[cfg(test)]

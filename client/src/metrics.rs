@@ -12,7 +12,9 @@
 //! Exported per endpoint, labelled `backend` (`namespace/name`) and `endpoint` (`ip:port`):
 //! `kubegrpc_client_requests_total`, `kubegrpc_client_failures_total` (transport failures),
 //! `kubegrpc_client_ejections_total`, and gauges `kubegrpc_client_in_flight`,
-//! `kubegrpc_client_weight`, `kubegrpc_client_ejected`; per channel, `kubegrpc_client_panic`.
+//! `kubegrpc_client_weight`, `kubegrpc_client_effective_weight` (the weight in use: slow start's
+//! share while it ramps, 0 out of rotation), `kubegrpc_client_ejected`; per channel,
+//! `kubegrpc_client_panic` and `kubegrpc_client_zone_fallback`.
 //! Values are read from [`Channel::snapshot`](crate::Channel::snapshot) at scrape time; the
 //! registry does not keep the channel alive.
 
@@ -78,7 +80,7 @@ impl Collector for ChannelCollector {
                 ConstCounter::new(read(endpoint)).encode(family.encode_family(labels)?)?;
             }
         }
-        let gauges: [(&str, &str, Read); 3] = [
+        let gauges: [(&str, &str, Read); 4] = [
             (
                 "kubegrpc_client_in_flight",
                 "Requests in flight to each endpoint",
@@ -87,6 +89,11 @@ impl Collector for ChannelCollector {
             ("kubegrpc_client_weight", "Weight of each endpoint, as published", |e| {
                 u64::from(e.weight)
             }),
+            (
+                "kubegrpc_client_effective_weight",
+                "Weight each endpoint is picked with now (slow start's share while it ramps; 0 out of rotation)",
+                |e| u64::from(e.effective_weight),
+            ),
             ("kubegrpc_client_ejected", "1 while an endpoint is ejected", |e| {
                 u64::from(e.ejected)
             }),
@@ -106,6 +113,14 @@ impl Collector for ChannelCollector {
         )?;
         ConstGauge::new(i64::from(snapshot.panic))
             .encode(panic.encode_family(&[("backend", snapshot.backend.as_str())])?)?;
+        let mut fallback = encoder.encode_descriptor(
+            "kubegrpc_client_zone_fallback",
+            "1 while the client has a zone, no usable endpoint is for it, and requests go to every zone",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(snapshot.zone_fallback))
+            .encode(fallback.encode_family(&[("backend", snapshot.backend.as_str())])?)?;
         Ok(())
     }
 }

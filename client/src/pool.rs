@@ -2,8 +2,11 @@
 //!
 //! The pool keeps one connection per endpoint in rotation and keeps unchanged endpoints'
 //! connections across updates (a changed weight does not reconnect). Every change — a new
-//! status, an ejection, an ejection's end — builds a new [`Rotation`] and swaps it in
-//! atomically; requests read the current rotation without taking a lock.
+//! status, an ejection, an ejection's end, a step of slow start — builds a new [`Rotation`]
+//! and swaps it in atomically; requests read the current rotation without taking a lock.
+//!
+//! What the rotation holds is decided in [`Shared::plan`] (panic mode, the client's zone, slow
+//! start) and built in [`Shared::install`].
 
 use std::{
     collections::{HashMap, HashSet, hash_map::RandomState},
@@ -23,6 +26,7 @@ use crate::{
     failure::{Failure, classify},
     outlier::{Ejections, IntervalCounts, OutlierDetection},
     picker::Picker,
+    slow_start::{ParsedSlowStart, SlowStart, picker_weights, ramp_percent, ramp_start, shown_weight},
     snapshot::{DiscoveryState, EndpointSnapshot, Snapshot},
     status::{ParsedStatus, StatusEndpoint},
 };
@@ -65,6 +69,49 @@ struct PoolState {
     /// (they stay ejected until then).
     warming: HashSet<SocketAddr>,
     panic: bool,
+    /// From the spec; applies from the next rebuild.
+    slow_start: SlowStart,
+    /// The last spec read's warnings, so that each is logged when it appears rather than at
+    /// every status write.
+    spec_warnings: Vec<String>,
+    /// Usable endpoints with a recent `lastTransitionTime`, and where their ramp starts.
+    ramps: HashMap<SocketAddr, Ramp>,
+    /// The client's zone, if it has one.
+    zone: Option<String>,
+    /// The client has a zone and nothing usable is for it: every zone is in rotation.
+    zone_fallback: bool,
+    /// What the current rotation was built from.
+    in_use: Vec<Chosen>,
+    /// The slow-start timer runs.
+    ramp_timer: bool,
+}
+
+/// A usable endpoint's slow start: the published transition time, and the monotonic instant it
+/// stands for (fixed when first read, so that a wall-clock step does not move the ramp).
+struct Ramp {
+    since: SystemTime,
+    start: Instant,
+}
+
+/// An endpoint chosen for the rotation, with its weight (published, or 1 in panic mode) and its
+/// slow-start percentage while it ramps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Chosen {
+    address: SocketAddr,
+    weight: u32,
+    percent: Option<u32>,
+}
+
+/// What a rotation is built from.
+struct Plan {
+    panic: bool,
+    zone_fallback: bool,
+    chosen: Vec<Chosen>,
+    /// Ejected endpoints in scope, whose connections are kept.
+    ejected: Vec<SocketAddr>,
+    /// Counts for the logs.
+    usable: usize,
+    kubernetes_ready: usize,
 }
 
 /// State shared by every clone of a channel and its discovery task.
@@ -78,6 +125,8 @@ pub struct Shared {
     version: watch::Sender<u64>,
     discovery: watch::Sender<DiscoveryState>,
     outlier_intervals: std::sync::atomic::AtomicU64,
+    /// Slow-start timers started so far (one runs at a time, only while something ramps).
+    ramp_timers: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -100,16 +149,50 @@ impl Shared {
                 ejections: Ejections::default(),
                 warming: HashSet::new(),
                 panic: false,
+                slow_start: SlowStart::default(),
+                spec_warnings: Vec::new(),
+                ramps: HashMap::new(),
+                zone: None,
+                zone_fallback: false,
+                in_use: Vec::new(),
+                ramp_timer: false,
             }),
             version: watch::channel(0).0,
             discovery: watch::channel(DiscoveryState::Connecting).0,
             outlier_intervals: std::sync::atomic::AtomicU64::new(0),
+            ramp_timers: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// The current rotation (lock-free).
     pub fn rotation(&self) -> arc_swap::Guard<Arc<Rotation>> {
         self.rotation.load()
+    }
+
+    /// The client's zone (`None` or "": none): a rotation of the usable endpoints for it while
+    /// there is one.
+    pub fn set_zone(self: &Arc<Self>, zone: Option<String>) {
+        let mut state = self.lock();
+        state.zone = zone.filter(|zone| !zone.is_empty());
+        self.rebuild(&mut state);
+    }
+
+    /// The spec's slow-start settings, read with the object; they apply from the next rebuild
+    /// (discovery applies the status right after).
+    pub fn apply_spec(&self, parsed: ParsedSlowStart) {
+        let mut state = self.lock();
+        if parsed.warnings != state.spec_warnings {
+            for warning in &parsed.warnings {
+                warn!(backend = %self.backend, "{warning}");
+            }
+            state.spec_warnings = parsed.warnings;
+        }
+        if parsed.settings != state.slow_start {
+            let settings = &parsed.settings;
+            info!(backend = %self.backend, window = ?settings.window, aggression = settings.aggression,
+                min_weight_percent = settings.min_weight_percent, "slow start settings");
+            state.slow_start = parsed.settings;
+        }
     }
 
     /// A new status was read.
@@ -120,11 +203,30 @@ impl Shared {
         let mut state = self.lock();
         let before: HashMap<SocketAddr, StatusEndpoint> = state.status.iter().map(|e| (e.address, e.clone())).collect();
         for endpoint in &parsed.endpoints {
-            // News about an ejected endpoint from the operator readmits it.
-            if before.get(&endpoint.address) != Some(endpoint) && state.ejections.readmit(&endpoint.address) {
+            // News about an ejected endpoint from the operator readmits it (a new zone or the
+            // end of its slow start is not news about its health).
+            let news = before.get(&endpoint.address).is_none_or(|b| !b.same_state(endpoint));
+            if news && state.ejections.readmit(&endpoint.address) {
                 state.warming.remove(&endpoint.address);
             }
         }
+        // Slow start ramps usable endpoints from their published transition time, turned into
+        // a monotonic instant once (kept while the time stays the same).
+        let (now_wall, now) = (SystemTime::now(), Instant::now());
+        let mut ramps = HashMap::new();
+        for endpoint in parsed.endpoints.iter().filter(|e| e.usable()) {
+            let Some(since) = endpoint.last_transition_time else {
+                continue;
+            };
+            let start = match state.ramps.get(&endpoint.address) {
+                Some(ramp) if ramp.since == since => Some(ramp.start),
+                _ => ramp_start(since, now_wall, now),
+            };
+            if let Some(start) = start {
+                ramps.insert(endpoint.address, Ramp { since, start });
+            }
+        }
+        state.ramps = ramps;
         let present: HashSet<SocketAddr> = parsed.endpoints.iter().map(|e| e.address).collect();
         state.ejections.retain(|address| present.contains(address));
         let PoolState { ejections, warming, .. } = &mut *state;
@@ -138,6 +240,7 @@ impl Shared {
     pub fn apply_missing(self: &Arc<Self>) {
         let mut state = self.lock();
         state.status.clear();
+        state.ramps.clear();
         state.presence = Presence::NotFound;
         state.ejections.retain(|_| false);
         state.warming.clear();
@@ -279,15 +382,26 @@ impl Shared {
         let state = self.lock();
         let rotation = self.rotation();
         let in_rotation: HashSet<SocketAddr> = rotation.picker.items().iter().map(|e| e.address).collect();
+        let in_use: HashMap<SocketAddr, &Chosen> = state.in_use.iter().map(|c| (c.address, c)).collect();
+        let zone = state.zone.as_deref();
         let endpoints = state
             .status
             .iter()
             .map(|entry| {
                 let stats = state.stats.get(&entry.address);
                 let count = |f: fn(&EndpointStats) -> u64| stats.map_or(0, |s| f(s));
+                let used = in_use
+                    .get(&entry.address)
+                    .filter(|_| in_rotation.contains(&entry.address));
                 EndpointSnapshot {
                     address: entry.address,
                     weight: entry.weight,
+                    effective_weight: used.map_or(0, |c| shown_weight(c.weight, c.percent)),
+                    slow_start_percent: used.and_then(|c| c.percent),
+                    last_transition_time: entry.last_transition_time,
+                    zone: entry.zone.clone(),
+                    for_zones: entry.for_zones.clone(),
+                    local: zone.is_some_and(|zone| entry.is_for_zone(zone)),
                     health: entry.health,
                     kubernetes_ready: entry.kubernetes_ready(),
                     ejected: state.ejections.is_ejected(&entry.address),
@@ -307,11 +421,27 @@ impl Shared {
             panic: rotation.panic,
             unavailable: rotation.picker.is_empty().then(|| rotation.unavailable.clone()),
             outlier_intervals: self.outlier_intervals.load(Ordering::Relaxed),
+            zone: state.zone.clone(),
+            zone_fallback: state.zone_fallback,
             endpoints,
         }
     }
 
+    /// Builds and swaps in the rotation for the current state.
     fn rebuild(&self, state: &mut PoolState) {
+        let plan = self.plan(state, Instant::now());
+        self.install(state, plan);
+    }
+
+    /// What the rotation should hold at `now`: which endpoints, with which weights.
+    ///
+    /// Panic mode is decided over every zone, as without zones, and ignores zones: it means the
+    /// health view (the operator's or the ejections') left too few endpoints to trust it, and
+    /// then spreading over every Kubernetes-ready endpoint in every zone loads each one least
+    /// (Envoy likewise routes zone-aware only outside panic mode). Otherwise a client with a
+    /// zone uses the usable endpoints for its zone while there is one, else every usable one;
+    /// slow start shapes the weights of whatever is in rotation.
+    fn plan(&self, state: &PoolState, now: Instant) -> Plan {
         let kubernetes_ready: Vec<&StatusEndpoint> = state.status.iter().filter(|e| e.kubernetes_ready()).collect();
         let usable: Vec<&StatusEndpoint> = state
             .status
@@ -322,19 +452,72 @@ impl Shared {
         let panic = !kubernetes_ready.is_empty() && usable.len() * 100 < threshold * kubernetes_ready.len();
         // Panic: the operator's view (or the ejections) left too few; spread evenly over what
         // Kubernetes considers ready rather than overload the few or fail everything.
-        let chosen: Vec<(SocketAddr, u32)> = if panic {
-            kubernetes_ready.iter().map(|e| (e.address, 1)).collect()
-        } else {
-            usable.iter().map(|e| (e.address, e.weight)).collect()
-        };
-        if panic != state.panic {
-            if panic {
-                warn!(backend = %self.backend, usable = usable.len(), ready = kubernetes_ready.len(),
+        if panic {
+            return Plan {
+                panic,
+                zone_fallback: false,
+                chosen: kubernetes_ready
+                    .iter()
+                    .map(|e| Chosen {
+                        address: e.address,
+                        weight: 1,
+                        percent: None,
+                    })
+                    .collect(),
+                ejected: Vec::new(),
+                usable: usable.len(),
+                kubernetes_ready: kubernetes_ready.len(),
+            };
+        }
+        let zone = state.zone.as_deref();
+        let local = |e: &StatusEndpoint| zone.is_some_and(|zone| e.is_for_zone(zone));
+        let stay_local = usable.iter().any(|e| local(e));
+        let in_scope = |e: &StatusEndpoint| !stay_local || local(e);
+        let chosen = usable
+            .iter()
+            .filter(|e| in_scope(e))
+            .map(|e| Chosen {
+                address: e.address,
+                weight: e.weight,
+                percent: ramp_percent(&state.slow_start, state.ramps.get(&e.address).map(|r| r.start), now),
+            })
+            .collect();
+        // Ejected endpoints keep their connection (gRFC A50), so they come back warm.
+        let ejected = state
+            .status
+            .iter()
+            .filter(|e| e.usable() && state.ejections.is_ejected(&e.address) && in_scope(e))
+            .map(|e| e.address)
+            .collect();
+        Plan {
+            panic,
+            zone_fallback: zone.is_some() && !stay_local && !usable.is_empty(),
+            chosen,
+            ejected,
+            usable: usable.len(),
+            kubernetes_ready: kubernetes_ready.len(),
+        }
+    }
+
+    /// Swaps in a rotation built from `plan`, keeping the connections of the endpoints it keeps.
+    fn install(&self, state: &mut PoolState, plan: Plan) {
+        if plan.panic != state.panic {
+            if plan.panic {
+                warn!(backend = %self.backend, usable = plan.usable, ready = plan.kubernetes_ready,
                     "panic mode: too few usable endpoints; spreading over every Kubernetes-ready endpoint");
             } else {
                 info!(backend = %self.backend, "panic mode over");
             }
-            state.panic = panic;
+            state.panic = plan.panic;
+        }
+        if plan.zone_fallback != state.zone_fallback {
+            let zone = state.zone.as_deref().unwrap_or_default();
+            if plan.zone_fallback {
+                warn!(backend = %self.backend, zone, "no usable endpoint for the client's zone; sending to every zone");
+            } else {
+                info!(backend = %self.backend, zone, "requests stay in the client's zone again");
+            }
+            state.zone_fallback = plan.zone_fallback;
         }
 
         let in_status: HashSet<SocketAddr> = state.status.iter().map(|e| e.address).collect();
@@ -342,22 +525,13 @@ impl Shared {
         for address in &in_status {
             state.stats.entry(*address).or_default();
         }
-        // Ejected endpoints keep their connection (gRFC A50), so they come back warm.
-        let ejected: Vec<(SocketAddr, u32)> = if panic {
-            Vec::new()
-        } else {
-            state
-                .status
-                .iter()
-                .filter(|e| e.usable() && state.ejections.is_ejected(&e.address))
-                .map(|e| (e.address, 0))
-                .collect()
-        };
+        let weighted: Vec<(u32, Option<u32>)> = plan.chosen.iter().map(|c| (c.weight, c.percent)).collect();
+        let chosen = plan.chosen.iter().map(|c| c.address).zip(picker_weights(&weighted));
         let mut connections = HashMap::new();
         let mut items = Vec::new();
         let mut weights = Vec::new();
         let mut new_connections = Vec::new();
-        for (address, weight) in chosen.into_iter().chain(ejected) {
+        for (address, weight) in chosen.chain(plan.ejected.iter().map(|address| (*address, 0))) {
             let endpoint = match state.connections.get(&address) {
                 Some(existing) => existing.clone(),
                 None => {
@@ -384,15 +558,19 @@ impl Shared {
         // Connections that left rotation are dropped here; requests in flight on them hold
         // their own handle and finish.
         state.connections = connections;
+        state.in_use = plan.chosen;
 
-        let unavailable = self.why_unavailable(state, &kubernetes_ready);
+        let unavailable = self.why_unavailable(state);
         let start = RandomState::new().hash_one(SystemTime::now()) as usize;
         self.rotation.store(Arc::new(Rotation {
             picker: Picker::new(items, &weights, start),
             unavailable,
-            panic,
+            panic: plan.panic,
         }));
         self.version.send_modify(|v| *v += 1);
+        if state.in_use.iter().any(|c| c.percent.is_some()) {
+            self.start_ramp_timer(state);
+        }
         // Connect to new endpoints now: no request pays for the handshake, and one that cannot
         // be reached at all is ejected before a request is sent to it.
         for endpoint in new_connections {
@@ -409,7 +587,52 @@ impl Shared {
         }
     }
 
-    fn why_unavailable(&self, state: &PoolState, kubernetes_ready: &[&StatusEndpoint]) -> String {
+    /// Starts the slow-start timer unless it runs: while an endpoint in rotation ramps, it
+    /// recomputes the shares every [`SlowStart::tick`] and swaps in a new rotation when one
+    /// changed (the connections stay; requests in flight are not touched). It ends at the first
+    /// tick where nothing ramps, and a later ramp starts a new one.
+    fn start_ramp_timer(&self, state: &mut PoolState) {
+        if state.ramp_timer {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            debug!(backend = %self.backend, "no Tokio runtime to ramp slow-starting endpoints on");
+            return;
+        };
+        state.ramp_timer = true;
+        self.ramp_timers.fetch_add(1, Ordering::Relaxed);
+        let me = self.me.clone();
+        let mut tick = state.slow_start.tick();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                // The pool is not kept alive by its timer.
+                let Some(shared) = me.upgrade() else { return };
+                match shared.ramp_tick() {
+                    Some(next) => tick = next,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// One tick of the slow-start timer: a new rotation if a share changed. Returns when to
+    /// tick next, or `None` (and marks the timer stopped) when nothing in rotation ramps.
+    fn ramp_tick(&self) -> Option<std::time::Duration> {
+        let mut state = self.lock();
+        let plan = self.plan(&state, Instant::now());
+        if plan.chosen != state.in_use {
+            self.install(&mut state, plan);
+        }
+        if state.in_use.iter().any(|c| c.percent.is_some()) {
+            Some(state.slow_start.tick())
+        } else {
+            state.ramp_timer = false;
+            None
+        }
+    }
+
+    fn why_unavailable(&self, state: &PoolState) -> String {
         let backend = &self.backend;
         match state.presence {
             Presence::NotReadYet => return format!("GrpcBackend {backend}: its status has not been read yet"),
@@ -425,7 +648,7 @@ impl Shared {
             return format!(
                 "GrpcBackend {backend} has no ready endpoints ({} listed, {} Kubernetes-ready, {not_serving} NotServing)",
                 state.status.len(),
-                kubernetes_ready.len()
+                state.status.iter().filter(|e| e.kubernetes_ready()).count()
             );
         }
         if healthy.iter().all(|e| state.ejections.is_ejected(&e.address)) {
@@ -465,7 +688,7 @@ mod tests {
     use super::*;
     use crate::{
         snapshot::Snapshot,
-        test_support::{BACKEND, answering, apply, config, entry, refusing},
+        test_support::{BACKEND, answering, apply, config, entry, refusing, transitioned, zoned},
     };
 
     /// A pool with the default outlier detection and no panic mode.
@@ -775,5 +998,346 @@ mod tests {
         shared.end_interval();
         let snapshot = wait_until(&shared, "it is ejected again", |s| s.endpoints[0].ejections == 2).await;
         assert!(snapshot.endpoints[0].ejected && !snapshot.endpoints[0].in_rotation);
+    }
+
+    // === slow start ===
+
+    fn slow_start(window: Duration) -> ParsedSlowStart {
+        ParsedSlowStart {
+            settings: SlowStart {
+                window,
+                ..SlowStart::default()
+            },
+            warnings: Vec::new(),
+        }
+    }
+
+    fn ramp_timer_running(shared: &Shared) -> bool {
+        shared.lock().ramp_timer
+    }
+
+    fn ramp_timers(shared: &Shared) -> u64 {
+        shared.ramp_timers.load(Ordering::Relaxed)
+    }
+
+    /// Polls (the timer's last tick changes no rotation) until `condition`, for at most 10s.
+    async fn poll_until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_endpoints_share_climbs_to_its_weight_then_the_timer_stops() {
+        let [old, new] = [answering().await, answering().await];
+        let shared = pool();
+        shared.apply_spec(slow_start(Duration::from_secs(2)));
+        let long_ago = SystemTime::now() - Duration::from_secs(600);
+        // The first status read lists `new` as just usable: it is new for every client.
+        let status = [
+            transitioned(old, 100, "Serving", long_ago),
+            transitioned(new, 100, "Serving", SystemTime::now()),
+        ];
+        apply(&shared, &status);
+
+        let first = shared.snapshot();
+        let (old_seen, new_seen) = (first.endpoint(&old).unwrap(), first.endpoint(&new).unwrap());
+        assert_eq!((old_seen.effective_weight, old_seen.slow_start_percent), (100, None));
+        let first_percent = new_seen.slow_start_percent.expect("ramping");
+        assert!((10..100).contains(&first_percent), "{new_seen:?}");
+        assert_eq!(new_seen.effective_weight, first_percent, "weight 100: the percentage");
+        assert_eq!(new_seen.weight, 100, "the published weight is kept");
+        let picks = picks_per_cycle(&shared);
+        assert!(picks[&new] < picks[&old], "{picks:?}");
+        assert!(ramp_timer_running(&shared));
+        let connection_before = connection(&shared, new);
+
+        let climbing = wait_until(&shared, "the new endpoint's share climbs", |s| {
+            s.endpoint(&new)
+                .unwrap()
+                .slow_start_percent
+                .is_some_and(|p| p > first_percent)
+        })
+        .await;
+        assert!(climbing.endpoint(&new).unwrap().effective_weight > first_percent);
+        let ramped = wait_until(&shared, "the new endpoint has its full weight", |s| {
+            s.endpoint(&new).unwrap().effective_weight == 100
+        })
+        .await;
+        assert_eq!(ramped.endpoint(&new).unwrap().slow_start_percent, None);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(old, 1), (new, 1)]));
+        assert!(
+            Arc::ptr_eq(&connection_before, &connection(&shared, new)),
+            "every step kept the connection"
+        );
+
+        // Nothing ramps: the timer ends, and the same status read again starts none.
+        poll_until("the slow-start timer stops", || !ramp_timer_running(&shared)).await;
+        let version = *shared.version.borrow();
+        apply(&shared, &status);
+        assert_eq!(
+            *shared.version.borrow(),
+            version + 1,
+            "one rebuild, for the status read"
+        );
+        assert!(!ramp_timer_running(&shared));
+        assert_eq!(ramp_timers(&shared), 1);
+
+        // Another endpoint turning usable starts a timer again.
+        let later = answering().await;
+        let mut status = status.to_vec();
+        status.push(transitioned(later, 100, "Serving", SystemTime::now()));
+        apply(&shared, &status);
+        assert!(shared.snapshot().endpoint(&later).unwrap().slow_start_percent.is_some());
+        assert_eq!(ramp_timers(&shared), 2);
+    }
+
+    #[tokio::test]
+    async fn without_slow_start_or_with_an_old_transition_the_full_weight_applies_at_once() {
+        let [first, second] = [answering().await, answering().await];
+        let shared = pool();
+        let now = SystemTime::now();
+        let status = [
+            transitioned(first, 100, "Serving", now),
+            transitioned(second, 300, "Serving", now - Duration::from_secs(61)),
+        ];
+        apply(&shared, &status);
+        assert_eq!(
+            picks_per_cycle(&shared),
+            HashMap::from([(first, 1), (second, 3)]),
+            "off"
+        );
+
+        shared.apply_spec(slow_start(Duration::from_secs(60)));
+        let mut status = status.to_vec();
+        status[0] = transitioned(first, 100, "Serving", now - Duration::from_secs(60));
+        apply(&shared, &status);
+        let snapshot = shared.snapshot();
+        assert!(
+            snapshot.endpoints.iter().all(|e| e.slow_start_percent.is_none()),
+            "{snapshot:#?}"
+        );
+        assert_eq!(snapshot.endpoint(&second).unwrap().effective_weight, 300);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(first, 1), (second, 3)]));
+        assert_eq!(ramp_timers(&shared), 0, "no timer for nothing to ramp");
+    }
+
+    #[tokio::test]
+    async fn a_not_usable_endpoint_does_not_ramp_until_it_is_usable() {
+        let [serving, coming] = [answering().await, answering().await];
+        let shared = pool();
+        shared.apply_spec(slow_start(Duration::from_secs(600)));
+        let now = SystemTime::now();
+        apply(
+            &shared,
+            &[
+                entry(serving, 100, "Serving"),
+                transitioned(coming, 100, "NotServing", now),
+            ],
+        );
+        assert_eq!(ramp_timers(&shared), 0);
+        let snapshot = shared.snapshot();
+        assert_eq!(
+            snapshot.endpoint(&coming).unwrap().effective_weight,
+            0,
+            "not in rotation"
+        );
+
+        apply(
+            &shared,
+            &[
+                entry(serving, 100, "Serving"),
+                transitioned(coming, 100, "Serving", now),
+            ],
+        );
+        let percent = shared.snapshot().endpoint(&coming).unwrap().slow_start_percent;
+        assert!(percent.is_some_and(|p| p < 100), "{percent:?}");
+        assert_eq!(ramp_timers(&shared), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_zone_or_the_end_of_slow_start_does_not_readmit_an_ejected_endpoint() {
+        let [failing, other] = [answering().await, answering().await];
+        let shared = pool();
+        let since = SystemTime::now() - Duration::from_secs(5);
+        apply(
+            &shared,
+            &[
+                transitioned(failing, 100, "Serving", since),
+                entry(other, 100, "Serving"),
+            ],
+        );
+        let threshold = shared.config.outlier_detection.consecutive_connect_failures;
+        shared.report_failure(failing, &send_error(Failure::Connect, threshold).await);
+        assert!(shared.snapshot().endpoint(&failing).unwrap().ejected);
+
+        apply(
+            &shared,
+            &[zoned(failing, "Serving", "a", &["b"]), entry(other, 100, "Serving")],
+        );
+        assert!(
+            shared.snapshot().endpoint(&failing).unwrap().ejected,
+            "no news about its health"
+        );
+
+        apply(&shared, &[entry(failing, 200, "Serving"), entry(other, 100, "Serving")]);
+        assert!(
+            !shared.snapshot().endpoint(&failing).unwrap().ejected,
+            "news: readmitted"
+        );
+    }
+
+    // === zones ===
+
+    #[tokio::test]
+    async fn a_client_in_a_zone_stays_in_it_while_it_can_and_comes_back() {
+        let [a1, a2, b1, b2] = [
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+        ];
+        let shared = pool();
+        shared.set_zone(Some("a".into()));
+        let status = |a_health: &str| {
+            [
+                zoned(a1, a_health, "a", &[]),
+                zoned(a2, a_health, "a", &[]),
+                zoned(b1, "Serving", "b", &[]),
+                zoned(b2, "Serving", "b", &[]),
+            ]
+        };
+        apply(&shared, &status("Serving"));
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(a1, 1), (a2, 1)]));
+        let snapshot = shared.snapshot();
+        assert_eq!(snapshot.zone.as_deref(), Some("a"));
+        assert!(!snapshot.zone_fallback);
+        let local: Vec<bool> = snapshot.endpoints.iter().map(|e| e.local).collect();
+        assert_eq!(local, [true, true, false, false]);
+        assert_eq!(snapshot.endpoint(&b1).unwrap().effective_weight, 0, "not in rotation");
+        assert_eq!(snapshot.endpoint(&b1).unwrap().zone.as_deref(), Some("b"));
+        let b_connected = snapshot.endpoint(&b1).unwrap().connections_opened;
+        assert_eq!(b_connected, 0, "no connection to another zone while the own one serves");
+
+        // Zone a has nothing usable: every zone takes requests.
+        apply(&shared, &status("NotServing"));
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(b1, 1), (b2, 1)]));
+        assert!(shared.snapshot().zone_fallback);
+
+        // One of a's endpoints is back: requests go back to it alone.
+        let mut back = status("NotServing");
+        back[0] = zoned(a1, "Serving", "a", &[]);
+        apply(&shared, &back);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(a1, 1)]));
+        assert!(!shared.snapshot().zone_fallback);
+    }
+
+    #[tokio::test]
+    async fn ejected_local_endpoints_send_requests_to_every_zone() {
+        let [a, b] = [answering().await, answering().await];
+        let shared = pool();
+        shared.set_zone(Some("a".into()));
+        apply(&shared, &[zoned(a, "Serving", "a", &[]), zoned(b, "Serving", "b", &[])]);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(a, 1)]));
+
+        let threshold = shared.config.outlier_detection.consecutive_connect_failures;
+        shared.report_failure(a, &send_error(Failure::Connect, threshold).await);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(b, 1)]));
+        let snapshot = shared.snapshot();
+        assert!(snapshot.zone_fallback && snapshot.endpoint(&a).unwrap().ejected);
+    }
+
+    #[tokio::test]
+    async fn hints_decide_over_the_endpoints_own_zone() {
+        let [in_a_for_b, in_b_for_a, in_b] = [answering().await, answering().await, answering().await];
+        let shared = pool();
+        shared.set_zone(Some("a".into()));
+        apply(
+            &shared,
+            &[
+                zoned(in_a_for_b, "Serving", "a", &["b"]),
+                zoned(in_b_for_a, "Serving", "b", &["a", "c"]),
+                zoned(in_b, "Serving", "b", &[]),
+            ],
+        );
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(in_b_for_a, 1)]));
+        let local: Vec<bool> = shared.snapshot().endpoints.iter().map(|e| e.local).collect();
+        assert_eq!(local, [false, true, false]);
+
+        shared.set_zone(Some("b".into()));
+        assert_eq!(
+            picks_per_cycle(&shared),
+            HashMap::from([(in_a_for_b, 1), (in_b, 1)]),
+            "the zone can change; b's hints and b's unhinted endpoint"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_zone_every_zone_is_in_rotation() {
+        let [a, b, none] = [answering().await, answering().await, answering().await];
+        let shared = pool();
+        let status = [
+            zoned(a, "Serving", "a", &[]),
+            zoned(b, "Serving", "b", &["b"]),
+            entry(none, 100, "Serving"),
+        ];
+        apply(&shared, &status);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(a, 1), (b, 1), (none, 1)]));
+        let snapshot = shared.snapshot();
+        assert_eq!((snapshot.zone.as_deref(), snapshot.zone_fallback), (None, false));
+        assert!(snapshot.endpoints.iter().all(|e| !e.local));
+
+        // An empty zone is no zone (a downward-API variable left empty).
+        shared.set_zone(Some(String::new()));
+        assert_eq!(shared.snapshot().zone, None);
+        assert_eq!(picks_per_cycle(&shared).len(), 3);
+
+        // A zone no endpoint is for: every zone.
+        shared.set_zone(Some("c".into()));
+        assert_eq!(picks_per_cycle(&shared).len(), 3);
+        assert!(shared.snapshot().zone_fallback);
+    }
+
+    #[tokio::test]
+    async fn panic_mode_is_decided_over_every_zone_and_spreads_over_every_zone() {
+        let [a_up, a_down, b_down, c_down] = [
+            answering().await,
+            answering().await,
+            answering().await,
+            answering().await,
+        ];
+        let shared = Shared::new(BACKEND.into(), config(OutlierDetection::default(), 50));
+        shared.set_zone(Some("a".into()));
+        // One usable of four Kubernetes-ready, in every zone together: 25% < 50%.
+        apply(
+            &shared,
+            &[
+                zoned(a_up, "Serving", "a", &[]),
+                zoned(a_down, "NotServing", "a", &[]),
+                zoned(b_down, "NotServing", "b", &[]),
+                zoned(c_down, "NotServing", "c", &[]),
+            ],
+        );
+        let snapshot = shared.snapshot();
+        assert!(snapshot.panic && !snapshot.zone_fallback);
+        assert_eq!(
+            picks_per_cycle(&shared),
+            HashMap::from([(a_up, 1), (a_down, 1), (b_down, 1), (c_down, 1)])
+        );
+
+        // Two of four usable: no panic, and zone a keeps its one usable endpoint.
+        apply(
+            &shared,
+            &[
+                zoned(a_up, "Serving", "a", &[]),
+                zoned(a_down, "NotServing", "a", &[]),
+                zoned(b_down, "Serving", "b", &[]),
+                zoned(c_down, "NotServing", "c", &[]),
+            ],
+        );
+        assert!(!shared.snapshot().panic);
+        assert_eq!(picks_per_cycle(&shared), HashMap::from([(a_up, 1)]));
     }
 }

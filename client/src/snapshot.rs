@@ -16,6 +16,10 @@ pub struct Snapshot {
     pub unavailable: Option<String>,
     /// Outlier-detection intervals evaluated so far (a clock for "after N intervals").
     pub outlier_intervals: u64,
+    /// The client's zone ([`Builder::zone`](crate::Builder::zone)), if it has one.
+    pub zone: Option<String>,
+    /// The client has a zone but no usable endpoint is for it: requests go to every zone.
+    pub zone_fallback: bool,
     /// Every endpoint of the status, in its order.
     pub endpoints: Vec<EndpointSnapshot>,
 }
@@ -33,6 +37,21 @@ pub struct EndpointSnapshot {
     pub address: SocketAddr,
     /// The weight published by the operator.
     pub weight: u32,
+    /// The weight requests are picked with now, in the units of `weight`: `weight` itself,
+    /// its slow-start share while it ramps (rounded, at least 1), 1 in panic mode, and 0 when
+    /// it is not in rotation.
+    pub effective_weight: u32,
+    /// While it is in rotation and slow start ramps it up: the share of `weight` it gets now,
+    /// in percent.
+    pub slow_start_percent: Option<u32>,
+    /// When its health or readiness last changed, as published (slow start ramps from it).
+    pub last_transition_time: Option<SystemTime>,
+    /// Its zone, and the zones it should serve (EndpointSlice `hints.forZones`), as published.
+    pub zone: Option<String>,
+    pub for_zones: Vec<String>,
+    /// It is for the client's zone (its `forZones` name it, or with none, its zone is it);
+    /// false when the client has no zone.
+    pub local: bool,
     pub health: Health,
     /// Serving and not terminating, as Kubernetes says.
     pub kubernetes_ready: bool,

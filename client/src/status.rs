@@ -8,10 +8,12 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr},
+    time::SystemTime,
 };
 
+use k8s_openapi::jiff::Timestamp;
 use kubegrpc_crds::{FULL_WEIGHT, Health};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// One endpoint of the status, as the client acts on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +25,12 @@ pub struct StatusEndpoint {
     pub serving: bool,
     /// Kubernetes' `terminating` (nil means false).
     pub terminating: bool,
+    /// The endpoint's zone (the EndpointSlice's `zone`), if known.
+    pub zone: Option<String>,
+    /// The zones it should serve (the EndpointSlice's `hints.forZones`); empty: none given.
+    pub for_zones: Vec<String>,
+    /// When its health or readiness last changed, if listed (slow start ramps from it).
+    pub last_transition_time: Option<SystemTime>,
 }
 
 impl StatusEndpoint {
@@ -35,13 +43,36 @@ impl StatusEndpoint {
     pub fn usable(&self) -> bool {
         self.kubernetes_ready() && self.health == Health::Serving && self.weight > 0
     }
+
+    /// Whether the endpoint is for clients in `zone`, as kube-proxy reads EndpointSlices: its
+    /// `forZones` names `zone`, or, with no `forZones`, its own zone is `zone`.
+    pub fn is_for_zone(&self, zone: &str) -> bool {
+        if self.for_zones.is_empty() {
+            self.zone.as_deref() == Some(zone)
+        } else {
+            self.for_zones.iter().any(|z| z == zone)
+        }
+    }
+
+    /// The same news from the operator about whether and how much to use the endpoint (its
+    /// zone and transition time aside).
+    pub fn same_state(&self, other: &StatusEndpoint) -> bool {
+        (self.address, self.weight, self.health, self.serving, self.terminating)
+            == (
+                other.address,
+                other.weight,
+                other.health,
+                other.serving,
+                other.terminating,
+            )
+    }
 }
 
 /// The endpoints read from a status and what had to be skipped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedStatus {
     pub endpoints: Vec<StatusEndpoint>,
-    /// One line per skipped entry or field, saying why.
+    /// One line per skipped entry or ignored field, saying why.
     pub warnings: Vec<String>,
 }
 
@@ -78,13 +109,17 @@ pub fn parse_status(status: Option<&Value>) -> ParsedStatus {
     let mut seen = HashSet::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
         match parse_entry(entry, &common_port) {
-            Ok(endpoint) => {
+            Ok((endpoint, ignored)) => {
                 if !seen.insert(endpoint.address) {
                     parsed.warnings.push(format!(
                         "status.endpoints[{index}]: {} listed twice; the first kept",
                         endpoint.address
                     ));
                 } else {
+                    let fields = ignored
+                        .into_iter()
+                        .map(|why| format!("status.endpoints[{index}].{why}"));
+                    parsed.warnings.extend(fields);
                     parsed.endpoints.push(endpoint);
                 }
             }
@@ -107,8 +142,12 @@ fn port_number(value: &Value) -> Result<u16, String> {
     }
 }
 
-/// Reads one entry; `common_port` is `status.port` (the port of entries that name none).
-fn parse_entry(entry: &Value, common_port: &Result<Option<u16>, String>) -> Result<StatusEndpoint, String> {
+/// Reads one entry; `common_port` is `status.port` (the port of entries that name none). Besides
+/// the endpoint, returns the optional fields that were ignored and why (the entry is kept).
+fn parse_entry(
+    entry: &Value,
+    common_port: &Result<Option<u16>, String>,
+) -> Result<(StatusEndpoint, Vec<String>), String> {
     let fields = entry.as_object().ok_or("not an object")?;
     let address: IpAddr = match fields.get("address") {
         Some(Value::String(text)) => text
@@ -148,13 +187,72 @@ fn parse_entry(entry: &Value, common_port: &Result<Option<u16>, String>) -> Resu
         Some(Value::Bool(value)) => Ok(*value),
         Some(_) => Err(format!("{name} is not true or false")),
     };
-    Ok(StatusEndpoint {
+    let serving = flag("serving", true)?;
+    let terminating = flag("terminating", false)?;
+    let mut ignored = Vec::new();
+    let endpoint = StatusEndpoint {
         address: SocketAddr::new(address, port),
         weight,
         health,
-        serving: flag("serving", true)?,
-        terminating: flag("terminating", false)?,
-    })
+        serving,
+        terminating,
+        zone: zone(fields, &mut ignored),
+        for_zones: for_zones(fields, &mut ignored),
+        last_transition_time: last_transition_time(fields, &mut ignored),
+    };
+    Ok((endpoint, ignored))
+}
+
+/// `zone`: a string ("" is no zone); anything else is ignored.
+fn zone(fields: &Map<String, Value>, ignored: &mut Vec<String>) -> Option<String> {
+    match fields.get("zone") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(zone)) => (!zone.is_empty()).then(|| zone.clone()),
+        Some(other) => {
+            ignored.push(format!("zone {other} is not a string; ignored"));
+            None
+        }
+    }
+}
+
+/// `forZones`: a list of zone names; an item that is not one is ignored.
+fn for_zones(fields: &Map<String, Value>, ignored: &mut Vec<String>) -> Vec<String> {
+    match fields.get("forZones") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| match item {
+                Value::String(zone) if !zone.is_empty() => Some(zone.clone()),
+                other => {
+                    ignored.push(format!("forZones[{i}] {other} is not a zone name; ignored"));
+                    None
+                }
+            })
+            .collect(),
+        Some(other) => {
+            ignored.push(format!("forZones {other} is not a list; ignored"));
+            Vec::new()
+        }
+    }
+}
+
+/// `lastTransitionTime`: an RFC 3339 time ("2026-12-01T22:19:15Z"); anything else is ignored.
+fn last_transition_time(fields: &Map<String, Value>, ignored: &mut Vec<String>) -> Option<SystemTime> {
+    match fields.get("lastTransitionTime") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => match text.parse::<Timestamp>() {
+            Ok(time) => Some(SystemTime::from(time)),
+            Err(_) => {
+                ignored.push(format!("lastTransitionTime {text:?} is not an RFC 3339 time; ignored"));
+                None
+            }
+        },
+        Some(other) => {
+            ignored.push(format!("lastTransitionTime {other} is not an RFC 3339 time; ignored"));
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -244,11 +342,17 @@ mod tests {
             reason: None,
             last_transition_time: None,
         };
+        let since: Timestamp = "2026-12-01T22:19:15Z".parse().unwrap();
+        let hinted = EndpointStatus {
+            for_zones: vec!["y".into(), "z".into()],
+            last_transition_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(since)),
+            ..entry("fd00::3", 9090, 55, false)
+        };
         let written = GrpcBackendStatus {
             endpoints: vec![
                 entry("10.0.0.1", 8080, FULL_WEIGHT, false),
                 entry("10.0.0.2", 8080, 0, true),
-                entry("fd00::3", 9090, 55, false),
+                hinted,
             ],
             ..GrpcBackendStatus::default()
         };
@@ -265,6 +369,79 @@ mod tests {
                 ("10.0.0.1:8080".parse().unwrap(), FULL_WEIGHT, false),
                 ("10.0.0.2:8080".parse().unwrap(), 0, true),
                 ("[fd00::3]:9090".parse().unwrap(), 55, false),
+            ]
+        );
+        assert!(parsed.endpoints.iter().all(|e| e.zone.as_deref() == Some("z")));
+        assert_eq!(parsed.endpoints[2].for_zones, ["y", "z"]);
+        assert_eq!(parsed.endpoints[2].last_transition_time, Some(SystemTime::from(since)));
+        assert_eq!(parsed.endpoints[0].last_transition_time, None);
+    }
+
+    #[test]
+    fn zones_and_transition_times_are_read() {
+        let status = json!({"port": 1, "endpoints": [
+            {"address": "10.0.0.1", "health": "Serving", "zone": "a", "forZones": ["b", "c"],
+             "lastTransitionTime": "2026-12-01T22:19:15Z"},
+            {"address": "10.0.0.2", "health": "Serving", "zone": "a", "lastTransitionTime": "2026-12-01T22:19:15.5+01:00"},
+            {"address": "10.0.0.3", "health": "Serving"},
+        ]});
+        let parsed = parse_status(Some(&status));
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        let [hinted, zoned, bare] = &parsed.endpoints[..] else {
+            panic!("three endpoints")
+        };
+        assert_eq!(hinted.zone.as_deref(), Some("a"));
+        assert_eq!(hinted.for_zones, ["b", "c"]);
+        let at = |text: &str| SystemTime::from(text.parse::<Timestamp>().unwrap());
+        assert_eq!(hinted.last_transition_time, Some(at("2026-12-01T22:19:15Z")));
+        assert_eq!(
+            hinted
+                .last_transition_time
+                .unwrap()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            1_796_163_555
+        );
+        assert_eq!(zoned.last_transition_time, Some(at("2026-12-01T21:19:15.5Z")));
+        assert!(zoned.for_zones.is_empty());
+        assert_eq!((bare.zone.as_deref(), bare.last_transition_time), (None, None));
+
+        // forZones wins over the zone; without it, the zone decides.
+        assert!(!hinted.is_for_zone("a") && hinted.is_for_zone("b") && hinted.is_for_zone("c"));
+        assert!(zoned.is_for_zone("a") && !zoned.is_for_zone("b"));
+        assert!(!bare.is_for_zone("a"));
+    }
+
+    #[test]
+    fn bad_zones_and_transition_times_are_ignored_and_the_entry_kept() {
+        let status = json!({"port": 1, "endpoints": [
+            {"address": "10.0.0.1", "health": "Serving", "zone": 7, "forZones": ["b", 3, ""],
+             "lastTransitionTime": "yesterday"},
+            {"address": "10.0.0.2", "health": "Serving", "forZones": "b", "lastTransitionTime": 1700000000,
+             "zone": ""},
+            {"address": "10.0.0.3", "health": "Serving", "lastTransitionTime": "2026-12-01T22:19:15"},
+        ]});
+        let parsed = parse_status(Some(&status));
+        assert_eq!(parsed.endpoints.len(), 3, "every entry kept");
+        assert!(parsed.endpoints.iter().all(StatusEndpoint::usable));
+        assert_eq!(parsed.endpoints[0].for_zones, ["b"]);
+        assert!(
+            parsed
+                .endpoints
+                .iter()
+                .all(|e| e.zone.is_none() && e.last_transition_time.is_none())
+        );
+        assert_eq!(
+            parsed.warnings,
+            [
+                "status.endpoints[0].zone 7 is not a string; ignored",
+                "status.endpoints[0].forZones[1] 3 is not a zone name; ignored",
+                "status.endpoints[0].forZones[2] \"\" is not a zone name; ignored",
+                "status.endpoints[0].lastTransitionTime \"yesterday\" is not an RFC 3339 time; ignored",
+                "status.endpoints[1].forZones \"b\" is not a list; ignored",
+                "status.endpoints[1].lastTransitionTime 1700000000 is not an RFC 3339 time; ignored",
+                "status.endpoints[2].lastTransitionTime \"2026-12-01T22:19:15\" is not an RFC 3339 time; ignored",
             ]
         );
     }
@@ -340,13 +517,19 @@ mod tests {
         let mut parsed = ParsedStatus::default();
         for (index, entry) in entries.iter().enumerate() {
             match parse_entry(entry, &Ok(None)) {
-                Ok(endpoint) if parsed.endpoints.iter().any(|e| e.address == endpoint.address) => {
+                Ok((endpoint, _)) if parsed.endpoints.iter().any(|e| e.address == endpoint.address) => {
                     parsed.warnings.push(format!(
                         "status.endpoints[{index}]: {} listed twice; the first kept",
                         endpoint.address
                     ))
                 }
-                Ok(endpoint) => parsed.endpoints.push(endpoint),
+                Ok((endpoint, ignored)) => {
+                    let fields = ignored
+                        .into_iter()
+                        .map(|why| format!("status.endpoints[{index}].{why}"));
+                    parsed.warnings.extend(fields);
+                    parsed.endpoints.push(endpoint)
+                }
                 Err(why) => parsed
                     .warnings
                     .push(format!("status.endpoints[{index}] skipped: {why}")),
@@ -373,8 +556,15 @@ mod tests {
             any::<i64>().prop_map(|n| json!(n)),
             any::<f64>().prop_map(|n| json!(n)),
             "[a-zA-Z0-9:.]{0,12}".prop_map(Value::String),
-            prop_oneof![Just("10.0.0.1"), Just("::1"), Just("Serving"), Just("NotServing")]
-                .prop_map(|s| Value::String(s.into())),
+            prop_oneof![
+                Just("10.0.0.1"),
+                Just("::1"),
+                Just("Serving"),
+                Just("NotServing"),
+                Just("2026-12-01T22:19:15Z"),
+                Just("zone-a"),
+            ]
+            .prop_map(|s| Value::String(s.into())),
         ];
         leaf.prop_recursive(4, 64, 8, |inner| {
             let key = prop_oneof![
@@ -385,6 +575,9 @@ mod tests {
                 Just("health".to_string()),
                 Just("serving".to_string()),
                 Just("terminating".to_string()),
+                Just("zone".to_string()),
+                Just("forZones".to_string()),
+                Just("lastTransitionTime".to_string()),
                 "[a-z]{1,6}",
             ];
             prop_oneof![
@@ -414,7 +607,9 @@ mod tests {
         #[test]
         fn arbitrary_entries_never_panic(entries in prop::collection::vec(arbitrary_json(), 0..16)) {
             let parsed = parse_status(Some(&json!({"endpoints": entries})));
-            prop_assert!(parsed.endpoints.len() + parsed.warnings.len() <= entries.len());
+            // Every entry is kept, skipped or a duplicate; ignored fields of kept ones add lines.
+            let dropped = parsed.warnings.iter().filter(|w| w.contains(" skipped: ") || w.contains(" listed twice")).count();
+            prop_assert_eq!(parsed.endpoints.len() + dropped, entries.len());
         }
     }
 }

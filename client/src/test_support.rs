@@ -1,6 +1,10 @@
 //! Helpers for the client's unit tests: loopback servers and statuses applied to a pool.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -61,6 +65,24 @@ pub fn config(outlier_detection: OutlierDetection, panic_threshold: u8) -> PoolC
 /// A status entry as the operator writes it (Kubernetes' conditions left to their defaults).
 pub fn entry(address: SocketAddr, weight: u32, health: &str) -> Value {
     json!({"address": address.ip().to_string(), "port": address.port(), "weight": weight, "health": health})
+}
+
+/// `entry` in `zone`, with `forZones` hints if any.
+pub fn zoned(address: SocketAddr, health: &str, zone: &str, for_zones: &[&str]) -> Value {
+    let mut entry = entry(address, 100, health);
+    entry["zone"] = json!(zone);
+    if !for_zones.is_empty() {
+        entry["forZones"] = json!(for_zones);
+    }
+    entry
+}
+
+/// `entry`, whose health or readiness last changed at `since` (RFC 3339, to the nanosecond).
+pub fn transitioned(address: SocketAddr, weight: u32, health: &str, since: SystemTime) -> Value {
+    let mut entry = entry(address, weight, health);
+    let since = k8s_openapi::jiff::Timestamp::try_from(since).expect("a time jiff can hold");
+    entry["lastTransitionTime"] = json!(since.to_string());
+    entry
 }
 
 pub fn apply(shared: &Arc<Shared>, entries: &[Value]) {
