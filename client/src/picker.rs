@@ -222,4 +222,29 @@ mod tests {
         }
         assert_eq!(picker.pick_where(|_| false), None);
     }
+
+    #[test]
+    fn shares_over_100_000_picks_are_within_one_percent_of_the_weights() {
+        // Weights as the policies publish them: Static annotations 1:3, LoadReport weights
+        // scaled to a mean of 100 (capacities 1:1:2, one endpoint without reports at the mean),
+        // and a slow-start ramp's weight x percent.
+        for weights in [
+            vec![1, 3],
+            vec![75, 75, 150, 100],
+            vec![100 * 37, 100 * 100, 100 * 100],
+            vec![7, 7919, 613],
+        ] {
+            let picker = Picker::new((0..weights.len()).collect(), &weights, 12345);
+            let mut picks = vec![0u32; weights.len()];
+            for _ in 0..100_000 {
+                picks[*picker.pick().unwrap()] += 1;
+            }
+            let total: u32 = weights.iter().sum();
+            for (count, weight) in picks.iter().zip(&weights) {
+                let share = f64::from(*count) / 100_000.0;
+                let expected = f64::from(*weight) / f64::from(total);
+                assert!((share - expected).abs() < 0.01, "weights {weights:?}: picks {picks:?}");
+            }
+        }
+    }
 }
