@@ -6,6 +6,12 @@
 //! `Echo/SetHealth` or [`HealthState::set`], and counts what it sees: requests, connections,
 //! open health Watch streams. It stops gracefully ([`Backend::stop`]) or dies at once, as a
 //! process killed with SIGKILL does ([`Backend::kill`]).
+//!
+//! It can also simulate a capacity and report its load over ORCA, for load-aware weighting:
+//! with [`BackendOptions::capacity`] and [`BackendOptions::work`], each `Echo` request holds
+//! one of a fixed number of worker slots while it works (sleeps), and with
+//! [`BackendOptions::orca`] the backend serves `xds.service.orca.v3.OpenRcaService`, whose
+//! application utilization is the slots' busy time over their capacity.
 
 use std::{
     collections::HashMap,
@@ -16,13 +22,16 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use futures::{Stream, StreamExt, task::AtomicWaker};
+use kubegrpc_orca::{LoadRecorder, OrcaService};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{Semaphore, watch},
+    time::Instant,
 };
 use tonic::{Request, Response, Status, transport::server::Connected};
 use tonic_health::pb::{
@@ -236,16 +245,73 @@ pub struct EchoService {
     address: String,
     counters: Arc<Counters>,
     health: HealthState,
+    load: LoadRecorder,
+    /// The worker slots, if the backend has a capacity.
+    slots: Option<Arc<Semaphore>>,
+    work: Duration,
+}
+
+impl EchoService {
+    /// Does one request's work: holds a slot (waiting for one first) for `work`, and records
+    /// that time as busy time, even if the request is cancelled meanwhile.
+    async fn work(&self) {
+        if self.slots.is_none() && self.work.is_zero() {
+            return;
+        }
+        let _slot = match &self.slots {
+            Some(slots) => Some(slots.acquire().await.expect("the worker slots are never closed")),
+            None => None,
+        };
+        let _busy = Busy {
+            load: &self.load,
+            since: Instant::now(),
+        };
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
+    }
+}
+
+/// Records the time a slot was held as busy time when the work ends or is abandoned.
+struct Busy<'a> {
+    load: &'a LoadRecorder,
+    since: Instant,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.load.record_busy(self.since.elapsed());
+    }
+}
+
+/// An `Echo` request as ORCA counts it: failed unless it completes (a cancelled request was
+/// load all the same).
+struct LoadRequest<'a> {
+    load: &'a LoadRecorder,
+    completed: bool,
+}
+
+impl Drop for LoadRequest<'_> {
+    fn drop(&mut self) {
+        self.load.record_request(self.completed);
+    }
 }
 
 #[tonic::async_trait]
 impl pb::echo_server::Echo for EchoService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let mut load_request = LoadRequest {
+            load: &self.load,
+            completed: false,
+        };
         let request = request.into_inner();
+        self.work().await;
+        // Waiting, not working: the delay holds no slot.
         if request.delay_ms > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(u64::from(request.delay_ms))).await;
+            tokio::time::sleep(Duration::from_millis(u64::from(request.delay_ms))).await;
         }
         self.counters.requests.fetch_add(1, Ordering::SeqCst);
+        load_request.completed = true;
         Ok(Response::new(EchoReply {
             message: request.message,
             backend: self.address.clone(),
@@ -279,6 +345,16 @@ pub struct BackendOptions {
     pub initially_serving: bool,
     /// Serve TLS with this certificate and key (PEM) instead of plaintext.
     pub tls: Option<(String, String)>,
+    /// How many `Echo` requests can work at once (worker slots; more wait for a slot). `None`:
+    /// no limit.
+    pub capacity: Option<usize>,
+    /// How long each `Echo` request works, holding its slot (zero: no work).
+    pub work: Duration,
+    /// Serve ORCA's out-of-band load reports (`xds.service.orca.v3.OpenRcaService`) from
+    /// [`Backend::load`], with capacity `capacity` (1 without one).
+    pub orca: bool,
+    /// The ORCA streams' minimum reporting interval.
+    pub orca_min_report_interval: Duration,
 }
 
 impl Default for BackendOptions {
@@ -288,18 +364,26 @@ impl Default for BackendOptions {
             watch_implemented: true,
             initially_serving: true,
             tls: None,
+            capacity: None,
+            work: Duration::ZERO,
+            orca: false,
+            orca_min_report_interval: OrcaService::DEFAULT_MIN_INTERVAL,
         }
     }
 }
 
 /// How long [`Backend::stop`] waits for requests in flight.
-pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// A running echo backend: its address, health switch and counters.
 pub struct Backend {
     pub address: SocketAddr,
     pub health: HealthState,
     pub counters: Arc<Counters>,
+    /// The `Echo` requests' load (requests, and busy time when they work), which ORCA reports
+    /// with [`BackendOptions::orca`].
+    pub load: LoadRecorder,
+    orca: OrcaService,
     stopping: watch::Sender<bool>,
     kill_switch: Arc<KillSwitch>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -308,6 +392,12 @@ pub struct Backend {
 impl Backend {
     /// Binds `address` (port 0 picks one) and serves until stopped or dropped.
     pub async fn start(address: SocketAddr, options: BackendOptions) -> std::io::Result<Self> {
+        if options.capacity == Some(0) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "an echo backend's capacity must be at least 1 worker slot",
+            ));
+        }
         let listener = TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
         let counters = Arc::new(Counters::default());
@@ -325,10 +415,15 @@ impl Backend {
             watch_implemented: options.watch_implemented,
             stopping: stopping_signal.clone(),
         };
+        let load = LoadRecorder::with_capacity(options.capacity.unwrap_or(1));
+        let orca = OrcaService::new(load.clone()).min_report_interval(options.orca_min_report_interval);
         let echo_service = EchoService {
             address: address.to_string(),
             counters: counters.clone(),
             health: health.clone(),
+            load: load.clone(),
+            slots: options.capacity.map(|capacity| Arc::new(Semaphore::new(capacity))),
+            work: options.work,
         };
         let kill_switch = Arc::new(KillSwitch::default());
         let incoming = CountingIncoming::new(listener, counters.clone(), kill_switch.clone());
@@ -345,6 +440,7 @@ impl Backend {
             server
                 .add_service(HealthServer::new(health_service))
                 .add_service(EchoServer::new(echo_service))
+                .add_optional_service(options.orca.then(|| orca.clone().into_server()))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = shutdown_signal.wait_for(|stopping| *stopping).await;
                 }),
@@ -353,16 +449,26 @@ impl Backend {
             address,
             health,
             counters,
+            load,
+            orca,
             stopping,
             kill_switch,
             task,
         })
     }
 
-    /// Stops as a well-behaved server does: stops accepting, ends health Watch streams, lets
-    /// requests in flight finish (at most `STOP_GRACE`), then closes every connection.
+    /// Stops as a well-behaved server does: stops accepting, ends health Watch and ORCA
+    /// streams, lets requests in flight finish (at most `STOP_GRACE`), then closes every
+    /// connection.
+    /// Ends the ORCA load-report streams open now (a client sees them end and gets no
+    /// further reports on them): load reports stopping while the backend keeps serving.
+    pub fn end_load_reports(&self) {
+        self.orca.end_streams();
+    }
+
     pub async fn stop(mut self) {
         self.stopping.send_replace(true);
+        self.orca.end_streams();
         if tokio::time::timeout(STOP_GRACE, &mut self.task).await.is_err() {
             self.task.abort();
         }
@@ -380,9 +486,9 @@ impl Backend {
         // Once the task is gone, so is its listener: connecting is refused.
         let _ = (&mut self.task).await;
         // The connections' tasks were woken to fail their I/O; wait (briefly) until they closed.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         while self.kill_switch.open_connections() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
@@ -499,7 +605,7 @@ impl CountedConnection {
             self.reset = true;
             // SO_LINGER 0: the close is a reset and never blocks.
             #[allow(deprecated)]
-            let _ = self.stream.set_linger(Some(std::time::Duration::ZERO));
+            let _ = self.stream.set_linger(Some(Duration::ZERO));
         }
         Some(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,

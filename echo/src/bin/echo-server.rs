@@ -2,6 +2,11 @@
 //! `grpc.health.v1`, and can be switched NOT_SERVING with `Echo/SetHealth`.
 //!
 //!   echo-server --listen 10.250.1.1:50051 [--health-service NAME]... [--check-only] [--not-serving]
+//!               [--capacity N] [--work 5ms] [--orca [--orca-min-interval 1s]]
+//!
+//! With --capacity and --work each Echo request holds one of N worker slots for the work's
+//! time; with --orca the backend reports that load over ORCA (application utilization: busy
+//! time over elapsed time x capacity).
 //!
 //! Prints `listening on ADDRESS` once it accepts connections. On SIGTERM it drains as a
 //! well-behaved backend does: NOT_SERVING first, then `--drain` later it stops.
@@ -33,6 +38,18 @@ struct Options {
     /// The TLS certificate's private key (PEM file).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// How many Echo requests work at once (worker slots); by default, no limit.
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// How long each Echo request works, holding a slot (e.g. 5ms).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    work: Duration,
+    /// Serve ORCA out-of-band load reports (xds.service.orca.v3.OpenRcaService).
+    #[arg(long)]
+    orca: bool,
+    /// The ORCA streams' minimum reporting interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "orca")]
+    orca_min_interval: Duration,
     /// How long to keep serving NOT_SERVING after SIGTERM before stopping.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     drain: Duration,
@@ -62,6 +79,10 @@ async fn main() -> std::io::Result<()> {
                 (Some(cert), Some(key)) => Some((std::fs::read_to_string(cert)?, std::fs::read_to_string(key)?)),
                 _ => None,
             },
+            capacity: options.capacity,
+            work: options.work,
+            orca: options.orca,
+            orca_min_report_interval: options.orca_min_interval,
         },
     )
     .await?;
