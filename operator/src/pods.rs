@@ -131,21 +131,22 @@ mod tests {
     use super::*;
 
     fn pod(name: &str, weight: Option<&str>) -> PartialObjectMeta<Pod> {
-        let mut pod = PartialObjectMeta::<Pod>::default();
-        pod.metadata = ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("ns".into()),
-            annotations: weight.map(|w| {
-                [
-                    (WEIGHT_ANNOTATION.to_string(), w.to_string()),
-                    ("other".to_string(), "x".repeat(1000)),
-                ]
-                .into()
-            }),
-            labels: Some([("app".to_string(), "echo".to_string())].into()),
+        PartialObjectMeta::<Pod> {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                annotations: weight.map(|w| {
+                    [
+                        (WEIGHT_ANNOTATION.to_string(), w.to_string()),
+                        ("other".to_string(), "x".repeat(1000)),
+                    ]
+                    .into()
+                }),
+                labels: Some([("app".to_string(), "echo".to_string())].into()),
+                ..Default::default()
+            },
             ..Default::default()
-        };
-        pod
+        }
     }
 
     #[test]

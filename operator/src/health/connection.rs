@@ -753,6 +753,52 @@ mod tests {
         (reporter, address, server)
     }
 
+    #[tokio::test]
+    async fn load_reports_stream_beside_a_watch_and_a_server_without_orca_says_unimplemented() {
+        let (_reporter, service) = tonic_health::server::health_reporter();
+        let recorder = kubegrpc_orca::LoadRecorder::with_capacity(2);
+        let orca = kubegrpc_orca::OrcaService::new(recorder.clone()).min_report_interval(Duration::from_millis(100));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let _server = AbortOnDropHandle::new(tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .add_service(orca.into_server())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        }));
+        let mut connection = HealthConnection::connect(address).await.unwrap();
+        let watch = connection.start(Method::Watch, "").unwrap();
+        let reports = connection.start_load_reports(Duration::from_millis(100)).unwrap();
+        for _ in 0..10 {
+            recorder.record_request(true);
+        }
+        recorder.record_busy(Duration::from_millis(50));
+        // Reports come every 100 ms on the same connection as the Watch; one of them carries
+        // the requests and busy time recorded above.
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|r: &OrcaLoadReport| r.rps_fractional > 0.0 && r.application_utilization > 0.0)
+        {
+            match next(&mut connection).await {
+                Event::Message(call, Message::LoadReport(report)) if call == reports => seen.push(report),
+                Event::Message(call, Message::Health(_)) if call == watch => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            assert!(seen.len() < 50, "no report with the recorded load: {seen:?}");
+        }
+
+        // A health-only server answers the load-report stream UNIMPLEMENTED.
+        let (_reporter, address, _server) = health_server().await;
+        let mut connection = HealthConnection::connect(address).await.unwrap();
+        let reports = connection.start_load_reports(Duration::from_secs(1)).unwrap();
+        assert!(matches!(
+            next(&mut connection).await,
+            Event::Ended(call, CallEnd::Status(Code::Unimplemented, _)) if call == reports
+        ));
+    }
+
     async fn next(connection: &mut HealthConnection) -> Event {
         tokio::time::timeout(Duration::from_secs(5), connection.next_event())
             .await
