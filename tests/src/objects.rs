@@ -9,7 +9,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ObjectReference, Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -62,6 +62,9 @@ pub struct SliceEndpoint {
     pub zone: Option<String>,
     pub node: Option<String>,
     pub pod: Option<String>,
+    /// `hints.forZones`, as the EndpointSlice controller sets them for a Service's
+    /// `trafficDistribution`.
+    pub for_zones: Vec<String>,
 }
 
 impl SliceEndpoint {
@@ -75,6 +78,7 @@ impl SliceEndpoint {
             zone: Some("zone-a".into()),
             node: None,
             pod: None,
+            for_zones: Vec::new(),
         }
     }
 
@@ -144,6 +148,10 @@ pub async fn apply_slice(
                         terminating: Some(e.terminating),
                     }),
                     zone: e.zone.clone(),
+                    hints: (!e.for_zones.is_empty()).then(|| EndpointHints {
+                        for_zones: Some(e.for_zones.iter().map(|z| ForZone { name: z.clone() }).collect()),
+                        ..Default::default()
+                    }),
                     node_name: e.node.clone(),
                     target_ref: e.pod.as_ref().map(|pod| ObjectReference {
                         kind: Some("Pod".into()),

@@ -68,6 +68,14 @@ pub struct PeerOptions {
     pub max_connection_age_grace: Option<Duration>,
     /// Start with the whole server ("") NOT_SERVING.
     pub not_serving: bool,
+    /// grpc-go only: Echo worker slots; calls beyond them wait.
+    pub capacity: Option<usize>,
+    /// grpc-go only: how long each Echo call holds a slot.
+    pub work: Option<Duration>,
+    /// grpc-go only: serve ORCA out-of-band load reports with grpc-go's `orca` package, from
+    /// the slots' busy time over their capacity, at grpc-go's default floor of one report per
+    /// 30 s.
+    pub orca: bool,
 }
 
 impl PeerOptions {
@@ -84,6 +92,15 @@ impl PeerOptions {
         }
         if self.not_serving {
             args.push("--not-serving".into());
+        }
+        if let Some(capacity) = self.capacity {
+            args.extend(["--capacity".into(), capacity.to_string()]);
+        }
+        if let Some(work) = self.work {
+            args.extend(["--work".into(), duration_arg(work)]);
+        }
+        if self.orca {
+            args.push("--orca".into());
         }
         args
     }
@@ -106,6 +123,9 @@ impl PeerServer {
     /// says `listening on`; error with the log tail otherwise.
     pub async fn start(language: PeerLanguage, address: SocketAddr, options: &PeerOptions) -> Result<Self> {
         assert_private_network();
+        if language == PeerLanguage::Java && (options.capacity.is_some() || options.work.is_some() || options.orca) {
+            bail!("capacity, work and ORCA reporting are grpc-go peer options only");
+        }
         let executable = peers_dir()?.join(language.server_executable());
         if !executable.is_file() {
             bail!(

@@ -4,6 +4,12 @@
 //
 //	peer-server --listen IP:PORT [--keepalive-enforcement default|permissive]
 //	            [--max-connection-age D] [--max-connection-age-grace D] [--not-serving]
+//	            [--capacity N] [--work D] [--orca [--orca-min-interval D]]
+//
+// With --capacity and --work each Echo call holds one of N worker slots for the work's time;
+// with --orca the server also serves grpc-go's out-of-band ORCA service (OpenRcaService), whose
+// application utilization is the slots' busy time over the last ~5 s divided by that time and the
+// capacity, with the Echo calls' QPS and EPS over the same window (see load.go).
 //
 // It prints "listening on IP:PORT" once it accepts connections. On SIGTERM it sets every health
 // status NOT_SERVING, then stops gracefully (at most 5 s, then forcefully: grpc-go's health Watch
@@ -55,10 +61,14 @@ func main() {
 	maxAge := flag.Duration("max-connection-age", 0, "keepalive.ServerParameters.MaxConnectionAge (0: grpc-go's default, infinite)")
 	maxAgeGrace := flag.Duration("max-connection-age-grace", 0, "keepalive.ServerParameters.MaxConnectionAgeGrace (0: grpc-go's default, infinite)")
 	notServing := flag.Bool("not-serving", false, "start with the whole server (\"\") NOT_SERVING")
+	capacity := flag.Int("capacity", 0, "Echo worker slots: calls beyond them wait for a slot (0: no limit)")
+	work := flag.Duration("work", 0, "how long each Echo call works, holding a slot (0: no work)")
+	orcaOn := flag.Bool("orca", false, "serve ORCA out-of-band load reports (xds.service.orca.v3.OpenRcaService)")
+	orcaMinInterval := flag.Duration("orca-min-interval", 30*time.Second, "the ORCA streams' minimum reporting interval (default: grpc-go's own floor, 30 s; lower values need load.go's override)")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.SetPrefix("peer-server-go: ")
-	if *listen == "" || flag.NArg() != 0 {
+	if *listen == "" || flag.NArg() != 0 || *capacity < 0 || *work < 0 || *orcaMinInterval <= 0 {
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -88,6 +98,7 @@ func main() {
 	}
 	address := listener.Addr().String()
 	stats := &counters{}
+	echoLoad := newLoad(*capacity, *work, time.Now())
 
 	healthServer := health.NewServer() // "" starts SERVING
 	if *notServing {
@@ -100,12 +111,20 @@ func main() {
 	)
 	server := grpc.NewServer(options...)
 	healthpb.RegisterHealthServer(server, healthServer)
-	server.RegisterService(&echoServiceDesc, &echoService{address: address, stats: stats, health: healthServer})
+	server.RegisterService(&echoServiceDesc, &echoService{address: address, stats: stats, health: healthServer, load: echoLoad})
+	if *orcaOn {
+		recorder, err := registerORCA(server, *orcaMinInterval)
+		if err != nil {
+			log.Fatalf("cannot serve ORCA: %v", err)
+		}
+		go echoLoad.publish(context.Background(), recorder)
+	}
 
 	served := make(chan error, 1)
 	go func() { served <- server.Serve(&countingListener{Listener: listener, stats: stats}) }()
-	log.Printf("grpc-go server: keepalive enforcement %s, max connection age %v, grace %v, not serving %v",
-		*enforcement, *maxAge, *maxAgeGrace, *notServing)
+	log.Printf("grpc-go server: keepalive enforcement %s, max connection age %v, grace %v, not serving %v, "+
+		"capacity %d, work %v, orca %v (min interval %v)",
+		*enforcement, *maxAge, *maxAgeGrace, *notServing, *capacity, *work, *orcaOn, *orcaMinInterval)
 	fmt.Printf("listening on %s\n", address)
 	_ = os.Stdout.Sync()
 
@@ -158,6 +177,7 @@ type echoService struct {
 	address string
 	stats   *counters
 	health  *health.Server
+	load    *load
 }
 
 // echoServer is the handler type of echoServiceDesc (RegisterService checks the implementation
@@ -200,10 +220,11 @@ func unary(method string, call func(echoServer, context.Context, []byte) ([]byte
 
 // echo: EchoRequest { string message = 1; uint32 delay_ms = 2; } ->
 // EchoReply { string message = 1; string backend = 2; }
-func (s *echoService) echo(ctx context.Context, request []byte) ([]byte, error) {
+func (s *echoService) echo(ctx context.Context, request []byte) (reply []byte, err error) {
+	defer func() { s.load.recordCall(err == nil) }()
 	var message string
 	var delayMs uint64
-	err := decodeFields(request, func(num protowire.Number, typ protowire.Type, value []byte, varint uint64) {
+	err = decodeFields(request, func(num protowire.Number, typ protowire.Type, value []byte, varint uint64) {
 		switch {
 		case num == 1 && typ == protowire.BytesType:
 			message = string(value)
@@ -214,6 +235,10 @@ func (s *echoService) echo(ctx context.Context, request []byte) ([]byte, error) 
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "bad EchoRequest: %v", err)
 	}
+	if err := s.load.doWork(ctx); err != nil {
+		return nil, err
+	}
+	// Waiting, not working: the delay holds no slot.
 	if delayMs > 0 {
 		timer := time.NewTimer(time.Duration(delayMs) * time.Millisecond)
 		defer timer.Stop()
@@ -224,7 +249,6 @@ func (s *echoService) echo(ctx context.Context, request []byte) ([]byte, error) 
 		}
 	}
 	s.stats.requests.Add(1)
-	var reply []byte
 	reply = appendString(reply, 1, message)
 	reply = appendString(reply, 2, s.address)
 	return reply, nil
