@@ -7,7 +7,8 @@ SHELL := bash
 help:
 	@echo "make demo          the product end to end on a local control plane (needs root, Go, Rust)"
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
-	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list (release build)"
+	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list; heterogeneous"
+	@echo "                   backends: Equal vs LoadReport vs balance_list vs p2c PeakEwma (release build)"
 	@echo "make scale         10,000 endpoints in one GrpcBackend and 500 x 20: memory, CPU, writes (release build, ~15 min)"
 	@echo "make soak          pods churned under load for 10 minutes: operator and client back at their baseline (release build)"
 	@echo "make status-cost   the apiserver's cost of one change in a 1k/5k/10k-endpoint status, with a CPU profile"
@@ -30,8 +31,9 @@ test:
 
 bench:
 	@bin="$$(tests/controlplane/build.sh)" && \
-	cargo build --release --locked -p kubegrpc-tests --bin bench && \
-	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench
+	cargo build --release --locked -p kubegrpc-tests --bin bench --bin bench_weights && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench_weights
 
 scale:
 	@bin="$$(tests/controlplane/build.sh)" && \

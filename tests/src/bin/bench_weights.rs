@@ -197,6 +197,8 @@ async fn main() -> Result<()> {
     .await
     .map(|weights| eprintln!("LoadReport weights {weights:?} for slots {SLOTS:?}"))?;
 
+    let writes_at_start = operator.status_writes(&namespace, "load");
+    let started = std::time::Instant::now();
     let mut table = Vec::new();
     for fraction in [0.6, 0.8] {
         let rate = (capacity * fraction) as u32;
@@ -266,6 +268,14 @@ async fn main() -> Result<()> {
             p99(1) / p99(3)
         );
     }
+    // A busy GrpcBackend: load on and off, at two rates, for the whole run.
+    let writes = operator.status_writes(&namespace, "load") - writes_at_start;
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    println!(
+        "status writes of the LoadReport GrpcBackend during the measured rounds: {writes} in {minutes:.1} min \
+         ({:.2} per minute)",
+        writes as f64 / minutes
+    );
     operator.stop().await;
     Ok(())
 }
