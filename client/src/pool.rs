@@ -442,7 +442,13 @@ impl Shared {
     /// zone uses the usable endpoints for its zone while there is one, else every usable one;
     /// slow start shapes the weights of whatever is in rotation.
     fn plan(&self, state: &PoolState, now: Instant) -> Plan {
-        let kubernetes_ready: Vec<&StatusEndpoint> = state.status.iter().filter(|e| e.kubernetes_ready()).collect();
+        // A Serving endpoint of weight 0 was weighted out on purpose (a `Static` annotation of
+        // 0, a drain): it is neither counted against the threshold nor used in panic.
+        let kubernetes_ready: Vec<&StatusEndpoint> = state
+            .status
+            .iter()
+            .filter(|e| e.kubernetes_ready() && !(e.health == Health::Serving && e.weight == 0))
+            .collect();
         let usable: Vec<&StatusEndpoint> = state
             .status
             .iter()
@@ -862,7 +868,8 @@ mod tests {
         let shared = Shared::new(BACKEND.into(), config(OutlierDetection::default(), 50));
         let mut terminating_entry = entry(terminating, 100, "Serving");
         terminating_entry["terminating"] = json!(true);
-        // One usable of four Kubernetes-ready: 25% < 50%.
+        // One usable of three Kubernetes-ready: 33% < 50%. The Serving endpoint of weight 0 was
+        // weighted out on purpose: not counted, not used in panic.
         apply(
             &shared,
             &[
@@ -875,11 +882,11 @@ mod tests {
         );
 
         assert!(shared.rotation().panic && shared.snapshot().panic);
-        let spread_evenly = HashMap::from([(serving, 1), (not_serving, 1), (unknown, 1), (weightless, 1)]);
+        let spread_evenly = HashMap::from([(serving, 1), (not_serving, 1), (unknown, 1)]);
         assert_eq!(picks_per_cycle(&shared), spread_evenly);
         assert!(!shared.snapshot().endpoint(&terminating).unwrap().in_rotation);
 
-        // Two usable of four: 50% is not below the threshold; panic mode ends.
+        // Two usable of three: 67% is not below the threshold; panic mode ends.
         let mut terminating_entry = entry(terminating, 100, "Serving");
         terminating_entry["terminating"] = json!(true);
         apply(
