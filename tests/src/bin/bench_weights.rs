@@ -223,10 +223,23 @@ async fn main() -> Result<()> {
                 results[variant].push(measured);
             }
         }
+        // Per-round p99 ratios against the variant measured right next to it, then their median:
+        // one bad round (a client-local balancer lagging a queue) moves the pooled p99 a lot.
+        let median_ratio = |of: usize, to: usize| {
+            let mut ratios: Vec<f64> = results[of]
+                .iter()
+                .zip(&results[to])
+                .map(|(x, y)| x.percentile(0.99).as_secs_f64() / y.percentile(0.99).as_secs_f64())
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            ratios[ratios.len() / 2]
+        };
+        let medians = (median_ratio(1, 2), median_ratio(1, 3));
         table.push((
             fraction,
             rate,
             results.iter().map(|r| Round::merge(r)).collect::<Vec<_>>(),
+            medians,
         ));
     }
 
@@ -240,7 +253,7 @@ async fn main() -> Result<()> {
         SLOTS.map(|s| s.to_string()).join("/")
     );
     println!("|---|---|---|---|---|---|---|");
-    for (fraction, rate, merged) in &table {
+    for (fraction, rate, merged, (median_c, median_d)) in &table {
         for (label, round) in LABELS.iter().zip(merged) {
             let total: u64 = round.by_backend.values().sum();
             let shares: Vec<String> = addresses
@@ -262,7 +275,8 @@ async fn main() -> Result<()> {
         }
         let p99 = |i: usize| merged[i].percentile(0.99).as_secs_f64();
         println!(
-            "load {:.0}%: p99 LoadReport / balance_list = {:.2} (goal <= 0.5), LoadReport / PeakEwma = {:.2} (goal <= 1.2)",
+            "load {:.0}%: p99 LoadReport / balance_list = {:.2} (goal <= 0.5), LoadReport / PeakEwma = {:.2} (goal <= 1.2); \
+             median of per-round p99 ratios: {median_c:.2} and {median_d:.2}",
             fraction * 100.0,
             p99(1) / p99(2),
             p99(1) / p99(3)
