@@ -202,6 +202,15 @@ pub const ECHO_SELECTOR: &str = "app=echo";
 
 /// A headless Service `echo` selecting [`echo_deployment`]'s Pods, port `grpc` by name.
 pub async fn create_echo_deployment_service(client: &Client, namespace: &str) -> Result<Service> {
+    create_echo_deployment_service_with(client, namespace, None).await
+}
+
+/// [`create_echo_deployment_service`] with a `spec.trafficDistribution` (e.g. `PreferClose`).
+pub async fn create_echo_deployment_service_with(
+    client: &Client,
+    namespace: &str,
+    traffic_distribution: Option<&str>,
+) -> Result<Service> {
     let service: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "echo"},
@@ -209,6 +218,7 @@ pub async fn create_echo_deployment_service(client: &Client, namespace: &str) ->
             "clusterIP": "None",
             "selector": {"app": "echo"},
             "ports": [{"name": "grpc", "port": 80, "targetPort": "grpc"}],
+            "trafficDistribution": traffic_distribution,
         },
     }))?;
     Ok(Api::<Service>::namespaced(client.clone(), namespace)

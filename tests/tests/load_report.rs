@@ -12,7 +12,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
 use kubegrpc::Channel;
-use kubegrpc_crds::GrpcBackendStatus;
+use kubegrpc_crds::{GrpcBackend, GrpcBackendStatus};
 use kubegrpc_echo::{Backend, BackendOptions};
 use kubegrpc_tests::{
     backends::start_backend,
@@ -74,6 +74,47 @@ async fn service_of(s: &Scenario, addresses: &[SocketAddr], load_report: serde_j
     Ok(())
 }
 
+/// A client's load at [`RATE`] (the load holds the client's channel), once the published weights follow the capacities and the
+/// client uses them.
+struct Converged {
+    load: RateLoad,
+    backend: GrpcBackend,
+    published: Vec<u32>,
+}
+
+async fn load_until_converged(
+    s: &Scenario,
+    addresses: &[SocketAddr],
+    what: &str,
+    deadline: Duration,
+) -> Result<Converged> {
+    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
+        .connect()
+        .await?;
+    wait_snapshot(&channel, "3 endpoints in rotation", DEADLINE, |snapshot| {
+        snapshot.endpoints.iter().filter(|e| e.in_rotation).count() == 3
+    })
+    .await?;
+    // Load at 60% of the capacity: reports carry it, the weights follow after the blackout.
+    let load = RateLoad::start(channel.clone(), RATE, u64::MAX, Duration::from_secs(300));
+    let backend = s
+        .wait_status("echo", what, deadline, |status| converged(&weights(status, addresses)))
+        .await?;
+    let published = weights(backend.status.as_ref().expect("a status"), addresses);
+    wait_snapshot(&channel, "the client on the new weights", DEADLINE, |snapshot| {
+        addresses
+            .iter()
+            .zip(&published)
+            .all(|(a, w)| snapshot.endpoint(a).is_some_and(|e| e.weight == *w))
+    })
+    .await?;
+    Ok(Converged {
+        load,
+        backend,
+        published,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tonic_backends_reporting_their_load_get_shares_by_capacity_and_a_steady_load_writes_nothing() -> Result<()> {
     let s = Scenario::new("load-report").await?;
@@ -97,29 +138,11 @@ async fn tonic_backends_reporting_their_load_get_shares_by_capacity_and_a_steady
         json!({"reportInterval": "1s", "blackoutPeriod": "2s", "weightExpirationPeriod": "5s"}),
     )
     .await?;
-    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
-        .connect()
-        .await?;
-    wait_snapshot(&channel, "3 endpoints in rotation", DEADLINE, |snapshot| {
-        snapshot.endpoints.iter().filter(|e| e.in_rotation).count() == 3
-    })
-    .await?;
-
-    // Load at 60% of the capacity: reports carry it, the weights follow after the blackout.
-    let load = RateLoad::start(channel.clone(), RATE, u64::MAX, Duration::from_secs(300));
-    let backend = s
-        .wait_status("echo", "weights by capacity (about 1:1:2)", DEADLINE, |status| {
-            converged(&weights(status, &addresses))
-        })
-        .await?;
-    let published = weights(backend.status.as_ref().expect("a status"), &addresses);
-    wait_snapshot(&channel, "the client on the new weights", DEADLINE, |snapshot| {
-        addresses
-            .iter()
-            .zip(&published)
-            .all(|(a, w)| snapshot.endpoint(a).is_some_and(|e| e.weight == *w))
-    })
-    .await?;
+    let Converged {
+        load,
+        backend,
+        published,
+    } = load_until_converged(&s, &addresses, "weights by capacity (about 1:1:2)", DEADLINE).await?;
     let served_before: Vec<u64> = backends.iter().map(|b| b.counters.snapshot().requests).collect();
     let writes_before = operator.status_writes(&s.namespace, "echo");
     let resource_version = backend.metadata.resource_version.clone().unwrap_or_default();
@@ -177,29 +200,12 @@ async fn grpc_go_backends_reporting_through_their_orca_package_get_the_same_shar
     // grpc-go's orca package sends at most one report per 30 s: the weights need one report
     // made under load, so the expiration must outlast the gap.
     service_of(&s, &addresses, json!({"reportInterval": "1s", "blackoutPeriod": "2s"})).await?;
-    let channel = Channel::builder(s.client.clone(), &s.namespace, "echo")
-        .connect()
-        .await?;
-    wait_snapshot(&channel, "3 endpoints in rotation", DEADLINE, |snapshot| {
-        snapshot.endpoints.iter().filter(|e| e.in_rotation).count() == 3
-    })
-    .await?;
-    let load = RateLoad::start(channel.clone(), RATE, u64::MAX, Duration::from_secs(300));
-    let backend = s
-        .wait_status(
-            "echo",
-            "weights by capacity from grpc-go's reports (one per 30 s)",
-            Duration::from_secs(120),
-            |status| converged(&weights(status, &addresses)),
-        )
-        .await?;
-    let published = weights(backend.status.as_ref().expect("a status"), &addresses);
-    wait_snapshot(&channel, "the client on the new weights", DEADLINE, |snapshot| {
-        addresses
-            .iter()
-            .zip(&published)
-            .all(|(a, w)| snapshot.endpoint(a).is_some_and(|e| e.weight == *w))
-    })
+    let Converged { load, published, .. } = load_until_converged(
+        &s,
+        &addresses,
+        "weights by capacity from grpc-go's reports (one per 30 s)",
+        Duration::from_secs(120),
+    )
     .await?;
     let mut served_before = Vec::new();
     for peer in &peers {

@@ -7,14 +7,14 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::{Api, api::PostParams};
 use kubegrpc_crds::GrpcBackend;
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
     kubelet::{Kubelet, KubeletOptions},
     load::RateLoad,
-    objects::{create_grpc_backend, echo_deployment},
+    objects::{create_echo_deployment_service_with, create_grpc_backend, echo_deployment},
     operator::InProcessOperator,
     scenario::wait_snapshot,
     wait,
@@ -52,19 +52,7 @@ async fn prefer_close_hints_keep_a_client_in_its_nodes_zone() -> Result<()> {
     let kubelet_a = Kubelet::start_with(client.clone(), &namespace, kubelet("node-a", "zone-a")).await?;
     let kubelet_b = Kubelet::start_with(client.clone(), &namespace, kubelet("node-b", "zone-b")).await?;
 
-    let service: Service = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "echo"},
-        "spec": {
-            "clusterIP": "None",
-            "selector": {"app": "echo"},
-            "ports": [{"name": "grpc", "port": 80, "targetPort": "grpc"}],
-            "trafficDistribution": "PreferClose",
-        },
-    }))?;
-    Api::<Service>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &service)
-        .await?;
+    create_echo_deployment_service_with(&client, &namespace, Some("PreferClose")).await?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &namespace);
     deployments
         .create(&PostParams::default(), &pinned_deployment("a", "node-a", 2)?)
