@@ -645,7 +645,23 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
                         .filter(|weight| *weight > 0)
                 })
                 .collect();
-            for (i, weight) in usable.iter().zip(weights::publish_load_weights(&current, &before)) {
+            // A prober younger than the expiration period that has no valid weight yet (the
+            // operator restarted, or took over as leader) cannot have seen the published
+            // weight expire: it stands until the prober has its own.
+            let hold: Vec<bool> = usable
+                .iter()
+                .zip(&current)
+                .map(|(i, current)| {
+                    current.is_none()
+                        && states
+                            .get(&probed[*i].endpoint.address)
+                            .is_some_and(|s| now.saturating_duration_since(s.started) < load.weight_expiration_period)
+                })
+                .collect();
+            for (i, weight) in usable
+                .iter()
+                .zip(weights::publish_load_weights(&current, &before, &hold))
+            {
                 probed[*i].weight = weight;
             }
             let report_interval = backend.spec.weighting.load_report().report_interval();

@@ -145,25 +145,41 @@ pub const HYSTERESIS_PERCENT: u32 = 10;
 /// The weights to publish for the usable endpoints of one GrpcBackend under `LoadReport`.
 ///
 /// `current[i]` is endpoint i's A58 weight (`None`: no valid weight), `published[i]` what the
-/// status says now (`None`: not usable there). A58 gives endpoints without a valid weight the
-/// mean of the others; the weights are scaled so that their mean is [`FULL_WEIGHT`] (a
-/// resolution of 1%), and an endpoint keeps its published weight while the new one is within
-/// [`HYSTERESIS_PERCENT`] of it.
-pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>]) -> Vec<u32> {
+/// status says now (`None`: not usable there), `hold[i]` whether a published weight without a
+/// current one still stands (a restarted operator's prober has had no time for a valid weight:
+/// the published one, from the previous operator's reports, is the best estimate; the mean
+/// would cost two status writes and a spell of wrong weights per restart). A58 gives endpoints
+/// without a valid weight the mean of the others; the weights are scaled so that their mean is
+/// [`FULL_WEIGHT`] (a resolution of 1%), and an endpoint keeps its published weight while the
+/// new one is within [`HYSTERESIS_PERCENT`] of it.
+pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>], hold: &[bool]) -> Vec<u32> {
     assert_eq!(current.len(), published.len(), "one published weight per endpoint");
+    assert_eq!(current.len(), hold.len(), "one hold per endpoint");
+    let held = |i: usize| current[i].is_none() && hold[i] && published[i].is_some();
     let valid: Vec<f64> = current.iter().flatten().copied().collect();
-    if valid.is_empty() {
-        return vec![FULL_WEIGHT; current.len()];
-    }
-    let mean = valid.iter().sum::<f64>() / valid.len() as f64;
-    current
-        .iter()
-        .zip(published)
-        .map(|(weight, published)| {
-            let scaled = weight.map_or(f64::from(FULL_WEIGHT), |w| w / mean * f64::from(FULL_WEIGHT));
-            let new = (scaled.round() as u32).clamp(1, MAX_STATIC_WEIGHT);
-            match published {
-                Some(old) if *old > 0 && new.abs_diff(*old) * 100 <= old * HYSTERESIS_PERCENT => *old,
+    let mean = (!valid.is_empty()).then(|| valid.iter().sum::<f64>() / valid.len() as f64);
+    // Raw weights become published ones by a factor: normally the one that makes their mean
+    // FULL_WEIGHT; while some weights are held, the one the valid endpoints were published at,
+    // so that both kinds stay comparable.
+    let (published_sum, raw_sum) = (0..current.len())
+        .filter_map(|i| Some((f64::from(published[i]?), current[i]?)))
+        .fold((0.0, 0.0), |(p, r), (pi, ri)| (p + pi, r + ri));
+    let factor = match mean {
+        Some(_) if (0..current.len()).any(held) && raw_sum > 0.0 => Some(published_sum / raw_sum),
+        Some(mean) => Some(f64::from(FULL_WEIGHT) / mean),
+        None => None,
+    };
+    (0..current.len())
+        .map(|i| {
+            if held(i) {
+                return published[i].unwrap_or(FULL_WEIGHT);
+            }
+            let (Some(factor), Some(mean)) = (factor, mean) else {
+                return FULL_WEIGHT;
+            };
+            let new = ((current[i].unwrap_or(mean) * factor).round() as u32).clamp(1, MAX_STATIC_WEIGHT);
+            match published[i] {
+                Some(old) if old > 0 && new.abs_diff(old) * 100 <= old * HYSTERESIS_PERCENT => old,
                 _ => new,
             }
         })
@@ -269,12 +285,19 @@ mod tests {
 
     #[test]
     fn published_weights_have_mean_100_and_endpoints_without_reports_get_the_mean() {
-        let weights = publish_load_weights(&[Some(100.0), Some(100.0), Some(200.0), None], &[None; 4]);
+        let weights = publish_load_weights(&[Some(100.0), Some(100.0), Some(200.0), None], &[None; 4], &[false; 4]);
         assert_eq!(weights, [75, 75, 150, 100]);
-        assert_eq!(publish_load_weights(&[None, None], &[Some(75), Some(150)]), [100, 100]);
-        assert_eq!(publish_load_weights(&[], &[]), Vec::<u32>::new());
+        assert_eq!(
+            publish_load_weights(&[None, None], &[Some(75), Some(150)], &[false; 2]),
+            [100, 100],
+            "expired: the mean"
+        );
+        assert_eq!(publish_load_weights(&[], &[], &[]), Vec::<u32>::new());
         // Extreme ratios stay in range.
-        assert_eq!(publish_load_weights(&[Some(1e-9), Some(1e9)], &[None; 2]), [1, 200]);
+        assert_eq!(
+            publish_load_weights(&[Some(1e-9), Some(1e9)], &[None; 2], &[false; 2]),
+            [1, 200]
+        );
     }
 
     #[test]
@@ -282,13 +305,33 @@ mod tests {
         let published = [Some(75), Some(75), Some(150)];
         // A few percent of measurement noise: nothing changes.
         assert_eq!(
-            publish_load_weights(&[Some(103.0), Some(97.0), Some(205.0)], &published),
+            publish_load_weights(&[Some(103.0), Some(97.0), Some(205.0)], &published, &[false; 3]),
             [75, 75, 150]
         );
         // A real change is published.
         assert_eq!(
-            publish_load_weights(&[Some(100.0), Some(100.0), Some(100.0)], &published),
+            publish_load_weights(&[Some(100.0), Some(100.0), Some(100.0)], &published, &[false; 3]),
             [100, 100, 100]
+        );
+    }
+
+    #[test]
+    fn a_restarted_operator_holds_the_published_weights_until_its_own_are_valid() {
+        let published = [Some(75), Some(75), Some(150)];
+        // Just restarted: no valid weight yet, every prober young: nothing changes.
+        assert_eq!(
+            publish_load_weights(&[None, None, None], &published, &[true; 3]),
+            [75, 75, 150]
+        );
+        // Two have valid weights again, one is still in its blackout: it keeps its weight.
+        assert_eq!(
+            publish_load_weights(&[Some(1.0), Some(1.0), None], &published, &[false, false, true]),
+            [75, 75, 150]
+        );
+        // A new endpoint (nothing published) gets the mean, held or not.
+        assert_eq!(
+            publish_load_weights(&[Some(1.0), None], &[Some(100), None], &[false, true]),
+            [100, 100]
         );
     }
 }
