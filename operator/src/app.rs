@@ -74,6 +74,12 @@ pub struct Options {
     /// long after the leader stopped renewing.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_seconds: u64,
+
+    /// Serve every GrpcBackend over xDS (ADS, state of the world) on this address, for gRPC
+    /// clients of any language dialing `xds:///NAME.NAMESPACE`. Every replica serves, leader
+    /// or not. Off by default.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -125,6 +131,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         shutdown(),
     ));
+    let xds = options.xds_address.map(|address| {
+        let cache = Arc::new(crate::xds::XdsCache::default());
+        let follower = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::xds::watch::follow(
+            client.clone(),
+            options.namespace.clone(),
+            cache.clone(),
+        )));
+        let server = tokio::spawn(crate::xds::server::serve(address, cache, metrics.clone(), shutdown()));
+        (follower, server)
+    });
     tokio::spawn(async move {
         wait_for_signal().await;
         info!("shutting down");
@@ -150,6 +166,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         crate::run(client, settings, metrics, shutdown()).await?;
     }
     server.await??;
+    if let Some((_follower, xds_server)) = xds {
+        xds_server.await?.context("the xDS server failed")?;
+    }
     info!("stopped");
     Ok(())
 }

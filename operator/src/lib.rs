@@ -17,6 +17,7 @@ pub mod pods;
 pub mod spec;
 pub mod status;
 pub mod weights;
+pub mod xds;
 
 pub use controller::{Settings, run};
 pub use metrics::Metrics;

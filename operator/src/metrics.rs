@@ -33,6 +33,11 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsTypeLabels {
+    pub type_url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub error: String,
 }
@@ -53,6 +58,9 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Read from the async runtime at each scrape (see [`Metrics::encode`]).
     pub runtime_tasks: Gauge,
+    pub xds_streams: Gauge,
+    pub xds_responses: Family<XdsTypeLabels, Counter>,
+    pub xds_nacks: Family<XdsTypeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -77,6 +85,9 @@ impl Default for Metrics {
             probers: Gauge::default(),
             leader: Gauge::default(),
             runtime_tasks: Gauge::default(),
+            xds_streams: Gauge::default(),
+            xds_responses: Family::default(),
+            xds_nacks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -133,6 +144,21 @@ impl Default for Metrics {
             "runtime_tasks",
             "Tasks alive in the operator's async runtime, one per prober among them (a leak shows as growth)",
             metrics.runtime_tasks.clone(),
+        );
+        registry.register(
+            "xds_streams",
+            "Open xDS (ADS) client streams",
+            metrics.xds_streams.clone(),
+        );
+        registry.register(
+            "xds_responses",
+            "xDS responses sent, by resource type",
+            metrics.xds_responses.clone(),
+        );
+        registry.register(
+            "xds_nacks",
+            "xDS responses clients rejected (NACK), by resource type; the error text is in the log",
+            metrics.xds_nacks.clone(),
         );
         Self { registry, ..metrics }
     }

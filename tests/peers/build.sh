@@ -4,8 +4,9 @@
 #
 #   tests/peers/build.sh [CACHE_ROOT]     (default: <repo>/target/peers)
 #
-# The directory holds peer-server-go (a binary) and peer-server-java (a launcher script running
-# the compiled classes with the dependency jars in lib/). A second run with unchanged inputs
+# The directory holds peer-server-go and xds-client-go (binaries: the grpc-go echo server, and a
+# grpc-go xDS client calling it through xds:/// targets) and peer-server-java (a launcher script
+# running the compiled classes with the dependency jars in lib/). A second run with unchanged inputs
 # reuses it and runs no build. Needs Go, Java 17+ and Maven (which fetches from Maven Central into
 # ~/.m2); the Go module proxy and Maven Central must be reachable on the first build.
 set -euo pipefail
@@ -42,7 +43,9 @@ inputs() {
 key="$(inputs | sha256sum | cut -c1-16)"
 out="$cache_root/grpc-go-$grpc_go_version-grpc-java-$grpc_java_version-$key"
 
-complete() { [[ -x "$out/peer-server-go" && -x "$out/peer-server-java" && -d "$out/classes" && -d "$out/lib" ]]; }
+complete() {
+  [[ -x "$out/peer-server-go" && -x "$out/xds-client-go" && -x "$out/peer-server-java" && -d "$out/classes" && -d "$out/lib" ]]
+}
 
 if complete; then
   echo "peers: cached build in $out" >&2
@@ -58,7 +61,12 @@ step() { echo "peers: [$(( SECONDS - started ))s] $*" >&2; }
 
 step "building the grpc-go peers (grpc-go $grpc_go_version)"
 # stdout carries only the directory: every tool's output goes to stderr.
-(cd "$here/go" && go build -trimpath -ldflags "-s -w" -o "$partial/peer-server-go" ./cmd/peer-server) >&2
+(
+  cd "$here/go"
+  go build -trimpath -ldflags "-s -w" -o "$partial/peer-server-go" ./cmd/peer-server
+  # grpc-go's xDS client (with the envoy protos) makes this the bigger build of the two.
+  go build -trimpath -ldflags "-s -w" -o "$partial/xds-client-go" ./cmd/xds-client
+) >&2
 
 step "building the grpc-java peers (grpc-java $grpc_java_version; the first build fetches about 25 MB from Maven Central)"
 # Builds into the cache directory, never into the source tree; only the runtime jars are copied.

@@ -19,5 +19,6 @@ pub mod scale;
 pub mod scenario;
 pub mod soak;
 pub mod wait;
+pub mod xds;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions};

@@ -1,6 +1,7 @@
 // Command peer-server is a grpc-go server that speaks the test suite's echo service
-// (kubegrpc.echo.v1.Echo, hand-encoded: there is no protoc here) and grpc-go's own
-// grpc.health.v1.Health implementation, so the Rust tests can run against a real grpc-go peer.
+// (kubegrpc.echo.v1.Echo, hand-encoded in internal/echo: there is no protoc here) and grpc-go's
+// own grpc.health.v1.Health implementation, so the Rust tests can run against a real grpc-go
+// peer.
 //
 //	peer-server --listen IP:PORT [--keepalive-enforcement default|permissive]
 //	            [--max-connection-age D] [--max-connection-age-grace D] [--not-serving]
@@ -31,14 +32,13 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/encoding"
-	"google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"kubegrpc.io/peers/internal/echo"
 )
 
 // stopGrace bounds the graceful stop on SIGTERM, as grpc-java's awaitTermination does.
@@ -105,7 +105,7 @@ func main() {
 		healthServer.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	}
 	options = append(options,
-		grpc.ForceServerCodecV2(rawOrProtoCodec{proto: encoding.GetCodecV2(proto.Name)}),
+		grpc.ForceServerCodecV2(echo.NewCodec()),
 		grpc.ChainUnaryInterceptor(stats.countHealthChecks),
 		grpc.ChainStreamInterceptor(stats.countHealthWatches),
 	)
@@ -189,7 +189,7 @@ type echoServer interface {
 }
 
 var echoServiceDesc = grpc.ServiceDesc{
-	ServiceName: "kubegrpc.echo.v1.Echo",
+	ServiceName: echo.ServiceName,
 	HandlerType: (*echoServer)(nil),
 	Methods: []grpc.MethodDesc{
 		{MethodName: "Echo", Handler: unary("Echo", func(s echoServer, ctx context.Context, in []byte) ([]byte, error) { return s.echo(ctx, in) })},
@@ -200,9 +200,9 @@ var echoServiceDesc = grpc.ServiceDesc{
 }
 
 // unary makes a grpc.MethodDesc handler whose request and reply are raw protobuf bytes (see
-// rawOrProtoCodec), going through the server's unary interceptors as generated code does.
+// echo.Codec), going through the server's unary interceptors as generated code does.
 func unary(method string, call func(echoServer, context.Context, []byte) ([]byte, error)) grpc.MethodHandler {
-	fullMethod := "/kubegrpc.echo.v1.Echo/" + method
+	fullMethod := "/" + echo.ServiceName + "/" + method
 	return func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
 		var in []byte
 		if err := dec(&in); err != nil {
@@ -224,7 +224,7 @@ func (s *echoService) echo(ctx context.Context, request []byte) (reply []byte, e
 	defer func() { s.load.recordCall(err == nil) }()
 	var message string
 	var delayMs uint64
-	err = decodeFields(request, func(num protowire.Number, typ protowire.Type, value []byte, varint uint64) {
+	err = echo.DecodeFields(request, func(num protowire.Number, typ protowire.Type, value []byte, varint uint64) {
 		switch {
 		case num == 1 && typ == protowire.BytesType:
 			message = string(value)
@@ -249,8 +249,8 @@ func (s *echoService) echo(ctx context.Context, request []byte) (reply []byte, e
 		}
 	}
 	s.stats.requests.Add(1)
-	reply = appendString(reply, 1, message)
-	reply = appendString(reply, 2, s.address)
+	reply = echo.AppendString(reply, 1, message)
+	reply = echo.AppendString(reply, 2, s.address)
 	return reply, nil
 }
 
@@ -258,12 +258,12 @@ func (s *echoService) echo(ctx context.Context, request []byte) (reply []byte, e
 // health_watches_open = 4; health_checks = 5; too_many_pings = 6; }
 func (s *echoService) statsReply() []byte {
 	var reply []byte
-	reply = appendUint64(reply, 1, s.stats.requests.Load())
-	reply = appendUint64(reply, 2, s.stats.connectionsAccepted.Load())
-	reply = appendUint64(reply, 3, uint64(max(s.stats.connectionsOpen.Load(), 0)))
-	reply = appendUint64(reply, 4, uint64(max(s.stats.healthWatchesOpen.Load(), 0)))
-	reply = appendUint64(reply, 5, s.stats.healthChecks.Load())
-	reply = appendUint64(reply, 6, s.stats.tooManyPings.Load())
+	reply = echo.AppendUint64(reply, 1, s.stats.requests.Load())
+	reply = echo.AppendUint64(reply, 2, s.stats.connectionsAccepted.Load())
+	reply = echo.AppendUint64(reply, 3, uint64(max(s.stats.connectionsOpen.Load(), 0)))
+	reply = echo.AppendUint64(reply, 4, uint64(max(s.stats.healthWatchesOpen.Load(), 0)))
+	reply = echo.AppendUint64(reply, 5, s.stats.healthChecks.Load())
+	reply = echo.AppendUint64(reply, 6, s.stats.tooManyPings.Load())
 	return reply
 }
 
@@ -271,7 +271,7 @@ func (s *echoService) statsReply() []byte {
 func (s *echoService) setHealth(request []byte) ([]byte, error) {
 	var service string
 	var serving bool
-	err := decodeFields(request, func(num protowire.Number, typ protowire.Type, value []byte, varint uint64) {
+	err := echo.DecodeFields(request, func(num protowire.Number, typ protowire.Type, value []byte, varint uint64) {
 		switch {
 		case num == 1 && typ == protowire.BytesType:
 			service = string(value)
@@ -290,83 +290,6 @@ func (s *echoService) setHealth(request []byte) ([]byte, error) {
 	log.Printf("health of %q set to %v", service, servingStatus)
 	return []byte{}, nil
 }
-
-// === protobuf wire format by hand ===
-
-// decodeFields calls field for each field of message: the value of a length-delimited field,
-// or the varint; other wire types are skipped.
-func decodeFields(message []byte, field func(num protowire.Number, typ protowire.Type, value []byte, varint uint64)) error {
-	for len(message) > 0 {
-		num, typ, n := protowire.ConsumeTag(message)
-		if n < 0 {
-			return protowire.ParseError(n)
-		}
-		message = message[n:]
-		switch typ {
-		case protowire.BytesType:
-			value, n := protowire.ConsumeBytes(message)
-			if n < 0 {
-				return protowire.ParseError(n)
-			}
-			field(num, typ, value, 0)
-			message = message[n:]
-		case protowire.VarintType:
-			value, n := protowire.ConsumeVarint(message)
-			if n < 0 {
-				return protowire.ParseError(n)
-			}
-			field(num, typ, nil, value)
-			message = message[n:]
-		default:
-			n := protowire.ConsumeFieldValue(num, typ, message)
-			if n < 0 {
-				return protowire.ParseError(n)
-			}
-			message = message[n:]
-		}
-	}
-	return nil
-}
-
-// appendString appends a proto3 string field (omitted when empty, as proto3 encoders do).
-func appendString(b []byte, num protowire.Number, value string) []byte {
-	if value == "" {
-		return b
-	}
-	b = protowire.AppendTag(b, num, protowire.BytesType)
-	return protowire.AppendString(b, value)
-}
-
-// appendUint64 appends a proto3 uint64 field (omitted when zero).
-func appendUint64(b []byte, num protowire.Number, value uint64) []byte {
-	if value == 0 {
-		return b
-	}
-	b = protowire.AppendTag(b, num, protowire.VarintType)
-	return protowire.AppendVarint(b, value)
-}
-
-// rawOrProtoCodec passes []byte messages (the Echo service's) through untouched and gives every
-// other message (the health service's) to grpc-go's proto codec. Named "proto", it serves the
-// plain "application/grpc" content type.
-type rawOrProtoCodec struct{ proto encoding.CodecV2 }
-
-func (c rawOrProtoCodec) Marshal(v any) (mem.BufferSlice, error) {
-	if raw, ok := v.([]byte); ok {
-		return mem.BufferSlice{mem.SliceBuffer(raw)}, nil
-	}
-	return c.proto.Marshal(v)
-}
-
-func (c rawOrProtoCodec) Unmarshal(data mem.BufferSlice, v any) error {
-	if raw, ok := v.(*[]byte); ok {
-		*raw = data.Materialize() // a copy: data is freed when this returns
-		return nil
-	}
-	return c.proto.Unmarshal(data, v)
-}
-
-func (rawOrProtoCodec) Name() string { return proto.Name }
 
 // === connection counting and the GOAWAY too_many_pings detector ===
 

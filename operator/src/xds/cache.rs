@@ -1,0 +1,207 @@
+//! What the xDS server serves: every GrpcBackend's four resources, versioned by content, and a
+//! generation that moves only when some content changed (state-of-the-world clients get a push
+//! then, and only then).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    hash::{Hash, Hasher},
+    sync::Mutex,
+};
+
+use envoy_types::pb::google::protobuf::Any;
+use kubegrpc_crds::GrpcBackendStatus;
+use tokio::sync::watch;
+
+use super::resources::{self, type_url};
+
+/// A resource and its version (a hash of its encoding: equal content, equal version).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned {
+    pub version: String,
+    pub resource: Any,
+}
+
+/// The resources of every GrpcBackend; see the module docs.
+pub struct XdsCache {
+    state: Mutex<State>,
+    generation: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    synced: bool,
+    /// type URL -> resource name -> resource.
+    resources: HashMap<&'static str, HashMap<String, Versioned>>,
+    /// Backends (namespace, name) listed since the last relist began.
+    relist: Option<BTreeSet<(String, String)>>,
+}
+
+impl Default for XdsCache {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            generation: watch::channel(0).0,
+        }
+    }
+}
+
+impl XdsCache {
+    /// Sets GrpcBackend `namespace/name`'s resources from its status.
+    pub fn set_backend(&self, namespace: &str, name: &str, status: Option<&GrpcBackendStatus>) {
+        let resource_name = resources::resource_name(namespace, name);
+        let mut state = self.lock();
+        if let Some(relist) = state.relist.as_mut() {
+            relist.insert((namespace.to_string(), name.to_string()));
+        }
+        let mut changed = false;
+        for (type_url, resource) in resources::backend_resources(&resource_name, status) {
+            let versioned = Versioned {
+                version: version_of(&resource),
+                resource,
+            };
+            let entries = state.resources.entry(type_url).or_default();
+            if entries.get(&resource_name) != Some(&versioned) {
+                entries.insert(resource_name.clone(), versioned);
+                changed = true;
+            }
+        }
+        if changed {
+            self.bump(&state);
+        }
+    }
+
+    /// GrpcBackend `namespace/name` is gone.
+    pub fn remove_backend(&self, namespace: &str, name: &str) {
+        let resource_name = resources::resource_name(namespace, name);
+        let mut state = self.lock();
+        let mut changed = false;
+        for entries in state.resources.values_mut() {
+            changed |= entries.remove(&resource_name).is_some();
+        }
+        if changed {
+            self.bump(&state);
+        }
+    }
+
+    /// A relist begins: backends not set again before [`XdsCache::relist_done`] are removed.
+    pub fn relist_started(&self) {
+        self.lock().relist = Some(BTreeSet::new());
+    }
+
+    /// A relist ended: forgets the backends it did not list, and marks the cache synced (the
+    /// server answers nothing before: in state-of-the-world xDS a missing resource means a
+    /// deleted one).
+    pub fn relist_done(&self) {
+        let mut state = self.lock();
+        let listed = state.relist.take().unwrap_or_default();
+        let listed: BTreeSet<String> = listed
+            .iter()
+            .map(|(namespace, name)| resources::resource_name(namespace, name))
+            .collect();
+        let mut changed = !state.synced;
+        for entries in state.resources.values_mut() {
+            let before = entries.len();
+            entries.retain(|name, _| listed.contains(name));
+            changed |= entries.len() != before;
+        }
+        state.synced = true;
+        if changed {
+            self.bump(&state);
+        }
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.lock().synced
+    }
+
+    /// Moves when the content changed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// The resources of `type_url` named in `names` that exist (all of them for `None`, the
+    /// wildcard), by name.
+    pub fn get(&self, type_url: &str, names: Option<&BTreeSet<String>>) -> Vec<(String, Versioned)> {
+        let state = self.lock();
+        let Some(entries) = state.resources.get(type_url) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(String, Versioned)> = match names {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| entries.get(n).map(|r| (n.clone(), r.clone())))
+                .collect(),
+            None => entries.iter().map(|(n, r)| (n.clone(), r.clone())).collect(),
+        };
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    }
+
+    /// Resources held, of every type.
+    pub fn len(&self) -> usize {
+        self.lock().resources.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn bump(&self, _state: &State) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn version_of(resource: &Any) -> String {
+    let mut hasher = std::hash::DefaultHasher::new();
+    resource.type_url.hash(&mut hasher);
+    resource.value.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// Whether `type_url` is one the server serves.
+pub fn is_served(type_url: &str) -> bool {
+    type_url::ALL.contains(&type_url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generation_moves_only_when_content_changes() {
+        let cache = XdsCache::default();
+        let generation = cache.subscribe();
+        cache.relist_started();
+        cache.set_backend("shop", "echo", None);
+        assert!(!cache.is_synced());
+        cache.relist_done();
+        assert!(cache.is_synced());
+        let after_sync = *generation.borrow();
+        cache.set_backend("shop", "echo", None);
+        assert_eq!(*generation.borrow(), after_sync, "same content, no push");
+        assert_eq!(cache.len(), 4);
+        let names = BTreeSet::from(["echo.shop".to_string(), "unknown.shop".to_string()]);
+        let found = cache.get(type_url::LISTENER, Some(&names));
+        assert_eq!(found.len(), 1, "only what exists");
+        assert_eq!(cache.get(type_url::CLUSTER, None).len(), 1, "the wildcard");
+        cache.remove_backend("shop", "echo");
+        assert!(*generation.borrow() > after_sync);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_relist_forgets_backends_deleted_meanwhile() {
+        let cache = XdsCache::default();
+        cache.set_backend("shop", "gone", None);
+        cache.set_backend("shop", "kept", None);
+        cache.relist_started();
+        cache.set_backend("shop", "kept", None);
+        cache.relist_done();
+        assert_eq!(cache.get(type_url::LISTENER, None).len(), 1);
+        assert_eq!(cache.get(type_url::LISTENER, None)[0].0, "kept.shop");
+    }
+}

@@ -1,0 +1,43 @@
+//! Feeds the [`XdsCache`] from a watch of GrpcBackends (their status is what is served).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::{
+    Api, Client, ResourceExt,
+    core::DeserializeGuard,
+    runtime::{WatchStreamExt, watcher},
+};
+use kubegrpc_crds::GrpcBackend;
+use tracing::warn;
+
+use super::XdsCache;
+
+/// Follows every GrpcBackend in scope (all namespaces, or `namespace`) until dropped.
+pub async fn follow(client: Client, namespace: Option<String>, cache: Arc<XdsCache>) {
+    let api: Api<DeserializeGuard<GrpcBackend>> = match &namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    };
+    let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(backend) | watcher::Event::InitApply(backend)) => {
+                let namespace = backend.namespace().unwrap_or_default();
+                match &backend.0 {
+                    Ok(backend) => cache.set_backend(&namespace, &backend.name_any(), backend.status.as_ref()),
+                    // Unreadable: serve nothing for it rather than something wrong.
+                    Err(invalid) => {
+                        cache.remove_backend(&namespace, &invalid.metadata.name.clone().unwrap_or_default())
+                    }
+                }
+            }
+            Ok(watcher::Event::Delete(backend)) => {
+                cache.remove_backend(&backend.namespace().unwrap_or_default(), &backend.name_any());
+            }
+            Ok(watcher::Event::Init) => cache.relist_started(),
+            Ok(watcher::Event::InitDone) => cache.relist_done(),
+            Err(error) => warn!(%error, "watching GrpcBackends for xDS failed; serving the last known state"),
+        }
+    }
+}

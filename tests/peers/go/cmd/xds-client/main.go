@@ -1,0 +1,313 @@
+// Command xds-client is a grpc-go xDS client peer: it dials an xds:/// target through grpc-go's
+// own xDS resolver and balancers (ADS, state of the world, against the bootstrap's server) and
+// calls kubegrpc.echo.v1.Echo/Echo at a fixed rate (open loop), counting the replies per backend
+// and the failures per gRPC code, for the Rust end-to-end tests to read over a small HTTP server.
+//
+//	xds-client --target xds:///echo.ns [--bootstrap FILE] [--rate N] [--timeout D]
+//	           [--control IP:PORT]
+//
+// The bootstrap comes from --bootstrap (read by this process and handed to an xDS resolver of its
+// own), or else from the GRPC_XDS_BOOTSTRAP (a file) or GRPC_XDS_BOOTSTRAP_CONFIG (the JSON
+// itself) environment variables. Setting those variables from inside the process would not
+// work: grpc-go reads them once, when its packages initialize. A sample bootstrap:
+//
+//	{"xds_servers":[{"server_uri":"10.250.0.1:18000","channel_creds":[{"type":"insecure"}],
+//	  "server_features":["xds_v3","ignore_resource_deletion"]}],
+//	 "node":{"id":"kubegrpc-test","locality":{"zone":"zone-a"}}}
+//
+// The control server (HTTP/1.1) answers
+//
+//	GET  /counts  {"ok":{"10.250.1.1:50051":123,...},"failed":{"Unavailable":2,...},"sent":N,"in_flight":M}
+//	POST /reset   zeroes ok, failed, sent and in_flight, and clears /last (answers the counts before)
+//	GET  /last    {"10.250.1.1:50051":1712345678901234567,...}: per backend, the Unix time in
+//	              nanoseconds at which its latest successful reply arrived
+//
+// Counts are per window (from the start or the last reset): a call counts in the window it was
+// sent in, so ok + failed + in_flight == sent always; a reply to a call sent before a reset is
+// not counted, but still updates /last.
+//
+// Stdout carries "control listening on IP:PORT" once the control server listens, then
+// "xds client ready" after the first successful reply. Errors go to stderr, at most one line a
+// second. SIGTERM or SIGINT stop the calls and the process.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/xds" // registers the xds resolver, balancers and HTTP filters
+
+	"kubegrpc.io/peers/internal/echo"
+)
+
+const sampleBootstrap = `{"xds_servers":[{"server_uri":"10.250.0.1:18000","channel_creds":[{"type":"insecure"}],` +
+	`"server_features":["xds_v3","ignore_resource_deletion"]}],"node":{"id":"kubegrpc-test","locality":{"zone":"zone-a"}}}`
+
+func main() {
+	target := flag.String("target", "", "the xDS target, xds:///NAME.NAMESPACE (required)")
+	bootstrapFile := flag.String("bootstrap", "", "the xDS bootstrap JSON file (default: GRPC_XDS_BOOTSTRAP or GRPC_XDS_BOOTSTRAP_CONFIG from the environment)")
+	rate := flag.Float64("rate", 100, "Echo calls per second, sent on schedule whatever the replies (open loop)")
+	timeout := flag.Duration("timeout", 2*time.Second, "each call's deadline")
+	control := flag.String("control", "127.0.0.1:0", "the control server's address, IP:PORT (port 0: any free port)")
+	flag.Usage = func() {
+		out := flag.CommandLine.Output()
+		fmt.Fprintf(out, "usage: %s --target xds:///NAME.NAMESPACE [flags]\n", os.Args[0])
+		flag.PrintDefaults()
+		fmt.Fprintf(out, "\nA sample bootstrap:\n  %s\n", sampleBootstrap)
+	}
+	flag.Parse()
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+	log.SetPrefix("xds-client-go: ")
+	if !strings.HasPrefix(*target, "xds:") || flag.NArg() != 0 || !(*rate > 0) || *rate > 1e6 || *timeout <= 0 {
+		flag.Usage()
+		os.Exit(2)
+	}
+
+	options := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if *bootstrapFile != "" {
+		contents, err := os.ReadFile(*bootstrapFile)
+		if err != nil {
+			log.Fatalf("cannot read the bootstrap: %v", err)
+		}
+		// A resolver of our own with this bootstrap (grpc-go read the environment variables at
+		// init already). The bootstrap is parsed when the channel builds its resolver.
+		builder, err := xds.NewXDSResolverWithConfigForTesting(contents)
+		if err != nil {
+			log.Fatalf("bad bootstrap %s: %v", *bootstrapFile, err)
+		}
+		options = append(options, grpc.WithResolvers(builder))
+	} else if os.Getenv("GRPC_XDS_BOOTSTRAP") == "" && os.Getenv("GRPC_XDS_BOOTSTRAP_CONFIG") == "" {
+		log.Fatalf("no bootstrap: give --bootstrap FILE, or set GRPC_XDS_BOOTSTRAP or GRPC_XDS_BOOTSTRAP_CONFIG")
+	}
+
+	c := newCounts()
+	listener, err := net.Listen("tcp", *control)
+	if err != nil {
+		log.Fatalf("cannot listen on %s: %v", *control, err)
+	}
+	go func() { log.Fatalf("control server: %v", http.Serve(listener, c.handler())) }()
+	fmt.Printf("control listening on %s\n", listener.Addr())
+	_ = os.Stdout.Sync()
+
+	conn, err := grpc.NewClient(*target, options...)
+	if err != nil {
+		log.Fatalf("cannot create the channel to %s: %v", *target, err)
+	}
+	conn.Connect() // resolve (fetch the xDS resources) now, not at the first call
+	log.Printf("calling %s at %s, %g calls/s, deadline %v", echo.EchoMethod, *target, *rate, *timeout)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	errorLog := &rateLimitedLog{every: time.Second}
+	codec := echo.NewCodec()
+	var ready sync.Once
+	var calls sync.WaitGroup
+	call := func(n uint64) {
+		defer calls.Done()
+		window := c.sent()
+		callCtx, cancel := context.WithTimeout(ctx, *timeout)
+		defer cancel()
+		var reply []byte
+		err := conn.Invoke(callCtx, echo.EchoMethod, echo.EncodeEchoRequest(strconv.FormatUint(n, 10), 0), &reply,
+			grpc.ForceCodecV2(codec))
+		var backend string
+		if err == nil {
+			if _, backend, err = echo.DecodeEchoReply(reply); err == nil && backend == "" {
+				err = errors.New("EchoReply without a backend")
+			}
+			if err != nil {
+				err = status.Error(codes.Internal, err.Error())
+			}
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				c.forget(window) // stopping: not the backends' fault
+				return
+			}
+			code := status.Code(err)
+			c.failed(window, code)
+			errorLog.printf("call %d: %v", n, err)
+			return
+		}
+		c.ok(window, backend, time.Now())
+		ready.Do(func() {
+			log.Printf("first reply, from %s", backend)
+			fmt.Println("xds client ready")
+			_ = os.Stdout.Sync()
+		})
+	}
+
+	// Open loop: call n goes out at start + n/rate, whatever happened to the calls before; a late
+	// wake-up sends every call that is due.
+	start := time.Now()
+	tick := max(time.Duration(float64(time.Second) / *rate), time.Millisecond)
+	ticker := time.NewTicker(tick)
+	var sent uint64
+loop:
+	for {
+		due := uint64(time.Since(start).Seconds()**rate) + 1
+		for ; sent < due; sent++ {
+			calls.Add(1)
+			go call(sent)
+		}
+		select {
+		case <-ctx.Done():
+			break loop
+		case <-ticker.C:
+		}
+	}
+	ticker.Stop()
+	log.Printf("stopping: waiting for the calls in flight")
+	calls.Wait()
+	_ = conn.Close()
+}
+
+// counts are the control server's counts, per window (from the start or the last reset).
+type counts struct {
+	mu       sync.Mutex
+	window   uint64 // which window the counts are for: reset starts a new one
+	okBy     map[string]uint64
+	failedBy map[string]uint64
+	sentN    uint64
+	inFlight uint64
+	last     map[string]int64
+}
+
+func newCounts() *counts {
+	return &counts{okBy: map[string]uint64{}, failedBy: map[string]uint64{}, last: map[string]int64{}}
+}
+
+// sent counts a call sent and returns its window.
+func (c *counts) sent() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.sentN++
+	c.inFlight++
+	return c.window
+}
+
+func (c *counts) ok(window uint64, backend string, at time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.last[backend] = at.UnixNano()
+	if window == c.window {
+		c.inFlight--
+		c.okBy[backend]++
+	}
+}
+
+func (c *counts) failed(window uint64, code codes.Code) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if window == c.window {
+		c.inFlight--
+		c.failedBy[code.String()]++
+	}
+}
+
+// forget uncounts a call that ended without an outcome.
+func (c *counts) forget(window uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if window == c.window {
+		c.inFlight--
+		c.sentN--
+	}
+}
+
+type countsJSON struct {
+	OK       map[string]uint64 `json:"ok"`
+	Failed   map[string]uint64 `json:"failed"`
+	Sent     uint64            `json:"sent"`
+	InFlight uint64            `json:"in_flight"`
+}
+
+// snapshot returns the counts; with reset it also starts a new window.
+func (c *counts) snapshot(reset bool) countsJSON {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	snapshot := countsJSON{OK: c.okBy, Failed: c.failedBy, Sent: c.sentN, InFlight: c.inFlight}
+	if reset {
+		c.window++
+		c.okBy, c.failedBy, c.sentN, c.inFlight = map[string]uint64{}, map[string]uint64{}, 0, 0
+		c.last = map[string]int64{}
+	} else {
+		snapshot.OK, snapshot.Failed = clone(c.okBy), clone(c.failedBy)
+	}
+	return snapshot
+}
+
+func (c *counts) lastReplies() map[string]int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return clone(c.last)
+}
+
+func clone[V any](m map[string]V) map[string]V {
+	out := make(map[string]V, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+func (c *counts) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /counts", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.snapshot(false)) })
+	mux.HandleFunc("POST /reset", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.snapshot(true)) })
+	mux.HandleFunc("GET /last", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.lastReplies()) })
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(append(body, '\n'))
+}
+
+// rateLimitedLog prints at most one line per period, saying how many it held back meanwhile.
+type rateLimitedLog struct {
+	every      time.Duration
+	mu         sync.Mutex
+	next       time.Time
+	suppressed atomic.Uint64
+}
+
+func (l *rateLimitedLog) printf(format string, args ...any) {
+	l.mu.Lock()
+	now := time.Now()
+	if now.Before(l.next) {
+		l.mu.Unlock()
+		l.suppressed.Add(1)
+		return
+	}
+	l.next = now.Add(l.every)
+	l.mu.Unlock()
+	message := fmt.Sprintf(format, args...)
+	if n := l.suppressed.Swap(0); n > 0 {
+		message += fmt.Sprintf(" (and %d more errors since the last line)", n)
+	}
+	log.Print(message)
+}
