@@ -15,32 +15,41 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::{netns::assert_private_network, peers::peers_dir, process::ManagedProcess};
 
 /// The operator's xDS server on 10.250.0.1 (a free port), fed by a watch of GrpcBackends.
+/// Dropping it shuts the server down as a stopping operator does: every stream ends (the
+/// clients reconnect) and the listener closes.
 pub struct InProcessXds {
     pub address: SocketAddr,
     pub metrics: Arc<Metrics>,
     _follow: AbortOnDropHandle<()>,
-    _server: AbortOnDropHandle<std::io::Result<()>>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl InProcessXds {
     pub async fn start(client: Client, namespace: Option<String>) -> Result<Self> {
+        Self::start_on(client, namespace, "10.250.0.1:0".parse()?).await
+    }
+
+    /// On `address` (a restart binds the address it had).
+    pub async fn start_on(client: Client, namespace: Option<String>, address: SocketAddr) -> Result<Self> {
         assert_private_network();
-        let listener = tokio::net::TcpListener::bind("10.250.0.1:0").await?;
+        // A restart binds the address the previous server is releasing.
+        let listener = crate::wait::until(&format!("{address} free to bind"), Duration::from_secs(10), || async {
+            Ok(tokio::net::TcpListener::bind(address).await.ok())
+        })
+        .await?;
         let address = listener.local_addr()?;
         let cache = Arc::new(xds::XdsCache::default());
         let metrics = Arc::new(Metrics::default());
         let follow = AbortOnDropHandle::new(tokio::spawn(xds::watch::follow(client, namespace, cache.clone())));
-        let server = AbortOnDropHandle::new(tokio::spawn(xds::server::serve_on(
-            listener,
-            cache,
-            metrics.clone(),
-            std::future::pending(),
-        )));
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(xds::server::serve_on(listener, cache, metrics.clone(), async move {
+            let _ = stopped.await;
+        }));
         Ok(Self {
             address,
             metrics,
             _follow: follow,
-            _server: server,
+            _shutdown: shutdown,
         })
     }
 }

@@ -5,6 +5,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DiscoveryRequest, DiscoveryResponse, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::{
     Api,
@@ -162,6 +165,190 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
             .get(),
         0,
         "the client accepted every push"
+    );
+    Ok(())
+}
+
+/// A raw ADS stream: what a misbehaving client sends, and what it is answered.
+struct RawAds {
+    requests: tokio::sync::mpsc::Sender<DiscoveryRequest>,
+    responses: tonic::Streaming<DiscoveryResponse>,
+}
+
+impl RawAds {
+    async fn open(address: SocketAddr) -> Result<Self> {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}")).await?;
+        let (requests, receiver) = tokio::sync::mpsc::channel(16);
+        let responses = client
+            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        Ok(Self { requests, responses })
+    }
+
+    async fn send(&self, request: DiscoveryRequest) -> Result<()> {
+        self.requests.send(request).await?;
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<DiscoveryResponse> {
+        tokio::time::timeout(DEADLINE, self.responses.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("the ADS stream ended"))
+    }
+}
+
+fn ask(type_url: &str, names: Vec<String>, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names: names,
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_xds_clients_are_bounded_and_others_keep_their_updates() -> Result<()> {
+    use kubegrpc_operator::xds::resources::type_url;
+    let s = Scenario::new("xds-bad").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let xds = InProcessXds::start(s.client.clone(), Some(s.namespace.clone())).await?;
+    let backends = start_backends(2).await?;
+    let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+    s.echo_service(&addresses).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    s.wait_status("echo", "2 ready endpoints", DEADLINE, |status| {
+        status.ready_endpoints == 2
+    })
+    .await?;
+    let name = format!("echo.{}", s.namespace);
+
+    // A client asking for 10,000 unknown names (and as many more past the cap) gets an answer
+    // without them.
+    let mut greedy = RawAds::open(xds.address).await?;
+    let unknown: Vec<String> = (0..20_000).map(|i| format!("unknown-{i}.{}", s.namespace)).collect();
+    greedy.send(ask(type_url::LISTENER, unknown, "")).await?;
+    let answer = greedy.next().await?;
+    assert_eq!(
+        (answer.type_url.as_str(), answer.resources.len()),
+        (type_url::LISTENER, 0)
+    );
+
+    // A client that rejects what it is sent (a NACK): counted, and it keeps its stream.
+    let mut rejecting = RawAds::open(xds.address).await?;
+    rejecting.send(ask(type_url::ENDPOINTS, vec![name.clone()], "")).await?;
+    let first = rejecting.next().await?;
+    assert_eq!(first.resources.len(), 1);
+    let mut nack = ask(type_url::ENDPOINTS, vec![name.clone()], &first.nonce);
+    nack.error_detail = Some(envoy_types::pb::google::rpc::Status {
+        code: 3,
+        message: "rejected on purpose by the test".into(),
+        ..Default::default()
+    });
+    rejecting.send(nack).await?;
+    let nacks = || {
+        xds.metrics
+            .xds_nacks
+            .get_or_create(&kubegrpc_operator::metrics::XdsTypeLabels {
+                type_url: type_url::ENDPOINTS.into(),
+            })
+            .get()
+    };
+    kubegrpc_tests::wait::until("the NACK counted", DEADLINE, || async {
+        Ok((nacks() == 1).then_some(()))
+    })
+    .await?;
+
+    // A client that never reads after subscribing: it holds at most a few responses.
+    let idle = RawAds::open(xds.address).await?;
+    idle.send(ask(type_url::ENDPOINTS, vec![name.clone()], "")).await?;
+
+    // Meanwhile a well-behaved grpc-go client keeps receiving updates: a flip reaches it.
+    let client = XdsClient::start(&name, xds.address, RATE).await?;
+    let counts = window(&client, 500).await?;
+    assert!(counts.of(addresses[0]) > 0 && counts.of(addresses[1]) > 0, "{counts:?}");
+    for _ in 0..5 {
+        // Churn, so that the idle client's queue fills up and stays full.
+        backends[1].health.set("", ServingStatus::NotServing);
+        s.wait_status("echo", "1 ready", DEADLINE, |status| status.ready_endpoints == 1)
+            .await?;
+        backends[1].health.set("", ServingStatus::Serving);
+        s.wait_status("echo", "2 ready", DEADLINE, |status| status.ready_endpoints == 2)
+            .await?;
+    }
+    backends[1].health.set("", ServingStatus::NotServing);
+    s.wait_status("echo", "1 ready", DEADLINE, |status| status.ready_endpoints == 1)
+        .await?;
+    client.wait_for(RATE as u64, DEADLINE).await?;
+    let counts = window(&client, 500).await?;
+    println!(
+        "xDS with a 20,000-name, a rejecting and an idle client beside it: {:?}",
+        counts.ok
+    );
+    assert_eq!(
+        counts.of(addresses[1]),
+        0,
+        "the flip reached the good client: {counts:?}"
+    );
+    // The rejecting client still gets pushes: the flips changed its endpoints.
+    let pushed = rejecting.next().await?;
+    assert_eq!(pushed.type_url, type_url::ENDPOINTS);
+    drop(idle);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_xds_server_restarted_under_load_loses_no_request_and_the_client_reconnects() -> Result<()> {
+    let s = Scenario::new("xds-restart").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let xds = InProcessXds::start(s.client.clone(), Some(s.namespace.clone())).await?;
+    let address = xds.address;
+    let backends = start_backends(2).await?;
+    let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+    s.echo_service(&addresses).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    s.wait_status("echo", "2 ready endpoints", DEADLINE, |status| {
+        status.ready_endpoints == 2
+    })
+    .await?;
+    let client = XdsClient::start(&format!("echo.{}", s.namespace), address, RATE).await?;
+    client.wait_for(200, DEADLINE).await?;
+    client.reset().await?;
+
+    // Down and back on the same address, under load.
+    drop(xds);
+    client.wait_for(200, DEADLINE).await?;
+    let xds = InProcessXds::start_on(s.client.clone(), Some(s.namespace.clone()), address).await?;
+    // Reconnected: a flip after the restart reaches the client.
+    backends[1].health.set("", ServingStatus::NotServing);
+    s.wait_status("echo", "1 ready", DEADLINE, |status| status.ready_endpoints == 1)
+        .await?;
+    let endpoints_pushed = || {
+        xds.metrics
+            .xds_responses
+            .get_or_create(&kubegrpc_operator::metrics::XdsTypeLabels {
+                type_url: kubegrpc_operator::xds::resources::type_url::ENDPOINTS.into(),
+            })
+            .get()
+    };
+    kubegrpc_tests::wait::until("the client back on the restarted server", DEADLINE, || async {
+        Ok((xds.metrics.xds_streams.get() >= 1 && endpoints_pushed() >= 1).then_some(()))
+    })
+    .await?;
+    client.wait_for(u64::from(RATE), DEADLINE).await?;
+    let across = client.counts().await?;
+    println!(
+        "xDS server restarted under load: {:?}, failed {:?}",
+        across.ok, across.failed
+    );
+    assert_eq!(across.failures(), 0, "failed requests across the restart: {across:?}");
+    let counts = window(&client, 500).await?;
+    assert_eq!(
+        counts.of(addresses[1]),
+        0,
+        "the flip after the restart reached the client: {counts:?}"
     );
     Ok(())
 }

@@ -41,11 +41,19 @@ pub const RESPONSE_BUFFER: usize = 4;
 pub struct AdsServer {
     cache: Arc<XdsCache>,
     metrics: Arc<Metrics>,
+    /// Turns true when the server shuts down: every stream ends, so that the clients reconnect
+    /// (to another replica, or to this address once it is back) and a graceful shutdown,
+    /// which waits for open streams, completes.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AdsServer {
-    pub fn new(cache: Arc<XdsCache>, metrics: Arc<Metrics>) -> Self {
-        Self { cache, metrics }
+    pub fn new(cache: Arc<XdsCache>, metrics: Arc<Metrics>, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            cache,
+            metrics,
+            closing,
+        }
     }
 }
 
@@ -73,6 +81,7 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let (responses, receiver) = mpsc::channel(RESPONSE_BUFFER);
+        let closing = self.closing.clone();
         let stream = ClientStream {
             cache: self.cache.clone(),
             metrics: self.metrics.clone(),
@@ -80,7 +89,7 @@ impl AggregatedDiscoveryService for AdsServer {
             subscriptions: HashMap::new(),
             nonces: 0,
         };
-        tokio::spawn(stream.run(request.into_inner(), responses));
+        tokio::spawn(stream.run(request.into_inner(), responses, closing));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
@@ -108,6 +117,7 @@ impl ClientStream {
         mut self,
         mut requests: Streaming<DiscoveryRequest>,
         responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        mut closing: tokio::sync::watch::Receiver<bool>,
     ) {
         self.metrics.xds_streams.inc();
         let mut generation = self.cache.subscribe();
@@ -123,6 +133,7 @@ impl ClientStream {
                 },
                 changed = generation.changed() => if changed.is_err() { break },
                 _ = responses.closed() => break,
+                _ = closing.wait_for(|closing| *closing) => break,
             }
             if !self.cache.is_synced() {
                 continue;
@@ -239,8 +250,15 @@ pub async fn serve_on(
 ) -> std::io::Result<()> {
     use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
     info!(address = %listener.local_addr()?, "serving xDS (ADS, state of the world)");
+    let (close, closing) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = close.send(true);
+    };
     tonic::transport::Server::builder()
-        .add_service(AggregatedDiscoveryServiceServer::new(AdsServer::new(cache, metrics)))
+        .add_service(AggregatedDiscoveryServiceServer::new(AdsServer::new(
+            cache, metrics, closing,
+        )))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(std::io::Error::other)
