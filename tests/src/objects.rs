@@ -250,3 +250,24 @@ pub fn echo_deployment(replicas: i32) -> Result<Deployment> {
         },
     }))?)
 }
+
+/// A Pod object `name` carrying the `Static` policy's weight annotation. No kubelet runs it:
+/// the operator only reads its metadata. Creates the namespace's `default` ServiceAccount
+/// first if missing (Pod admission looks it up; only kube-controller-manager would create it).
+pub async fn create_weighted_pod(client: &Client, namespace: &str, name: &str, weight: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    if accounts.get_opt("default").await?.is_none() {
+        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+        accounts.create(&PostParams::default(), &account).await?;
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {kubegrpc_crds::WEIGHT_ANNOTATION: weight}},
+        "spec": {"automountServiceAccountToken": false,
+                 "containers": [{"name": "echo", "image": "kubegrpc/echo"}]},
+    }))?;
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    Ok(())
+}

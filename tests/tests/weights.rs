@@ -11,10 +11,10 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams},
 };
 use kubegrpc::Channel;
 use kubegrpc_crds::{GrpcBackendStatus, WEIGHT_ANNOTATION};
@@ -22,7 +22,7 @@ use kubegrpc_echo::{Backend, ServingStatus};
 use kubegrpc_tests::{
     backends::start_backends,
     load::RateLoad,
-    objects::{SliceEndpoint, apply_slice, create_service},
+    objects::{SliceEndpoint, apply_slice, create_service, create_weighted_pod},
     operator::InProcessOperator,
     scenario::{Scenario, endpoint, wait_snapshot},
     wait,
@@ -42,25 +42,8 @@ fn connections(backends: &[Backend]) -> Vec<u64> {
         .collect()
 }
 
-/// A Pod object named `name` with the weight annotation (no kubelet runs it: the operator only
-/// reads its metadata).
 async fn create_pod(s: &Scenario, name: &str, weight: &str) -> Result<()> {
-    // Pod admission looks up the namespace's default ServiceAccount, which only
-    // kube-controller-manager would create.
-    let accounts = Api::<ServiceAccount>::namespaced(s.client.clone(), &s.namespace);
-    if accounts.get_opt("default").await?.is_none() {
-        let account = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
-        accounts.create(&PostParams::default(), &account).await?;
-    }
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": {WEIGHT_ANNOTATION: weight}},
-        "spec": {"automountServiceAccountToken": false,
-                 "containers": [{"name": "echo", "image": "kubegrpc/echo"}]},
-    }))?;
-    Api::<Pod>::namespaced(s.client.clone(), &s.namespace)
-        .create(&PostParams::default(), &pod)
-        .await?;
-    Ok(())
+    create_weighted_pod(&s.client, &s.namespace, name, weight).await
 }
 
 async fn annotate(s: &Scenario, pod: &str, weight: &str) -> Result<()> {
