@@ -27,6 +27,8 @@ pub const OPERATOR_FIELD_MANAGER: &str = "kubegrpc-operator";
 /// endpoint up to it in steps, so it is a round number with room below it.
 pub const FULL_WEIGHT: u32 = 100;
 
+pub mod slow_start;
+
 /// Names of the conditions in [`GrpcBackendStatus::conditions`].
 pub mod condition {
     /// `True` when at least one endpoint is usable: a client may send requests.

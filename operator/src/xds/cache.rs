@@ -1,15 +1,19 @@
 //! What the xDS server serves: every GrpcBackend's four resources, versioned by content, and a
 //! generation that moves only when some content changed (state-of-the-world clients get a push
 //! then, and only then).
+//!
+//! Backends with an endpoint in its slow-start window are kept with their status and settings
+//! so that [`XdsCache::refresh_ramps`] can recompute their stepped weights as time passes.
 
 use std::{
     collections::{BTreeSet, HashMap},
     hash::{Hash, Hasher},
     sync::Mutex,
+    time::{Duration, SystemTime},
 };
 
 use envoy_types::pb::google::protobuf::Any;
-use kubegrpc_crds::GrpcBackendStatus;
+use kubegrpc_crds::{GrpcBackendStatus, slow_start::SlowStart};
 use tokio::sync::watch;
 
 use super::resources::{self, type_url};
@@ -34,6 +38,13 @@ struct State {
     resources: HashMap<&'static str, HashMap<String, Versioned>>,
     /// Backends (namespace, name) listed since the last relist began.
     relist: Option<BTreeSet<(String, String)>>,
+    /// Backends with an endpoint ramping, by resource name.
+    ramping: HashMap<String, Ramping>,
+}
+
+struct Ramping {
+    status: Option<GrpcBackendStatus>,
+    slow_start: SlowStart,
 }
 
 impl Default for XdsCache {
@@ -46,23 +57,48 @@ impl Default for XdsCache {
 }
 
 impl XdsCache {
-    /// Sets GrpcBackend `namespace/name`'s resources from its status.
-    pub fn set_backend(&self, namespace: &str, name: &str, status: Option<&GrpcBackendStatus>) {
+    /// Sets GrpcBackend `namespace/name`'s resources from its status and slow-start settings.
+    pub fn set_backend(&self, namespace: &str, name: &str, status: Option<&GrpcBackendStatus>, slow_start: SlowStart) {
+        self.set_backend_at(namespace, name, status, slow_start, SystemTime::now());
+    }
+
+    /// [`XdsCache::set_backend`] at wall time `now`.
+    pub fn set_backend_at(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: Option<&GrpcBackendStatus>,
+        slow_start: SlowStart,
+        now: SystemTime,
+    ) {
         let resource_name = resources::resource_name(namespace, name);
         let mut state = self.lock();
         if let Some(relist) = state.relist.as_mut() {
             relist.insert((namespace.to_string(), name.to_string()));
         }
+        if resources::ramping(status, &slow_start, now) {
+            let status = status.cloned();
+            state
+                .ramping
+                .insert(resource_name.clone(), Ramping { status, slow_start });
+        } else {
+            state.ramping.remove(&resource_name);
+        }
+        if Self::store(&mut state, &resource_name, status, &slow_start, now) {
+            self.bump(&state);
+        }
+    }
+
+    /// Recomputes the resources of the backends that ramp, at wall time `now`; a backend whose
+    /// ramps all ended gets its full weights and is not looked at again.
+    pub fn refresh_ramps(&self, now: SystemTime) {
+        let mut state = self.lock();
+        let ramping = std::mem::take(&mut state.ramping);
         let mut changed = false;
-        for (type_url, resource) in resources::backend_resources(&resource_name, status) {
-            let versioned = Versioned {
-                version: version_of(&resource),
-                resource,
-            };
-            let entries = state.resources.entry(type_url).or_default();
-            if entries.get(&resource_name) != Some(&versioned) {
-                entries.insert(resource_name.clone(), versioned);
-                changed = true;
+        for (resource_name, ramp) in ramping {
+            changed |= Self::store(&mut state, &resource_name, ramp.status.as_ref(), &ramp.slow_start, now);
+            if resources::ramping(ramp.status.as_ref(), &ramp.slow_start, now) {
+                state.ramping.insert(resource_name, ramp);
             }
         }
         if changed {
@@ -70,11 +106,40 @@ impl XdsCache {
         }
     }
 
+    /// How soon [`XdsCache::refresh_ramps`] should run again: `None` while nothing ramps.
+    pub fn ramp_tick(&self) -> Option<Duration> {
+        self.lock().ramping.values().map(|r| r.slow_start.tick()).min()
+    }
+
+    /// Stores a backend's resources; whether any changed.
+    fn store(
+        state: &mut State,
+        resource_name: &str,
+        status: Option<&GrpcBackendStatus>,
+        slow_start: &SlowStart,
+        now: SystemTime,
+    ) -> bool {
+        let mut changed = false;
+        for (type_url, resource) in resources::backend_resources(resource_name, status, slow_start, now) {
+            let versioned = Versioned {
+                version: version_of(&resource),
+                resource,
+            };
+            let entries = state.resources.entry(type_url).or_default();
+            if entries.get(resource_name) != Some(&versioned) {
+                entries.insert(resource_name.to_string(), versioned);
+                changed = true;
+            }
+        }
+        changed
+    }
+
     /// GrpcBackend `namespace/name` is gone.
     pub fn remove_backend(&self, namespace: &str, name: &str) {
         let resource_name = resources::resource_name(namespace, name);
         let mut state = self.lock();
         let mut changed = false;
+        state.ramping.remove(&resource_name);
         for entries in state.resources.values_mut() {
             changed |= entries.remove(&resource_name).is_some();
         }
@@ -104,6 +169,7 @@ impl XdsCache {
             entries.retain(|name, _| listed.contains(name));
             changed |= entries.len() != before;
         }
+        state.ramping.retain(|name, _| listed.contains(name));
         state.synced = true;
         if changed {
             self.bump(&state);
@@ -176,12 +242,12 @@ mod tests {
         let cache = XdsCache::default();
         let generation = cache.subscribe();
         cache.relist_started();
-        cache.set_backend("shop", "echo", None);
+        cache.set_backend("shop", "echo", None, SlowStart::default());
         assert!(!cache.is_synced());
         cache.relist_done();
         assert!(cache.is_synced());
         let after_sync = *generation.borrow();
-        cache.set_backend("shop", "echo", None);
+        cache.set_backend("shop", "echo", None, SlowStart::default());
         assert_eq!(*generation.borrow(), after_sync, "same content, no push");
         assert_eq!(cache.len(), 4);
         let names = BTreeSet::from(["echo.shop".to_string(), "unknown.shop".to_string()]);
@@ -196,12 +262,60 @@ mod tests {
     #[test]
     fn a_relist_forgets_backends_deleted_meanwhile() {
         let cache = XdsCache::default();
-        cache.set_backend("shop", "gone", None);
-        cache.set_backend("shop", "kept", None);
+        cache.set_backend("shop", "gone", None, SlowStart::default());
+        cache.set_backend("shop", "kept", None, SlowStart::default());
         cache.relist_started();
-        cache.set_backend("shop", "kept", None);
+        cache.set_backend("shop", "kept", None, SlowStart::default());
         cache.relist_done();
         assert_eq!(cache.get(type_url::LISTENER, None).len(), 1);
         assert_eq!(cache.get(type_url::LISTENER, None)[0].0, "kept.shop");
+    }
+
+    #[test]
+    fn a_ramp_is_pushed_step_by_step_and_then_forgotten() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use kubegrpc_crds::{EndpointStatus, Health};
+
+        let since = SystemTime::now();
+        let endpoint = |address: &str, since: Option<SystemTime>| EndpointStatus {
+            address: address.into(),
+            port: 50051,
+            weight: 100,
+            health: Health::Serving,
+            serving: true,
+            terminating: false,
+            zone: None,
+            for_zones: Vec::new(),
+            pod: None,
+            target_ref: None,
+            reason: None,
+            last_transition_time: since.map(|s| Time(s.try_into().unwrap())),
+        };
+        let status = GrpcBackendStatus {
+            endpoints: vec![endpoint("10.0.0.1", None), endpoint("10.0.0.2", Some(since))],
+            ..Default::default()
+        };
+        let slow_start = SlowStart {
+            window: Duration::from_secs(10),
+            ..SlowStart::default()
+        };
+        let cache = XdsCache::default();
+        let generation = cache.subscribe();
+        cache.set_backend_at("shop", "echo", Some(&status), slow_start, since);
+        assert_eq!(cache.ramp_tick(), Some(slow_start.tick()));
+        let mut pushes = 0;
+        let mut last = *generation.borrow();
+        for tenth in 1..=120 {
+            cache.refresh_ramps(since + Duration::from_millis(tenth * 100));
+            if *generation.borrow() != last {
+                pushes += 1;
+                last = *generation.borrow();
+            }
+        }
+        // Steps 20%, 30% .. 90%, then the full weight: nine pushes after the first.
+        assert_eq!(pushes, 9);
+        assert_eq!(cache.ramp_tick(), None, "the ramp ended: nothing more to look at");
+        cache.set_backend_at("shop", "echo", Some(&status), SlowStart::default(), since);
+        assert_eq!(*generation.borrow(), last, "off: the full weights again, unchanged");
     }
 }

@@ -11,6 +11,14 @@
 //! So each usable endpoint is a locality of its own (zone kept, the address as sub-zone) whose
 //! weight is the endpoint's; endpoints of weight 0 are left out; a terminating endpoint that
 //! still answers is listed DRAINING (no new requests) with weight 1.
+//!
+//! Slow start: xDS clients cannot ramp a new endpoint themselves (their weights are the
+//! locality weights they are given), so the server ramps for them. While an endpoint is within
+//! `slowStartWindow` of its `lastTransitionTime`, its locality weight is its weight times the
+//! curve's share rounded up to the next 10% ([`ramp_step`]): at most ten changes, each a push,
+//! per ramp. The weights then are `weight x percent` (100 for the endpoints not ramping),
+//! scaled down together when their sum would not fit in 32 bits (gRPC clients refuse an EDS
+//! response whose locality weights add up to more).
 
 use envoy_types::pb::{
     envoy::{
@@ -42,8 +50,10 @@ use envoy_types::pb::{
     },
     google::protobuf::{Any, UInt32Value},
 };
+use std::time::{Duration, SystemTime};
+
 use envoy_types::util::pack_any;
-use kubegrpc_crds::{GrpcBackendStatus, Health};
+use kubegrpc_crds::{EndpointStatus, GrpcBackendStatus, Health, slow_start::SlowStart};
 
 /// The type URLs of the four resource types, in the order a client asks for them.
 pub mod type_url {
@@ -54,20 +64,73 @@ pub mod type_url {
     pub const ALL: [&str; 4] = [LISTENER, ROUTE, CLUSTER, ENDPOINTS];
 }
 
+/// Scales `weights` down together, keeping each above 0 at 1 or more, until their sum fits in
+/// a `u32`.
+fn fit_in_u32_total(weights: &mut [u64]) {
+    let limit = u64::from(u32::MAX);
+    loop {
+        let total: u64 = weights.iter().sum();
+        if total <= limit {
+            return;
+        }
+        let divisor = total.div_ceil(limit).max(2);
+        let mut moved = false;
+        for weight in weights.iter_mut().filter(|w| **w > 1) {
+            *weight = (*weight / divisor).max(1);
+            moved = true;
+        }
+        if !moved {
+            return; // more endpoints than a u32 counts: nothing a client could take anyway
+        }
+    }
+}
+
 /// The xDS name of GrpcBackend `name` in `namespace`: what a client dials as
 /// `xds:///NAME.NAMESPACE`.
 pub fn resource_name(namespace: &str, name: &str) -> String {
     format!("{name}.{namespace}")
 }
 
-/// The four resources of one GrpcBackend, each packed as an `Any`, by type URL.
-pub fn backend_resources(resource_name: &str, status: Option<&GrpcBackendStatus>) -> [(&'static str, Any); 4] {
+/// The four resources of one GrpcBackend, each packed as an `Any`, by type URL, at wall time
+/// `now` (slow start ramps with it).
+pub fn backend_resources(
+    resource_name: &str,
+    status: Option<&GrpcBackendStatus>,
+    slow_start: &SlowStart,
+    now: SystemTime,
+) -> [(&'static str, Any); 4] {
     [
         (type_url::LISTENER, pack_any(listener(resource_name))),
         (type_url::ROUTE, pack_any(route(resource_name))),
         (type_url::CLUSTER, pack_any(cluster(resource_name))),
-        (type_url::ENDPOINTS, pack_any(endpoints(resource_name, status))),
+        (
+            type_url::ENDPOINTS,
+            pack_any(endpoints(resource_name, status, slow_start, now)),
+        ),
     ]
+}
+
+/// The slow-start share, in percent, that the server gives endpoint `endpoint` at `now`: the
+/// curve's share rounded up to a multiple of 10, or `None` when it does not ramp (slow start
+/// off, not usable, no transition time, or past the window).
+pub fn ramp_step(endpoint: &EndpointStatus, slow_start: &SlowStart, now: SystemTime) -> Option<u32> {
+    if !slow_start.is_on() || !endpoint.is_usable() {
+        return None;
+    }
+    let since = SystemTime::from(endpoint.last_transition_time.as_ref()?.0);
+    // A transition time in the future counts as now, as clients count it.
+    let elapsed = now.duration_since(since).unwrap_or(Duration::ZERO);
+    let percent = slow_start.percent(elapsed)?;
+    Some(percent.div_ceil(10).saturating_mul(10).clamp(10, 100)).filter(|&step| step < 100)
+}
+
+/// Whether some endpoint of `status` ramps at `now` (the server must then look again within
+/// [`SlowStart::tick`]).
+pub fn ramping(status: Option<&GrpcBackendStatus>, slow_start: &SlowStart, now: SystemTime) -> bool {
+    status
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .any(|e| ramp_step(e, slow_start, now).is_some())
 }
 
 fn ads() -> ConfigSource {
@@ -138,20 +201,43 @@ fn cluster(name: &str) -> Cluster {
     }
 }
 
-fn endpoints(name: &str, status: Option<&GrpcBackendStatus>) -> ClusterLoadAssignment {
-    let localities = status
+fn endpoints(
+    name: &str,
+    status: Option<&GrpcBackendStatus>,
+    slow_start: &SlowStart,
+    now: SystemTime,
+) -> ClusterLoadAssignment {
+    let listed: Vec<(&EndpointStatus, HealthStatus, u64)> = status
         .iter()
         .flat_map(|s| &s.endpoints)
         .filter_map(|e| {
             let draining = e.terminating && e.serving && e.health == Health::Serving;
-            let (health, weight) = if e.is_usable() {
-                (HealthStatus::Healthy, e.weight)
+            if e.is_usable() {
+                Some((e, HealthStatus::Healthy, u64::from(e.weight)))
             } else if draining {
-                (HealthStatus::Draining, 1)
+                Some((e, HealthStatus::Draining, 1))
             } else {
-                return None;
-            };
+                None
+            }
+        })
+        .collect();
+    let steps: Vec<Option<u32>> = listed.iter().map(|(e, ..)| ramp_step(e, slow_start, now)).collect();
+    let ramps = steps.iter().any(Option::is_some);
+    let mut weights: Vec<u64> = listed
+        .iter()
+        .zip(&steps)
+        .map(|((_, _, weight), step)| match ramps {
+            true => weight * u64::from(step.unwrap_or(100)),
+            false => *weight,
+        })
+        .collect();
+    fit_in_u32_total(&mut weights);
+    let localities = listed
+        .iter()
+        .zip(weights)
+        .filter_map(|(&(e, health, _), weight)| {
             let port = u32::try_from(e.port).ok()?;
+            let weight = u32::try_from(weight).ok()?;
             Some(LocalityLbEndpoints {
                 locality: Some(Locality {
                     zone: e.zone.clone().unwrap_or_default(),
@@ -186,7 +272,9 @@ fn endpoints(name: &str, status: Option<&GrpcBackendStatus>) -> ClusterLoadAssig
 
 #[cfg(test)]
 mod tests {
-    use kubegrpc_crds::EndpointStatus;
+    use std::collections::BTreeSet;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use prost::Message;
 
     use super::*;
@@ -216,7 +304,8 @@ mod tests {
     fn every_resource_is_named_name_dot_namespace_and_chains_to_the_next() {
         let name = resource_name("shop", "echo");
         assert_eq!(name, "echo.shop");
-        let [(l, listener), (r, route), (c, cluster), (e, endpoints)] = backend_resources(&name, None);
+        let [(l, listener), (r, route), (c, cluster), (e, endpoints)] =
+            backend_resources(&name, None, &SlowStart::default(), SystemTime::now());
         assert_eq!([l, r, c, e], type_url::ALL);
         let listener: Listener = decode(&listener);
         assert_eq!(listener.name, name);
@@ -253,7 +342,8 @@ mod tests {
             ],
             ..Default::default()
         };
-        let [.., (_, endpoints)] = backend_resources("echo.shop", Some(&status));
+        let [.., (_, endpoints)] =
+            backend_resources("echo.shop", Some(&status), &SlowStart::default(), SystemTime::now());
         let endpoints: ClusterLoadAssignment = decode(&endpoints);
         let listed: Vec<(String, u32, i32)> = endpoints
             .endpoints
@@ -279,6 +369,81 @@ mod tests {
                 .endpoints
                 .iter()
                 .all(|l| l.locality.as_ref().unwrap().zone == "zone-a")
+        );
+    }
+
+    fn ramp_settings(window_secs: u64) -> SlowStart {
+        SlowStart {
+            window: Duration::from_secs(window_secs),
+            ..SlowStart::default()
+        }
+    }
+
+    fn locality_weights(status: &GrpcBackendStatus, slow_start: &SlowStart, now: SystemTime) -> Vec<u32> {
+        let [.., (_, endpoints)] = backend_resources("echo.shop", Some(status), slow_start, now);
+        decode::<ClusterLoadAssignment>(&endpoints)
+            .endpoints
+            .iter()
+            .map(|l| l.load_balancing_weight.unwrap().value)
+            .collect()
+    }
+
+    #[test]
+    fn a_ramping_endpoint_gets_its_weight_in_steps_of_ten_percent_until_the_window_ends() {
+        let now = SystemTime::now();
+        let since = now - Duration::from_secs(3);
+        let mut new = entry("10.0.0.3", 100, Health::Serving, false);
+        new.last_transition_time = Some(Time(since.try_into().unwrap()));
+        let status = GrpcBackendStatus {
+            endpoints: vec![
+                entry("10.0.0.1", 100, Health::Serving, false),
+                entry("10.0.0.2", 300, Health::Serving, false),
+                new,
+            ],
+            ..Default::default()
+        };
+        let linear_10s = ramp_settings(10);
+        // 3 s into 10 s, linear: 30%.
+        assert_eq!(locality_weights(&status, &linear_10s, now), [10_000, 30_000, 3_000]);
+        // 3.5 s: 35% rounds up to the 40% step; 3.9 s still the same step (no new push).
+        let at = |secs: f64| since + Duration::from_secs_f64(secs);
+        assert_eq!(locality_weights(&status, &linear_10s, at(3.5)), [10_000, 30_000, 4_000]);
+        assert_eq!(
+            locality_weights(&status, &linear_10s, at(3.5)),
+            locality_weights(&status, &linear_10s, at(3.9))
+        );
+        // The floor: min 10% at the start; a transition in the future counts as now.
+        assert_eq!(
+            locality_weights(&status, &linear_10s, since - Duration::from_secs(5)),
+            [10_000, 30_000, 1_000]
+        );
+        // Past 90% the step is 100%: the plain weights again, as after the window and when off.
+        let plain = [100, 300, 100];
+        assert_eq!(locality_weights(&status, &linear_10s, at(9.5)), plain);
+        assert_eq!(locality_weights(&status, &linear_10s, at(10.0)), plain);
+        assert_eq!(locality_weights(&status, &SlowStart::default(), now), plain);
+        assert!(ramping(Some(&status), &linear_10s, now));
+        assert!(!ramping(Some(&status), &linear_10s, at(9.5)));
+        // Distinct steps over the window: at most ten pushes per ramp.
+        let steps: BTreeSet<Vec<u32>> = (0..=1000)
+            .map(|ms| locality_weights(&status, &linear_10s, at(ms as f64 / 100.0)))
+            .collect();
+        assert!(steps.len() <= 10, "{} distinct weight sets", steps.len());
+    }
+
+    #[test]
+    fn weights_whose_sum_overflows_32_bits_are_scaled_down_together() {
+        let mut weights = vec![10_000 * 100; 5000];
+        weights.push(100);
+        weights.push(0);
+        fit_in_u32_total(&mut weights);
+        let total: u64 = weights.iter().sum();
+        assert!(total <= u64::from(u32::MAX), "{total}");
+        assert!(weights[0] > 1000 * weights[5000], "the ratio is kept");
+        assert_eq!(
+            (weights[5000] >= 1, weights[5001]),
+            (true, 0),
+            "above 0 stays above 0; 0 stays 0"
         );
     }
 }

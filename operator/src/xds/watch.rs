@@ -1,6 +1,6 @@
 //! Feeds the [`XdsCache`] from a watch of GrpcBackends (their status is what is served).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use futures::StreamExt;
 use kube::{
@@ -9,6 +9,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use kubegrpc_crds::GrpcBackend;
+use tokio::time::{Instant, sleep_until};
 use tracing::warn;
 
 use super::XdsCache;
@@ -20,12 +21,34 @@ pub async fn follow(client: Client, namespace: Option<String>, cache: Arc<XdsCac
         None => Api::all(client),
     };
     let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
-    while let Some(event) = events.next().await {
+    let mut next_refresh: Option<Instant> = None;
+    loop {
+        // While an endpoint ramps (slow start), its stepped weight moves with time alone: look
+        // again every tick, however busy the watch is.
+        next_refresh = match (cache.ramp_tick(), next_refresh) {
+            (None, _) => None,
+            (Some(tick), None) => Some(Instant::now() + tick),
+            (Some(_), due) => due,
+        };
+        let event = tokio::select! {
+            event = events.next() => event,
+            () = sleep_until(next_refresh.unwrap_or_else(Instant::now)), if next_refresh.is_some() => {
+                cache.refresh_ramps(SystemTime::now());
+                next_refresh = None;
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
         match event {
             Ok(watcher::Event::Apply(backend) | watcher::Event::InitApply(backend)) => {
                 let namespace = backend.namespace().unwrap_or_default();
                 match &backend.0 {
-                    Ok(backend) => cache.set_backend(&namespace, &backend.name_any(), backend.status.as_ref()),
+                    Ok(backend) => cache.set_backend(
+                        &namespace,
+                        &backend.name_any(),
+                        backend.status.as_ref(),
+                        backend.spec.weighting.slow_start(),
+                    ),
                     // Unreadable: serve nothing for it rather than something wrong.
                     Err(invalid) => {
                         cache.remove_backend(&namespace, &invalid.metadata.name.clone().unwrap_or_default())
