@@ -5,8 +5,9 @@
 #   tests/peers/build.sh [CACHE_ROOT]     (default: <repo>/target/peers)
 #
 # The directory holds peer-server-go and xds-client-go (binaries: the grpc-go echo server, and a
-# grpc-go xDS client calling it through xds:/// targets) and peer-server-java (a launcher script
-# running the compiled classes with the dependency jars in lib/). A second run with unchanged inputs
+# grpc-go xDS client calling it through xds:/// targets), and peer-server-java and xds-client-java
+# (the grpc-java twins of those two: launcher scripts running the compiled classes with the
+# dependency jars in lib/, grpc-xds among them). A second run with unchanged inputs
 # reuses it and runs no build. Needs Go, Java 17+ and Maven (which fetches from Maven Central into
 # ~/.m2); the Go module proxy and Maven Central must be reachable on the first build.
 set -euo pipefail
@@ -44,7 +45,8 @@ key="$(inputs | sha256sum | cut -c1-16)"
 out="$cache_root/grpc-go-$grpc_go_version-grpc-java-$grpc_java_version-$key"
 
 complete() {
-  [[ -x "$out/peer-server-go" && -x "$out/xds-client-go" && -x "$out/peer-server-java" && -d "$out/classes" && -d "$out/lib" ]]
+  [[ -x "$out/peer-server-go" && -x "$out/xds-client-go" && -x "$out/peer-server-java" && -x "$out/xds-client-java" \
+    && -d "$out/classes" && -d "$out/lib" ]]
 }
 
 if complete; then
@@ -68,7 +70,7 @@ step "building the grpc-go peers (grpc-go $grpc_go_version)"
   go build -trimpath -ldflags "-s -w" -o "$partial/xds-client-go" ./cmd/xds-client
 ) >&2
 
-step "building the grpc-java peers (grpc-java $grpc_java_version; the first build fetches about 25 MB from Maven Central)"
+step "building the grpc-java peers (grpc-java $grpc_java_version; the first build fetches about 45 MB from Maven Central)"
 # Builds into the cache directory, never into the source tree; only the runtime jars are copied.
 mvn -B -q -Dstyle.color=never -f "$here/java/pom.xml" \
   -Dpeers.build.dir="$partial/maven" \
@@ -76,17 +78,22 @@ mvn -B -q -Dstyle.color=never -f "$here/java/pom.xml" \
 mv "$partial/maven/classes" "$partial/classes"
 rm -rf "$partial/maven"
 
-# Small, quick-starting JVMs: a test starts several at once on a 2-core machine.
-cat > "$partial/peer-server-java" <<LAUNCHER
+# Small, quick-starting JVMs: a test starts several at once on a 2-core machine. C1 only and a
+# small heap suit both peers (the xDS client's few hundred calls a second included).
+launcher() { # NAME MAIN-CLASS DESCRIPTION
+  cat > "$partial/$1" <<LAUNCHER
 #!/bin/sh
-# The grpc-java peer server ($grpc_java_version), built by tests/peers/build.sh.
+# $3 (grpc-java $grpc_java_version), built by tests/peers/build.sh.
 # Extra JVM flags: PEER_JAVA_OPTS.
 dir="\$(cd "\$(dirname "\$0")" && pwd)"
 exec "$java_bin" -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xss512k -Xmx128m -XX:-UsePerfData \\
   '-Djava.util.logging.SimpleFormatter.format=%1\$tT.%1\$tL %4\$s %3\$s: %5\$s%6\$s%n' \\
-  \${PEER_JAVA_OPTS:-} -cp "\$dir/classes:\$dir/lib/*" io.kubegrpc.peers.PeerServer "\$@"
+  \${PEER_JAVA_OPTS:-} -cp "\$dir/classes:\$dir/lib/*" $2 "\$@"
 LAUNCHER
-chmod +x "$partial/peer-server-java"
+  chmod +x "$partial/$1"
+}
+launcher peer-server-java io.kubegrpc.peers.PeerServer "The grpc-java peer server"
+launcher xds-client-java io.kubegrpc.peers.XdsClient "The grpc-java xDS client peer"
 
 rm -rf "$out"
 mv "$partial" "$out"

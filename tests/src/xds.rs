@@ -1,9 +1,10 @@
-//! The operator's xDS server in this process, and the grpc-go xDS client peer
-//! (`xds-client-go`, tests/peers) in its own: it dials `xds:///NAME.NAMESPACE` through a
-//! bootstrap file naming the server, sends echo requests at a fixed rate and counts the
-//! answering backends, read over its small HTTP control API.
+//! The operator's xDS server in this process, and the grpc-go or grpc-java xDS client peer
+//! (`xds-client-go`, `xds-client-java`, tests/peers) in its own: it dials
+//! `xds:///NAME.NAMESPACE` through a bootstrap file naming the server, sends echo requests at a
+//! fixed rate and counts the answering backends, read over its small HTTP control API (the same
+//! for both peers).
 
-use std::{collections::BTreeMap, net::SocketAddr, process::Command, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, process::Command, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use kube::Client;
@@ -29,8 +30,22 @@ impl InProcessXds {
         Self::start_on(client, namespace, "10.250.0.1:0".parse()?).await
     }
 
+    /// Over TLS (mutual TLS when `tls` names a client CA).
+    pub async fn start_tls(client: Client, namespace: Option<String>, tls: xds::server::XdsTls) -> Result<Self> {
+        Self::start_with(client, namespace, "10.250.0.1:0".parse()?, Some(tls)).await
+    }
+
     /// On `address` (a restart binds the address it had).
     pub async fn start_on(client: Client, namespace: Option<String>, address: SocketAddr) -> Result<Self> {
+        Self::start_with(client, namespace, address, None).await
+    }
+
+    async fn start_with(
+        client: Client,
+        namespace: Option<String>,
+        address: SocketAddr,
+        tls: Option<xds::server::XdsTls>,
+    ) -> Result<Self> {
         assert_private_network();
         // A restart binds the address the previous server is releasing.
         let listener = crate::wait::until(&format!("{address} free to bind"), Duration::from_secs(10), || async {
@@ -42,9 +57,15 @@ impl InProcessXds {
         let metrics = Arc::new(Metrics::default());
         let follow = AbortOnDropHandle::new(tokio::spawn(xds::watch::follow(client, namespace, cache.clone())));
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(xds::server::serve_on(listener, cache, metrics.clone(), async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(xds::server::serve_tls_on(
+            listener,
+            cache,
+            metrics.clone(),
+            tls,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Ok(Self {
             address,
             metrics,
@@ -78,46 +99,146 @@ impl XdsCounts {
     }
 }
 
-/// A grpc-go xDS client process.
+/// The gRPC library of an xDS client peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum XdsPeer {
+    /// grpc-go with its `xds` package (`xds-client-go`).
+    Go,
+    /// grpc-java with grpc-xds (`xds-client-java`).
+    Java,
+}
+
+impl XdsPeer {
+    /// The executable in the peers directory.
+    fn executable(self) -> &'static str {
+        match self {
+            Self::Go => "xds-client-go",
+            Self::Java => "xds-client-java",
+        }
+    }
+
+    /// How long the control API may take to listen: a JVM starts slowly, more so beside
+    /// others on two cores.
+    fn startup_deadline(self) -> Duration {
+        match self {
+            Self::Go => Duration::from_secs(20),
+            Self::Java => Duration::from_secs(60),
+        }
+    }
+}
+
+impl fmt::Display for XdsPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Go => "grpc-go",
+            Self::Java => "grpc-java",
+        })
+    }
+}
+
+/// A grpc-go or grpc-java xDS client process.
 pub struct XdsClient {
     control: SocketAddr,
     _process: ManagedProcess,
 }
 
+/// How to start an xDS client peer.
+#[derive(Clone, Debug)]
+pub struct XdsClientOptions {
+    pub peer: XdsPeer,
+    /// Resource names (`NAME.NAMESPACE`), each dialed as `xds:///NAME.NAMESPACE`; the calls take
+    /// turns over them.
+    pub targets: Vec<String>,
+    pub xds_server: SocketAddr,
+    /// Requests per second, in total.
+    pub rate: u32,
+    /// The bootstrap's `channel_creds` (default `[{"type": "insecure"}]`; grpc-go also takes
+    /// `tls` with certificate files).
+    pub channel_creds: Option<serde_json::Value>,
+}
+
+impl XdsClientOptions {
+    /// The grpc-go client of `targets` through `xds_server` at `rate`, in plain text.
+    pub fn new(targets: &[String], xds_server: SocketAddr, rate: u32) -> Self {
+        Self {
+            peer: XdsPeer::Go,
+            targets: targets.to_vec(),
+            xds_server,
+            rate,
+            channel_creds: None,
+        }
+    }
+}
+
 impl XdsClient {
-    /// Starts the client dialing `xds:///{resource_name}` through the server at `xds_server`,
-    /// sending `rate` requests per second, and waits for its control API.
+    /// Starts the grpc-go client dialing `xds:///{resource_name}` through the server at
+    /// `xds_server`, sending `rate` requests per second, and waits for its control API.
     pub async fn start(resource_name: &str, xds_server: SocketAddr, rate: u32) -> Result<Self> {
+        Self::start_peer(XdsPeer::Go, resource_name, xds_server, rate).await
+    }
+
+    /// As [`XdsClient::start`], with the client of `peer`'s library.
+    pub async fn start_peer(peer: XdsPeer, resource_name: &str, xds_server: SocketAddr, rate: u32) -> Result<Self> {
+        Self::start_with(XdsClientOptions {
+            peer,
+            ..XdsClientOptions::new(&[resource_name.to_string()], xds_server, rate)
+        })
+        .await
+    }
+
+    /// The grpc-go client of several GrpcBackends at once (one ADS stream).
+    pub async fn start_targets(targets: &[String], xds_server: SocketAddr, rate: u32) -> Result<Self> {
+        Self::start_with(XdsClientOptions::new(targets, xds_server, rate)).await
+    }
+
+    /// Starts a client as `options` say and waits for its control API.
+    pub async fn start_with(options: XdsClientOptions) -> Result<Self> {
         assert_private_network();
-        let executable = peers_dir()?.join("xds-client-go");
+        let XdsClientOptions {
+            peer,
+            targets,
+            xds_server,
+            rate,
+            channel_creds,
+        } = options;
+        let executable = peers_dir()?.join(peer.executable());
+        if !executable.is_file() {
+            bail!(
+                "{} is missing: {} must name a directory printed by tests/peers/build.sh",
+                executable.display(),
+                crate::peers::PEERS_DIR_ENV
+            );
+        }
+        let names = targets.join("+");
         let dir = std::env::temp_dir();
-        let tag = format!("{resource_name}-{}", xds_server.port());
+        let tag = format!("{}-{names}-{}", peer.executable(), xds_server.port());
         let bootstrap = dir.join(format!("xds-bootstrap-{tag}.json"));
         std::fs::write(
             &bootstrap,
             serde_json::to_vec_pretty(&serde_json::json!({
                 "xds_servers": [{
                     "server_uri": xds_server.to_string(),
-                    "channel_creds": [{"type": "insecure"}],
+                    "channel_creds": channel_creds.unwrap_or_else(|| serde_json::json!([{"type": "insecure"}])),
                     "server_features": ["xds_v3", "ignore_resource_deletion"],
                 }],
                 "node": {"id": format!("kubegrpc-test-{tag}"), "locality": {"zone": "zone-a"}},
             }))?,
         )?;
-        let log = dir.join(format!("xds-client-{tag}.log"));
+        let log = dir.join(format!("{tag}.log"));
         let _ = std::fs::remove_file(&log);
         let mut command = Command::new(&executable);
+        for target in &targets {
+            command.arg("--target").arg(format!("xds:///{target}"));
+        }
         command
-            .arg("--target")
-            .arg(format!("xds:///{resource_name}"))
             .arg("--bootstrap")
             .arg(&bootstrap)
             .arg("--rate")
             .arg(rate.to_string())
             .arg("--control")
             .arg("10.250.0.1:0");
-        let process = ManagedProcess::start(format!("grpc-go xDS client of {resource_name}"), command, &log)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let process = ManagedProcess::start(format!("{peer} xDS client of {names}"), command, &log)?;
+        let deadline = tokio::time::Instant::now() + peer.startup_deadline();
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if let Some(address) = text
@@ -131,10 +252,14 @@ impl XdsClient {
                 });
             }
             if let Some(status) = process.try_exit_status() {
-                bail!("the xDS client exited ({status}): {}", process.log_tail(20));
+                bail!("the {peer} xDS client exited ({status}): {}", process.log_tail(20));
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("the xDS client's control API did not start: {}", process.log_tail(20));
+                bail!(
+                    "the {peer} xDS client's control API did not start within {:?}: {}",
+                    peer.startup_deadline(),
+                    process.log_tail(20)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -143,6 +268,12 @@ impl XdsClient {
     /// The counts since the last reset.
     pub async fn counts(&self) -> Result<XdsCounts> {
         serde_json::from_slice(&self.request("GET", "/counts").await?).context("the xDS client's /counts")
+    }
+
+    /// Per backend (`ip:port`), the Unix time in nanoseconds at which its latest successful
+    /// reply arrived (cleared by a reset).
+    pub async fn last(&self) -> Result<BTreeMap<String, i64>> {
+        serde_json::from_slice(&self.request("GET", "/last").await?).context("the xDS client's /last")
     }
 
     /// Starts a new counting window.

@@ -3,8 +3,11 @@
 // calls kubegrpc.echo.v1.Echo/Echo at a fixed rate (open loop), counting the replies per backend
 // and the failures per gRPC code, for the Rust end-to-end tests to read over a small HTTP server.
 //
-//	xds-client --target xds:///echo.ns [--bootstrap FILE] [--rate N] [--timeout D]
-//	           [--control IP:PORT]
+//	xds-client --target xds:///echo.ns [--target xds:///echo.other ...] [--bootstrap FILE]
+//	           [--rate N] [--timeout D] [--control IP:PORT]
+//
+// With several targets, one channel each (all on the one xDS client and ADS stream grpc-go keeps
+// per bootstrap), the calls take turns over them: the rate is the total.
 //
 // The bootstrap comes from --bootstrap (read by this process and handed to an xDS resolver of its
 // own), or else from the GRPC_XDS_BOOTSTRAP (a file) or GRPC_XDS_BOOTSTRAP_CONFIG (the JSON
@@ -62,7 +65,8 @@ const sampleBootstrap = `{"xds_servers":[{"server_uri":"10.250.0.1:18000","chann
 	`"server_features":["xds_v3","ignore_resource_deletion"]}],"node":{"id":"kubegrpc-test","locality":{"zone":"zone-a"}}}`
 
 func main() {
-	target := flag.String("target", "", "the xDS target, xds:///NAME.NAMESPACE (required)")
+	var targets targetList
+	flag.Var(&targets, "target", "an xDS target, xds:///NAME.NAMESPACE (required; repeat for more)")
 	bootstrapFile := flag.String("bootstrap", "", "the xDS bootstrap JSON file (default: GRPC_XDS_BOOTSTRAP or GRPC_XDS_BOOTSTRAP_CONFIG from the environment)")
 	rate := flag.Float64("rate", 100, "Echo calls per second, sent on schedule whatever the replies (open loop)")
 	timeout := flag.Duration("timeout", 2*time.Second, "each call's deadline")
@@ -76,7 +80,7 @@ func main() {
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.SetPrefix("xds-client-go: ")
-	if !strings.HasPrefix(*target, "xds:") || flag.NArg() != 0 || !(*rate > 0) || *rate > 1e6 || *timeout <= 0 {
+	if len(targets) == 0 || flag.NArg() != 0 || !(*rate > 0) || *rate > 1e6 || *timeout <= 0 {
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -107,12 +111,16 @@ func main() {
 	fmt.Printf("control listening on %s\n", listener.Addr())
 	_ = os.Stdout.Sync()
 
-	conn, err := grpc.NewClient(*target, options...)
-	if err != nil {
-		log.Fatalf("cannot create the channel to %s: %v", *target, err)
+	conns := make([]*grpc.ClientConn, len(targets))
+	for i, target := range targets {
+		conn, err := grpc.NewClient(target, options...)
+		if err != nil {
+			log.Fatalf("cannot create the channel to %s: %v", target, err)
+		}
+		conn.Connect() // resolve (fetch the xDS resources) now, not at the first call
+		conns[i] = conn
 	}
-	conn.Connect() // resolve (fetch the xDS resources) now, not at the first call
-	log.Printf("calling %s at %s, %g calls/s, deadline %v", echo.EchoMethod, *target, *rate, *timeout)
+	log.Printf("calling %s at %s, %g calls/s, deadline %v", echo.EchoMethod, strings.Join(targets, " and "), *rate, *timeout)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -126,6 +134,7 @@ func main() {
 		callCtx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
 		var reply []byte
+		conn := conns[n%uint64(len(conns))]
 		err := conn.Invoke(callCtx, echo.EchoMethod, echo.EncodeEchoRequest(strconv.FormatUint(n, 10), 0), &reply,
 			grpc.ForceCodecV2(codec))
 		var backend string
@@ -177,7 +186,22 @@ loop:
 	ticker.Stop()
 	log.Printf("stopping: waiting for the calls in flight")
 	calls.Wait()
-	_ = conn.Close()
+	for _, conn := range conns {
+		_ = conn.Close()
+	}
+}
+
+// targetList is the repeatable --target flag.
+type targetList []string
+
+func (t *targetList) String() string { return strings.Join(*t, ",") }
+
+func (t *targetList) Set(target string) error {
+	if !strings.HasPrefix(target, "xds:") {
+		return fmt.Errorf("%q is not an xds: target", target)
+	}
+	*t = append(*t, target)
+	return nil
 }
 
 // counts are the control server's counts, per window (from the start or the last reset).
