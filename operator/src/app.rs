@@ -80,6 +80,25 @@ pub struct Options {
     /// or not. Off by default.
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<SocketAddr>,
+
+    /// Serve xDS over TLS with this certificate chain (PEM; with --xds-tls-key-file). Read at
+    /// start: a rotated certificate takes a restart.
+    #[arg(
+        long,
+        env = "XDS_TLS_CERT_FILE",
+        requires = "xds_tls_key_file",
+        requires = "xds_address"
+    )]
+    pub xds_tls_cert_file: Option<std::path::PathBuf>,
+
+    /// The private key (PEM) of --xds-tls-cert-file.
+    #[arg(long, env = "XDS_TLS_KEY_FILE", requires = "xds_tls_cert_file")]
+    pub xds_tls_key_file: Option<std::path::PathBuf>,
+
+    /// Mutual TLS on the xDS port: clients must present a certificate that chains to this CA
+    /// bundle (PEM); the others are refused.
+    #[arg(long, env = "XDS_TLS_CLIENT_CA_FILE", requires = "xds_tls_cert_file")]
+    pub xds_tls_client_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -131,6 +150,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         shutdown(),
     ));
+    let xds_tls = match (&options.xds_tls_cert_file, &options.xds_tls_key_file) {
+        (Some(certificate), Some(key)) => Some(
+            crate::xds::server::XdsTls::read(certificate, key, options.xds_tls_client_ca_file.as_deref())
+                .context("cannot read the xDS TLS files")?,
+        ),
+        _ => None,
+    };
     let xds = options.xds_address.map(|address| {
         let cache = Arc::new(crate::xds::XdsCache::default());
         let follower = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::xds::watch::follow(
@@ -138,7 +164,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             options.namespace.clone(),
             cache.clone(),
         )));
-        let server = tokio::spawn(crate::xds::server::serve(address, cache, metrics.clone(), shutdown()));
+        let server = tokio::spawn(crate::xds::server::serve(
+            address,
+            cache,
+            metrics.clone(),
+            xds_tls,
+            shutdown(),
+        ));
         (follower, server)
     });
     tokio::spawn(async move {

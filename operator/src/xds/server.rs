@@ -230,32 +230,96 @@ impl ClientStream {
     }
 }
 
-/// Serves ADS on `address` until `shutdown` resolves.
+/// TLS for the xDS port: the server's certificate chain and key (PEM), and, for mutual TLS, the
+/// CA bundle that client certificates must chain to (clients without one are refused).
+#[derive(Clone)]
+pub struct XdsTls {
+    pub certificate_chain: Vec<u8>,
+    pub private_key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl XdsTls {
+    /// Reads the PEM files (read once, at start: a rotated certificate takes a restart).
+    pub fn read(
+        certificate_file: &std::path::Path,
+        key_file: &std::path::Path,
+        client_ca_file: Option<&std::path::Path>,
+    ) -> std::io::Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        };
+        let tls = Self {
+            certificate_chain: read(certificate_file)?,
+            private_key: read(key_file)?,
+            client_ca: client_ca_file.map(read).transpose()?,
+        };
+        // Refuse bad PEM now, at start, rather than when the server starts listening.
+        tonic::transport::Server::builder()
+            .tls_config(tls.config())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("xDS TLS: {e}")))?;
+        Ok(tls)
+    }
+
+    fn config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let config = ServerTlsConfig::new().identity(Identity::from_pem(&self.certificate_chain, &self.private_key));
+        match &self.client_ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
+/// Serves ADS on `address` until `shutdown` resolves, over TLS when `tls` is given.
 pub async fn serve(
     address: std::net::SocketAddr,
     cache: Arc<XdsCache>,
     metrics: Arc<Metrics>,
+    tls: Option<XdsTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
-    serve_on(listener, cache, metrics, shutdown).await
+    serve_tls_on(listener, cache, metrics, tls, shutdown).await
 }
 
-/// Serves ADS on `listener` until `shutdown` resolves.
+/// Serves ADS in plain text on `listener` until `shutdown` resolves.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     cache: Arc<XdsCache>,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_tls_on(listener, cache, metrics, None, shutdown).await
+}
+
+/// Serves ADS on `listener` until `shutdown` resolves, over TLS when `tls` is given.
+pub async fn serve_tls_on(
+    listener: tokio::net::TcpListener,
+    cache: Arc<XdsCache>,
+    metrics: Arc<Metrics>,
+    tls: Option<XdsTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-    info!(address = %listener.local_addr()?, "serving xDS (ADS, state of the world)");
+    let security = match &tls {
+        None => "plain text",
+        Some(XdsTls { client_ca: None, .. }) => "TLS",
+        Some(XdsTls { client_ca: Some(_), .. }) => "mutual TLS",
+    };
+    info!(address = %listener.local_addr()?, security, "serving xDS (ADS, state of the world)");
     let (close, closing) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown.await;
         let _ = close.send(true);
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.config())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("xDS TLS: {e}")))?;
+    }
+    builder
         .add_service(AggregatedDiscoveryServiceServer::new(AdsServer::new(
             cache, metrics, closing,
         )))
