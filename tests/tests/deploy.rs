@@ -45,6 +45,8 @@ async fn a_server_side_dry_run_of_deploy_is_accepted() -> Result<()> {
         "deployment.apps/kubegrpc-operator",
         "poddisruptionbudget.policy/kubegrpc-operator",
         "service/kubegrpc-operator-metrics",
+        "service/kubegrpc-xds",
+        "networkpolicy.networking.k8s.io/kubegrpc-operator",
         "grpcbackend.kubegrpc.io/echo",
         "role.rbac.authorization.k8s.io/grpcbackend-reader",
     ] {
