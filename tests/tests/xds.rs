@@ -2,9 +2,10 @@
 //! package, dialing `xds:///echo.<namespace>` through a bootstrap file naming the operator's
 //! xDS server on 10.250.0.1). The backends are real; the client counts who answered.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::Result;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DiscoveryRequest, DiscoveryResponse, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
@@ -333,5 +334,279 @@ async fn the_xds_server_restarted_under_load_loses_no_request_and_the_client_rec
     })
     .await?;
     assert_eq!(counts.failures(), 0, "{counts:?}");
+    Ok(())
+}
+
+fn backend_requests(backends: &[kubegrpc_echo::Backend]) -> Vec<u64> {
+    backends.iter().map(|b| b.counters.snapshot().requests).collect()
+}
+
+/// Every ENDPOINTS push of `name` seen by a raw ADS subscriber of its own: the locality
+/// weights by endpoint (`ip:port`), in the order pushed.
+async fn observe_endpoint_pushes(
+    address: SocketAddr,
+    name: String,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<BTreeMap<String, u32>>> {
+    use kubegrpc_operator::xds::resources::type_url;
+    let mut observer = RawAds::open(address).await?;
+    observer.send(ask(type_url::ENDPOINTS, vec![name.clone()], "")).await?;
+    let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(response) = observer.next().await {
+            let weights = response
+                .resources
+                .iter()
+                .filter_map(|any| <ClusterLoadAssignment as prost::Message>::decode(any.value.as_slice()).ok())
+                .flat_map(|assignment| assignment.endpoints)
+                .filter_map(|l| Some((l.locality?.sub_zone, l.load_balancing_weight?.value)))
+                .collect();
+            let ack = ask(type_url::ENDPOINTS, vec![name.clone()], &response.nonce);
+            if pushes.send(weights).is_err() || observer.send(ack).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(received)
+}
+
+/// The next push satisfying `condition`.
+async fn next_push(
+    pushes: &mut tokio::sync::mpsc::UnboundedReceiver<BTreeMap<String, u32>>,
+    what: &str,
+    mut condition: impl FnMut(&BTreeMap<String, u32>) -> bool,
+) -> Result<BTreeMap<String, u32>> {
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(weights) = pushes.recv().await {
+            if condition(&weights) {
+                return Ok(weights);
+            }
+        }
+        anyhow::bail!("the ADS observer stopped before {what}")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no push with {what} within {DEADLINE:?}"))?
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_ramps_a_new_endpoint_for_xds_clients_in_pushed_steps() -> Result<()> {
+    use kubegrpc_crds::FULL_WEIGHT;
+    const WINDOW_SECONDS: u64 = 12;
+    let s = Scenario::new("xds-slow-start").await?;
+    let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let xds = InProcessXds::start(s.client.clone(), Some(s.namespace.clone())).await?;
+    let backends = start_backends(3).await?;
+    let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+    let name = format!("echo.{}", s.namespace);
+    let mut pushes = observe_endpoint_pushes(xds.address, name.clone()).await?;
+    s.echo_service(&addresses[..2]).await?;
+    s.grpc_backend(
+        "echo",
+        json!({"service": "echo", "port": "grpc",
+               "weighting": {"slowStartWindow": format!("{WINDOW_SECONDS}s")}}),
+    )
+    .await?;
+    // The first two ramp too: wait until the server pushes them at their full, unscaled weight.
+    next_push(&mut pushes, "the first two at full weight", |weights| {
+        weights.len() == 2 && weights.values().all(|w| *w == FULL_WEIGHT)
+    })
+    .await?;
+    let client = XdsClient::start(&name, xds.address, RATE).await?;
+    client.wait_for(u64::from(RATE), DEADLINE).await?;
+    let writes_before = operator.status_writes(&s.namespace, "echo");
+
+    s.echo_slice(&addresses).await?;
+    s.wait_status("echo", "3 ready endpoints", DEADLINE, |status| {
+        status.ready_endpoints == 3
+    })
+    .await?;
+    // Per second, the new backend's share of what the three received, counted at the backends.
+    let mut shares = Vec::new();
+    let mut last = backend_requests(&backends);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    for _ in 0..WINDOW_SECONDS + 3 {
+        tick.tick().await;
+        let now = backend_requests(&backends);
+        let delta: Vec<u64> = now.iter().zip(&last).map(|(n, l)| n - l).collect();
+        shares.push(delta[2] as f64 / delta.iter().sum::<u64>().max(1) as f64);
+        last = now;
+    }
+    let counts = client.counts().await?;
+    println!("xDS slow start {WINDOW_SECONDS}s: the new endpoint's share per second {shares:.3?}");
+    assert_eq!(counts.failures(), 0, "failed requests: {counts:?}");
+
+    // The steps are the server's pushes (an xDS client has no ramp of its own): the new
+    // endpoint's weight relative to a full one climbs push by push, in at most ten steps,
+    // to the plain weights.
+    let new_endpoint = addresses[2].to_string();
+    let mut steps = Vec::new();
+    loop {
+        let weights = next_push(&mut pushes, "the new endpoint", |w| w.contains_key(&new_endpoint)).await?;
+        let full = weights.values().copied().max().unwrap_or(1);
+        steps.push(f64::from(weights[&new_endpoint]) / f64::from(full));
+        if weights.values().all(|w| *w == FULL_WEIGHT) {
+            break;
+        }
+    }
+    println!("xDS slow start: the new endpoint's pushed weight / a full one, per push: {steps:.2?}");
+    assert!(steps[0] <= 0.2, "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert!(steps.len() <= 10, "{} pushes for one ramp: {steps:?}", steps.len());
+    // After the last step, a full third (counted over more requests than a second holds).
+    let counts = window(&client, 1500).await?;
+    let settled = share(&counts, addresses[2]);
+    println!("xDS slow start: after the ramp {:?}", counts.ok);
+    let mean = |range: std::ops::Range<usize>| shares[range.clone()].iter().sum::<f64>() / range.len() as f64;
+    let (first, middle) = (mean(0..3), mean(5..8));
+    assert!(
+        first < middle && middle < settled,
+        "the share climbs over the window: {shares:?}, then {settled:.3}"
+    );
+    assert!(first < 0.2, "the ramp starts low: {shares:?}");
+    assert!((settled - 1.0 / 3.0).abs() < 0.05, "then a full third: {counts:?}");
+    assert_eq!(counts.failures(), 0, "{counts:?}");
+    assert_eq!(
+        operator.status_writes(&s.namespace, "echo") - writes_before,
+        1,
+        "one status write for the new endpoint, not one per step"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_xds_client_follows_two_grpc_backends_in_two_namespaces() -> Result<()> {
+    let first = Scenario::new("xds-two-a").await?;
+    let second = Scenario::new("xds-two-b").await?;
+    let _operators = [
+        InProcessOperator::start(first.client.clone(), &first.namespace),
+        InProcessOperator::start(second.client.clone(), &second.namespace),
+    ];
+    // One server for every namespace, as a cluster-wide operator serves.
+    let xds = InProcessXds::start(first.client.clone(), None).await?;
+    let backends = start_backends(4).await?;
+    let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+    for (s, mine) in [(&first, &addresses[..2]), (&second, &addresses[2..])] {
+        s.echo_service(mine).await?;
+        s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+            .await?;
+        s.wait_status("echo", "2 ready endpoints", DEADLINE, |status| {
+            status.ready_endpoints == 2
+        })
+        .await?;
+    }
+    let targets = [
+        format!("echo.{}", first.namespace),
+        format!("echo.{}", second.namespace),
+    ];
+    let client = XdsClient::start_targets(&targets, xds.address, RATE).await?;
+    let counts = window(&client, 2000).await?;
+    println!("xDS, one client, two namespaces: {:?}", counts.ok);
+    // The calls alternate between the targets; each target spreads over its own two.
+    for backend in &addresses {
+        assert!((share(&counts, *backend) - 0.25).abs() < 0.05, "{counts:?}");
+    }
+    assert_eq!(counts.failures(), 0, "{counts:?}");
+
+    // A flip in the second namespace moves the second target only.
+    backends[3].health.set("", ServingStatus::NotServing);
+    second
+        .wait_status("echo", "1 ready endpoint", DEADLINE, |status| {
+            status.ready_endpoints == 1
+        })
+        .await?;
+    let counts = kubegrpc_tests::wait::until("a window without the flipped backend", DEADLINE, || async {
+        let counts = window(&client, 1000).await?;
+        Ok((counts.of(addresses[3]) == 0).then_some(counts))
+    })
+    .await?;
+    println!(
+        "xDS, two namespaces, one backend of the second NotServing: {:?}",
+        counts.ok
+    );
+    assert!((share(&counts, addresses[2]) - 0.5).abs() < 0.06, "{counts:?}");
+    for backend in &addresses[..2] {
+        assert!((share(&counts, *backend) - 0.25).abs() < 0.05, "{counts:?}");
+    }
+    assert_eq!(counts.failures(), 0, "{counts:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_mutual_tls_only_clients_with_a_certificate_from_the_ca_are_served() -> Result<()> {
+    use kubegrpc_operator::xds::server::XdsTls;
+    use kubegrpc_tests::{certs::CertificateAuthority, xds::XdsClientOptions};
+    let s = Scenario::new("xds-tls").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let ca = CertificateAuthority::new("kubegrpc-xds-test-ca")?;
+    let server = ca.serving("kubegrpc-xds", &["10.250.0.1", "kubegrpc-xds.kubegrpc-system.svc"])?;
+    let tls = XdsTls {
+        certificate_chain: server.cert_pem.into_bytes(),
+        private_key: server.key_pem.into_bytes(),
+        client_ca: Some(ca.cert_pem().as_bytes().to_vec()),
+    };
+    let xds = InProcessXds::start_tls(s.client.clone(), Some(s.namespace.clone()), tls).await?;
+    let backends = start_backends(2).await?;
+    let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+    s.echo_service(&addresses).await?;
+    s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
+        .await?;
+    s.wait_status("echo", "2 ready endpoints", DEADLINE, |status| {
+        status.ready_endpoints == 2
+    })
+    .await?;
+
+    // grpc-go's bootstrap "tls" channel credentials, with a client certificate from the CA.
+    let dir = tempfile::tempdir()?;
+    let client_certificate = ca.client("xds-client", None)?;
+    let write = |name: &str, text: &str| -> Result<String> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text)?;
+        Ok(path.display().to_string())
+    };
+    let channel_creds = json!([{"type": "tls", "config": {
+        "ca_certificate_file": write("ca.pem", ca.cert_pem())?,
+        "certificate_file": write("client.pem", &client_certificate.cert_pem)?,
+        "private_key_file": write("client-key.pem", &client_certificate.key_pem)?,
+    }}]);
+    let client = XdsClient::start_with(XdsClientOptions {
+        channel_creds: Some(channel_creds),
+        ..XdsClientOptions::new(&[format!("echo.{}", s.namespace)], xds.address, RATE)
+    })
+    .await?;
+    let counts = window(&client, 600).await?;
+    println!("xDS over mutual TLS: {:?}", counts.ok);
+    assert!(counts.of(addresses[0]) > 0 && counts.of(addresses[1]) > 0, "{counts:?}");
+    assert_eq!(counts.failures(), 0, "{counts:?}");
+
+    // Plain text is refused, and so is TLS without a client certificate.
+    let plain = async {
+        let mut ads = RawAds::open(xds.address).await?;
+        ads.send(ask(kubegrpc_operator::xds::resources::type_url::LISTENER, vec![], ""))
+            .await?;
+        ads.next().await
+    };
+    assert!(plain.await.is_err(), "a plain-text client was answered");
+    let anonymous = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", xds.address))?.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+                .domain_name("kubegrpc-xds.kubegrpc-system.svc"),
+        )?;
+        let channel = endpoint.connect().await?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let (requests, receiver) = tokio::sync::mpsc::channel(1);
+        requests
+            .send(ask(kubegrpc_operator::xds::resources::type_url::LISTENER, vec![], ""))
+            .await?;
+        let mut responses = client
+            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        anyhow::Ok(responses.message().await?)
+    };
+    assert!(
+        anonymous.await.is_err(),
+        "a TLS client without a certificate was answered"
+    );
     Ok(())
 }
