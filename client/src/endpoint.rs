@@ -232,8 +232,10 @@ pub struct ReplayBody {
 struct ReplayState {
     /// The body until the transport first polls it.
     untouched: Option<Body>,
-    /// What was read so far, while it fits.
-    read: Vec<Bytes>,
+    /// What was read so far, while it fits: the first chunk apart, so that the usual unary
+    /// body (one chunk) costs no allocation to keep.
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
     trailers: Option<http::HeaderMap>,
     size: usize,
     complete: bool,
@@ -279,10 +281,9 @@ impl Replay {
         if !state.complete || state.overflow {
             return None;
         }
-        let data = std::mem::take(&mut state.read);
+        let data = state.first.take().into_iter().chain(std::mem::take(&mut state.more));
         let trailers = state.trailers.take();
         let frames = data
-            .into_iter()
             .map(|bytes| Ok::<_, tonic::Status>(Frame::data(bytes)))
             .chain(trailers.map(|t| Ok(Frame::trailers(t))));
         Some(Body::new(http_body_util::StreamBody::new(futures::stream::iter(
@@ -314,9 +315,13 @@ impl HttpBody for ReplayBody {
                     state.size += data.len();
                     if state.size > REPLAY_LIMIT {
                         state.overflow = true;
-                        state.read = Vec::new();
+                        state.first = None;
+                        state.more = Vec::new();
                     } else if !state.overflow {
-                        state.read.push(data.clone());
+                        match state.first {
+                            None => state.first = Some(data.clone()),
+                            Some(_) => state.more.push(data.clone()),
+                        }
                     }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     state.trailers = Some(trailers.clone());
