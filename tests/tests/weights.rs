@@ -269,6 +269,9 @@ async fn a_client_in_zone_a_stays_in_zone_a_while_it_has_serving_endpoints() -> 
             || in_rotation == [backends[3].address, backends[2].address]
     })
     .await?;
+    // Requests picked before the move may still be on their way to zone A: count from when
+    // those have been answered (200 more requests later; each takes milliseconds).
+    load.wait_for_more(200, DEADLINE).await?;
     let at_move = requests(&backends);
     load.wait_for_more(1000, DEADLINE).await?;
     let report = load.stop().await;
