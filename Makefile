@@ -31,7 +31,8 @@ test:
 	scripts/test.sh
 
 bench:
-	@bin="$$(tests/controlplane/build.sh)" && \
+	@cargo bench --locked -p kubegrpc --bench picker && \
+	bin="$$(tests/controlplane/build.sh)" && \
 	peers="$$(tests/peers/build.sh)" && \
 	cargo build --release --locked -p kubegrpc-tests --bin bench --bin bench_weights --bin bench_xds_flip && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench && \

@@ -43,5 +43,16 @@ phase "cargo test, inside a private network namespace"
 KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" KUBEGRPC_PEERS_DIR="$peers_dir" tests/netns-run.sh \
   cargo test --workspace --offline --locked "$@" -- --show-output
 
+phase "picker benchmark, quick mode (test profile: that it runs and prints figures, not what they are)"
+picker_output="$(cargo bench --profile dev --locked --offline -p kubegrpc --bench picker -- \
+  --warm-up-time 0.05 --measurement-time 0.1 --sample-size 10 2>&1)" || { echo "$picker_output" >&2; exit 1; }
+picker_figures="$(grep -c 'time:' <<<"$picker_output" || true)"
+echo "picker benchmark: $picker_figures figures" >&2
+if (( picker_figures < 40 )); then
+  echo "$picker_output" >&2
+  echo "the picker benchmark printed $picker_figures figures, not the 45 expected" >&2
+  exit 1
+fi
+
 phase ""
 echo "=== all phases: $(( SECONDS - started ))s" >&2
