@@ -4,12 +4,14 @@
 #
 #   tests/peers/build.sh [CACHE_ROOT]     (default: <repo>/target/peers)
 #
-# The directory holds peer-server-go and xds-client-go (binaries: the grpc-go echo server, and a
-# grpc-go xDS client calling it through xds:/// targets), and peer-server-java and xds-client-java
-# (the grpc-java twins of those two: launcher scripts running the compiled classes with the
-# dependency jars in lib/, grpc-xds among them). A second run with unchanged inputs
-# reuses it and runs no build. Needs Go, Java 17+ and Maven (which fetches from Maven Central into
-# ~/.m2); the Go module proxy and Maven Central must be reachable on the first build.
+# The directory holds peer-server-go, xds-client-go and kuberesolver-client-go (binaries: the
+# grpc-go echo server, a grpc-go xDS client calling it through xds:/// targets, and a grpc-go
+# client resolving kubernetes:/// targets with github.com/sercand/kuberesolver/v6), and
+# peer-server-java and xds-client-java (the grpc-java twins of the first two: launcher scripts
+# running the compiled classes with the dependency jars in lib/, grpc-xds among them). A second
+# run with unchanged inputs reuses it and runs no build. Needs Go, Java 17+ and Maven (which
+# fetches from Maven Central into ~/.m2); the Go module proxy and Maven Central must be reachable
+# on the first build.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,7 +47,7 @@ key="$(inputs | sha256sum | cut -c1-16)"
 out="$cache_root/grpc-go-$grpc_go_version-grpc-java-$grpc_java_version-$key"
 
 complete() {
-  [[ -x "$out/peer-server-go" && -x "$out/xds-client-go" && -x "$out/peer-server-java" && -x "$out/xds-client-java" \
+  [[ -x "$out/peer-server-go" && -x "$out/xds-client-go" && -x "$out/kuberesolver-client-go" && -x "$out/peer-server-java" && -x "$out/xds-client-java" \
     && -d "$out/classes" && -d "$out/lib" ]]
 }
 
@@ -68,6 +70,7 @@ step "building the grpc-go peers (grpc-go $grpc_go_version)"
   go build -trimpath -ldflags "-s -w" -o "$partial/peer-server-go" ./cmd/peer-server
   # grpc-go's xDS client (with the envoy protos) makes this the bigger build of the two.
   go build -trimpath -ldflags "-s -w" -o "$partial/xds-client-go" ./cmd/xds-client
+  go build -trimpath -ldflags "-s -w" -o "$partial/kuberesolver-client-go" ./cmd/kuberesolver-client
 ) >&2
 
 step "building the grpc-java peers (grpc-java $grpc_java_version; the first build fetches about 45 MB from Maven Central)"

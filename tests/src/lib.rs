@@ -8,6 +8,7 @@ pub mod certs;
 pub mod controlplane;
 pub mod install;
 pub mod kubelet;
+pub mod kuberesolver;
 pub mod load;
 pub mod netns;
 pub mod objects;

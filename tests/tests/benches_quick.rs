@@ -92,3 +92,18 @@ fn the_xds_flip_bench_measures_both_clients() -> Result<()> {
     assert!(stdout.contains("3 NOT_SERVING flips"), "{stdout}");
     Ok(())
 }
+
+#[test]
+fn the_convergence_bench_measures_kubegrpc_and_kuberesolver() -> Result<()> {
+    run_quick(
+        "bench_convergence",
+        &[("BENCH_CONVERGENCE_TRIALS", "2")],
+        &[
+            "(a) endpoint added -> first reply",
+            "goal (a) kubegrpc p95 <= 300 ms",
+            "goal (b) kubegrpc p95 <= 200 ms",
+            "goal (c) kubegrpc p95 <= 100 ms",
+        ],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! The grpc-go kuberesolver client peer (`kuberesolver-client-go`, tests/peers) in its own
+//! process: it dials `kubernetes:///SERVICE.NAMESPACE:PORT` through
+//! github.com/sercand/kuberesolver/v6, which watches the Service's EndpointSlices on the
+//! apiserver itself and feeds grpc-go's `round_robin` (optionally with grpc-go's client-side
+//! health checking), sends echo requests at a fixed rate and counts the answering backends, read
+//! over the same small HTTP control API as the xDS client peers (plus `/first`).
+
+use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{ControlPlane, netns::assert_private_network, peers::peers_dir, process::ManagedProcess, xds::XdsCounts};
+
+/// The executable in the peers directory.
+const EXECUTABLE: &str = "kuberesolver-client-go";
+
+/// How to start a kuberesolver client.
+#[derive(Clone, Debug)]
+pub struct KuberesolverOptions {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub service: String,
+    /// The Service port, by name or number.
+    pub port: String,
+    /// grpc-go's client-side health checking (service config `healthCheckConfig`, service
+    /// name ""): each subchannel watches its backend's `grpc.health.v1` status.
+    pub health_check: bool,
+    /// Requests per second.
+    pub rate: u32,
+}
+
+/// A failed call of a kuberesolver client.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Failure {
+    /// When it was sent, Unix time in nanoseconds.
+    pub sent: i64,
+    /// The gRPC code's name.
+    pub code: String,
+    pub message: String,
+}
+
+/// A running grpc-go client resolving through kuberesolver; stopped when dropped.
+pub struct KuberesolverClient {
+    control: SocketAddr,
+    process: ManagedProcess,
+}
+
+impl KuberesolverClient {
+    /// Starts a client of `options.service` that reaches `control_plane`'s apiserver with the
+    /// admin's client certificate, and waits for its control API.
+    pub async fn start(control_plane: &ControlPlane, options: KuberesolverOptions) -> Result<Self> {
+        assert_private_network();
+        let KuberesolverOptions {
+            namespace,
+            service,
+            port,
+            health_check,
+            rate,
+        } = options;
+        let executable = peers_dir()?.join(EXECUTABLE);
+        if !executable.is_file() {
+            bail!(
+                "{} is missing: {} must name a directory printed by tests/peers/build.sh",
+                executable.display(),
+                crate::peers::PEERS_DIR_ENV
+            );
+        }
+        let dir = control_plane.dir();
+        let kind = if health_check { "health" } else { "plain" };
+        let log = std::env::temp_dir().join(format!("{EXECUTABLE}-{kind}-{namespace}-{service}.log"));
+        let _ = std::fs::remove_file(&log);
+        let mut command = Command::new(&executable);
+        command
+            .arg("--target")
+            .arg(format!("kubernetes:///{service}.{namespace}:{port}"))
+            .arg("--apiserver")
+            .arg(control_plane.server_url())
+            .arg("--ca")
+            .arg(dir.join("ca.crt"))
+            .arg("--client-cert")
+            .arg(dir.join("admin.crt"))
+            .arg("--client-key")
+            .arg(dir.join("admin.key"))
+            .arg("--rate")
+            .arg(rate.to_string())
+            .arg("--control")
+            .arg("10.250.0.1:0");
+        if health_check {
+            command.arg("--health-check");
+        }
+        let name = format!("kuberesolver client ({kind}) of {namespace}/{service}");
+        let process = ManagedProcess::start(name.clone(), command, &log)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(control) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("control listening on "))
+                .and_then(|a| a.trim().parse().ok())
+            {
+                return Ok(Self { control, process });
+            }
+            if let Some(status) = process.try_exit_status() {
+                bail!("the {name} exited ({status}): {}", process.log_tail(20));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the {name}'s control API did not start within 20s: {}",
+                    process.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The counts since the last reset.
+    pub async fn counts(&self) -> Result<XdsCounts> {
+        serde_json::from_slice(&self.request("GET", "/counts").await?).context("the kuberesolver client's /counts")
+    }
+
+    /// Per backend (`ip:port`), the Unix time in nanoseconds at which its latest successful
+    /// reply arrived (cleared by a reset).
+    pub async fn last(&self) -> Result<BTreeMap<String, i64>> {
+        serde_json::from_slice(&self.request("GET", "/last").await?).context("the kuberesolver client's /last")
+    }
+
+    /// Per backend, the Unix time in nanoseconds of its first successful reply since the last
+    /// reset.
+    pub async fn first(&self) -> Result<BTreeMap<String, i64>> {
+        serde_json::from_slice(&self.request("GET", "/first").await?).context("the kuberesolver client's /first")
+    }
+
+    /// Every failed call since the start (the first 100000), with the Unix time (ns) it was
+    /// sent at.
+    pub async fn failures(&self) -> Result<Vec<Failure>> {
+        serde_json::from_slice(&self.request("GET", "/failures").await?).context("the kuberesolver client's /failures")
+    }
+
+    /// Starts a new counting window (clears `/last` and `/first`); returns the counts of the
+    /// window it ends.
+    pub async fn reset(&self) -> Result<XdsCounts> {
+        serde_json::from_slice(&self.request("POST", "/reset").await?).context("the kuberesolver client's /reset")
+    }
+
+    /// The end of the client's log (stderr and stdout).
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+
+    async fn request(&self, method: &str, path: &str) -> Result<Vec<u8>> {
+        let mut stream = tokio::net::TcpStream::connect(self.control).await?;
+        stream
+            // HTTP/1.0: the answer is not chunked and the connection closes after it.
+            .write_all(format!("{method} {path} HTTP/1.0\r\nHost: control\r\nContent-Length: 0\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no HTTP header end")?;
+        let head = String::from_utf8_lossy(&response[..split]);
+        if head.split_whitespace().nth(1).is_none_or(|code| code != "200") {
+            bail!("{method} {path}: {head}");
+        }
+        Ok(response[split + 4..].to_vec())
+    }
+}
