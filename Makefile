@@ -9,7 +9,8 @@ help:
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list; heterogeneous"
 	@echo "                   backends: Equal vs LoadReport vs balance_list vs p2c PeakEwma; a NOT_SERVING flip to the"
-	@echo "                   last request: grpc-go xDS client vs kubegrpc (release build; needs the peers too)"
+	@echo "                   last request: grpc-go xDS client vs kubegrpc; convergence vs kuberesolver; picker cost"
+	@echo "                   (criterion); release build; needs the peers too"
 	@echo "make scale         10,000 endpoints in one GrpcBackend and 500 x 20: memory, CPU, writes (release build, ~15 min)"
 	@echo "make soak          pods churned under load for 10 minutes: operator and client back at their baseline (release build)"
 	@echo "make status-cost   the apiserver's cost of one change in a 1k/5k/10k-endpoint status, with a CPU profile"
@@ -34,10 +35,11 @@ bench:
 	@cargo bench --locked -p kubegrpc --bench picker && \
 	bin="$$(tests/controlplane/build.sh)" && \
 	peers="$$(tests/peers/build.sh)" && \
-	cargo build --release --locked -p kubegrpc-tests --bin bench --bin bench_weights --bin bench_xds_flip && \
+	cargo build --release --locked -p kubegrpc-tests --bin bench --bin bench_weights --bin bench_xds_flip --bin bench_convergence && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench_weights && \
-	KUBEGRPC_CONTROLPLANE_BIN="$$bin" KUBEGRPC_PEERS_DIR="$$peers" tests/netns-run.sh target/release/bench_xds_flip
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" KUBEGRPC_PEERS_DIR="$$peers" tests/netns-run.sh target/release/bench_xds_flip && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" KUBEGRPC_PEERS_DIR="$$peers" tests/netns-run.sh target/release/bench_convergence
 
 scale:
 	@bin="$$(tests/controlplane/build.sh)" && \
