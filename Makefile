@@ -9,7 +9,7 @@ help:
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list; heterogeneous"
 	@echo "                   backends: Equal vs LoadReport vs balance_list vs p2c PeakEwma; a NOT_SERVING flip to the"
-	@echo "                   last request: grpc-go xDS client vs kubegrpc; convergence vs kuberesolver; picker cost"
+	@echo "                   last request: grpc-go xDS client vs kubegrpc; convergence vs kuberesolver; watch fan-out; picker"
 	@echo "                   (criterion); release build; needs the peers too"
 	@echo "make scale         10,000 endpoints in one GrpcBackend and 500 x 20: memory, CPU, writes (release build, ~15 min)"
 	@echo "make soak          pods churned under load for 10 minutes: operator and client back at their baseline (release build)"
@@ -35,11 +35,12 @@ bench:
 	@cargo bench --locked -p kubegrpc --bench picker && \
 	bin="$$(tests/controlplane/build.sh)" && \
 	peers="$$(tests/peers/build.sh)" && \
-	cargo build --release --locked -p kubegrpc-tests --bin bench --bin bench_weights --bin bench_xds_flip --bin bench_convergence && \
+	cargo build --release --locked -p kubegrpc-tests --bin bench --bin bench_weights --bin bench_xds_flip --bin bench_convergence --bin bench_fanout && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench_weights && \
 	KUBEGRPC_CONTROLPLANE_BIN="$$bin" KUBEGRPC_PEERS_DIR="$$peers" tests/netns-run.sh target/release/bench_xds_flip && \
-	KUBEGRPC_CONTROLPLANE_BIN="$$bin" KUBEGRPC_PEERS_DIR="$$peers" tests/netns-run.sh target/release/bench_convergence
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" KUBEGRPC_PEERS_DIR="$$peers" tests/netns-run.sh target/release/bench_convergence && \
+	KUBEGRPC_CONTROLPLANE_BIN="$$bin" tests/netns-run.sh target/release/bench_fanout
 
 scale:
 	@bin="$$(tests/controlplane/build.sh)" && \

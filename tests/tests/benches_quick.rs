@@ -107,3 +107,27 @@ fn the_convergence_bench_measures_kubegrpc_and_kuberesolver() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn the_fanout_bench_measures_both_watches() -> Result<()> {
+    // At this size the CPU per follower is below the timer's resolution: only that the
+    // figures are printed is checked.
+    let stdout = run_quick(
+        "bench_fanout",
+        &[("BENCH_FANOUT_QUICK", "1")],
+        &[
+            "| GrpcBackend |",
+            "| EndpointSlice |",
+            "baseline (no followers)",
+            "per follower, GrpcBackend / EndpointSlice",
+        ],
+    )?;
+    for label in [
+        "GrpcBackend followers: flip -> seen p50 =",
+        "EndpointSlice followers: flip -> seen p50 =",
+        "goals: GrpcBackend p95",
+    ] {
+        assert!(figure(&stdout, label).is_some(), "no {label} figure:\n{stdout}");
+    }
+    Ok(())
+}
