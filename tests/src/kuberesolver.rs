@@ -7,11 +7,17 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{ControlPlane, netns::assert_private_network, peers::peers_dir, process::ManagedProcess, xds::XdsCounts};
+use crate::{
+    ControlPlane,
+    control_api::{self, start_client_peer},
+    netns::assert_private_network,
+    peers::peer_executable,
+    process::ManagedProcess,
+    xds::XdsCounts,
+};
 
 /// The executable in the peers directory.
 const EXECUTABLE: &str = "kuberesolver-client-go";
@@ -60,18 +66,10 @@ impl KuberesolverClient {
             health_check,
             rate,
         } = options;
-        let executable = peers_dir()?.join(EXECUTABLE);
-        if !executable.is_file() {
-            bail!(
-                "{} is missing: {} must name a directory printed by tests/peers/build.sh",
-                executable.display(),
-                crate::peers::PEERS_DIR_ENV
-            );
-        }
+        let executable = peer_executable(EXECUTABLE)?;
         let dir = control_plane.dir();
         let kind = if health_check { "health" } else { "plain" };
         let log = std::env::temp_dir().join(format!("{EXECUTABLE}-{kind}-{namespace}-{service}.log"));
-        let _ = std::fs::remove_file(&log);
         let mut command = Command::new(&executable);
         command
             .arg("--target")
@@ -92,80 +90,41 @@ impl KuberesolverClient {
             command.arg("--health-check");
         }
         let name = format!("kuberesolver client ({kind}) of {namespace}/{service}");
-        let process = ManagedProcess::start(name.clone(), command, &log)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(control) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("control listening on "))
-                .and_then(|a| a.trim().parse().ok())
-            {
-                return Ok(Self { control, process });
-            }
-            if let Some(status) = process.try_exit_status() {
-                bail!("the {name} exited ({status}): {}", process.log_tail(20));
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "the {name}'s control API did not start within 20s: {}",
-                    process.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (process, control) = start_client_peer(&name, command, &log, Duration::from_secs(20)).await?;
+        Ok(Self { control, process })
     }
 
     /// The counts since the last reset.
     pub async fn counts(&self) -> Result<XdsCounts> {
-        serde_json::from_slice(&self.request("GET", "/counts").await?).context("the kuberesolver client's /counts")
+        control_api::call(self.control, "GET", "/counts").await
     }
 
     /// Per backend (`ip:port`), the Unix time in nanoseconds at which its latest successful
     /// reply arrived (cleared by a reset).
     pub async fn last(&self) -> Result<BTreeMap<String, i64>> {
-        serde_json::from_slice(&self.request("GET", "/last").await?).context("the kuberesolver client's /last")
+        control_api::call(self.control, "GET", "/last").await
     }
 
     /// Per backend, the Unix time in nanoseconds of its first successful reply since the last
     /// reset.
     pub async fn first(&self) -> Result<BTreeMap<String, i64>> {
-        serde_json::from_slice(&self.request("GET", "/first").await?).context("the kuberesolver client's /first")
+        control_api::call(self.control, "GET", "/first").await
     }
 
     /// Every failed call since the start (the first 100000), with the Unix time (ns) it was
     /// sent at.
     pub async fn failures(&self) -> Result<Vec<Failure>> {
-        serde_json::from_slice(&self.request("GET", "/failures").await?).context("the kuberesolver client's /failures")
+        control_api::call(self.control, "GET", "/failures").await
     }
 
     /// Starts a new counting window (clears `/last` and `/first`); returns the counts of the
     /// window it ends.
     pub async fn reset(&self) -> Result<XdsCounts> {
-        serde_json::from_slice(&self.request("POST", "/reset").await?).context("the kuberesolver client's /reset")
+        control_api::call(self.control, "POST", "/reset").await
     }
 
     /// The end of the client's log (stderr and stdout).
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
-    }
-
-    async fn request(&self, method: &str, path: &str) -> Result<Vec<u8>> {
-        let mut stream = tokio::net::TcpStream::connect(self.control).await?;
-        stream
-            // HTTP/1.0: the answer is not chunked and the connection closes after it.
-            .write_all(format!("{method} {path} HTTP/1.0\r\nHost: control\r\nContent-Length: 0\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        let split = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .context("no HTTP header end")?;
-        let head = String::from_utf8_lossy(&response[..split]);
-        if head.split_whitespace().nth(1).is_none_or(|code| code != "200") {
-            bail!("{method} {path}: {head}");
-        }
-        Ok(response[split + 4..].to_vec())
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod backends;
 pub mod certs;
+pub mod control_api;
 pub mod controlplane;
 pub mod install;
 pub mod kubelet;

@@ -126,13 +126,7 @@ impl PeerServer {
         if language == PeerLanguage::Java && (options.capacity.is_some() || options.work.is_some() || options.orca) {
             bail!("capacity, work and ORCA reporting are grpc-go peer options only");
         }
-        let executable = peers_dir()?.join(language.server_executable());
-        if !executable.is_file() {
-            bail!(
-                "{} is missing: {PEERS_DIR_ENV} must name a directory printed by tests/peers/build.sh",
-                executable.display()
-            );
-        }
+        let executable = peer_executable(language.server_executable())?;
         let log = std::env::temp_dir().join(format!("peer-server-{language}-{address}.log").replace(':', "_"));
         let _ = std::fs::remove_file(&log);
         let mut command = Command::new(&executable);
@@ -210,6 +204,19 @@ pub async fn start_peers(language: PeerLanguage, count: usize, options: &PeerOpt
         PeerServer::start(language, address, options)
     });
     futures::future::try_join_all(starts).await
+}
+
+/// Built peer `name` (e.g. `xds-client-go`) in the peers directory; an error saying how to
+/// build it when it is not there.
+pub fn peer_executable(name: &str) -> Result<PathBuf> {
+    let executable = peers_dir()?.join(name);
+    if !executable.is_file() {
+        bail!(
+            "{} is missing: {PEERS_DIR_ENV} must name a directory printed by tests/peers/build.sh",
+            executable.display()
+        );
+    }
+    Ok(executable)
 }
 
 /// The directory of built peers, from `KUBEGRPC_PEERS_DIR`.

@@ -6,14 +6,18 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, process::Command, sync::Arc, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use kube::Client;
 use kubegrpc_operator::{Metrics, xds};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::{netns::assert_private_network, peers::peers_dir, process::ManagedProcess};
+use crate::{
+    control_api::{self, start_client_peer},
+    netns::assert_private_network,
+    peers::peer_executable,
+    process::ManagedProcess,
+};
 
 /// The operator's xDS server on 10.250.0.1 (a free port), fed by a watch of GrpcBackends.
 /// Dropping it shuts the server down as a stopping operator does: every stream ends (the
@@ -201,14 +205,7 @@ impl XdsClient {
             rate,
             channel_creds,
         } = options;
-        let executable = peers_dir()?.join(peer.executable());
-        if !executable.is_file() {
-            bail!(
-                "{} is missing: {} must name a directory printed by tests/peers/build.sh",
-                executable.display(),
-                crate::peers::PEERS_DIR_ENV
-            );
-        }
+        let executable = peer_executable(peer.executable())?;
         let names = targets.join("+");
         let dir = std::env::temp_dir();
         let tag = format!("{}-{names}-{}", peer.executable(), xds_server.port());
@@ -225,7 +222,6 @@ impl XdsClient {
             }))?,
         )?;
         let log = dir.join(format!("{tag}.log"));
-        let _ = std::fs::remove_file(&log);
         let mut command = Command::new(&executable);
         for target in &targets {
             command.arg("--target").arg(format!("xds:///{target}"));
@@ -237,48 +233,30 @@ impl XdsClient {
             .arg(rate.to_string())
             .arg("--control")
             .arg("10.250.0.1:0");
-        let process = ManagedProcess::start(format!("{peer} xDS client of {names}"), command, &log)?;
-        let deadline = tokio::time::Instant::now() + peer.startup_deadline();
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(address) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("control listening on "))
-                .and_then(|a| a.trim().parse().ok())
-            {
-                return Ok(Self {
-                    control: address,
-                    _process: process,
-                });
-            }
-            if let Some(status) = process.try_exit_status() {
-                bail!("the {peer} xDS client exited ({status}): {}", process.log_tail(20));
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "the {peer} xDS client's control API did not start within {:?}: {}",
-                    peer.startup_deadline(),
-                    process.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let name = format!("{peer} xDS client of {names}");
+        let (process, control) = start_client_peer(&name, command, &log, peer.startup_deadline()).await?;
+        Ok(Self {
+            control,
+            _process: process,
+        })
     }
 
     /// The counts since the last reset.
     pub async fn counts(&self) -> Result<XdsCounts> {
-        serde_json::from_slice(&self.request("GET", "/counts").await?).context("the xDS client's /counts")
+        control_api::call(self.control, "GET", "/counts").await
     }
 
     /// Per backend (`ip:port`), the Unix time in nanoseconds at which its latest successful
     /// reply arrived (cleared by a reset).
     pub async fn last(&self) -> Result<BTreeMap<String, i64>> {
-        serde_json::from_slice(&self.request("GET", "/last").await?).context("the xDS client's /last")
+        control_api::call(self.control, "GET", "/last").await
     }
 
     /// Starts a new counting window.
     pub async fn reset(&self) -> Result<()> {
-        self.request("POST", "/reset").await.map(|_| ())
+        control_api::call::<serde::de::IgnoredAny>(self.control, "POST", "/reset")
+            .await
+            .map(|_| ())
     }
 
     /// Waits until `more` requests succeeded in the current window.
@@ -288,24 +266,5 @@ impl XdsClient {
             Ok((counts.succeeded() >= more).then_some(counts))
         })
         .await
-    }
-
-    async fn request(&self, method: &str, path: &str) -> Result<Vec<u8>> {
-        let mut stream = tokio::net::TcpStream::connect(self.control).await?;
-        stream
-            // HTTP/1.0: the answer is not chunked and the connection closes after it.
-            .write_all(format!("{method} {path} HTTP/1.0\r\nHost: control\r\nContent-Length: 0\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        let split = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .context("no HTTP header end")?;
-        let head = String::from_utf8_lossy(&response[..split]);
-        if head.split_whitespace().nth(1).is_none_or(|code| code != "200") {
-            bail!("{method} {path}: {head}");
-        }
-        Ok(response[split + 4..].to_vec())
     }
 }
