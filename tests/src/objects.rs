@@ -69,6 +69,18 @@ pub struct SliceEndpoint {
 
 impl SliceEndpoint {
     /// A ready endpoint.
+    /// Ready endpoints at `addresses`, backed by Pods `echo-0`, `echo-1`, ...
+    pub fn ready_pods(addresses: &[SocketAddr]) -> Vec<Self> {
+        addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Self {
+                pod: Some(format!("echo-{i}")),
+                ..Self::ready(*a)
+            })
+            .collect()
+    }
+
     pub fn ready(address: SocketAddr) -> Self {
         Self {
             address,

@@ -98,6 +98,11 @@ impl XdsCounts {
         self.ok.values().sum()
     }
 
+    /// `backend`'s share of the successful requests.
+    pub fn share(&self, backend: SocketAddr) -> f64 {
+        self.of(backend) as f64 / self.succeeded().max(1) as f64
+    }
+
     pub fn failures(&self) -> u64 {
         self.failed.values().sum()
     }
@@ -257,6 +262,12 @@ impl XdsClient {
         control_api::call::<serde::de::IgnoredAny>(self.control, "POST", "/reset")
             .await
             .map(|_| ())
+    }
+
+    /// A fresh counting window of `requests` successful requests.
+    pub async fn window(&self, requests: u64, deadline: Duration) -> Result<XdsCounts> {
+        self.reset().await?;
+        self.wait_for(requests, deadline).await
     }
 
     /// Waits until `more` requests succeeded in the current window.

@@ -16,7 +16,7 @@ use kubegrpc_tests::{
     objects::{SliceEndpoint, apply_slice, create_service, create_weighted_pod},
     operator::InProcessOperator,
     scenario::{Scenario, endpoint},
-    xds::{InProcessXds, XdsClient, XdsCounts},
+    xds::{InProcessXds, XdsClient},
 };
 use serde_json::json;
 
@@ -25,27 +25,6 @@ const RATE: u32 = 200;
 
 async fn create_pod(s: &Scenario, name: &str, weight: &str) -> Result<()> {
     create_weighted_pod(&s.client, &s.namespace, name, weight).await
-}
-
-fn slice_of(addresses: &[SocketAddr]) -> Vec<SliceEndpoint> {
-    addresses
-        .iter()
-        .enumerate()
-        .map(|(i, a)| SliceEndpoint {
-            pod: Some(format!("echo-{i}")),
-            ..SliceEndpoint::ready(*a)
-        })
-        .collect()
-}
-
-/// A fresh counting window of `requests` successful requests.
-async fn window(client: &XdsClient, requests: u64) -> Result<XdsCounts> {
-    client.reset().await?;
-    client.wait_for(requests, DEADLINE).await
-}
-
-fn share(counts: &XdsCounts, backend: SocketAddr) -> f64 {
-    counts.of(backend) as f64 / counts.succeeded().max(1) as f64
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,7 +44,7 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
         "echo",
         "echo-1",
         "grpc",
-        &slice_of(&addresses[..3]),
+        &SliceEndpoint::ready_pods(&addresses[..3]),
     )
     .await?;
     s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
@@ -77,10 +56,10 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
 
     let client = XdsClient::start(&format!("echo.{}", s.namespace), xds.address, RATE).await?;
     // Spread over the three Serving endpoints, counted by who answered.
-    let counts = window(&client, 1500).await?;
+    let counts = client.window(1500, DEADLINE).await?;
     println!("xDS, grpc-go client, Equal over 3: {:?}", counts.ok);
     for backend in &addresses[..3] {
-        assert!((share(&counts, *backend) - 1.0 / 3.0).abs() < 0.05, "{counts:?}");
+        assert!((counts.share(*backend) - 1.0 / 3.0).abs() < 0.05, "{counts:?}");
     }
 
     // A backend flipped NOT_SERVING receives no requests after the push.
@@ -91,7 +70,7 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
     .await?;
     // The push reaches the client within moments; count from a window that starts after it.
     client.wait_for(RATE as u64, DEADLINE).await?;
-    let counts = window(&client, 1000).await?;
+    let counts = client.window(1000, DEADLINE).await?;
     println!("xDS, backend 2 NotServing: {:?}", counts.ok);
     assert_eq!(
         counts.of(addresses[2]),
@@ -113,13 +92,13 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
     })
     .await?;
     client.wait_for(RATE as u64, DEADLINE).await?;
-    let counts = window(&client, 4000).await?;
+    let counts = client.window(4000, DEADLINE).await?;
     println!("xDS, Static 1:3: {:?}", counts.ok);
-    assert!((share(&counts, addresses[0]) - 0.25).abs() <= 0.05, "{counts:?}");
-    assert!((share(&counts, addresses[1]) - 0.75).abs() <= 0.05, "{counts:?}");
+    assert!((counts.share(addresses[0]) - 0.25).abs() <= 0.05, "{counts:?}");
+    assert!((counts.share(addresses[1]) - 0.75).abs() <= 0.05, "{counts:?}");
 
     // A new endpoint receives requests; one removed from the slice receives none.
-    let mut slice = slice_of(&addresses);
+    let mut slice = SliceEndpoint::ready_pods(&addresses);
     slice.remove(0);
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &slice).await?;
     s.wait_status("echo", "endpoint 0 gone, endpoint 3 ready", DEADLINE, |status| {
@@ -127,7 +106,7 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
     })
     .await?;
     client.wait_for(RATE as u64, DEADLINE).await?;
-    let counts = window(&client, 1500).await?;
+    let counts = client.window(1500, DEADLINE).await?;
     println!("xDS, endpoint 0 removed, endpoint 3 added: {:?}", counts.ok);
     assert_eq!(
         counts.of(addresses[0]),
@@ -246,7 +225,7 @@ async fn bad_xds_clients_are_bounded_and_others_keep_their_updates() -> Result<(
 
     // Meanwhile a well-behaved grpc-go client keeps receiving updates: a flip reaches it.
     let client = XdsClient::start(&name, xds.address, RATE).await?;
-    let counts = window(&client, 500).await?;
+    let counts = client.window(500, DEADLINE).await?;
     assert!(counts.of(addresses[0]) > 0 && counts.of(addresses[1]) > 0, "{counts:?}");
     for _ in 0..5 {
         // Churn, so that the idle client's queue fills up and stays full.
@@ -261,7 +240,7 @@ async fn bad_xds_clients_are_bounded_and_others_keep_their_updates() -> Result<(
     s.wait_status("echo", "1 ready", DEADLINE, |status| status.ready_endpoints == 1)
         .await?;
     client.wait_for(RATE as u64, DEADLINE).await?;
-    let counts = window(&client, 500).await?;
+    let counts = client.window(500, DEADLINE).await?;
     println!(
         "xDS with a 20,000-name, a rejecting and an idle client beside it: {:?}",
         counts.ok
@@ -329,7 +308,7 @@ async fn the_xds_server_restarted_under_load_loses_no_request_and_the_client_rec
     assert_eq!(across.failures(), 0, "failed requests across the restart: {across:?}");
     // From some window on, the flipped backend gets nothing: the new server's push reached it.
     let counts = kubegrpc_tests::wait::until("a window without the flipped backend", DEADLINE, || async {
-        let counts = window(&client, 200).await?;
+        let counts = client.window(200, DEADLINE).await?;
         Ok((counts.of(addresses[1]) == 0).then_some(counts))
     })
     .await?;
@@ -453,8 +432,8 @@ async fn the_operator_ramps_a_new_endpoint_for_xds_clients_in_pushed_steps() -> 
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
     assert!(steps.len() <= 10, "{} pushes for one ramp: {steps:?}", steps.len());
     // After the last step, a full third (counted over more requests than a second holds).
-    let counts = window(&client, 1500).await?;
-    let settled = share(&counts, addresses[2]);
+    let counts = client.window(1500, DEADLINE).await?;
+    let settled = counts.share(addresses[2]);
     println!("xDS slow start: after the ramp {:?}", counts.ok);
     let mean = |range: std::ops::Range<usize>| shares[range.clone()].iter().sum::<f64>() / range.len() as f64;
     let (first, middle) = (mean(0..3), mean(5..8));
@@ -499,11 +478,11 @@ async fn one_xds_client_follows_two_grpc_backends_in_two_namespaces() -> Result<
         format!("echo.{}", second.namespace),
     ];
     let client = XdsClient::start_targets(&targets, xds.address, RATE).await?;
-    let counts = window(&client, 2000).await?;
+    let counts = client.window(2000, DEADLINE).await?;
     println!("xDS, one client, two namespaces: {:?}", counts.ok);
     // The calls alternate between the targets; each target spreads over its own two.
     for backend in &addresses {
-        assert!((share(&counts, *backend) - 0.25).abs() < 0.05, "{counts:?}");
+        assert!((counts.share(*backend) - 0.25).abs() < 0.05, "{counts:?}");
     }
     assert_eq!(counts.failures(), 0, "{counts:?}");
 
@@ -515,7 +494,7 @@ async fn one_xds_client_follows_two_grpc_backends_in_two_namespaces() -> Result<
         })
         .await?;
     let counts = kubegrpc_tests::wait::until("a window without the flipped backend", DEADLINE, || async {
-        let counts = window(&client, 1000).await?;
+        let counts = client.window(1000, DEADLINE).await?;
         Ok((counts.of(addresses[3]) == 0).then_some(counts))
     })
     .await?;
@@ -523,9 +502,9 @@ async fn one_xds_client_follows_two_grpc_backends_in_two_namespaces() -> Result<
         "xDS, two namespaces, one backend of the second NotServing: {:?}",
         counts.ok
     );
-    assert!((share(&counts, addresses[2]) - 0.5).abs() < 0.06, "{counts:?}");
+    assert!((counts.share(addresses[2]) - 0.5).abs() < 0.06, "{counts:?}");
     for backend in &addresses[..2] {
-        assert!((share(&counts, *backend) - 0.25).abs() < 0.05, "{counts:?}");
+        assert!((counts.share(*backend) - 0.25).abs() < 0.05, "{counts:?}");
     }
     assert_eq!(counts.failures(), 0, "{counts:?}");
     Ok(())
@@ -573,7 +552,7 @@ async fn over_mutual_tls_only_clients_with_a_certificate_from_the_ca_are_served(
         ..XdsClientOptions::new(&[format!("echo.{}", s.namespace)], xds.address, RATE)
     })
     .await?;
-    let counts = window(&client, 600).await?;
+    let counts = client.window(600, DEADLINE).await?;
     println!("xDS over mutual TLS: {:?}", counts.ok);
     assert!(counts.of(addresses[0]) > 0 && counts.of(addresses[1]) > 0, "{counts:?}");
     assert_eq!(counts.failures(), 0, "{counts:?}");

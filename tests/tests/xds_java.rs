@@ -30,32 +30,11 @@ use serde_json::json;
 const DEADLINE: Duration = Duration::from_secs(60);
 const RATE: u32 = 200;
 
-fn slice_of(addresses: &[SocketAddr]) -> Vec<SliceEndpoint> {
-    addresses
-        .iter()
-        .enumerate()
-        .map(|(i, a)| SliceEndpoint {
-            pod: Some(format!("echo-{i}")),
-            ..SliceEndpoint::ready(*a)
-        })
-        .collect()
-}
-
-/// A fresh counting window of `requests` successful requests.
-async fn window(client: &XdsClient, requests: u64) -> Result<XdsCounts> {
-    client.reset().await?;
-    client.wait_for(requests, DEADLINE).await
-}
-
-fn share(counts: &XdsCounts, backend: SocketAddr) -> f64 {
-    counts.of(backend) as f64 / counts.succeeded().max(1) as f64
-}
-
 /// Each backend's share in percent, for the output.
 fn shares(counts: &XdsCounts, addresses: &[SocketAddr]) -> String {
     addresses
         .iter()
-        .map(|a| format!("{a} {:.1}% ({})", 100.0 * share(counts, *a), counts.of(*a)))
+        .map(|a| format!("{a} {:.1}% ({})", 100.0 * counts.share(*a), counts.of(*a)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -77,7 +56,7 @@ async fn wait_pushed(xds: &InProcessXds, client: &XdsClient, before: u64, what: 
         Ok((endpoints_pushed(xds) > before).then_some(()))
     })
     .await?;
-    let across = window(client, u64::from(RATE)).await?;
+    let across = client.window(u64::from(RATE), DEADLINE).await?;
     assert_eq!(
         across.failures(),
         0,
@@ -97,7 +76,15 @@ async fn a_grpc_java_xds_client_spreads_drops_a_flipped_backend_and_follows_stat
         create_weighted_pod(&s.client, &s.namespace, &format!("echo-{i}"), weight).await?;
     }
     create_service(&s.client, &s.namespace, "echo", &[("grpc", 80)]).await?;
-    apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &slice_of(&addresses)).await?;
+    apply_slice(
+        &s.client,
+        &s.namespace,
+        "echo",
+        "echo-1",
+        "grpc",
+        &SliceEndpoint::ready_pods(&addresses),
+    )
+    .await?;
     s.grpc_backend("echo", json!({"service": "echo", "port": "grpc"}))
         .await?;
     s.wait_status("echo", "3 ready endpoints", DEADLINE, |status| {
@@ -115,14 +102,14 @@ async fn a_grpc_java_xds_client_spreads_drops_a_flipped_backend_and_follows_stat
     .await?;
 
     // (a) Spread over the three Serving endpoints, counted by who answered.
-    let counts = window(&client, 1500).await?;
+    let counts = client.window(1500, DEADLINE).await?;
     println!(
         "xDS, grpc-java client, Equal over 3: {}; failed {:?}",
         shares(&counts, &addresses),
         counts.failed
     );
     for backend in &addresses {
-        assert!((share(&counts, *backend) - 1.0 / 3.0).abs() < 0.05, "{counts:?}");
+        assert!((counts.share(*backend) - 1.0 / 3.0).abs() < 0.05, "{counts:?}");
     }
     assert_eq!(counts.failures(), 0, "failed requests: {counts:?}");
 
@@ -135,7 +122,7 @@ async fn a_grpc_java_xds_client_spreads_drops_a_flipped_backend_and_follows_stat
     })
     .await?;
     wait_pushed(&xds, &client, before, "the flip").await?;
-    let counts = window(&client, 1000).await?;
+    let counts = client.window(1000, DEADLINE).await?;
     println!(
         "xDS, grpc-java client, backend 2 NotServing: {}; failed {:?}",
         shares(&counts, &addresses),
@@ -163,14 +150,14 @@ async fn a_grpc_java_xds_client_spreads_drops_a_flipped_backend_and_follows_stat
     })
     .await?;
     wait_pushed(&xds, &client, before, "the Static weights").await?;
-    let counts = window(&client, 4000).await?;
+    let counts = client.window(4000, DEADLINE).await?;
     println!(
         "xDS, grpc-java client, Static 1:3: {}; failed {:?}",
         shares(&counts, &addresses[..2]),
         counts.failed
     );
-    assert!((share(&counts, addresses[0]) - 0.25).abs() <= 0.05, "{counts:?}");
-    assert!((share(&counts, addresses[1]) - 0.75).abs() <= 0.05, "{counts:?}");
+    assert!((counts.share(addresses[0]) - 0.25).abs() <= 0.05, "{counts:?}");
+    assert!((counts.share(addresses[1]) - 0.75).abs() <= 0.05, "{counts:?}");
     assert_eq!(
         counts.of(addresses[2]),
         0,
