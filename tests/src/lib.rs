@@ -4,6 +4,7 @@
 //! tests and by the demo.
 
 pub mod backends;
+pub mod bench_support;
 pub mod certs;
 pub mod control_api;
 pub mod controlplane;

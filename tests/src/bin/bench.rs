@@ -29,7 +29,9 @@ use std::{
 use anyhow::Result;
 use kube::api::{Patch, PatchParams};
 use kubegrpc_echo::{BackendOptions, EchoClient, EchoRequest};
-use kubegrpc_tests::{ControlPlane, ControlPlaneOptions, backends::start_backend, objects::create_grpc_backend};
+use kubegrpc_tests::{
+    ControlPlane, ControlPlaneOptions, backends::start_backend, bench_support::setting, objects::create_grpc_backend,
+};
 use serde_json::json;
 
 /// The system allocator, counting allocations (a relaxed increment: cheap next to malloc).
@@ -83,10 +85,6 @@ impl tower::Service<http::Request<tonic::body::Body>> for RoundRobin {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         tower::ServiceExt::oneshot(self.channels[index].clone(), request)
     }
-}
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 struct Round {

@@ -37,7 +37,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -51,6 +51,7 @@ use kubegrpc_echo::{EchoClient, EchoRequest, ServingStatus};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
     backends::start_backends,
+    bench_support::{ms, now_ns, pace, percentile, setting},
     kuberesolver::{Failure, KuberesolverClient, KuberesolverOptions},
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     operator::InProcessOperator,
@@ -59,10 +60,6 @@ use kubegrpc_tests::{
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// A backend counts as no longer sent to once its last reply is this much older than the
 /// latest replies from every other backend in use.
@@ -73,18 +70,6 @@ const STEP_DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 const NAME: &str = "echo";
 const SLICE: &str = "echo-1";
-
-/// The Unix time in nanoseconds (the clock of the Go clients' `/first` and `/last`).
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-fn ms(ns: i64) -> f64 {
-    ns as f64 / 1e6
-}
 
 // === The clients ===
 
@@ -275,24 +260,7 @@ async fn status_until(status: &mut watch::Receiver<Seen>, what: &str, check: imp
     Ok(seen.changed_at)
 }
 
-/// Sleeps until `after` past `since` (Unix ns).
-async fn pace(since: i64, after: Duration) {
-    let left = since + after.as_nanos() as i64 - now_ns();
-    if left > 0 {
-        tokio::time::sleep(Duration::from_nanos(left as u64)).await;
-    }
-}
-
 // === Figures ===
-
-/// Nearest-rank percentile of a sorted slice.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
 
 /// One client's figures for one measure.
 #[derive(Default, Clone)]

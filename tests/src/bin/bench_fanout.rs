@@ -58,6 +58,7 @@ use kube::{
 use kubegrpc_crds::{GrpcBackend, GrpcBackendStatus, Health, OPERATOR_FIELD_MANAGER};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
+    bench_support::setting,
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     scale::{cpu_ticks, memory_kib, realistic_endpoint, ticks_per_second},
 };
@@ -68,10 +69,6 @@ const NAME: &str = "echo";
 const LABEL_SELECTOR: &str = "kubernetes.io/service-name=echo";
 /// Child mode: the variant to follow (`GrpcBackend` or `EndpointSlice`).
 const CHILD_ENV: &str = "BENCH_FANOUT_CHILD";
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn unix_nanos(time: SystemTime) -> i128 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)

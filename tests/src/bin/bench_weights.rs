@@ -27,16 +27,13 @@ use kubegrpc_echo::{BackendOptions, EchoClient, EchoRequest};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
     backends::start_backend,
+    bench_support::setting,
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     operator::InProcessOperator,
     wait,
 };
 use serde_json::json;
 use tower::{balance::p2c::Balance, buffer::Buffer, discover::ServiceList, load::PeakEwma};
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 const SLOTS: [usize; 3] = [3, 3, 1];
 const LABELS: [&str; 4] = [

@@ -34,7 +34,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -48,6 +48,7 @@ use kubegrpc_echo::{EchoClient, EchoRequest, ServingStatus};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
     backends::start_backends,
+    bench_support::{ms, now_ns, pace, percentile, setting},
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     operator::InProcessOperator,
     scenario::endpoint,
@@ -58,10 +59,6 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// B counts as no longer sent to once its last reply is this much older than the latest replies
 /// from A and from C.
 const QUIET: Duration = Duration::from_millis(500);
@@ -70,18 +67,6 @@ const STEP_DEADLINE: Duration = Duration::from_secs(30);
 /// How often the clients' last-reply times are read while waiting.
 const POLL: Duration = Duration::from_millis(20);
 const NAME: &str = "echo";
-
-/// The Unix time in nanoseconds (the clock the grpc-go client's `/last` uses).
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-fn ms(ns: i64) -> f64 {
-    ns as f64 / 1e6
-}
 
 /// The Rust client under steady open-loop load, recording per backend the Unix time (ns) of
 /// its latest successful reply, as the grpc-go client's `/last` does.
@@ -174,29 +159,12 @@ async fn status_becomes(status: &mut watch::Receiver<(bool, i64)>, usable: bool)
     Ok(seen.1)
 }
 
-/// Sleeps until `after` past `since` (Unix ns).
-async fn pace(since: i64, after: Duration) {
-    let left = since + after.as_nanos() as i64 - now_ns();
-    if left > 0 {
-        tokio::time::sleep(Duration::from_nanos(left as u64)).await;
-    }
-}
-
 /// Whether a client's last replies show B quiet: its last reply from B at least [`QUIET`] older
 /// than its latest replies from A and from C.
 fn quiet(last: &BTreeMap<String, i64>, a: &str, b: &str, c: &str) -> Option<i64> {
     let b_last = last.get(b).copied().unwrap_or(0);
     let others = last.get(a).copied()?.min(last.get(c).copied()?);
     (others - b_last >= QUIET.as_nanos() as i64).then_some(b_last)
-}
-
-/// Nearest-rank percentile of a sorted slice.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn sorted(values: &[f64]) -> Vec<f64> {
