@@ -20,15 +20,8 @@
 // answers anything but SERVING. Without it, the client sends to every address the resolver
 // gives, whatever the backend's health.
 //
-// The control server (HTTP/1.1) answers, as xds-client's does,
-//
-//	GET  /counts  {"ok":{"10.250.1.1:50051":123,...},"failed":{"Unavailable":2,...},"sent":N,"in_flight":M}
-//	POST /reset   zeroes ok, failed, sent and in_flight, and clears /last and /first (answers the counts before)
-//	GET  /last    {"10.250.1.1:50051":1712345678901234567,...}: per backend, the Unix time in
-//	              nanoseconds at which its latest successful reply arrived
-//	GET  /first   the same for the first successful reply since the start or the last reset
-//	GET  /failures [{"sent":UNIX_NS,"code":"Unavailable","message":"..."},...]: every failed call
-//	              since the start (the first 100000), with the time it was sent; never reset
+// The control server (HTTP/1.1) is package control's: /counts, /reset, /last, /first and
+// /failures.
 //
 // Stdout carries "control listening on IP:PORT" once the control server listens, then
 // "kuberesolver client ready" after the first successful reply. Errors go to stderr, at most one
@@ -39,7 +32,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -51,7 +43,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -62,6 +53,7 @@ import (
 	_ "google.golang.org/grpc/health" // registers the client-side health check (healthCheckConfig)
 	"google.golang.org/grpc/status"
 
+	"kubegrpc.io/peers/internal/control"
 	"kubegrpc.io/peers/internal/echo"
 )
 
@@ -80,7 +72,7 @@ func main() {
 	healthCheck := flag.Bool("health-check", false, "turn on grpc-go's client-side health checking (healthCheckConfig, serviceName \"\")")
 	rate := flag.Float64("rate", 100, "Echo calls per second, sent on schedule whatever the replies (open loop)")
 	timeout := flag.Duration("timeout", 2*time.Second, "each call's deadline")
-	control := flag.String("control", "127.0.0.1:0", "the control server's address, IP:PORT (port 0: any free port)")
+	controlAddress := flag.String("control", "127.0.0.1:0", "the control server's address, IP:PORT (port 0: any free port)")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.SetPrefix("kuberesolver-client: ")
@@ -104,12 +96,12 @@ func main() {
 		grpc.WithDefaultServiceConfig(serviceConfig),
 	}
 
-	c := newCounts()
-	listener, err := net.Listen("tcp", *control)
+	c := control.NewCounts()
+	listener, err := net.Listen("tcp", *controlAddress)
 	if err != nil {
-		log.Fatalf("cannot listen on %s: %v", *control, err)
+		log.Fatalf("cannot listen on %s: %v", *controlAddress, err)
 	}
-	go func() { log.Fatalf("control server: %v", http.Serve(listener, c.handler())) }()
+	go func() { log.Fatalf("control server: %v", http.Serve(listener, c.Handler())) }()
 	fmt.Printf("control listening on %s\n", listener.Addr())
 	_ = os.Stdout.Sync()
 
@@ -122,14 +114,14 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	errorLog := &rateLimitedLog{every: time.Second}
+	errorLog := &control.RateLimitedLog{Every: time.Second}
 	codec := echo.NewCodec()
 	var ready sync.Once
 	var calls sync.WaitGroup
 	call := func(n uint64) {
 		defer calls.Done()
 		sentAt := time.Now()
-		window := c.sent()
+		window := c.Sent()
 		callCtx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
 		var reply []byte
@@ -146,14 +138,14 @@ func main() {
 		}
 		if err != nil {
 			if ctx.Err() != nil {
-				c.forget(window) // stopping: not the backends' fault
+				c.Forget(window) // stopping: not the backends' fault
 				return
 			}
-			c.failed(window, sentAt, status.Code(err), err.Error())
-			errorLog.printf("call %d: %v", n, err)
+			c.Failed(window, sentAt, status.Code(err), err.Error())
+			errorLog.Printf("call %d: %v", n, err)
 			return
 		}
-		c.ok(window, backend, time.Now())
+		c.OK(window, backend, time.Now())
 		ready.Do(func() {
 			log.Printf("first reply, from %s", backend)
 			fmt.Println("kuberesolver client ready")
@@ -245,163 +237,3 @@ func (k *k8sClient) Do(request *http.Request) (*http.Response, error) {
 }
 
 func (k *k8sClient) Host() string { return k.host }
-
-// counts are the control server's counts, per window (from the start or the last reset).
-type counts struct {
-	mu       sync.Mutex
-	window   uint64 // which window the counts are for: reset starts a new one
-	okBy     map[string]uint64
-	failedBy map[string]uint64
-	sentN    uint64
-	inFlight uint64
-	last     map[string]int64
-	first    map[string]int64
-	failures []failure
-}
-
-// failure is one failed call, for GET /failures.
-type failure struct {
-	Sent    int64  `json:"sent"`
-	Code    string `json:"code"`
-	Message string `json:"message"`
-}
-
-// maxFailures bounds the failures kept for GET /failures.
-const maxFailures = 100000
-
-func newCounts() *counts {
-	return &counts{okBy: map[string]uint64{}, failedBy: map[string]uint64{}, last: map[string]int64{}, first: map[string]int64{}}
-}
-
-// sent counts a call sent and returns its window.
-func (c *counts) sent() uint64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.sentN++
-	c.inFlight++
-	return c.window
-}
-
-func (c *counts) ok(window uint64, backend string, at time.Time) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.last[backend] = at.UnixNano()
-	if _, seen := c.first[backend]; !seen {
-		c.first[backend] = at.UnixNano()
-	}
-	if window == c.window {
-		c.inFlight--
-		c.okBy[backend]++
-	}
-}
-
-func (c *counts) failed(window uint64, sent time.Time, code codes.Code, message string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if len(c.failures) < maxFailures {
-		c.failures = append(c.failures, failure{Sent: sent.UnixNano(), Code: code.String(), Message: message})
-	}
-	if window == c.window {
-		c.inFlight--
-		c.failedBy[code.String()]++
-	}
-}
-
-// forget uncounts a call that ended without an outcome.
-func (c *counts) forget(window uint64) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if window == c.window {
-		c.inFlight--
-		c.sentN--
-	}
-}
-
-type countsJSON struct {
-	OK       map[string]uint64 `json:"ok"`
-	Failed   map[string]uint64 `json:"failed"`
-	Sent     uint64            `json:"sent"`
-	InFlight uint64            `json:"in_flight"`
-}
-
-// snapshot returns the counts; with reset it also starts a new window.
-func (c *counts) snapshot(reset bool) countsJSON {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	snapshot := countsJSON{OK: c.okBy, Failed: c.failedBy, Sent: c.sentN, InFlight: c.inFlight}
-	if reset {
-		c.window++
-		c.okBy, c.failedBy, c.sentN, c.inFlight = map[string]uint64{}, map[string]uint64{}, 0, 0
-		c.last, c.first = map[string]int64{}, map[string]int64{}
-	} else {
-		snapshot.OK, snapshot.Failed = clone(c.okBy), clone(c.failedBy)
-	}
-	return snapshot
-}
-
-func (c *counts) times(first bool) map[string]int64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if first {
-		return clone(c.first)
-	}
-	return clone(c.last)
-}
-
-func clone[V any](m map[string]V) map[string]V {
-	out := make(map[string]V, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
-}
-
-func (c *counts) handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /counts", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.snapshot(false)) })
-	mux.HandleFunc("POST /reset", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.snapshot(true)) })
-	mux.HandleFunc("GET /last", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.times(false)) })
-	mux.HandleFunc("GET /first", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.times(true)) })
-	mux.HandleFunc("GET /failures", func(w http.ResponseWriter, _ *http.Request) {
-		c.mu.Lock()
-		failures := append([]failure{}, c.failures...)
-		c.mu.Unlock()
-		writeJSON(w, failures)
-	})
-	return mux
-}
-
-func writeJSON(w http.ResponseWriter, v any) {
-	body, err := json.Marshal(v)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(append(body, '\n'))
-}
-
-// rateLimitedLog prints at most one line per period, saying how many it held back meanwhile.
-type rateLimitedLog struct {
-	every      time.Duration
-	mu         sync.Mutex
-	next       time.Time
-	suppressed atomic.Uint64
-}
-
-func (l *rateLimitedLog) printf(format string, args ...any) {
-	l.mu.Lock()
-	now := time.Now()
-	if now.Before(l.next) {
-		l.mu.Unlock()
-		l.suppressed.Add(1)
-		return
-	}
-	l.next = now.Add(l.every)
-	l.mu.Unlock()
-	message := fmt.Sprintf(format, args...)
-	if n := l.suppressed.Swap(0); n > 0 {
-		message += fmt.Sprintf(" (and %d more errors since the last line)", n)
-	}
-	log.Print(message)
-}

@@ -18,16 +18,8 @@
 //	  "server_features":["xds_v3","ignore_resource_deletion"]}],
 //	 "node":{"id":"kubegrpc-test","locality":{"zone":"zone-a"}}}
 //
-// The control server (HTTP/1.1) answers
-//
-//	GET  /counts  {"ok":{"10.250.1.1:50051":123,...},"failed":{"Unavailable":2,...},"sent":N,"in_flight":M}
-//	POST /reset   zeroes ok, failed, sent and in_flight, and clears /last (answers the counts before)
-//	GET  /last    {"10.250.1.1:50051":1712345678901234567,...}: per backend, the Unix time in
-//	              nanoseconds at which its latest successful reply arrived
-//
-// Counts are per window (from the start or the last reset): a call counts in the window it was
-// sent in, so ok + failed + in_flight == sent always; a reply to a call sent before a reset is
-// not counted, but still updates /last.
+// The control server (HTTP/1.1) is package control's: /counts, /reset, /last, /first and
+// /failures (per-window counts; see its docs).
 //
 // Stdout carries "control listening on IP:PORT" once the control server listens, then
 // "xds client ready" after the first successful reply. Errors go to stderr, at most one line a
@@ -36,7 +28,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -48,7 +39,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -58,6 +48,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/xds" // registers the xds resolver, balancers and HTTP filters
 
+	"kubegrpc.io/peers/internal/control"
 	"kubegrpc.io/peers/internal/echo"
 )
 
@@ -70,7 +61,7 @@ func main() {
 	bootstrapFile := flag.String("bootstrap", "", "the xDS bootstrap JSON file (default: GRPC_XDS_BOOTSTRAP or GRPC_XDS_BOOTSTRAP_CONFIG from the environment)")
 	rate := flag.Float64("rate", 100, "Echo calls per second, sent on schedule whatever the replies (open loop)")
 	timeout := flag.Duration("timeout", 2*time.Second, "each call's deadline")
-	control := flag.String("control", "127.0.0.1:0", "the control server's address, IP:PORT (port 0: any free port)")
+	controlAddress := flag.String("control", "127.0.0.1:0", "the control server's address, IP:PORT (port 0: any free port)")
 	flag.Usage = func() {
 		out := flag.CommandLine.Output()
 		fmt.Fprintf(out, "usage: %s --target xds:///NAME.NAMESPACE [flags]\n", os.Args[0])
@@ -102,12 +93,12 @@ func main() {
 		log.Fatalf("no bootstrap: give --bootstrap FILE, or set GRPC_XDS_BOOTSTRAP or GRPC_XDS_BOOTSTRAP_CONFIG")
 	}
 
-	c := newCounts()
-	listener, err := net.Listen("tcp", *control)
+	c := control.NewCounts()
+	listener, err := net.Listen("tcp", *controlAddress)
 	if err != nil {
-		log.Fatalf("cannot listen on %s: %v", *control, err)
+		log.Fatalf("cannot listen on %s: %v", *controlAddress, err)
 	}
-	go func() { log.Fatalf("control server: %v", http.Serve(listener, c.handler())) }()
+	go func() { log.Fatalf("control server: %v", http.Serve(listener, c.Handler())) }()
 	fmt.Printf("control listening on %s\n", listener.Addr())
 	_ = os.Stdout.Sync()
 
@@ -124,13 +115,13 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	errorLog := &rateLimitedLog{every: time.Second}
+	errorLog := &control.RateLimitedLog{Every: time.Second}
 	codec := echo.NewCodec()
 	var ready sync.Once
 	var calls sync.WaitGroup
 	call := func(n uint64) {
 		defer calls.Done()
-		window := c.sent()
+		window, sentAt := c.Sent(), time.Now()
 		callCtx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
 		var reply []byte
@@ -148,15 +139,14 @@ func main() {
 		}
 		if err != nil {
 			if ctx.Err() != nil {
-				c.forget(window) // stopping: not the backends' fault
+				c.Forget(window) // stopping: not the backends' fault
 				return
 			}
-			code := status.Code(err)
-			c.failed(window, code)
-			errorLog.printf("call %d: %v", n, err)
+			c.Failed(window, sentAt, status.Code(err), err.Error())
+			errorLog.Printf("call %d: %v", n, err)
 			return
 		}
-		c.ok(window, backend, time.Now())
+		c.OK(window, backend, time.Now())
 		ready.Do(func() {
 			log.Printf("first reply, from %s", backend)
 			fmt.Println("xds client ready")
@@ -202,136 +192,4 @@ func (t *targetList) Set(target string) error {
 	}
 	*t = append(*t, target)
 	return nil
-}
-
-// counts are the control server's counts, per window (from the start or the last reset).
-type counts struct {
-	mu       sync.Mutex
-	window   uint64 // which window the counts are for: reset starts a new one
-	okBy     map[string]uint64
-	failedBy map[string]uint64
-	sentN    uint64
-	inFlight uint64
-	last     map[string]int64
-}
-
-func newCounts() *counts {
-	return &counts{okBy: map[string]uint64{}, failedBy: map[string]uint64{}, last: map[string]int64{}}
-}
-
-// sent counts a call sent and returns its window.
-func (c *counts) sent() uint64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.sentN++
-	c.inFlight++
-	return c.window
-}
-
-func (c *counts) ok(window uint64, backend string, at time.Time) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.last[backend] = at.UnixNano()
-	if window == c.window {
-		c.inFlight--
-		c.okBy[backend]++
-	}
-}
-
-func (c *counts) failed(window uint64, code codes.Code) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if window == c.window {
-		c.inFlight--
-		c.failedBy[code.String()]++
-	}
-}
-
-// forget uncounts a call that ended without an outcome.
-func (c *counts) forget(window uint64) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if window == c.window {
-		c.inFlight--
-		c.sentN--
-	}
-}
-
-type countsJSON struct {
-	OK       map[string]uint64 `json:"ok"`
-	Failed   map[string]uint64 `json:"failed"`
-	Sent     uint64            `json:"sent"`
-	InFlight uint64            `json:"in_flight"`
-}
-
-// snapshot returns the counts; with reset it also starts a new window.
-func (c *counts) snapshot(reset bool) countsJSON {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	snapshot := countsJSON{OK: c.okBy, Failed: c.failedBy, Sent: c.sentN, InFlight: c.inFlight}
-	if reset {
-		c.window++
-		c.okBy, c.failedBy, c.sentN, c.inFlight = map[string]uint64{}, map[string]uint64{}, 0, 0
-		c.last = map[string]int64{}
-	} else {
-		snapshot.OK, snapshot.Failed = clone(c.okBy), clone(c.failedBy)
-	}
-	return snapshot
-}
-
-func (c *counts) lastReplies() map[string]int64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return clone(c.last)
-}
-
-func clone[V any](m map[string]V) map[string]V {
-	out := make(map[string]V, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
-}
-
-func (c *counts) handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /counts", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.snapshot(false)) })
-	mux.HandleFunc("POST /reset", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.snapshot(true)) })
-	mux.HandleFunc("GET /last", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, c.lastReplies()) })
-	return mux
-}
-
-func writeJSON(w http.ResponseWriter, v any) {
-	body, err := json.Marshal(v)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(append(body, '\n'))
-}
-
-// rateLimitedLog prints at most one line per period, saying how many it held back meanwhile.
-type rateLimitedLog struct {
-	every      time.Duration
-	mu         sync.Mutex
-	next       time.Time
-	suppressed atomic.Uint64
-}
-
-func (l *rateLimitedLog) printf(format string, args ...any) {
-	l.mu.Lock()
-	now := time.Now()
-	if now.Before(l.next) {
-		l.mu.Unlock()
-		l.suppressed.Add(1)
-		return
-	}
-	l.next = now.Add(l.every)
-	l.mu.Unlock()
-	message := fmt.Sprintf(format, args...)
-	if n := l.suppressed.Swap(0); n > 0 {
-		message += fmt.Sprintf(" (and %d more errors since the last line)", n)
-	}
-	log.Print(message)
 }
