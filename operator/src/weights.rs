@@ -131,9 +131,18 @@ impl LoadWeight {
     /// expires), if it will.
     pub fn changes_in(&self, settings: &LoadSettings, now: Instant) -> Option<Duration> {
         let (since, updated) = (self.non_empty_since?, self.last_updated?);
-        let expires = (updated + settings.weight_expiration_period).saturating_duration_since(now);
-        let blackout_ends = (since + settings.blackout_period).saturating_duration_since(now);
-        [blackout_ends, expires].into_iter().filter(|d| !d.is_zero()).min()
+        // Checked: an `Instant` plus a huge period panics on overflow, and such a period means
+        // "never" here.
+        let after =
+            |from: Instant, period: Duration| from.checked_add(period).map(|at| at.saturating_duration_since(now));
+        [
+            after(since, settings.blackout_period),
+            after(updated, settings.weight_expiration_period),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|d| !d.is_zero())
+        .min()
     }
 }
 
@@ -155,6 +164,14 @@ pub const HYSTERESIS_PERCENT: u32 = 10;
 pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>], hold: &[bool]) -> Vec<u32> {
     assert_eq!(current.len(), published.len(), "one published weight per endpoint");
     assert_eq!(current.len(), hold.len(), "one hold per endpoint");
+    let current = relative_weights(current);
+    // The schema admits any u32 in the status; this policy never publishes 0 or more than
+    // MAX_STATIC_WEIGHT, so a value outside that range was not written by it and is bounded
+    // like the rest before it is held or compared.
+    let published: Vec<Option<u32>> = published
+        .iter()
+        .map(|w| w.filter(|w| *w > 0).map(|w| w.min(MAX_STATIC_WEIGHT)))
+        .collect();
     let held = |i: usize| current[i].is_none() && hold[i] && published[i].is_some();
     let valid: Vec<f64> = current.iter().flatten().copied().collect();
     let mean = (!valid.is_empty()).then(|| valid.iter().sum::<f64>() / valid.len() as f64);
@@ -164,10 +181,11 @@ pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>], 
     let (published_sum, raw_sum) = (0..current.len())
         .filter_map(|i| Some((f64::from(published[i]?), current[i]?)))
         .fold((0.0, 0.0), |(p, r), (pi, ri)| (p + pi, r + ri));
-    let factor = match mean {
-        Some(_) if (0..current.len()).any(held) && raw_sum > 0.0 => Some(published_sum / raw_sum),
-        Some(mean) => Some(f64::from(FULL_WEIGHT) / mean),
-        None => None,
+    let held_factor = Some(published_sum / raw_sum).filter(|f| raw_sum > 0.0 && f.is_finite());
+    let factor = match (mean, held_factor) {
+        (Some(_), Some(held_factor)) if (0..current.len()).any(held) => Some(held_factor),
+        (Some(mean), _) => Some(f64::from(FULL_WEIGHT) / mean),
+        (None, _) => None,
     };
     (0..current.len())
         .map(|i| {
@@ -177,13 +195,27 @@ pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>], 
             let (Some(factor), Some(mean)) = (factor, mean) else {
                 return FULL_WEIGHT;
             };
+            // `as` saturates (and takes NaN to 0): the clamp bounds whatever came out.
             let new = ((current[i].unwrap_or(mean) * factor).round() as u32).clamp(1, MAX_STATIC_WEIGHT);
+            // In u64: `old` may be as large as u32::MAX.
+            let within =
+                |old: u32| u64::from(new.abs_diff(old)) * 100 <= u64::from(old) * u64::from(HYSTERESIS_PERCENT);
             match published[i] {
-                Some(old) if old > 0 && new.abs_diff(old) * 100 <= old * HYSTERESIS_PERCENT => old,
+                Some(old) if within(old) => old,
                 _ => new,
             }
         })
         .collect()
+}
+
+/// The valid weights of `current` (finite and above 0; anything else is `None`, no valid
+/// weight) divided by the largest, so that sums of them cannot overflow whatever was reported.
+fn relative_weights(current: &[Option<f64>]) -> Vec<Option<f64>> {
+    let valid = |w: &Option<f64>| w.filter(|w| w.is_finite() && *w > 0.0);
+    let Some(largest) = current.iter().filter_map(valid).max_by(f64::total_cmp) else {
+        return vec![None; current.len()];
+    };
+    current.iter().map(|w| valid(w).map(|w| w / largest)).collect()
 }
 
 #[cfg(test)]
@@ -316,6 +348,39 @@ mod tests {
     }
 
     #[test]
+    fn published_weights_up_to_u32_max_neither_overflow_nor_stay_out_of_range() {
+        let max = Some(u32::MAX);
+        // The schema admits any u32: such a weight is not this policy's and is replaced.
+        assert_eq!(
+            publish_load_weights(&[Some(1.0), Some(1.0)], &[max, Some(u32::MAX - 1)], &[false; 2]),
+            [100, 100]
+        );
+        // Held while its prober has no valid weight: held within the policy's range.
+        assert_eq!(
+            publish_load_weights(&[None, Some(1.0)], &[max, Some(100)], &[true, false]),
+            [MAX_STATIC_WEIGHT, 100]
+        );
+        // Compared with the hysteresis without overflowing (a panic in debug builds, a wrong
+        // comparison in release ones before).
+        assert_eq!(
+            publish_load_weights(&[Some(1.0), Some(1.0), Some(2.0)], &[None, None, max], &[false; 3]),
+            [75, 75, 150]
+        );
+    }
+
+    #[test]
+    fn weights_too_large_to_add_up_keep_their_ratios() {
+        assert_eq!(
+            publish_load_weights(
+                &[Some(f64::MAX), Some(f64::MAX), Some(f64::MAX / 2.0)],
+                &[None; 3],
+                &[false; 3]
+            ),
+            [120, 120, 60]
+        );
+    }
+
+    #[test]
     fn a_restarted_operator_holds_the_published_weights_until_its_own_are_valid() {
         let published = [Some(75), Some(75), Some(150)];
         // Just restarted: no valid weight yet, every prober young: nothing changes.
@@ -333,5 +398,66 @@ mod tests {
             publish_load_weights(&[Some(1.0), None], &[Some(100), None], &[false, true]),
             [100, 100]
         );
+    }
+
+    mod hostile_input {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Any f64 at all: NaN, infinities, negatives, zeros, subnormals, 1e300.
+        fn any_f64() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                proptest::num::f64::ANY,
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(f64::MIN_POSITIVE / 4.0),
+                Just(1e300),
+                Just(-1e300),
+                Just(0.0),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_report_gives_no_weight_or_a_finite_positive_one(
+                reports in proptest::collection::vec((any_f64(), any_f64(), any_f64()), 1..5),
+                penalty in any_f64(),
+                blackout in any::<u64>(),
+                expiration in any::<u64>(),
+            ) {
+                let settings = LoadSettings {
+                    blackout_period: Duration::from_nanos(blackout),
+                    weight_expiration_period: Duration::from_nanos(expiration),
+                    error_utilization_penalty: penalty,
+                };
+                let now = Instant::now();
+                let mut weight = LoadWeight::default();
+                for (qps, eps, utilization) in reports {
+                    weight.update(sample(qps, eps, utilization), settings.weight_expiration_period, now);
+                    if let Some(w) = weight.current(&settings, now) {
+                        prop_assert!(w.is_finite() && w > 0.0, "{w}");
+                    }
+                    let _ = weight.changes_in(&settings, now);
+                }
+            }
+
+            #[test]
+            fn any_weights_publish_within_range(
+                endpoints in proptest::collection::vec(
+                    (proptest::option::of(any_f64()), proptest::option::of(any::<u32>()), any::<bool>()),
+                    0..12,
+                ),
+            ) {
+                let current: Vec<Option<f64>> = endpoints.iter().map(|e| e.0).collect();
+                let published: Vec<Option<u32>> = endpoints.iter().map(|e| e.1).collect();
+                let hold: Vec<bool> = endpoints.iter().map(|e| e.2).collect();
+                let weights = publish_load_weights(&current, &published, &hold);
+                prop_assert_eq!(weights.len(), endpoints.len());
+                for weight in &weights {
+                    prop_assert!((1..=MAX_STATIC_WEIGHT).contains(weight), "{weights:?}");
+                }
+            }
+        }
     }
 }
