@@ -3,9 +3,12 @@
 //! - `Equal`: every usable endpoint gets [`FULL_WEIGHT`].
 //! - `Static`: the Pod annotation `kubegrpc.io/weight` ([`static_weight`]).
 //! - `LoadReport`: gRFC A58's `weighted_round_robin` weights from each backend's ORCA reports
-//!   ([`LoadWeight`]), computed once by the operator for every client, then scaled so that
-//!   the mean is [`FULL_WEIGHT`] and published with hysteresis ([`publish_load_weights`]):
-//!   a steady load makes no status writes.
+//!   ([`LoadWeight`]), computed once by the operator for every client, each capped at
+//!   [`MAX_TIMES_MEDIAN`] (4) times the lower median of the valid weights so that a backend
+//!   cannot take the traffic by lying in its reports (one liar among n endpoints gets at most
+//!   4 / (n + 3) of the requests), then scaled so that the mean is [`FULL_WEIGHT`] and
+//!   published with hysteresis ([`publish_load_weights`]): a steady load makes no status
+//!   writes.
 //!
 //! Slow start is the clients' (see the client crate): the status carries the full weight and
 //! when the endpoint became usable, so a new endpoint costs one status write, not one per step.
@@ -158,13 +161,15 @@ pub const HYSTERESIS_PERCENT: u32 = 10;
 /// current one still stands (a restarted operator's prober has had no time for a valid weight:
 /// the published one, from the previous operator's reports, is the best estimate; the mean
 /// would cost two status writes and a spell of wrong weights per restart). A58 gives endpoints
-/// without a valid weight the mean of the others; the weights are scaled so that their mean is
-/// [`FULL_WEIGHT`] (a resolution of 1%), and an endpoint keeps its published weight while the
-/// new one is within [`HYSTERESIS_PERCENT`] of it.
+/// without a valid weight the mean of the others; each valid weight is first capped at
+/// [`MAX_TIMES_MEDIAN`] times the lower median of them ([`bounded_weights`]: a backend cannot
+/// take the traffic by reporting a huge capacity), then the weights are scaled so that their
+/// mean is [`FULL_WEIGHT`] (a resolution of 1%), and an endpoint keeps its published weight
+/// while the new one is within [`HYSTERESIS_PERCENT`] of it.
 pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>], hold: &[bool]) -> Vec<u32> {
     assert_eq!(current.len(), published.len(), "one published weight per endpoint");
     assert_eq!(current.len(), hold.len(), "one hold per endpoint");
-    let current = relative_weights(current);
+    let current = bounded_weights(current);
     // The schema admits any u32 in the status; this policy never publishes 0 or more than
     // MAX_STATIC_WEIGHT, so a value outside that range was not written by it and is bounded
     // like the rest before it is held or compared.
@@ -208,14 +213,36 @@ pub fn publish_load_weights(current: &[Option<f64>], published: &[Option<u32>], 
         .collect()
 }
 
+/// How many times the lower median of the valid weights one endpoint's weight may be; above
+/// it, it is that (see [`bounded_weights`]).
+pub const MAX_TIMES_MEDIAN: f64 = 4.0;
+
 /// The valid weights of `current` (finite and above 0; anything else is `None`, no valid
-/// weight) divided by the largest, so that sums of them cannot overflow whatever was reported.
-fn relative_weights(current: &[Option<f64>]) -> Vec<Option<f64>> {
+/// weight) relative to their lower median, each at most [`MAX_TIMES_MEDIAN`].
+///
+/// A58 trusts every report: a backend claiming qps 1e12 at utilization 1e-9 weighs 1e21 and
+/// draws nearly every request. The cap bounds what lying can win: at most what an honest
+/// backend 4x the typical one gets, so one liar among n endpoints takes at most 4 / (n + 3)
+/// of the requests (80% of 2, 57% of 4, 31% of 10) while the honest ones keep their ratios.
+/// - The lower median (the ((n - 1) / 2)-th smallest) stays an honest backend's weight while
+///   fewer than half of them inflate their weight (one of two included, which the mean of the
+///   middle pair would not be), and lying low only gives one's own traffic away.
+/// - 4x leaves the weights a Deployment's Pods legitimately reach alone: same resource requests,
+///   different nodes or neighbours make 1.5-3x; 1:1:2 and 3:3:1 capacities are untouched.
+/// - Before scaling, so that endpoints without a valid weight get the mean of bounded weights,
+///   and the sums stay small whatever was reported (1e300s cannot overflow to infinity).
+fn bounded_weights(current: &[Option<f64>]) -> Vec<Option<f64>> {
     let valid = |w: &Option<f64>| w.filter(|w| w.is_finite() && *w > 0.0);
-    let Some(largest) = current.iter().filter_map(valid).max_by(f64::total_cmp) else {
+    let mut sorted: Vec<f64> = current.iter().filter_map(valid).collect();
+    sorted.sort_by(f64::total_cmp);
+    let Some(&median) = sorted.get(sorted.len().saturating_sub(1) / 2) else {
         return vec![None; current.len()];
     };
-    current.iter().map(|w| valid(w).map(|w| w / largest)).collect()
+    // Both finite and above 0: the quotient is not NaN (an overflow to infinity is capped).
+    current
+        .iter()
+        .map(|w| valid(w).map(|w| (w / median).min(MAX_TIMES_MEDIAN)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -325,10 +352,10 @@ mod tests {
             "expired: the mean"
         );
         assert_eq!(publish_load_weights(&[], &[], &[]), Vec::<u32>::new());
-        // Extreme ratios stay in range.
+        // Extreme ratios are bounded at 4x the lower median (see the liar below).
         assert_eq!(
             publish_load_weights(&[Some(1e-9), Some(1e9)], &[None; 2], &[false; 2]),
-            [1, 200]
+            [40, 160]
         );
     }
 
@@ -344,6 +371,81 @@ mod tests {
         assert_eq!(
             publish_load_weights(&[Some(100.0), Some(100.0), Some(100.0)], &published, &[false; 3]),
             [100, 100, 100]
+        );
+    }
+
+    #[test]
+    fn capacities_within_the_cap_keep_their_ratios() {
+        let unbounded = |current: &[f64]| -> Vec<u32> {
+            let mean = current.iter().sum::<f64>() / current.len() as f64;
+            current.iter().map(|w| (w * 100.0 / mean).round() as u32).collect()
+        };
+        for capacities in [
+            &[1.0, 1.0, 2.0][..],
+            &[3.0, 3.0, 1.0],
+            &[1.0, 4.0],
+            &[2.0, 1.0, 8.0, 3.0],
+        ] {
+            let current: Vec<Option<f64>> = capacities.iter().map(|c| Some(c * 37.5)).collect();
+            let n = current.len();
+            assert_eq!(
+                publish_load_weights(&current, &vec![None; n], &vec![false; n]),
+                unbounded(capacities),
+                "{capacities:?}"
+            );
+        }
+        let same = |current: &[Option<f64>]| publish_load_weights(current, &[None; 3], &[false; 3]);
+        assert_eq!(same(&[Some(100.0), Some(100.0), Some(200.0)]), [75, 75, 150]);
+        assert_eq!(same(&[Some(3.0), Some(3.0), Some(1.0)]), [129, 129, 43]);
+        assert_eq!(same(&[Some(300.4), Some(299.6), Some(100.0)]), [129, 128, 43]);
+    }
+
+    #[test]
+    fn a_backend_lying_about_its_capacity_gets_at_most_four_times_the_median() {
+        // Issue 18: qps 1e12 at utilization 1e-9 beside three honest backends got weight 400
+        // and the honest ones 1 each.
+        let liar = sample(1e12, 0.0, 1e-9).weight(1.0);
+        let honest = sample(100.0, 0.0, 0.5).weight(1.0);
+        for n in 2..=10 {
+            let mut current = vec![Some(honest); n - 1];
+            current.push(Some(liar));
+            let weights = publish_load_weights(&current, &vec![None; n], &vec![false; n]);
+            let (honest_weights, liar_weight) = weights.split_at(n - 1);
+            assert!(
+                honest_weights.iter().all(|w| *w == honest_weights[0]),
+                "the honest ones keep equal weights: {weights:?}"
+            );
+            assert!(
+                liar_weight[0] <= 4 * honest_weights[0] + 2,
+                "at most 4x the median, with rounding: {weights:?}"
+            );
+            let share = f64::from(liar_weight[0]) / f64::from(weights.iter().sum::<u32>());
+            assert!(
+                share <= 4.0 / (n as f64 + 3.0) + 0.01,
+                "{n} endpoints: the liar's share {share:.3} is at most 4 / (n + 3)"
+            );
+        }
+        assert_eq!(
+            publish_load_weights(
+                &[Some(honest), Some(honest), Some(honest), Some(liar)],
+                &[None; 4],
+                &[false; 4]
+            ),
+            [57, 57, 57, 229]
+        );
+        // Two liars of four: the lower median is still an honest weight.
+        assert_eq!(
+            publish_load_weights(
+                &[Some(honest), Some(honest), Some(liar), Some(liar)],
+                &[None; 4],
+                &[false; 4]
+            ),
+            [40, 40, 160, 160]
+        );
+        // An endpoint without a report gets the mean of the bounded weights, not of the lies.
+        assert_eq!(
+            publish_load_weights(&[Some(honest), Some(honest), Some(liar), None], &[None; 4], &[false; 4]),
+            [50, 50, 200, 100]
         );
     }
 
@@ -456,6 +558,27 @@ mod tests {
                 prop_assert_eq!(weights.len(), endpoints.len());
                 for weight in &weights {
                     prop_assert!((1..=MAX_STATIC_WEIGHT).contains(weight), "{weights:?}");
+                }
+            }
+
+            #[test]
+            fn no_weight_exceeds_four_times_the_median_one(
+                current in proptest::collection::vec(proptest::option::of(any_f64()), 1..12),
+            ) {
+                let n = current.len();
+                let weights = publish_load_weights(&current, &vec![None; n], &vec![false; n]);
+                let mut valid: Vec<u32> = current
+                    .iter()
+                    .zip(&weights)
+                    .filter(|(c, _)| c.is_some_and(|c| c.is_finite() && c > 0.0))
+                    .map(|(_, w)| *w)
+                    .collect();
+                valid.sort_unstable();
+                if let Some(median) = valid.get(valid.len().saturating_sub(1) / 2) {
+                    // Each weight is rounded on its own: up to half a unit each way.
+                    for weight in &weights {
+                        prop_assert!(*weight <= 4 * median + 3, "{weights:?} from {current:?}");
+                    }
                 }
             }
         }
