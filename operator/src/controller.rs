@@ -591,6 +591,11 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
     match backend.spec.weighting.policy {
         WeightingPolicy::Equal => {}
         WeightingPolicy::Static => {
+            // Reported values whose Pod is gone or changed its annotation are forgotten here,
+            // before new ones are added: the set never holds more than the annotated Pods.
+            context
+                .pods
+                .retain_carried(&mut context.bad_annotations.lock().unwrap_or_else(|p| p.into_inner()));
             for endpoint in &mut probed {
                 let Some(pod) = &endpoint.endpoint.pod else { continue };
                 let annotation = context.pods.annotation(&key.namespace, pod);

@@ -14,6 +14,9 @@ use kubegrpc_crds::WEIGHT_ANNOTATION;
 /// A Pod: namespace and name.
 pub type PodKey = (String, String);
 
+/// A bad annotation already reported by an Event: the Pod's namespace and name, and the value.
+pub type ReportedValue = (String, String, String);
+
 /// The annotation of every annotated Pod.
 #[derive(Default)]
 pub struct PodWeights {
@@ -34,6 +37,16 @@ impl PodWeights {
             .annotations
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Forgets the reported values that their Pod no longer carries (it was deleted, or its
+    /// annotation changed): what is left is at most one entry per annotated Pod, and a value
+    /// set again later is reported again.
+    pub fn retain_carried(&self, reported: &mut HashSet<ReportedValue>) {
+        let state = self.lock();
+        reported.retain(|(namespace, name, value)| {
+            state.annotations.get(&(namespace.clone(), name.clone())) == Some(value)
+        });
     }
 
     /// Applies a watch event; returns the namespaces where an annotation changed.
@@ -194,6 +207,43 @@ mod tests {
         weights.apply(&Event::Init);
         weights.apply(&Event::InitApply(pod("kept", Some("2"))));
         assert!(weights.apply(&Event::InitDone).is_empty(), "nothing changed");
+    }
+
+    #[test]
+    fn reported_values_are_forgotten_when_their_pod_no_longer_carries_them() {
+        let weights = PodWeights::default();
+        let reported_value = |name: &str, value: &str| ("ns".to_string(), name.to_string(), value.to_string());
+        let mut reported = HashSet::new();
+        for (name, value) in [
+            ("changed", "heavy"),
+            ("deleted", "-1"),
+            ("kept", "1.5"),
+            ("relisted", "x"),
+        ] {
+            weights.apply(&Event::Apply(pod(name, Some(value))));
+            reported.insert(reported_value(name, value));
+        }
+        // One Pod took many bad values in turn: only its current one may stay.
+        for n in 0..1000 {
+            reported.insert(reported_value("kept", &format!("bad{n}")));
+        }
+        weights.apply(&Event::Apply(pod("changed", Some("lighter"))));
+        weights.apply(&Event::Delete(pod("deleted", Some("-1"))));
+        weights.apply(&Event::Init);
+        for name in ["changed", "deleted", "kept"] {
+            if let Some(value) = weights.annotation("ns", name) {
+                weights.apply(&Event::InitApply(pod(name, Some(&value))));
+            }
+        }
+        weights.retain_carried(&mut reported);
+        assert_eq!(
+            reported.len(),
+            2,
+            "before InitDone the relisted Pod still counts: {reported:?}"
+        );
+        weights.apply(&Event::InitDone);
+        weights.retain_carried(&mut reported);
+        assert_eq!(reported, HashSet::from([reported_value("kept", "1.5")]));
     }
 
     #[test]
