@@ -49,6 +49,11 @@ pub struct Options {
     #[arg(long, default_value_t = crate::controller::DEFAULT_RECONCILE_CONCURRENCY)]
     pub reconcile_concurrency: u16,
 
+    /// Bind probe connections to this local address (multi-homed hosts); endpoints of the
+    /// other address family are connected from the system's choice.
+    #[arg(long)]
+    pub probe_source_address: Option<std::net::IpAddr>,
+
     /// This replica's name, in Events and the user agent (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -185,6 +190,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         endpoints_budget: options.endpoints_budget_bytes,
         identity: identity.clone(),
         reconcile_concurrency: options.reconcile_concurrency,
+        probe_source_address: options.probe_source_address,
     };
     info!(%identity, namespace = options.namespace.as_deref().unwrap_or("(all)"), "starting");
     client

@@ -53,7 +53,7 @@ use crate::{
     Error,
     discovery::{self, SERVICE_NAME_LABEL},
     health::{
-        registry::{BackendKey, ProbeReports, ProberRegistry},
+        registry::{BackendKey, ProbeReports, ProberOptions, ProberRegistry},
         tracker::HealthVerdict,
     },
     index::{ByService, ObjectKey, ServiceKey},
@@ -81,6 +81,10 @@ pub struct Settings {
     /// Most GrpcBackends reconciled at once: a reconcile of a big one serializes and writes a
     /// status of up to a megabyte, so a burst (a restart, a relist) is bounded in memory.
     pub reconcile_concurrency: u16,
+    /// Bind probe connections to this local address: for multi-homed hosts, and for tests that
+    /// tell the operator's traffic apart from clients'. Applies to endpoints of its address
+    /// family; others are connected from the system's choice.
+    pub probe_source_address: Option<std::net::IpAddr>,
 }
 
 impl Default for Settings {
@@ -91,6 +95,7 @@ impl Default for Settings {
             endpoints_budget: status::DEFAULT_ENDPOINTS_BUDGET,
             identity: "kubegrpc-operator".into(),
             reconcile_concurrency: DEFAULT_RECONCILE_CONCURRENCY,
+            probe_source_address: None,
         }
     }
 }
@@ -263,13 +268,19 @@ pub async fn run(
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
-        settings,
         services,
         slices,
-        probers: ProberRegistry::new(ProbeReports {
-            metrics: metrics.clone(),
-            changed: probe_changes,
-        }),
+        probers: ProberRegistry::new(
+            ProbeReports {
+                metrics: metrics.clone(),
+                changed: probe_changes,
+            },
+            ProberOptions {
+                source_address: settings.probe_source_address,
+                write_interval: settings.status_write_interval,
+            },
+        ),
+        settings,
         metrics,
         writes: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
@@ -907,10 +918,13 @@ mod tests {
                 settings: Settings::default(),
                 services: store,
                 slices: Arc::new(slices),
-                probers: ProberRegistry::new(ProbeReports {
-                    metrics: metrics.clone(),
-                    changed,
-                }),
+                probers: ProberRegistry::new(
+                    ProbeReports {
+                        metrics: metrics.clone(),
+                        changed,
+                    },
+                    ProberOptions::default(),
+                ),
                 metrics,
                 writes: Mutex::new(HashMap::new()),
                 failures: Mutex::new(HashMap::new()),

@@ -19,13 +19,17 @@
 //!
 //! [`HealthConnection::next_event`] is cancel safe: the prober selects on it with its timers.
 
-use std::{collections::VecDeque, io, net::SocketAddr};
+use std::{
+    collections::VecDeque,
+    io,
+    net::{IpAddr, SocketAddr},
+};
 
 use kubegrpc_orca::{OrcaLoadReport, OrcaLoadReportRequest, STREAM_CORE_METRICS_PATH};
 use prost::Message as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
@@ -181,7 +185,22 @@ impl HealthConnection {
     /// Opens a TCP connection to `target` and queues the HTTP/2 preface and our SETTINGS
     /// (sent with the first call; no round trip is awaited).
     pub async fn connect(target: SocketAddr) -> io::Result<Self> {
-        let io = TcpStream::connect(target).await?;
+        Self::connect_from(target, None).await
+    }
+
+    /// [`HealthConnection::connect`] from `source` (any port) when it is of `target`'s address
+    /// family; a target of the other family is connected from the system's choice, as a bind
+    /// across families could only fail.
+    pub async fn connect_from(target: SocketAddr, source: Option<IpAddr>) -> io::Result<Self> {
+        let socket = if target.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(source) = source.filter(|source| source.is_ipv4() == target.is_ipv4()) {
+            socket.bind(SocketAddr::new(source, 0))?;
+        }
+        let io = socket.connect(target).await?;
         io.set_nodelay(true)?;
         Ok(Self::new(io, target))
     }

@@ -37,7 +37,11 @@
 //!
 //! The prober ends when its handle is dropped.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use kubegrpc_crds::HealthCheckMode;
@@ -128,13 +132,23 @@ pub fn connect_limiter() -> ConnectLimiter {
     Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CONNECTS))
 }
 
+/// What every prober of an operator shares.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    /// Connect turns (see [`MAX_CONCURRENT_CONNECTS`]).
+    pub connects: ConnectLimiter,
+    /// The local address probe connections are bound to, if any (see
+    /// [`HealthConnection::connect_from`]).
+    pub source_address: Option<IpAddr>,
+}
+
 /// Starts probing `target`, starting from `initial` (see [`HealthTracker::new`]).
 pub fn spawn(
     target: SocketAddr,
     settings: ProbeSettings,
     initial: HealthVerdict,
     observer: Arc<dyn ProbeObserver>,
-    connects: ConnectLimiter,
+    shared: Shared,
 ) -> ProberHandle {
     let tracker = HealthTracker::new(initial.clone(), settings.thresholds);
     let (state_tx, state) = watch::channel(ProbeState {
@@ -153,7 +167,7 @@ pub fn spawn(
         state: state_tx,
         observer,
         last_rotation: None,
-        connects,
+        shared,
         load_call: None,
     };
     ProberHandle {
@@ -171,7 +185,7 @@ struct Prober {
     backoff: ExponentialBackoff,
     /// When the server last rotated the connection without a failure being counted.
     last_rotation: Option<Instant>,
-    connects: ConnectLimiter,
+    shared: Shared,
     /// The load-report stream on the current connection, once started.
     load_call: Option<CallId>,
 }
@@ -193,11 +207,11 @@ impl Prober {
         let mut watch_implemented = self.settings.mode == HealthCheckMode::Watch;
         loop {
             // A turn to connect, held until the connection answered or failed.
-            let Ok(turn) = self.connects.clone().acquire_owned().await else {
+            let Ok(turn) = self.shared.connects.clone().acquire_owned().await else {
                 return;
             };
             let attempt_deadline = Instant::now() + self.settings.timeout;
-            let mut ended = match connect(self.target, attempt_deadline).await {
+            let mut ended = match connect(self.target, self.shared.source_address, attempt_deadline).await {
                 Err(failure) => {
                     drop(turn);
                     Ended::Failed(failure)
@@ -463,9 +477,10 @@ fn end_failure(end: &CallEnd) -> Failure {
     }
 }
 
-/// A new connection to `target` (no HTTP/2 keepalive: see the module docs), by `deadline`.
-async fn connect(target: SocketAddr, deadline: Instant) -> Result<HealthConnection, Failure> {
-    match tokio::time::timeout_at(deadline, HealthConnection::connect(target)).await {
+/// A new connection to `target` from `source` (no HTTP/2 keepalive: see the module docs), by
+/// `deadline`.
+async fn connect(target: SocketAddr, source: Option<IpAddr>, deadline: Instant) -> Result<HealthConnection, Failure> {
+    match tokio::time::timeout_at(deadline, HealthConnection::connect_from(target, source)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(error)) if error.kind() == std::io::ErrorKind::TimedOut => Err(Failure::ConnectTimeout),
         Ok(Err(_)) => Err(Failure::ConnectFailed),
@@ -517,6 +532,29 @@ mod tests {
         let address = listener.local_addr().unwrap();
         drop(listener);
         let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(connect(address, deadline).await.err(), Some(Failure::ConnectFailed));
+        assert_eq!(
+            connect(address, None, deadline).await.err(),
+            Some(Failure::ConnectFailed)
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_come_from_the_source_address_of_the_targets_family() {
+        // 127.0.0.2 is a loopback address distinct from the listener's 127.0.0.1.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let source: IpAddr = "127.0.0.2".parse().unwrap();
+        let _connection = connect(address, Some(source), deadline).await.unwrap();
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), source);
+        // Without a source address, the system's choice.
+        let _connection = connect(address, None, deadline).await.unwrap();
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), address.ip());
+        // A source of the other family is not used (a bind across families could only fail).
+        let _connection = connect(address, Some("::1".parse().unwrap()), deadline).await.unwrap();
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), address.ip());
     }
 }

@@ -3,15 +3,16 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use kube::runtime::reflector::ObjectRef;
 use kubegrpc_crds::GrpcBackend;
 
 use super::{
-    prober::{self, ConnectLimiter, ProbeObserver, ProbeSettings, ProbeState, ProberHandle},
+    prober::{self, ProbeObserver, ProbeSettings, ProbeState, ProberHandle},
     tracker::{HealthVerdict, ProbeOutcome},
 };
 use crate::metrics::Metrics;
@@ -23,6 +24,17 @@ pub type BackendKey = ObjectRef<GrpcBackend>;
 pub struct ProbeReports {
     pub metrics: Arc<Metrics>,
     pub changed: tokio::sync::mpsc::UnboundedSender<BackendKey>,
+}
+
+/// Operator-wide prober settings.
+#[derive(Clone, Debug, Default)]
+pub struct ProberOptions {
+    /// Bind probe connections to this local address (see
+    /// [`crate::controller::Settings::probe_source_address`]).
+    pub source_address: Option<IpAddr>,
+    /// The least time between two status writes of one GrpcBackend: a verdict cannot reach
+    /// clients faster, so the probers damp flapping on that scale.
+    pub write_interval: Duration,
 }
 
 struct Observer {
@@ -53,15 +65,18 @@ struct BackendProbers {
 pub struct ProberRegistry {
     backends: Mutex<HashMap<BackendKey, BackendProbers>>,
     reports: Arc<ProbeReports>,
-    connects: ConnectLimiter,
+    shared: prober::Shared,
 }
 
 impl ProberRegistry {
-    pub fn new(reports: ProbeReports) -> Self {
+    pub fn new(reports: ProbeReports, options: ProberOptions) -> Self {
         Self {
             backends: Mutex::new(HashMap::new()),
             reports: Arc::new(reports),
-            connects: prober::connect_limiter(),
+            shared: prober::Shared {
+                connects: prober::connect_limiter(),
+                source_address: options.source_address,
+            },
         }
     }
 
@@ -92,13 +107,7 @@ impl ProberRegistry {
                     backend: backend.clone(),
                     reports: self.reports.clone(),
                 });
-                prober::spawn(
-                    *target,
-                    settings.clone(),
-                    seed(*target),
-                    observer,
-                    self.connects.clone(),
-                )
+                prober::spawn(*target, settings.clone(), seed(*target), observer, self.shared.clone())
             });
         }
         let states = entry
