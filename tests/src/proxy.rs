@@ -1,5 +1,6 @@
 //! A TCP proxy in front of a backend that can be switched to reset every connection: a backend
 //! the operator may still list Serving while every request to it fails at the transport level.
+//! And an address that refuses every connection, from the start.
 
 use std::{
     net::SocketAddr,
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
 use tokio_util::task::AbortOnDropHandle;
@@ -83,4 +84,32 @@ fn reset(stream: TcpStream) {
     #[allow(deprecated)]
     let _ = stream.set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+/// An address where every connection is refused at connect time (the kernel answers the SYN with
+/// a reset), from the first: a request sent there certainly never reached a backend. The
+/// address is bound, not listened on, so nothing else can take it while this lives.
+///
+/// Unlike a listener closed after clients connected, nothing here depends on timing: a closing
+/// listener completes handshakes into its backlog until it is gone, and a request written on
+/// such a connection may count as sent.
+pub struct RefusingAddress {
+    pub address: SocketAddr,
+    _bound: TcpSocket,
+}
+
+impl RefusingAddress {
+    pub fn reserve(address: SocketAddr) -> Result<Self> {
+        assert_private_network();
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        socket.bind(address).with_context(|| format!("cannot bind {address}"))?;
+        Ok(Self {
+            address,
+            _bound: socket,
+        })
+    }
 }
