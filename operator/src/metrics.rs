@@ -176,7 +176,7 @@ impl Metrics {
     pub fn probed(&self, outcome: ProbeOutcome, latency: Option<Duration>) {
         self.probes
             .get_or_create(&ProbeLabels {
-                result: outcome.reason().to_string(),
+                result: outcome.reason().into_owned(),
             })
             .inc();
         if let Some(latency) = latency {

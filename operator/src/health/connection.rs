@@ -80,9 +80,13 @@ mod setting {
 
 /// HTTP/2 error codes we send or give meaning to.
 pub mod reason {
+    pub const NO_ERROR: u32 = 0x0;
     pub const CANCEL: u32 = 0x8;
     pub const REFUSED_STREAM: u32 = 0x7;
 }
+
+/// The most bytes of a GOAWAY's debug data kept (for the log).
+const MAX_GOAWAY_DEBUG: usize = 128;
 
 /// A health method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,8 +129,17 @@ pub enum Event {
     Message(CallId, Message),
     /// A call ended; it gets no further event.
     Ended(CallId, CallEnd),
-    /// The server sent GOAWAY: calls it accepted go on, no new call can start.
-    GoAway,
+    /// The server sent GOAWAY (the first one; later ones only refuse more calls): calls it
+    /// accepted go on, no new call can start.
+    GoAway(GoAway),
+}
+
+/// A GOAWAY's error code (`reason::NO_ERROR` for a graceful one) and the start of its debug
+/// data, as text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoAway {
+    pub code: u32,
+    pub debug: String,
 }
 
 /// How a call ended.
@@ -137,6 +150,10 @@ pub enum CallEnd {
     /// The server reset the stream (RST_STREAM with this HTTP/2 error code), or left it out
     /// of the calls it will process (GOAWAY: `REFUSED_STREAM`).
     Reset(u32),
+    /// A response message over the size accepted (the call was cancelled).
+    MessageTooLarge,
+    /// A response that breaks gRPC's framing (the call was cancelled): why.
+    Malformed(&'static str),
 }
 
 /// The connection cannot carry calls any more.
@@ -445,12 +462,19 @@ impl HealthConnection {
                     .get(..4)
                     .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
                     .ok_or(ConnectionError::Protocol("GOAWAY too short"))?;
-                self.going_away = true;
                 let refused: Vec<u32> = self.calls.iter().map(|c| c.id).filter(|id| *id > last).collect();
                 for id in refused {
                     self.end(id, CallEnd::Reset(reason::REFUSED_STREAM));
                 }
-                self.events.push_back(Event::GoAway);
+                if !self.going_away {
+                    self.going_away = true;
+                    let code = payload
+                        .get(4..8)
+                        .map_or(reason::NO_ERROR, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    let debug = payload.get(8..).unwrap_or_default();
+                    let debug = String::from_utf8_lossy(&debug[..debug.len().min(MAX_GOAWAY_DEBUG)]).into_owned();
+                    self.events.push_back(Event::GoAway(GoAway { code, debug }));
+                }
                 Ok(())
             }
             frame::PUSH_PROMISE => Err(ConnectionError::Protocol("PUSH_PROMISE with push disabled")),
@@ -486,11 +510,11 @@ impl HealthConnection {
             let length =
                 u32::from_be_bytes([call.partial[1], call.partial[2], call.partial[3], call.partial[4]]) as usize;
             if call.partial[0] != 0 {
-                failure = Some((Code::Internal, "a compressed message, which was not asked for"));
+                failure = Some(CallEnd::Malformed("a compressed message, which was not asked for"));
                 break;
             }
             if length > MAX_MESSAGE {
-                failure = Some((Code::ResourceExhausted, "a message larger than 4 KiB"));
+                failure = Some(CallEnd::MessageTooLarge);
                 break;
             }
             if call.partial.len() < 5 + length {
@@ -504,8 +528,7 @@ impl HealthConnection {
             match message {
                 Ok(message) => self.events.push_back(Event::Message(CallId(stream), message)),
                 Err(_) => {
-                    failure = Some((
-                        Code::Internal,
+                    failure = Some(CallEnd::Malformed(
                         "a message that does not decode as the method's response",
                     ));
                     break;
@@ -519,16 +542,13 @@ impl HealthConnection {
         if let Some(increment) = window_update {
             self.queue_frame(frame::WINDOW_UPDATE, 0, stream, &increment.to_be_bytes());
         }
-        if let Some((code, message)) = failure {
+        if let Some(failure) = failure {
             if !end_stream {
                 self.queue_frame(frame::RST_STREAM, 0, stream, &reason::CANCEL.to_be_bytes());
             }
-            self.end(stream, CallEnd::Status(code, message.into()));
+            self.end(stream, failure);
         } else if end_stream {
-            self.end(
-                stream,
-                CallEnd::Status(Code::Internal, "the response ended without trailers".into()),
-            );
+            self.end(stream, CallEnd::Malformed("the response ended without trailers"));
         }
         Ok(())
     }
@@ -993,7 +1013,10 @@ mod tests {
                 Event::Ended(first, CallEnd::Status(Code::Unavailable, "going away".into())),
                 Event::Ended(second, CallEnd::Status(Code::Unimplemented, String::new())),
                 Event::Ended(third, CallEnd::Reset(reason::REFUSED_STREAM)),
-                Event::GoAway,
+                Event::GoAway(GoAway {
+                    code: reason::NO_ERROR,
+                    debug: String::new()
+                }),
             ]
         );
         assert!(matches!(

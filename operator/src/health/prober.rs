@@ -44,17 +44,17 @@ use std::{
 };
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use kubegrpc_crds::HealthCheckMode;
+use kubegrpc_crds::{Health, HealthCheckMode};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::task::AbortOnDropHandle;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckResponse, health_check_response::ServingStatus};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::weights::{LoadSample, LoadWeight};
 
 use super::{
-    connection::{CallEnd, CallId, Event, HealthConnection, Message, Method},
+    connection::{CallEnd, CallId, ConnectionError, Event, HealthConnection, Message, Method, reason},
     tracker::{Failure, HealthTracker, HealthVerdict, NotServingAnswer, ProbeOutcome, Thresholds},
 };
 
@@ -169,6 +169,7 @@ pub fn spawn(
         last_rotation: None,
         shared,
         load_call: None,
+        detail: None,
     };
     ProberHandle {
         state,
@@ -188,6 +189,8 @@ struct Prober {
     shared: Shared,
     /// The load-report stream on the current connection, once started.
     load_call: Option<CallId>,
+    /// What the latest failure showed beyond its reason (logged when the verdict changes).
+    detail: Option<String>,
 }
 
 /// Why a connection's probing ended.
@@ -238,7 +241,7 @@ impl Prober {
                     .last_rotation
                     .is_some_and(|last| now.duration_since(last) < self.settings.interval);
                 if recently {
-                    ended = Ended::Failed(Failure::StreamBroken);
+                    ended = Ended::Failed(Failure::Unstable);
                 } else {
                     self.last_rotation = Some(now);
                     self.observer.rotated();
@@ -263,18 +266,29 @@ impl Prober {
     ) -> Ended {
         let started = Instant::now();
         let Ok(watch) = connection.start(Method::Watch, &self.settings.service) else {
-            return Ended::Failed(Failure::StreamBroken);
+            return Ended::Failed(Failure::GoAway(reason::NO_ERROR));
         };
+        let mut going_away = None;
         let first = loop {
             match tokio::time::timeout_at(deadline, connection.next_event()).await {
                 Err(_) => return Ended::Failed(Failure::Timeout),
-                Ok(Err(_)) => return Ended::Failed(Failure::StreamBroken),
+                Ok(Err(error)) => return Ended::Failed(self.connection_failure(&error)),
                 Ok(Ok(Event::Message(call, Message::Health(response)))) if call == watch => break response,
                 Ok(Ok(Event::Ended(call, CallEnd::Status(Code::Unimplemented, _)))) if call == watch => {
                     return Ended::WatchUnimplemented;
                 }
-                Ok(Ok(Event::Ended(call, end))) if call == watch => return Ended::Failed(end_failure(&end)),
+                Ok(Ok(Event::Ended(call, end))) if call == watch => {
+                    return Ended::Failed(match going_away {
+                        // Refused by the GOAWAY: the GOAWAY is the reason.
+                        Some(code) => Failure::GoAway(code),
+                        None => self.call_failure(&end),
+                    });
+                }
                 // GOAWAY before the first answer: the Watch may still be answered, or refused.
+                Ok(Ok(Event::GoAway(goaway))) => {
+                    self.detail = Some(format!("GOAWAY {:?}", goaway.debug));
+                    going_away = Some(goaway.code);
+                }
                 Ok(Ok(_)) => {}
             }
         };
@@ -298,7 +312,7 @@ impl Prober {
                     // let the connection go. Whether the endpoint is still there is for the
                     // next connection to say.
                     Ok(Event::Ended(call, _)) if call == watch => return Ended::Rotated,
-                    Ok(Event::GoAway) | Err(_) => return Ended::Rotated,
+                    Ok(Event::GoAway(_)) | Err(_) => return Ended::Rotated,
                     Ok(_) => {}
                 },
                 _ = tick.tick() => {
@@ -309,7 +323,7 @@ impl Prober {
                         Liveness::Answered(outcome, started) => self.answered(outcome, started),
                         // The server answered the call with an error: alive. The Watch stream
                         // carries the health.
-                        Liveness::Alive => {}
+                        Liveness::Failed(_) => {}
                         Liveness::Silent => return Ended::Failed(Failure::Timeout),
                         Liveness::ConnectionGone => return Ended::Rotated,
                     }
@@ -327,7 +341,7 @@ impl Prober {
                     self.answered(outcome, started);
                     self.start_load_reports(connection);
                 }
-                Liveness::Alive => self.record(ProbeOutcome::Failed(Failure::CallFailed), Some(started.elapsed())),
+                Liveness::Failed(failure) => self.record(ProbeOutcome::Failed(failure), Some(started.elapsed())),
                 Liveness::Silent => return Ended::Failed(Failure::Timeout),
                 Liveness::ConnectionGone => return Ended::Rotated,
             }
@@ -347,7 +361,10 @@ impl Prober {
         loop {
             let event = match tokio::time::timeout_at(deadline, connection.next_event()).await {
                 Err(_) => return Liveness::Silent,
-                Ok(Err(_)) => return Liveness::ConnectionGone,
+                Ok(Err(error)) => {
+                    self.connection_failure(&error);
+                    return Liveness::ConnectionGone;
+                }
                 Ok(Ok(event)) => event,
             };
             match event {
@@ -361,11 +378,11 @@ impl Prober {
                         (CallEnd::Status(Code::NotFound, _), _) => {
                             Liveness::Answered(ProbeOutcome::NotServing(NotServingAnswer::NotFound), started)
                         }
-                        (end, _) => match end_failure(&end) {
-                            Failure::StreamBroken => Liveness::ConnectionGone,
-                            Failure::Timeout => Liveness::Silent,
-                            _ => Liveness::Alive,
-                        },
+                        (CallEnd::Reset(_) | CallEnd::Status(Code::Unavailable | Code::Cancelled, _), _) => {
+                            Liveness::ConnectionGone
+                        }
+                        (CallEnd::Status(Code::DeadlineExceeded, _), _) => Liveness::Silent,
+                        (end, _) => Liveness::Failed(self.call_failure(&end)),
                     };
                 }
                 Event::Message(call, Message::Health(response)) if Some(call) == watch => {
@@ -420,6 +437,22 @@ impl Prober {
         }
     }
 
+    /// The failure of a health call, its detail kept for the log.
+    fn call_failure(&mut self, end: &CallEnd) -> Failure {
+        self.detail = match end {
+            CallEnd::Status(_, message) if !message.is_empty() => Some(format!("grpc-message {message:?}")),
+            CallEnd::Malformed(why) => Some((*why).to_string()),
+            _ => None,
+        };
+        call_failure(end)
+    }
+
+    /// The failure of a connection, its detail kept for the log.
+    fn connection_failure(&mut self, error: &ConnectionError) -> Failure {
+        self.detail = Some(error.to_string());
+        connection_failure(error)
+    }
+
     /// The health service answered a probe that started at `started`.
     fn answered(&mut self, outcome: ProbeOutcome, started: Instant) {
         self.record(outcome, Some(started.elapsed()));
@@ -428,7 +461,23 @@ impl Prober {
 
     fn record(&mut self, outcome: ProbeOutcome, latency: Option<Duration>) {
         self.observer.probed(outcome, latency);
+        let before = self.tracker.verdict().clone();
         let changed = self.tracker.observe(outcome);
+        let detail = self.detail.take();
+        let verdict = self.tracker.verdict();
+        if *verdict != before {
+            // Once per change, not per probe: the detail of what made it change.
+            let (health, reason, detail) = (
+                verdict.health,
+                verdict.reason.as_deref().unwrap_or(""),
+                detail.unwrap_or_default(),
+            );
+            if verdict.health == Health::Serving {
+                info!(endpoint = %self.target, %health, "endpoint health changed");
+            } else {
+                warn!(endpoint = %self.target, %health, reason, detail, "endpoint health changed");
+            }
+        }
         let first = !self.state.borrow().probed;
         if changed || first {
             let started = self.state.borrow().started;
@@ -447,8 +496,8 @@ impl Prober {
 enum Liveness {
     /// The health service answered (started at the instant given).
     Answered(ProbeOutcome, Instant),
-    /// The server answered with another error: it is alive.
-    Alive,
+    /// The server answered with an error: it is alive, the call failed.
+    Failed(Failure),
     /// No answer within the timeout.
     Silent,
     /// The connection is gone (closed, GOAWAY, reset).
@@ -464,16 +513,23 @@ fn answer(response: &HealthCheckResponse) -> ProbeOutcome {
     }
 }
 
-/// How a call that did not answer failed: transport-level codes and resets mean the connection
-/// is gone.
-fn end_failure(end: &CallEnd) -> Failure {
+/// How a health call that did not answer failed.
+fn call_failure(end: &CallEnd) -> Failure {
     match end {
-        CallEnd::Reset(_) => Failure::StreamBroken,
-        CallEnd::Status(code, _) => match code {
-            Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Internal => Failure::StreamBroken,
-            Code::DeadlineExceeded => Failure::Timeout,
-            _ => Failure::CallFailed,
-        },
+        CallEnd::Reset(code) => Failure::Reset(*code),
+        CallEnd::MessageTooLarge => Failure::MessageTooLarge,
+        CallEnd::Malformed(_) => Failure::ProtocolError,
+        CallEnd::Status(Code::Unimplemented, _) => Failure::Unimplemented,
+        CallEnd::Status(code, _) => Failure::CallFailed(*code),
+    }
+}
+
+/// How a connection that can no longer carry calls failed.
+fn connection_failure(error: &ConnectionError) -> Failure {
+    match error {
+        ConnectionError::Closed | ConnectionError::Io(_) => Failure::Closed,
+        ConnectionError::Protocol(_) => Failure::ProtocolError,
+        ConnectionError::GoingAway => Failure::GoAway(reason::NO_ERROR),
     }
 }
 
@@ -482,8 +538,14 @@ fn end_failure(end: &CallEnd) -> Failure {
 async fn connect(target: SocketAddr, source: Option<IpAddr>, deadline: Instant) -> Result<HealthConnection, Failure> {
     match tokio::time::timeout_at(deadline, HealthConnection::connect_from(target, source)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) if error.kind() == std::io::ErrorKind::TimedOut => Err(Failure::ConnectTimeout),
-        Ok(Err(_)) => Err(Failure::ConnectFailed),
+        Ok(Err(error)) => Err(match error.kind() {
+            std::io::ErrorKind::TimedOut => Failure::ConnectTimeout,
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => Failure::ConnectRefused,
+            _ => {
+                debug!(%target, %error, "connect failed");
+                Failure::ConnectFailed
+            }
+        }),
         Err(_) => Err(Failure::ConnectTimeout),
     }
 }
@@ -517,12 +579,25 @@ mod tests {
     }
 
     #[test]
-    fn transport_codes_and_resets_mean_the_connection_is_gone() {
+    fn call_and_connection_ends_have_specific_reasons() {
         let status = |code| CallEnd::Status(code, String::new());
-        assert_eq!(end_failure(&status(Code::Unavailable)), Failure::StreamBroken);
-        assert_eq!(end_failure(&CallEnd::Reset(7)), Failure::StreamBroken);
-        assert_eq!(end_failure(&status(Code::DeadlineExceeded)), Failure::Timeout);
-        assert_eq!(end_failure(&status(Code::PermissionDenied)), Failure::CallFailed);
+        assert_eq!(
+            call_failure(&status(Code::Unavailable)),
+            Failure::CallFailed(Code::Unavailable)
+        );
+        assert_eq!(call_failure(&CallEnd::Reset(7)), Failure::Reset(7));
+        assert_eq!(call_failure(&status(Code::Unimplemented)), Failure::Unimplemented);
+        assert_eq!(
+            call_failure(&status(Code::PermissionDenied)),
+            Failure::CallFailed(Code::PermissionDenied)
+        );
+        assert_eq!(call_failure(&CallEnd::MessageTooLarge), Failure::MessageTooLarge);
+        assert_eq!(call_failure(&CallEnd::Malformed("x")), Failure::ProtocolError);
+        assert_eq!(connection_failure(&ConnectionError::Closed), Failure::Closed);
+        assert_eq!(
+            connection_failure(&ConnectionError::Protocol("x")),
+            Failure::ProtocolError
+        );
     }
 
     #[tokio::test]
@@ -534,7 +609,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         assert_eq!(
             connect(address, None, deadline).await.err(),
-            Some(Failure::ConnectFailed)
+            Some(Failure::ConnectRefused)
         );
     }
 

@@ -29,43 +29,124 @@ pub enum NotServingAnswer {
     Unknown,
 }
 
-/// How a probe failed.
+/// How a probe failed. Each kind has a short, stable name (its [`Display`](std::fmt::Display)),
+/// published as the endpoint's `reason`; the detail (a GOAWAY's debug data, the protocol error)
+/// is logged, not published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
-    /// The TCP or HTTP/2 connection was refused or reset.
+    /// The TCP connection was refused (or reset while opening).
+    ConnectRefused,
+    /// The TCP connection failed otherwise (unreachable network or host, no such local address).
     ConnectFailed,
-    /// No connection within the timeout (a dropped SYN, a frozen process).
+    /// No connection within the timeout (a dropped SYN, a frozen host).
     ConnectTimeout,
     /// No answer within the timeout on an open connection.
     Timeout,
-    /// An open Watch stream or its connection broke (keepalive unanswered, reset, closed).
-    StreamBroken,
-    /// The call failed with another gRPC status.
-    CallFailed,
+    /// The server closed the connection (or TCP reset it) before answering.
+    Closed,
+    /// The server sent GOAWAY with this HTTP/2 error code before answering, or with an error
+    /// code at any time, or with NO_ERROR too soon after answering.
+    GoAway(u32),
+    /// The server reset the health call (RST_STREAM with this HTTP/2 error code).
+    Reset(u32),
+    /// The server broke HTTP/2 or gRPC framing (bad frames, header blocks, messages).
+    ProtocolError,
+    /// A frame or message larger than the prober accepts.
+    MessageTooLarge,
+    /// The server has no health service (`Check` answered UNIMPLEMENTED).
+    Unimplemented,
+    /// The health call failed with this gRPC status.
+    CallFailed(tonic::Code),
+    /// The connection ended too soon after answering (see the prober's early-end rule).
+    Unstable,
 }
 
 impl Failure {
-    /// Failures at connect time: when every endpoint fails that way at once, the operator's
-    /// own network is the likelier cause.
+    /// Failures before any HTTP/2 exchange: when every endpoint fails that way at once, the
+    /// operator's own network is the likelier cause.
     pub fn at_connect_time(self) -> bool {
-        matches!(self, Failure::ConnectFailed | Failure::ConnectTimeout)
+        matches!(
+            self,
+            Failure::ConnectRefused | Failure::ConnectFailed | Failure::ConnectTimeout
+        )
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::ConnectRefused => f.write_str("ConnectRefused"),
+            Failure::ConnectFailed => f.write_str("ConnectFailed"),
+            Failure::ConnectTimeout => f.write_str("ConnectTimeout"),
+            Failure::Timeout => f.write_str("Timeout"),
+            Failure::Closed => f.write_str("Closed"),
+            Failure::GoAway(code) => write!(f, "GoAway({})", h2_code_name(*code)),
+            Failure::Reset(code) => write!(f, "Reset({})", h2_code_name(*code)),
+            Failure::ProtocolError => f.write_str("ProtocolError"),
+            Failure::MessageTooLarge => f.write_str("MessageTooLarge"),
+            Failure::Unimplemented => f.write_str("Unimplemented"),
+            Failure::CallFailed(code) => write!(f, "CallFailed({})", grpc_code_name(*code)),
+            Failure::Unstable => f.write_str("Unstable"),
+        }
+    }
+}
+
+/// An HTTP/2 error code's name (RFC 9113 section 7); codes it does not define are `UNKNOWN`,
+/// so that the published reasons stay a fixed set.
+pub fn h2_code_name(code: u32) -> &'static str {
+    match code {
+        0x0 => "NO_ERROR",
+        0x1 => "PROTOCOL_ERROR",
+        0x2 => "INTERNAL_ERROR",
+        0x3 => "FLOW_CONTROL_ERROR",
+        0x4 => "SETTINGS_TIMEOUT",
+        0x5 => "STREAM_CLOSED",
+        0x6 => "FRAME_SIZE_ERROR",
+        0x7 => "REFUSED_STREAM",
+        0x8 => "CANCEL",
+        0x9 => "COMPRESSION_ERROR",
+        0xa => "CONNECT_ERROR",
+        0xb => "ENHANCE_YOUR_CALM",
+        0xc => "INADEQUATE_SECURITY",
+        0xd => "HTTP_1_1_REQUIRED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// A gRPC status code's name, as the gRPC specification spells it.
+pub fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
 impl ProbeOutcome {
     /// The `reason` published with a health that this outcome caused.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> std::borrow::Cow<'static, str> {
         match self {
-            ProbeOutcome::Serving => "Serving",
-            ProbeOutcome::NotServing(NotServingAnswer::NotServing) => "NotServing",
-            ProbeOutcome::NotServing(NotServingAnswer::ServiceUnknown) => "ServiceUnknown",
-            ProbeOutcome::NotServing(NotServingAnswer::NotFound) => "ServiceNotFound",
-            ProbeOutcome::NotServing(NotServingAnswer::Unknown) => "HealthUnknown",
-            ProbeOutcome::Failed(Failure::ConnectFailed) => "ConnectFailed",
-            ProbeOutcome::Failed(Failure::ConnectTimeout) => "ConnectTimeout",
-            ProbeOutcome::Failed(Failure::Timeout) => "Timeout",
-            ProbeOutcome::Failed(Failure::StreamBroken) => "StreamBroken",
-            ProbeOutcome::Failed(Failure::CallFailed) => "CallFailed",
+            ProbeOutcome::Serving => "Serving".into(),
+            ProbeOutcome::NotServing(NotServingAnswer::NotServing) => "NotServing".into(),
+            ProbeOutcome::NotServing(NotServingAnswer::ServiceUnknown) => "ServiceUnknown".into(),
+            ProbeOutcome::NotServing(NotServingAnswer::NotFound) => "ServiceNotFound".into(),
+            ProbeOutcome::NotServing(NotServingAnswer::Unknown) => "HealthUnknown".into(),
+            ProbeOutcome::Failed(failure) => failure.to_string().into(),
         }
     }
 }
@@ -153,7 +234,7 @@ impl HealthTracker {
     fn set(&mut self, health: Health, cause: ProbeOutcome) {
         self.verdict = HealthVerdict {
             health,
-            reason: Some(cause.reason().to_string()),
+            reason: Some(cause.reason().into_owned()),
         };
     }
 }
@@ -172,7 +253,7 @@ mod tests {
         )
     }
 
-    const CONNECT_FAILED: ProbeOutcome = ProbeOutcome::Failed(Failure::ConnectFailed);
+    const CONNECT_FAILED: ProbeOutcome = ProbeOutcome::Failed(Failure::ConnectRefused);
     const NOT_SERVING: ProbeOutcome = ProbeOutcome::NotServing(NotServingAnswer::NotServing);
 
     #[test]
@@ -189,7 +270,7 @@ mod tests {
     fn transport_failures_count_against_the_unhealthy_threshold() {
         let mut t = tracker(Health::Serving, 1, 3);
         assert!(!t.observe(ProbeOutcome::Failed(Failure::Timeout)));
-        assert!(!t.observe(ProbeOutcome::Failed(Failure::StreamBroken)));
+        assert!(!t.observe(ProbeOutcome::Failed(Failure::Unstable)));
         assert!(t.observe(ProbeOutcome::Failed(Failure::Timeout)));
         assert_eq!(t.verdict().health, Health::NotServing);
         assert_eq!(t.verdict().reason.as_deref(), Some("Timeout"));
@@ -228,10 +309,46 @@ mod tests {
     fn the_reason_is_set_when_the_health_changes_only() {
         let mut t = tracker(Health::Serving, 1, 1);
         t.observe(CONNECT_FAILED);
-        assert_eq!(t.verdict().reason.as_deref(), Some("ConnectFailed"));
+        assert_eq!(t.verdict().reason.as_deref(), Some("ConnectRefused"));
         // Still NotServing for another cause: the published reason stays, nothing to write.
         assert!(!t.observe(ProbeOutcome::Failed(Failure::ConnectTimeout)));
-        assert_eq!(t.verdict().reason.as_deref(), Some("ConnectFailed"));
+        assert_eq!(t.verdict().reason.as_deref(), Some("ConnectRefused"));
+    }
+
+    #[test]
+    fn reasons_are_short_names_from_a_fixed_vocabulary() {
+        let reason = |failure| ProbeOutcome::Failed(failure).reason().into_owned();
+        assert_eq!(reason(Failure::GoAway(0xb)), "GoAway(ENHANCE_YOUR_CALM)");
+        assert_eq!(reason(Failure::GoAway(0)), "GoAway(NO_ERROR)");
+        assert_eq!(reason(Failure::Reset(0x8)), "Reset(CANCEL)");
+        // Codes HTTP/2 does not define do not widen the vocabulary.
+        assert_eq!(reason(Failure::Reset(0xdead)), "Reset(UNKNOWN)");
+        assert_eq!(
+            reason(Failure::CallFailed(tonic::Code::PermissionDenied)),
+            "CallFailed(PERMISSION_DENIED)"
+        );
+        assert_eq!(reason(Failure::MessageTooLarge), "MessageTooLarge");
+        assert_eq!(
+            ProbeOutcome::NotServing(NotServingAnswer::NotFound).reason(),
+            "ServiceNotFound"
+        );
+        let connect_time: Vec<Failure> = [
+            Failure::ConnectRefused,
+            Failure::ConnectFailed,
+            Failure::ConnectTimeout,
+            Failure::Timeout,
+            Failure::Closed,
+            Failure::GoAway(0),
+            Failure::ProtocolError,
+            Failure::Unstable,
+        ]
+        .into_iter()
+        .filter(|f| f.at_connect_time())
+        .collect();
+        assert_eq!(
+            connect_time,
+            [Failure::ConnectRefused, Failure::ConnectFailed, Failure::ConnectTimeout]
+        );
     }
 
     #[test]
