@@ -8,6 +8,7 @@ pub mod bench_support;
 pub mod certs;
 pub mod control_api;
 pub mod controlplane;
+pub mod hostile;
 pub mod install;
 pub mod kubelet;
 pub mod kuberesolver;
