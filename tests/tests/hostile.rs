@@ -46,6 +46,10 @@ const CONTROL_PLANE_ALLOWANCE: Duration = Duration::from_secs(5);
 /// For conditions with no bound of their own.
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The suite and the bench's quick run take turns: each would make the other's machine busier
+/// than a test run needs to be.
+static ONE_HEAVY_TEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const HEALTHY_ECHO: usize = 3;
 const HONEST_REPORTERS: usize = 2;
 /// Healthy flips timed per phase (half NOT_SERVING, half SERVING).
@@ -264,6 +268,7 @@ fn resources(hostile: &HashSet<IpAddr>) -> Result<Resources> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_backends_end_not_serving_and_cost_the_healthy_ones_nothing() -> Result<()> {
+    let _turn = ONE_HEAVY_TEST.lock().await;
     let panics = count_panics();
     let s = Scenario::new("hostile").await?;
     let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
@@ -664,5 +669,52 @@ async fn the_hand_made_server_speaks_http2_that_h2_accepts() -> Result<()> {
     })
     .await?;
     assert!(packed.counters.snapshot().bytes_written > 150_000);
+    Ok(())
+}
+
+/// `bench_hostile` in its quick mode (20 endpoints of Silent and PingFlood beside the idle,
+/// tonic and hand-made healthy baselines, a 2 s window) runs to the end and prints its figures;
+/// the figures themselves are for BENCHMARKS.md.
+#[test]
+fn the_hostile_bench_runs_in_quick_mode() -> Result<()> {
+    kubegrpc_tests::netns::assert_private_network();
+    let _turn = ONE_HEAVY_TEST.blocking_lock();
+    let output = std::process::Command::new(kubegrpc_tests::backends::built_binary("bench_hostile")?)
+        .env("BENCH_HOSTILE_QUICK", "1")
+        .output()
+        .context("cannot run bench_hostile")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    ensure!(
+        output.status.success(),
+        "bench_hostile failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in [
+        "| idle (no endpoint) |",
+        "| tonic echo (healthy) |",
+        "| Healthy |",
+        "| Silent |",
+        "| PingFlood |",
+    ] {
+        ensure!(stdout.contains(row), "no row {row:?}:\n{stdout}");
+    }
+    for label in [
+        "healthy (hand-made) per endpoint: memory =",
+        "worst memory per endpoint: ",
+        "worst CPU per endpoint: ",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .with_context(|| format!("no {label:?} line:\n{stdout}"))?;
+        let number: f64 = line[label.len()..]
+            .split(['=', ' '])
+            .find_map(|word| word.parse().ok())
+            .with_context(|| format!("no figure in {line:?}"))?;
+        // The ratios of a 2 s window of 20 endpoints may divide by a zero difference.
+        ensure!(number.is_finite() || label.starts_with("worst"), "{line}");
+    }
     Ok(())
 }
