@@ -54,6 +54,7 @@ pub struct Metrics {
     pub probes: Family<ProbeLabels, Counter>,
     pub probe_duration: Histogram,
     pub probe_connection_rotations: Counter,
+    pub probe_connection_early_ends: Counter,
     pub probers: Gauge,
     pub leader: Gauge,
     /// Read from the async runtime at each scrape (see [`Metrics::encode`]).
@@ -82,6 +83,7 @@ impl Default for Metrics {
                 0.0001, 2.0, 16,
             )),
             probe_connection_rotations: Counter::default(),
+            probe_connection_early_ends: Counter::default(),
             probers: Gauge::default(),
             leader: Gauge::default(),
             runtime_tasks: Gauge::default(),
@@ -130,9 +132,15 @@ impl Default for Metrics {
         );
         registry.register(
             "probe_connection_rotations",
-            "Probe connections the server ended after answering on them (GOAWAY, connection age); \
-             reconnected without counting a failed probe",
+            "Probe connections the server ended gracefully (GOAWAY NO_ERROR, connection age, close) at \
+             least an interval after their first answer; reconnected without counting a failed probe",
             metrics.probe_connection_rotations.clone(),
+        );
+        registry.register(
+            "probe_connection_early_ends",
+            "Probe connections that ended (GOAWAY, reset, close) less than an interval after their first \
+             answer: each counted as a failed probe, its reason in kubegrpc_probes_total",
+            metrics.probe_connection_early_ends.clone(),
         );
         registry.register("probers", "Health probers running", metrics.probers.clone());
         registry.register(

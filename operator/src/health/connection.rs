@@ -28,8 +28,8 @@ use std::{
 use kubegrpc_orca::{OrcaLoadReport, OrcaLoadReportRequest, STREAM_CORE_METRICS_PATH};
 use prost::Message as _;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpSocket,
 };
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
@@ -169,10 +169,16 @@ pub enum ConnectionError {
     GoingAway,
 }
 
+/// What a connection runs over: a TCP stream, or any in-memory stream in tests and fuzzing.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
 /// A client connection for health calls; see the module docs.
 pub struct HealthConnection {
-    io: TcpStream,
-    target: SocketAddr,
+    io: Box<dyn Transport>,
+    /// The `:authority` of every request (the endpoint's address).
+    authority: Box<str>,
     /// Received bytes not yet processed (at most a partial frame between reads).
     read: Vec<u8>,
     /// Bytes for the server not yet written.
@@ -186,6 +192,8 @@ pub struct HealthConnection {
     continuation: Option<(u32, bool, Vec<u8>)>,
     going_away: bool,
     events: VecDeque<Event>,
+    /// What ended the connection, held back until the events before it are taken.
+    failed: Option<ConnectionError>,
 }
 
 struct Call {
@@ -219,13 +227,15 @@ impl HealthConnection {
         }
         let io = socket.connect(target).await?;
         io.set_nodelay(true)?;
-        Ok(Self::new(io, target))
+        Ok(Self::handshake(io, &target.to_string()))
     }
 
-    fn new(io: TcpStream, target: SocketAddr) -> Self {
+    /// A connection over `io` (already open), with `authority` as every request's
+    /// `:authority`: queues the HTTP/2 preface and our SETTINGS, sent with the first call.
+    pub fn handshake(io: impl Transport + 'static, authority: &str) -> Self {
         let mut connection = Self {
-            io,
-            target,
+            io: Box::new(io),
+            authority: authority.into(),
             read: Vec::with_capacity(SMALL_BUFFER),
             write: Vec::with_capacity(SMALL_BUFFER),
             hpack: hpack::Decoder::default(),
@@ -235,6 +245,7 @@ impl HealthConnection {
             continuation: None,
             going_away: false,
             events: VecDeque::new(),
+            failed: None,
         };
         connection.write.extend_from_slice(PREFACE);
         let settings = [
@@ -286,7 +297,7 @@ impl HealthConnection {
         block.push(0x80 | 3); // :method POST (static table 3)
         block.push(0x80 | 6); // :scheme http (static table 6)
         literal(&mut block, 4, path); // :path
-        literal(&mut block, 1, self.target.to_string().as_bytes()); // :authority
+        literal(&mut block, 1, self.authority.as_bytes()); // :authority
         literal(&mut block, 31, b"application/grpc"); // content-type
         literal_new_name(&mut block, b"te", b"trailers");
         literal(
@@ -315,12 +326,26 @@ impl HealthConnection {
     /// Sends what is queued and returns the server's next [`Event`]. Cancel safe.
     pub async fn next_event(&mut self) -> Result<Event, ConnectionError> {
         loop {
-            self.flush().await?;
             if let Some(event) = self.events.pop_front() {
+                // What the server said before it broke the connection still counts (an answer,
+                // then a bad frame), so events come before the error.
+                if self.failed.is_none() {
+                    self.flush().await?;
+                }
                 return Ok(event);
             }
-            if self.process_buffered()? {
-                continue;
+            if let Some(error) = self.failed.take() {
+                return Err(error);
+            }
+            self.flush().await?;
+            match self.process_buffered() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(error) if !self.events.is_empty() => {
+                    self.failed = Some(error);
+                    continue;
+                }
+                Err(error) => return Err(error),
             }
             self.read_more().await?;
         }
@@ -916,7 +941,7 @@ mod tests {
     }
 
     /// Reads frames from the client until one of `kind` with `flags` arrives; its payload.
-    async fn read_until(socket: &mut TcpStream, buffer: &mut Vec<u8>, kind: u8, flags: u8) -> Vec<u8> {
+    async fn read_until(socket: &mut tokio::net::TcpStream, buffer: &mut Vec<u8>, kind: u8, flags: u8) -> Vec<u8> {
         loop {
             while buffer.len() >= FRAME_HEADER {
                 let length = u32::from_be_bytes([0, buffer[0], buffer[1], buffer[2]]) as usize;

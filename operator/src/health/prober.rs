@@ -3,7 +3,8 @@
 //! In `Watch` mode the prober keeps one stream open, so a NOT_SERVING flip arrives as it
 //! happens. A quiet stream proves nothing about a frozen process or a silent network, so every
 //! `interval` without a message on the stream the prober sends one `Check` on the same
-//! connection, bounded by `timeout`: no answer in time is a failed probe.
+//! connection, bounded by `timeout`: no answer in time is a failed probe, and an answer with an
+//! error status (PERMISSION_DENIED, UNIMPLEMENTED...) is a failed probe too.
 //!
 //! Why a `Check` and not HTTP/2 keepalive PINGs: grpc-go and grpc-java servers police PINGs by
 //! default (one per 5 minutes while no data flows from the server; two strikes and the server
@@ -12,21 +13,43 @@
 //! rate, and it proves more than a PING: the server's health service itself answered. The
 //! prober therefore sends no PING at all.
 //!
-//! Connection rotation is routine: a server that sends GOAWAY (graceful shutdown of a
-//! connection, `MaxConnectionAge`) or closes a connection after its age ends the stream on a
-//! connection that answered. The prober reconnects at once and counts nothing; only if the new
-//! connection does not answer is a failure counted. A stream that breaks again within one
-//! `interval` of the previous rotation is counted as a failure, so a server that answers once
-//! and then drops every connection cannot stay Serving.
-//!
 //! A server that answers `Watch` with UNIMPLEMENTED is polled with `Check` instead, as is every
 //! endpoint in `Check` mode.
 //!
-//! After a failure the prober retries with exponential backoff (from 100ms, jittered, never
-//! more than `interval`), so that a blip is retried at once and a dead endpoint is not
-//! hammered. One attempt (connect, then the first answer) is bounded by `timeout` as a whole.
-//! So a Serving endpoint that stops answering is published NotServing at most
-//! `unhealthyThreshold x (interval + timeout)` after it stopped.
+//! # Connections that end
+//!
+//! How a connection that answered ends decides what it counts:
+//! - **Always a failure**, whatever the connection's age: a protocol error (bad frames, header
+//!   blocks or messages, HTTP/1 bytes), a message or frame over the limits (`MessageTooLarge`),
+//!   a GOAWAY with an error code (`GoAway(ENHANCE_YOUR_CALM)`...), no answer to the liveness
+//!   `Check` within `timeout` (`Timeout`), an error status to it (`CallFailed(..)`,
+//!   `Unimplemented`).
+//! - **Routine rotation** when it ends gracefully (GOAWAY NO_ERROR, `MaxConnectionAge`, a
+//!   close, a reset or ended stream) at least `interval` after its first answer: nothing is
+//!   counted and the prober reconnects at once.
+//! - **Early end** when it ends that way less than `interval` after its first answer: a failure
+//!   (`GoAway(NO_ERROR)`, `Reset(..)`, or `Unstable` for a close or an ended stream).
+//!
+//! After a connection that had answered fails or ends early, failures count across connections:
+//! a SERVING answer on the next connection neither resets the failure count nor counts toward
+//! `healthyThreshold` until that connection has stayed up for `interval` (its next liveness
+//! tick finds it alive, see [`HealthTracker::confirm`]). A new endpoint with no such history
+//! is Serving on its first answer. So a backend that answers SERVING on every new connection
+//! and then breaks it (GOAWAY or RST_STREAM right after the answer, silence, a byte now and
+//! then, garbage, an oversized frame, HTTP/1 bytes) reaches the unhealthy threshold as one that
+//! refuses connections does.
+//!
+//! # Bounds
+//!
+//! After a failure the prober retries with exponential backoff (from 100ms, jittered, at most
+//! `interval / 2`), so that a blip is retried at once and a dead endpoint is not hammered; a
+//! connection that lived at least `interval` is replaced at once. One attempt (connect, then
+//! the first answer) is bounded by `timeout` as a whole. With `unhealthyThreshold` N, a Serving
+//! endpoint is published NotServing within about N x (`interval` + `timeout`) of when it
+//! stopped answering or started misbehaving in any of the ways above: a silent one fails once
+//! per `interval + timeout` (a quiet interval, then the liveness Check's timeout), one that
+//! breaks its connections after answering fails once per reconnect (at most `interval / 2`
+//! apart), one whose liveness Check fails once per `interval`.
 //!
 //! Under the `LoadReport` policy the prober also opens ORCA's out-of-band load-report stream
 //! (`OpenRcaService/StreamCoreMetrics`) on the same connection once the health service has
@@ -54,7 +77,7 @@ use tracing::{debug, info, warn};
 use crate::weights::{LoadSample, LoadWeight};
 
 use super::{
-    connection::{CallEnd, CallId, ConnectionError, Event, HealthConnection, Message, Method, reason},
+    connection::{CallEnd, CallId, ConnectionError, Event, GoAway, HealthConnection, Message, Method, reason},
     tracker::{Failure, HealthTracker, HealthVerdict, NotServingAnswer, ProbeOutcome, Thresholds},
 };
 
@@ -103,6 +126,8 @@ pub trait ProbeObserver: Send + Sync + 'static {
     /// The server rotated the prober's connection (GOAWAY, connection age) after answering on
     /// it: the prober reconnected without counting a failure.
     fn rotated(&self) {}
+    /// A connection ended less than an interval after its first answer: counted as a failure.
+    fn ended_early(&self) {}
 }
 
 /// A running prober; dropping it stops the prober and closes its connection.
@@ -140,6 +165,29 @@ pub struct Shared {
     /// The local address probe connections are bound to, if any (see
     /// [`HealthConnection::connect_from`]).
     pub source_address: Option<IpAddr>,
+    /// How connections are opened.
+    pub connector: Connector,
+}
+
+/// How probe connections are opened: TCP, or in-memory streams in tests.
+#[derive(Clone, Default)]
+pub enum Connector {
+    #[default]
+    Tcp,
+    /// Each connect calls the function with the target (tests of the prober over in-memory
+    /// streams, on paused time).
+    #[cfg(test)]
+    Memory(Arc<dyn Fn(SocketAddr) -> std::io::Result<tokio::io::DuplexStream> + Send + Sync>),
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connector::Tcp => f.write_str("Tcp"),
+            #[cfg(test)]
+            Connector::Memory(_) => f.write_str("Memory"),
+        }
+    }
 }
 
 /// Starts probing `target`, starting from `initial` (see [`HealthTracker::new`]).
@@ -150,7 +198,7 @@ pub fn spawn(
     observer: Arc<dyn ProbeObserver>,
     shared: Shared,
 ) -> ProberHandle {
-    let tracker = HealthTracker::new(initial.clone(), settings.thresholds);
+    let tracker = HealthTracker::new(initial.clone(), settings.thresholds, settings.interval);
     let (state_tx, state) = watch::channel(ProbeState {
         verdict: initial,
         connect_failing: false,
@@ -166,7 +214,6 @@ pub fn spawn(
         tracker,
         state: state_tx,
         observer,
-        last_rotation: None,
         shared,
         load_call: None,
         detail: None,
@@ -184,8 +231,6 @@ struct Prober {
     state: watch::Sender<ProbeState>,
     observer: Arc<dyn ProbeObserver>,
     backoff: ExponentialBackoff,
-    /// When the server last rotated the connection without a failure being counted.
-    last_rotation: Option<Instant>,
     shared: Shared,
     /// The load-report stream on the current connection, once started.
     load_call: Option<CallId>,
@@ -193,15 +238,25 @@ struct Prober {
     detail: Option<String>,
 }
 
+/// One connection's life, as far as the counting rules need it.
+struct Link {
+    opened: Instant,
+    /// When the health service first answered on it.
+    answered: Option<Instant>,
+    /// The GOAWAY the server sent on it, if any.
+    going_away: Option<u32>,
+}
+
 /// Why a connection's probing ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
     /// The server does not implement `Watch`: poll with `Check` on the same connection.
     WatchUnimplemented,
-    /// The connection answered, then the server ended the stream or the connection (GOAWAY,
-    /// connection age): reconnect at once.
-    Rotated,
-    /// Record the failure and reconnect after backoff.
+    /// The connection ended the way a rotation does (graceful GOAWAY, close, stream reset or
+    /// ended): a rotation if it answered at least an interval ago, else an early end, counted
+    /// as this failure (or as [`Failure::Closed`] for [`Failure::Unstable`] before any answer).
+    Closed(Failure),
+    /// A failure, whatever the connection's age.
     Failed(Failure),
 }
 
@@ -214,7 +269,12 @@ impl Prober {
                 return;
             };
             let attempt_deadline = Instant::now() + self.settings.timeout;
-            let mut ended = match connect(self.target, self.shared.source_address, attempt_deadline).await {
+            let mut link = Link {
+                opened: Instant::now(),
+                answered: None,
+                going_away: None,
+            };
+            let ended = match self.connect(attempt_deadline).await {
                 Err(failure) => {
                     drop(turn);
                     Ended::Failed(failure)
@@ -222,38 +282,50 @@ impl Prober {
                 Ok(mut connection) => {
                     self.load_call = None;
                     let ended = if watch_implemented {
-                        self.watch(&mut connection, attempt_deadline, turn).await
+                        self.watch(&mut connection, &mut link, attempt_deadline, turn).await
                     } else {
                         drop(turn);
                         Ended::WatchUnimplemented
                     };
                     if ended == Ended::WatchUnimplemented {
                         watch_implemented = false;
-                        self.poll(&mut connection).await
+                        self.poll(&mut connection, &mut link).await
                     } else {
                         ended
                     }
                 }
             };
-            if ended == Ended::Rotated {
-                let now = Instant::now();
-                let recently = self
-                    .last_rotation
-                    .is_some_and(|last| now.duration_since(last) < self.settings.interval);
-                if recently {
-                    ended = Ended::Failed(Failure::Unstable);
-                } else {
-                    self.last_rotation = Some(now);
+            let now = Instant::now();
+            let failure = match (ended, link.answered) {
+                (Ended::Closed(_), Some(answered))
+                    if now.saturating_duration_since(answered) >= self.settings.interval =>
+                {
+                    // Routine rotation: the connection served its interval.
+                    self.confirm(now);
+                    self.tracker.connection_ended();
                     self.observer.rotated();
                     continue;
                 }
+                (Ended::Closed(failure), Some(_)) => {
+                    self.observer.ended_early();
+                    failure
+                }
+                (Ended::Closed(Failure::Unstable), None) => Failure::Closed,
+                (Ended::Closed(failure) | Ended::Failed(failure), _) => failure,
+                (Ended::WatchUnimplemented, _) => unreachable!("handled above"),
+            };
+            if link.answered.is_some() {
+                self.tracker.connection_broke();
             }
-            if let Ended::Failed(failure) = ended {
-                self.record(ProbeOutcome::Failed(failure), None);
-                self.state.send_modify(|state| state.load.restart());
+            self.record(ProbeOutcome::Failed(failure), None);
+            self.state.send_modify(|state| state.load.restart());
+            // A connection that lived an interval is replaced at once (that is one connection
+            // per interval at most); one that did not waits for the backoff.
+            let lived = now.saturating_duration_since(link.opened);
+            if lived < self.settings.interval {
+                let delay = self.backoff.next().unwrap_or(self.settings.interval);
+                tokio::time::sleep(delay.min(self.settings.interval)).await;
             }
-            let delay = self.backoff.next().unwrap_or(self.settings.interval);
-            tokio::time::sleep(delay.min(self.settings.interval)).await;
         }
     }
 
@@ -261,6 +333,7 @@ impl Prober {
     async fn watch(
         &mut self,
         connection: &mut HealthConnection,
+        link: &mut Link,
         deadline: Instant,
         turn: tokio::sync::OwnedSemaphorePermit,
     ) -> Ended {
@@ -268,32 +341,33 @@ impl Prober {
         let Ok(watch) = connection.start(Method::Watch, &self.settings.service) else {
             return Ended::Failed(Failure::GoAway(reason::NO_ERROR));
         };
-        let mut going_away = None;
         let first = loop {
             match tokio::time::timeout_at(deadline, connection.next_event()).await {
                 Err(_) => return Ended::Failed(Failure::Timeout),
-                Ok(Err(error)) => return Ended::Failed(self.connection_failure(&error)),
+                Ok(Err(error)) => return self.connection_gone(&error, link),
                 Ok(Ok(Event::Message(call, Message::Health(response)))) if call == watch => break response,
                 Ok(Ok(Event::Ended(call, CallEnd::Status(Code::Unimplemented, _)))) if call == watch => {
                     return Ended::WatchUnimplemented;
                 }
                 Ok(Ok(Event::Ended(call, end))) if call == watch => {
-                    return Ended::Failed(match going_away {
+                    return match link.going_away {
                         // Refused by the GOAWAY: the GOAWAY is the reason.
-                        Some(code) => Failure::GoAway(code),
-                        None => self.call_failure(&end),
-                    });
+                        Some(code) => Ended::Failed(Failure::GoAway(code)),
+                        None => Ended::Failed(self.call_failure(&end)),
+                    };
                 }
                 // GOAWAY before the first answer: the Watch may still be answered, or refused.
-                Ok(Ok(Event::GoAway(goaway))) => {
-                    self.detail = Some(format!("GOAWAY {:?}", goaway.debug));
-                    going_away = Some(goaway.code);
-                }
+                Ok(Ok(Event::GoAway(goaway))) => self.going_away(&goaway, link),
                 Ok(Ok(_)) => {}
             }
         };
         drop(turn);
+        link.answered = Some(Instant::now());
         self.answered(answer(&first), started);
+        if let Some(code) = link.going_away {
+            // The server announced the connection's end before it answered.
+            return goaway_end(code);
+        }
         self.start_load_reports(connection);
 
         let mut heard_since_tick = false;
@@ -308,24 +382,33 @@ impl Prober {
                     }
                     Ok(event) if self.load_event(&event) => {}
                     // The stream or the connection ended, or the server announced its end
-                    // (GOAWAY: graceful shutdown, connection age), after answering: the server
-                    // let the connection go. Whether the endpoint is still there is for the
-                    // next connection to say.
-                    Ok(Event::Ended(call, _)) if call == watch => return Ended::Rotated,
-                    Ok(Event::GoAway(_)) | Err(_) => return Ended::Rotated,
+                    // (GOAWAY: graceful shutdown, connection age), after answering: a rotation
+                    // or an early end, by the connection's age.
+                    Ok(Event::Ended(call, end)) if call == watch => return self.stream_end(&end, link),
+                    Ok(Event::GoAway(goaway)) => {
+                        self.going_away(&goaway, link);
+                        return goaway_end(goaway.code);
+                    }
+                    Err(error) => return self.connection_gone(&error, link),
                     Ok(_) => {}
                 },
                 _ = tick.tick() => {
                     if std::mem::take(&mut heard_since_tick) {
+                        // The stream spoke within the interval: the connection is alive.
+                        self.confirm(Instant::now());
                         continue;
                     }
-                    match self.check(connection, Some(watch)).await {
-                        Liveness::Answered(outcome, started) => self.answered(outcome, started),
-                        // The server answered the call with an error: alive. The Watch stream
-                        // carries the health.
-                        Liveness::Failed(_) => {}
+                    match self.check(connection, link, Some(watch)).await {
+                        Liveness::Answered(outcome, started) => {
+                            self.confirm(Instant::now());
+                            self.answered(outcome, started);
+                        }
+                        Liveness::Failed(failure) => {
+                            self.tracker.connection_broke();
+                            self.record(ProbeOutcome::Failed(failure), None);
+                        }
                         Liveness::Silent => return Ended::Failed(Failure::Timeout),
-                        Liveness::ConnectionGone => return Ended::Rotated,
+                        Liveness::Ended(ended) => return ended,
                     }
                 }
             }
@@ -333,17 +416,24 @@ impl Prober {
     }
 
     /// Polls with `Check` every interval until the connection stops answering.
-    async fn poll(&mut self, connection: &mut HealthConnection) -> Ended {
+    async fn poll(&mut self, connection: &mut HealthConnection, link: &mut Link) -> Ended {
         loop {
             let started = Instant::now();
-            match self.check(connection, None).await {
+            match self.check(connection, link, None).await {
                 Liveness::Answered(outcome, started) => {
+                    self.confirm(Instant::now());
+                    link.answered.get_or_insert_with(Instant::now);
                     self.answered(outcome, started);
                     self.start_load_reports(connection);
                 }
-                Liveness::Failed(failure) => self.record(ProbeOutcome::Failed(failure), Some(started.elapsed())),
+                Liveness::Failed(failure) => {
+                    if link.answered.is_some() {
+                        self.tracker.connection_broke();
+                    }
+                    self.record(ProbeOutcome::Failed(failure), Some(started.elapsed()));
+                }
                 Liveness::Silent => return Ended::Failed(Failure::Timeout),
-                Liveness::ConnectionGone => return Ended::Rotated,
+                Liveness::Ended(ended) => return ended,
             }
             tokio::time::sleep_until(started + self.settings.interval).await;
         }
@@ -351,20 +441,17 @@ impl Prober {
 
     /// One `Check`, bounded by `timeout`. Messages of the open `watch`, if any, that arrive
     /// meanwhile are recorded; its end means the connection is going.
-    async fn check(&mut self, connection: &mut HealthConnection, watch: Option<CallId>) -> Liveness {
+    async fn check(&mut self, connection: &mut HealthConnection, link: &mut Link, watch: Option<CallId>) -> Liveness {
         let started = Instant::now();
         let Ok(check) = connection.start(Method::Check, &self.settings.service) else {
-            return Liveness::ConnectionGone;
+            return Liveness::Ended(goaway_end(link.going_away.unwrap_or(reason::NO_ERROR)));
         };
         let deadline = started + self.settings.timeout;
         let mut answer_received = None;
         loop {
             let event = match tokio::time::timeout_at(deadline, connection.next_event()).await {
                 Err(_) => return Liveness::Silent,
-                Ok(Err(error)) => {
-                    self.connection_failure(&error);
-                    return Liveness::ConnectionGone;
-                }
+                Ok(Err(error)) => return Liveness::Ended(self.connection_gone(&error, link)),
                 Ok(Ok(event)) => event,
             };
             match event {
@@ -378,10 +465,14 @@ impl Prober {
                         (CallEnd::Status(Code::NotFound, _), _) => {
                             Liveness::Answered(ProbeOutcome::NotServing(NotServingAnswer::NotFound), started)
                         }
-                        (CallEnd::Reset(_) | CallEnd::Status(Code::Unavailable | Code::Cancelled, _), _) => {
-                            Liveness::ConnectionGone
+                        (CallEnd::Status(Code::Ok, _), None) => {
+                            self.detail = Some("a Check answered OK without a message".into());
+                            Liveness::Failed(Failure::ProtocolError)
                         }
-                        (CallEnd::Status(Code::DeadlineExceeded, _), _) => Liveness::Silent,
+                        // Refused by a GOAWAY: the connection is going.
+                        (CallEnd::Reset(reason::REFUSED_STREAM), _) => {
+                            Liveness::Ended(goaway_end(link.going_away.unwrap_or(reason::NO_ERROR)))
+                        }
                         (end, _) => Liveness::Failed(self.call_failure(&end)),
                     };
                 }
@@ -389,8 +480,11 @@ impl Prober {
                     self.record(answer(&response), None)
                 }
                 ref event if self.load_event(event) => {}
-                Event::Ended(call, _) if Some(call) == watch => return Liveness::ConnectionGone,
+                Event::Ended(call, ref end) if Some(call) == watch => {
+                    return Liveness::Ended(self.stream_end(end, link));
+                }
                 // GOAWAY: the Check, if refused, ends as such; if accepted, it is answered.
+                Event::GoAway(ref goaway) => self.going_away(goaway, link),
                 _ => {}
             }
         }
@@ -447,34 +541,94 @@ impl Prober {
         call_failure(end)
     }
 
-    /// The failure of a connection, its detail kept for the log.
-    fn connection_failure(&mut self, error: &ConnectionError) -> Failure {
+    /// How the `Watch` stream's end after its first answer counts.
+    fn stream_end(&mut self, end: &CallEnd, link: &Link) -> Ended {
+        match end {
+            CallEnd::MessageTooLarge | CallEnd::Malformed(_) => Ended::Failed(self.call_failure(end)),
+            CallEnd::Reset(reason::REFUSED_STREAM) | CallEnd::Status(..) if link.going_away.is_some() => {
+                goaway_end(link.going_away.unwrap_or(reason::NO_ERROR))
+            }
+            CallEnd::Reset(code) => Ended::Closed(Failure::Reset(*code)),
+            CallEnd::Status(..) => {
+                self.call_failure(end);
+                Ended::Closed(Failure::Unstable)
+            }
+        }
+    }
+
+    /// How a connection that can no longer carry calls counts, its detail kept for the log.
+    fn connection_gone(&mut self, error: &ConnectionError, link: &Link) -> Ended {
         self.detail = Some(error.to_string());
-        connection_failure(error)
+        match error {
+            ConnectionError::Protocol(_) => Ended::Failed(Failure::ProtocolError),
+            ConnectionError::Closed | ConnectionError::Io(_) | ConnectionError::GoingAway => match link.going_away {
+                Some(code) => goaway_end(code),
+                None => Ended::Closed(Failure::Unstable),
+            },
+        }
+    }
+
+    fn going_away(&mut self, goaway: &GoAway, link: &mut Link) {
+        link.going_away.get_or_insert(goaway.code);
+        if !goaway.debug.is_empty() {
+            self.detail = Some(format!("GOAWAY debug data {:?}", goaway.debug));
+        }
+    }
+
+    /// A new connection (no HTTP/2 keepalive: see the module docs), by `deadline`.
+    async fn connect(&mut self, deadline: Instant) -> Result<HealthConnection, Failure> {
+        let connecting = async {
+            match &self.shared.connector {
+                Connector::Tcp => HealthConnection::connect_from(self.target, self.shared.source_address).await,
+                #[cfg(test)]
+                Connector::Memory(open) => open(self.target).map(|io| HealthConnection::handshake(io, "test")),
+            }
+        };
+        match tokio::time::timeout_at(deadline, connecting).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => {
+                self.detail = Some(error.to_string());
+                Err(connect_failure(&error))
+            }
+            Err(_) => Err(Failure::ConnectTimeout),
+        }
     }
 
     /// The health service answered a probe that started at `started`.
     fn answered(&mut self, outcome: ProbeOutcome, started: Instant) {
         self.record(outcome, Some(started.elapsed()));
-        self.backoff = backoff(self.settings.interval);
+        if !self.tracker.on_probation() {
+            self.backoff = backoff(self.settings.interval);
+        }
+    }
+
+    /// The current connection is alive at `now` (see [`HealthTracker::confirm`]).
+    fn confirm(&mut self, now: Instant) {
+        let before = self.tracker.verdict().clone();
+        if self.tracker.confirm(now) {
+            self.backoff = backoff(self.settings.interval);
+            self.publish(&before, true);
+        }
     }
 
     fn record(&mut self, outcome: ProbeOutcome, latency: Option<Duration>) {
         self.observer.probed(outcome, latency);
         let before = self.tracker.verdict().clone();
-        let changed = self.tracker.observe(outcome);
+        let changed = self.tracker.observe(outcome, Instant::now());
+        self.publish(&before, changed);
+    }
+
+    /// Publishes the tracker's state if it `changed` (or on the first probe), and logs a
+    /// change of verdict from `before`, with the detail of what caused it, once.
+    fn publish(&mut self, before: &HealthVerdict, changed: bool) {
         let detail = self.detail.take();
         let verdict = self.tracker.verdict();
-        if *verdict != before {
-            // Once per change, not per probe: the detail of what made it change.
-            let (health, reason, detail) = (
-                verdict.health,
-                verdict.reason.as_deref().unwrap_or(""),
-                detail.unwrap_or_default(),
-            );
-            if verdict.health == Health::Serving {
+        if verdict != before {
+            let (health, reason) = (verdict.health, verdict.reason.as_deref().unwrap_or_default());
+            if health == Health::Serving {
                 info!(endpoint = %self.target, %health, "endpoint health changed");
             } else {
+                let detail = detail.unwrap_or_default();
                 warn!(endpoint = %self.target, %health, reason, detail, "endpoint health changed");
             }
         }
@@ -500,8 +654,17 @@ enum Liveness {
     Failed(Failure),
     /// No answer within the timeout.
     Silent,
-    /// The connection is gone (closed, GOAWAY, reset).
-    ConnectionGone,
+    /// The connection ended (closed, GOAWAY, the Watch stream ended, a protocol error).
+    Ended(Ended),
+}
+
+/// How a GOAWAY counts: an error code is a failure; NO_ERROR, a graceful end.
+fn goaway_end(code: u32) -> Ended {
+    if code == reason::NO_ERROR {
+        Ended::Closed(Failure::GoAway(code))
+    } else {
+        Ended::Failed(Failure::GoAway(code))
+    }
 }
 
 fn answer(response: &HealthCheckResponse) -> ProbeOutcome {
@@ -524,29 +687,12 @@ fn call_failure(end: &CallEnd) -> Failure {
     }
 }
 
-/// How a connection that can no longer carry calls failed.
-fn connection_failure(error: &ConnectionError) -> Failure {
-    match error {
-        ConnectionError::Closed | ConnectionError::Io(_) => Failure::Closed,
-        ConnectionError::Protocol(_) => Failure::ProtocolError,
-        ConnectionError::GoingAway => Failure::GoAway(reason::NO_ERROR),
-    }
-}
-
-/// A new connection to `target` from `source` (no HTTP/2 keepalive: see the module docs), by
-/// `deadline`.
-async fn connect(target: SocketAddr, source: Option<IpAddr>, deadline: Instant) -> Result<HealthConnection, Failure> {
-    match tokio::time::timeout_at(deadline, HealthConnection::connect_from(target, source)).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(match error.kind() {
-            std::io::ErrorKind::TimedOut => Failure::ConnectTimeout,
-            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => Failure::ConnectRefused,
-            _ => {
-                debug!(%target, %error, "connect failed");
-                Failure::ConnectFailed
-            }
-        }),
-        Err(_) => Err(Failure::ConnectTimeout),
+/// How opening a connection failed.
+fn connect_failure(error: &std::io::Error) -> Failure {
+    match error.kind() {
+        std::io::ErrorKind::TimedOut => Failure::ConnectTimeout,
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => Failure::ConnectRefused,
+        _ => Failure::ConnectFailed,
     }
 }
 
@@ -563,73 +709,4 @@ fn backoff(interval: Duration) -> ExponentialBackoff {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_starts_small_grows_and_never_exceeds_the_interval() {
-        let interval = Duration::from_secs(2);
-        let delays: Vec<Duration> = backoff(interval).take(20).collect();
-        assert!(delays[0] >= Duration::from_millis(100) && delays[0] < Duration::from_millis(200));
-        assert!(
-            delays.iter().all(|d| *d <= interval),
-            "jitter stays within the interval: {delays:?}"
-        );
-        assert!(delays[19] >= Duration::from_secs(1), "it grows: {delays:?}");
-    }
-
-    #[test]
-    fn call_and_connection_ends_have_specific_reasons() {
-        let status = |code| CallEnd::Status(code, String::new());
-        assert_eq!(
-            call_failure(&status(Code::Unavailable)),
-            Failure::CallFailed(Code::Unavailable)
-        );
-        assert_eq!(call_failure(&CallEnd::Reset(7)), Failure::Reset(7));
-        assert_eq!(call_failure(&status(Code::Unimplemented)), Failure::Unimplemented);
-        assert_eq!(
-            call_failure(&status(Code::PermissionDenied)),
-            Failure::CallFailed(Code::PermissionDenied)
-        );
-        assert_eq!(call_failure(&CallEnd::MessageTooLarge), Failure::MessageTooLarge);
-        assert_eq!(call_failure(&CallEnd::Malformed("x")), Failure::ProtocolError);
-        assert_eq!(connection_failure(&ConnectionError::Closed), Failure::Closed);
-        assert_eq!(
-            connection_failure(&ConnectionError::Protocol("x")),
-            Failure::ProtocolError
-        );
-    }
-
-    #[tokio::test]
-    async fn a_refused_connection_is_a_connect_failure() {
-        // A port nothing listens on, on loopback: refused at once.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        drop(listener);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(
-            connect(address, None, deadline).await.err(),
-            Some(Failure::ConnectRefused)
-        );
-    }
-
-    #[tokio::test]
-    async fn connections_come_from_the_source_address_of_the_targets_family() {
-        // 127.0.0.2 is a loopback address distinct from the listener's 127.0.0.1.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let source: IpAddr = "127.0.0.2".parse().unwrap();
-        let _connection = connect(address, Some(source), deadline).await.unwrap();
-        let (_, peer) = listener.accept().await.unwrap();
-        assert_eq!(peer.ip(), source);
-        // Without a source address, the system's choice.
-        let _connection = connect(address, None, deadline).await.unwrap();
-        let (_, peer) = listener.accept().await.unwrap();
-        assert_eq!(peer.ip(), address.ip());
-        // A source of the other family is not used (a bind across families could only fail).
-        let _connection = connect(address, Some("::1".parse().unwrap()), deadline).await.unwrap();
-        let (_, peer) = listener.accept().await.unwrap();
-        assert_eq!(peer.ip(), address.ip());
-    }
-}
+mod tests;

@@ -54,6 +54,10 @@ impl ProbeObserver for Observer {
     fn rotated(&self) {
         self.reports.metrics.probe_connection_rotations.inc();
     }
+
+    fn ended_early(&self) {
+        self.reports.metrics.probe_connection_early_ends.inc();
+    }
 }
 
 struct BackendProbers {
@@ -76,6 +80,7 @@ impl ProberRegistry {
             shared: prober::Shared {
                 connects: prober::connect_limiter(),
                 source_address: options.source_address,
+                connector: prober::Connector::Tcp,
             },
         }
     }

@@ -4,8 +4,17 @@
 //! threshold: they may be a blip. An explicit answer from the server's health service
 //! (NOT_SERVING, SERVICE_UNKNOWN) is authoritative and counts at once: the server said so.
 //! Successes count toward the healthy threshold before an endpoint that was not Serving is.
+//!
+//! Failures count across connections. After a connection broke once it had answered, a SERVING
+//! answer no longer resets the failure count (nor counts toward the healthy threshold) when it
+//! arrives, but once its connection has stayed up for an interval (the prober calls
+//! [`HealthTracker::confirm`]): a server that answers SERVING on every new connection and then
+//! breaks it reaches the unhealthy threshold as one that refuses connections does.
+
+use std::time::Duration;
 
 use kubegrpc_crds::Health;
+use tokio::time::Instant;
 
 /// What one probe found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,25 +179,34 @@ pub struct HealthVerdict {
 pub struct HealthTracker {
     verdict: HealthVerdict,
     thresholds: Thresholds,
+    interval: Duration,
     successes: u32,
     failures: u32,
     connect_failing: bool,
+    /// A connection broke after answering: SERVING answers wait for [`HealthTracker::confirm`].
+    probation: bool,
+    /// Under probation, since when the answers have been SERVING on the current connection.
+    pending_since: Option<Instant>,
 }
 
 impl HealthTracker {
     /// Starts from `initial`: `Unknown` for a new endpoint, or the health already published in
     /// the status (so a restarted or newly elected operator changes nothing until its own
-    /// probes cross a threshold).
-    pub fn new(initial: HealthVerdict, thresholds: Thresholds) -> Self {
+    /// probes cross a threshold). `interval` is the probe interval: how long a connection must
+    /// stay up before a SERVING answer on it counts again after a connection broke.
+    pub fn new(initial: HealthVerdict, thresholds: Thresholds, interval: Duration) -> Self {
         Self {
             verdict: initial,
             thresholds: Thresholds {
                 healthy: thresholds.healthy.max(1),
                 unhealthy: thresholds.unhealthy.max(1),
             },
+            interval,
             successes: 0,
             failures: 0,
             connect_failing: false,
+            probation: false,
+            pending_since: None,
         }
     }
 
@@ -201,19 +219,23 @@ impl HealthTracker {
         self.connect_failing
     }
 
-    /// Feeds one outcome; returns true when the verdict or `connect_failing` changed.
-    pub fn observe(&mut self, outcome: ProbeOutcome) -> bool {
+    /// Whether SERVING answers wait for their connection to prove stable before they count.
+    pub fn on_probation(&self) -> bool {
+        self.probation
+    }
+
+    /// Feeds one outcome seen at `now`; returns true when the verdict or `connect_failing`
+    /// changed.
+    pub fn observe(&mut self, outcome: ProbeOutcome, now: Instant) -> bool {
         let before = (self.verdict.clone(), self.connect_failing);
         self.connect_failing = matches!(outcome, ProbeOutcome::Failed(f) if f.at_connect_time());
         match outcome {
-            ProbeOutcome::Serving => {
-                self.failures = 0;
-                self.successes = self.successes.saturating_add(1);
-                if self.verdict.health != Health::Serving && self.successes >= self.thresholds.healthy {
-                    self.set(Health::Serving, outcome);
-                }
+            ProbeOutcome::Serving if self.probation => {
+                self.pending_since.get_or_insert(now);
             }
+            ProbeOutcome::Serving => self.serving(),
             ProbeOutcome::NotServing(_) => {
+                self.pending_since = None;
                 self.successes = 0;
                 self.failures = 0;
                 if self.verdict.health != Health::NotServing {
@@ -221,6 +243,7 @@ impl HealthTracker {
                 }
             }
             ProbeOutcome::Failed(_) => {
+                self.pending_since = None;
                 self.successes = 0;
                 self.failures = self.failures.saturating_add(1);
                 if self.verdict.health != Health::NotServing && self.failures >= self.thresholds.unhealthy {
@@ -229,6 +252,47 @@ impl HealthTracker {
             }
         }
         (self.verdict.clone(), self.connect_failing) != before
+    }
+
+    /// A connection broke after answering (an early end, or a failure on a connection that
+    /// had answered): from now on SERVING answers count only once their connection has stayed
+    /// up for an interval (see [`HealthTracker::confirm`]). Feed the failure itself with
+    /// [`HealthTracker::observe`].
+    pub fn connection_broke(&mut self) {
+        self.probation = true;
+        self.pending_since = None;
+    }
+
+    /// The current connection ended without a failure (a routine rotation): a SERVING answer
+    /// still waiting on it is not carried to the next connection.
+    pub fn connection_ended(&mut self) {
+        self.pending_since = None;
+    }
+
+    /// The current connection showed at `now` that it is alive (a message heard in the past
+    /// interval, a liveness `Check` answered, a routine rotation). Under probation, SERVING
+    /// answers that have held on it for an interval now count, as one success; returns true
+    /// when the verdict changed.
+    pub fn confirm(&mut self, now: Instant) -> bool {
+        let Some(since) = self.pending_since else {
+            return false;
+        };
+        if !self.probation || now.saturating_duration_since(since) < self.interval {
+            return false;
+        }
+        self.probation = false;
+        self.pending_since = None;
+        let before = self.verdict.clone();
+        self.serving();
+        self.verdict != before
+    }
+
+    fn serving(&mut self) {
+        self.failures = 0;
+        self.successes = self.successes.saturating_add(1);
+        if self.verdict.health != Health::Serving && self.successes >= self.thresholds.healthy {
+            self.set(Health::Serving, ProbeOutcome::Serving);
+        }
     }
 
     fn set(&mut self, health: Health, cause: ProbeOutcome) {
@@ -250,7 +314,16 @@ mod tests {
                 reason: None,
             },
             Thresholds { healthy, unhealthy },
+            INTERVAL,
         )
+    }
+
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    impl HealthTracker {
+        fn see(&mut self, outcome: ProbeOutcome) -> bool {
+            self.observe(outcome, Instant::now())
+        }
     }
 
     const CONNECT_FAILED: ProbeOutcome = ProbeOutcome::Failed(Failure::ConnectRefused);
@@ -259,9 +332,9 @@ mod tests {
     #[test]
     fn unknown_becomes_serving_after_the_healthy_threshold() {
         let mut t = tracker(Health::Unknown, 2, 3);
-        assert!(!t.observe(ProbeOutcome::Serving));
+        assert!(!t.see(ProbeOutcome::Serving));
         assert_eq!(t.verdict().health, Health::Unknown);
-        assert!(t.observe(ProbeOutcome::Serving));
+        assert!(t.see(ProbeOutcome::Serving));
         assert_eq!(t.verdict().health, Health::Serving);
         assert_eq!(t.verdict().reason.as_deref(), Some("Serving"));
     }
@@ -269,9 +342,9 @@ mod tests {
     #[test]
     fn transport_failures_count_against_the_unhealthy_threshold() {
         let mut t = tracker(Health::Serving, 1, 3);
-        assert!(!t.observe(ProbeOutcome::Failed(Failure::Timeout)));
-        assert!(!t.observe(ProbeOutcome::Failed(Failure::Unstable)));
-        assert!(t.observe(ProbeOutcome::Failed(Failure::Timeout)));
+        assert!(!t.see(ProbeOutcome::Failed(Failure::Timeout)));
+        assert!(!t.see(ProbeOutcome::Failed(Failure::Unstable)));
+        assert!(t.see(ProbeOutcome::Failed(Failure::Timeout)));
         assert_eq!(t.verdict().health, Health::NotServing);
         assert_eq!(t.verdict().reason.as_deref(), Some("Timeout"));
     }
@@ -279,20 +352,20 @@ mod tests {
     #[test]
     fn a_success_resets_the_failure_count() {
         let mut t = tracker(Health::Serving, 1, 2);
-        t.observe(ProbeOutcome::Failed(Failure::Timeout));
-        t.observe(ProbeOutcome::Serving);
-        t.observe(ProbeOutcome::Failed(Failure::Timeout));
+        t.see(ProbeOutcome::Failed(Failure::Timeout));
+        t.see(ProbeOutcome::Serving);
+        t.see(ProbeOutcome::Failed(Failure::Timeout));
         assert_eq!(t.verdict().health, Health::Serving);
     }
 
     #[test]
     fn an_explicit_not_serving_counts_at_once_whatever_the_threshold() {
         let mut t = tracker(Health::Serving, 1, 100);
-        assert!(t.observe(NOT_SERVING));
+        assert!(t.see(NOT_SERVING));
         assert_eq!(t.verdict().health, Health::NotServing);
         assert_eq!(t.verdict().reason.as_deref(), Some("NotServing"));
         // Back to Serving at the healthy threshold (1).
-        assert!(t.observe(ProbeOutcome::Serving));
+        assert!(t.see(ProbeOutcome::Serving));
         assert_eq!(t.verdict().health, Health::Serving);
     }
 
@@ -300,18 +373,18 @@ mod tests {
     fn a_seeded_verdict_holds_until_a_threshold_is_crossed() {
         // A newly elected leader starts from the published Serving: one failure changes nothing.
         let mut t = tracker(Health::Serving, 1, 3);
-        assert!(!t.observe(ProbeOutcome::Serving));
-        assert!(!t.observe(ProbeOutcome::Failed(Failure::Timeout)));
+        assert!(!t.see(ProbeOutcome::Serving));
+        assert!(!t.see(ProbeOutcome::Failed(Failure::Timeout)));
         assert_eq!(t.verdict().health, Health::Serving);
     }
 
     #[test]
     fn the_reason_is_set_when_the_health_changes_only() {
         let mut t = tracker(Health::Serving, 1, 1);
-        t.observe(CONNECT_FAILED);
+        t.see(CONNECT_FAILED);
         assert_eq!(t.verdict().reason.as_deref(), Some("ConnectRefused"));
         // Still NotServing for another cause: the published reason stays, nothing to write.
-        assert!(!t.observe(ProbeOutcome::Failed(Failure::ConnectTimeout)));
+        assert!(!t.see(ProbeOutcome::Failed(Failure::ConnectTimeout)));
         assert_eq!(t.verdict().reason.as_deref(), Some("ConnectRefused"));
     }
 
@@ -354,10 +427,81 @@ mod tests {
     #[test]
     fn connect_failing_follows_the_latest_outcome() {
         let mut t = tracker(Health::NotServing, 1, 1);
-        assert!(t.observe(CONNECT_FAILED));
+        assert!(t.see(CONNECT_FAILED));
         assert!(t.connect_failing());
-        assert!(!t.observe(CONNECT_FAILED));
-        assert!(t.observe(ProbeOutcome::Failed(Failure::Timeout)));
+        assert!(!t.see(CONNECT_FAILED));
+        assert!(t.see(ProbeOutcome::Failed(Failure::Timeout)));
         assert!(!t.connect_failing());
+    }
+
+    const UNSTABLE: ProbeOutcome = ProbeOutcome::Failed(Failure::Unstable);
+
+    #[test]
+    fn after_a_broken_connection_serving_answers_count_only_once_their_connection_held() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut t = tracker(Health::Serving, 1, 3);
+        // Each connection answers SERVING and breaks 100 ms later: the answers never count.
+        for (i, ms) in [0u64, 300, 700].into_iter().enumerate() {
+            assert!(!t.observe(ProbeOutcome::Serving, at(ms)), "connection {i}");
+            assert!(!t.confirm(at(ms + 50)), "not held for an interval yet");
+            t.connection_broke();
+            t.observe(UNSTABLE, at(ms + 100));
+        }
+        assert_eq!(t.verdict().health, Health::NotServing);
+        assert_eq!(t.verdict().reason.as_deref(), Some("Unstable"));
+        // A connection that holds for an interval counts its answer once, then as usual.
+        assert!(!t.observe(ProbeOutcome::Serving, at(2_000)));
+        assert!(!t.confirm(at(2_999)));
+        assert!(t.confirm(at(3_000)));
+        assert_eq!(t.verdict().health, Health::Serving);
+        assert!(!t.on_probation());
+    }
+
+    #[test]
+    fn a_confirmed_answer_resets_the_failure_count() {
+        let start = Instant::now();
+        let mut t = tracker(Health::Serving, 1, 2);
+        t.connection_broke();
+        t.observe(UNSTABLE, start);
+        t.observe(ProbeOutcome::Serving, start);
+        assert!(
+            !t.confirm(start + INTERVAL),
+            "confirming a Serving verdict changes nothing"
+        );
+        t.observe(UNSTABLE, start + INTERVAL * 2);
+        assert_eq!(
+            t.verdict().health,
+            Health::Serving,
+            "one failure since the confirmation"
+        );
+    }
+
+    #[test]
+    fn a_failure_or_a_rotation_drops_an_answer_waiting_for_confirmation() {
+        let start = Instant::now();
+        let mut t = tracker(Health::NotServing, 1, 1);
+        t.connection_broke();
+        t.observe(ProbeOutcome::Serving, start);
+        t.connection_ended();
+        assert!(
+            !t.confirm(start + INTERVAL * 2),
+            "the rotated connection's answer is gone"
+        );
+        t.observe(ProbeOutcome::Serving, start + INTERVAL * 2);
+        t.observe(ProbeOutcome::Failed(Failure::Timeout), start + INTERVAL * 3);
+        assert!(!t.confirm(start + INTERVAL * 4));
+        assert_eq!(t.verdict().health, Health::NotServing);
+    }
+
+    #[test]
+    fn under_probation_explicit_answers_still_count_at_once_and_new_endpoints_are_not_delayed() {
+        let now = Instant::now();
+        let mut t = tracker(Health::Serving, 1, 5);
+        t.connection_broke();
+        assert!(t.observe(NOT_SERVING, now));
+        // No failure history: the first answer counts at once.
+        let mut fresh = tracker(Health::Unknown, 1, 3);
+        assert!(fresh.observe(ProbeOutcome::Serving, now));
     }
 }

@@ -1,0 +1,417 @@
+use std::sync::{
+    Mutex,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use prost::Message as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::*;
+
+#[test]
+fn backoff_starts_small_grows_and_never_exceeds_the_interval() {
+    let interval = Duration::from_secs(2);
+    let delays: Vec<Duration> = backoff(interval).take(20).collect();
+    assert!(delays[0] >= Duration::from_millis(100) && delays[0] < Duration::from_millis(200));
+    assert!(
+        delays.iter().all(|d| *d <= interval),
+        "jitter stays within the interval: {delays:?}"
+    );
+    assert!(delays[19] >= Duration::from_secs(1), "it grows: {delays:?}");
+}
+
+#[test]
+fn call_and_connection_ends_have_specific_reasons() {
+    let status = |code| CallEnd::Status(code, String::new());
+    assert_eq!(
+        call_failure(&status(Code::Unavailable)),
+        Failure::CallFailed(Code::Unavailable)
+    );
+    assert_eq!(call_failure(&CallEnd::Reset(7)), Failure::Reset(7));
+    assert_eq!(call_failure(&status(Code::Unimplemented)), Failure::Unimplemented);
+    assert_eq!(
+        call_failure(&status(Code::PermissionDenied)),
+        Failure::CallFailed(Code::PermissionDenied)
+    );
+    assert_eq!(call_failure(&CallEnd::MessageTooLarge), Failure::MessageTooLarge);
+    assert_eq!(call_failure(&CallEnd::Malformed("x")), Failure::ProtocolError);
+    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(connect_failure(&refused), Failure::ConnectRefused);
+    let unreachable = std::io::Error::from(std::io::ErrorKind::HostUnreachable);
+    assert_eq!(connect_failure(&unreachable), Failure::ConnectFailed);
+    assert_eq!(goaway_end(0), Ended::Closed(Failure::GoAway(0)));
+    assert_eq!(goaway_end(0xb), Ended::Failed(Failure::GoAway(0xb)));
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_a_connect_failure() {
+    // A port nothing listens on, on loopback: refused at once.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    let error = HealthConnection::connect(address).await.err().expect("refused");
+    assert_eq!(connect_failure(&error), Failure::ConnectRefused);
+}
+
+#[tokio::test]
+async fn connections_come_from_the_source_address_of_the_targets_family() {
+    // 127.0.0.2 is a loopback address distinct from the listener's 127.0.0.1.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let source: IpAddr = "127.0.0.2".parse().unwrap();
+    let connect = |source| HealthConnection::connect_from(address, source);
+    let _connection = connect(Some(source)).await.unwrap();
+    let (_, peer) = listener.accept().await.unwrap();
+    assert_eq!(peer.ip(), source);
+    // Without a source address, the system's choice.
+    let _connection = connect(None).await.unwrap();
+    let (_, peer) = listener.accept().await.unwrap();
+    assert_eq!(peer.ip(), address.ip());
+    // A source of the other family is not used (a bind across families could only fail).
+    let _connection = connect(Some("::1".parse().unwrap())).await.unwrap();
+    let (_, peer) = listener.accept().await.unwrap();
+    assert_eq!(peer.ip(), address.ip());
+}
+
+// === A scripted HTTP/2 server over in-memory streams, on paused time ===
+
+/// What a scripted server does on each connection once it has answered the first `Watch`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Script {
+    /// Answers every call SERVING and keeps the connection.
+    Healthy,
+    /// GOAWAY NO_ERROR right after the answer.
+    GoAwayAfterAnswer,
+    /// RST_STREAM INTERNAL_ERROR on the Watch right after the answer.
+    ResetAfterAnswer,
+    /// Closes the connection right after the answer.
+    CloseAfterAnswer,
+    /// Reads on, answers nothing more.
+    SilentAfterAnswer,
+    /// A frame header announcing 16 MiB.
+    HugeFrameAfterAnswer,
+    /// A message prefix announcing 4 GiB.
+    HugeMessageAfterAnswer,
+    /// An HTTP/1 response.
+    Http1AfterAnswer,
+    /// Answers every liveness `Check` with this gRPC status.
+    CheckFails(Code),
+    /// GOAWAY NO_ERROR once the connection is this old (MaxConnectionAge).
+    RotateAfter(Duration),
+}
+
+/// What every connection of a scripted server saw.
+#[derive(Default)]
+struct ServerCounts {
+    connections: AtomicUsize,
+    checks: AtomicUsize,
+}
+
+const SERVING: i32 = 1;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    bytes.extend_from_slice(&[kind, flags]);
+    bytes.extend_from_slice(&stream.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// An HPACK field without indexing, with a literal name (short strings only).
+fn field(block: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    block.push(0);
+    block.push(name.len() as u8);
+    block.extend_from_slice(name);
+    block.push(value.len() as u8);
+    block.extend_from_slice(value);
+}
+
+/// Response HEADERS (:status 200) and one health message on `stream`.
+fn answer_frames(stream: u32, status: i32) -> Vec<u8> {
+    let mut bytes = frame(0x1, 0x4, stream, &[0x88]);
+    let message = HealthCheckResponse { status }.encode_to_vec();
+    let mut data = vec![0, 0, 0, 0, message.len() as u8];
+    data.extend_from_slice(&message);
+    bytes.extend(frame(0x0, 0, stream, &data));
+    bytes
+}
+
+/// Trailers (END_STREAM) with `code`, after headers when `headers` (else trailers-only).
+fn trailers(stream: u32, code: Code, headers: bool) -> Vec<u8> {
+    let mut block = if headers { Vec::new() } else { vec![0x88] };
+    field(&mut block, b"grpc-status", (code as i32).to_string().as_bytes());
+    frame(0x1, 0x5, stream, &block)
+}
+
+/// Serves one connection by `script`.
+async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) {
+    counts.connections.fetch_add(1, Ordering::SeqCst);
+    let opened = Instant::now();
+    let mut preface = [0u8; 24];
+    if io.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    let mut buffer = Vec::new();
+    let mut rotate = match script {
+        Script::RotateAfter(age) => Some(Box::pin(tokio::time::sleep_until(opened + age))),
+        _ => None,
+    };
+    let mut answered = false;
+    loop {
+        // Whole frames first.
+        while buffer.len() >= 9 {
+            let length = u32::from_be_bytes([0, buffer[0], buffer[1], buffer[2]]) as usize;
+            if buffer.len() < 9 + length {
+                break;
+            }
+            let frame_bytes: Vec<u8> = buffer.drain(..9 + length).collect();
+            let (kind, stream) = (
+                frame_bytes[3],
+                u32::from_be_bytes(frame_bytes[5..9].try_into().unwrap()),
+            );
+            if kind != 0x1 {
+                continue;
+            }
+            let block = &frame_bytes[9..];
+            let contains = |needle: &[u8]| block.windows(needle.len()).any(|w| w == needle);
+            let reply = if contains(b"/Watch") {
+                let mut reply = answer_frames(stream, SERVING);
+                if !answered {
+                    answered = true;
+                    match script {
+                        Script::GoAwayAfterAnswer => {
+                            reply.extend(frame(0x7, 0, 0, &[0, 0, 0, stream as u8, 0, 0, 0, 0]))
+                        }
+                        Script::ResetAfterAnswer => reply.extend(frame(0x3, 0, stream, &2u32.to_be_bytes())),
+                        Script::HugeFrameAfterAnswer => reply.extend_from_slice(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]),
+                        Script::HugeMessageAfterAnswer => {
+                            reply.extend(frame(0x0, 0, stream, &[0, 0xff, 0xff, 0xff, 0xff]))
+                        }
+                        Script::Http1AfterAnswer => reply.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+                        _ => {}
+                    }
+                }
+                reply
+            } else if contains(b"/Check") {
+                counts.checks.fetch_add(1, Ordering::SeqCst);
+                match script {
+                    Script::CheckFails(code) => trailers(stream, code, false),
+                    Script::SilentAfterAnswer => Vec::new(),
+                    _ => {
+                        let mut reply = answer_frames(stream, SERVING);
+                        reply.extend(trailers(stream, Code::Ok, true));
+                        reply
+                    }
+                }
+            } else {
+                trailers(stream, Code::Unimplemented, false)
+            };
+            if io.write_all(&reply).await.is_err() {
+                return;
+            }
+            if answered && script == Script::CloseAfterAnswer {
+                return;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        tokio::select! {
+            read = io.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            },
+            _ = async { rotate.as_mut().unwrap().await }, if rotate.is_some() => {
+                let _ = io.write_all(&frame(0x7, 0, 0, &[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0])).await;
+                // The grace period: calls may finish, then the server closes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// What a prober reported.
+#[derive(Default)]
+struct Reports {
+    outcomes: Mutex<Vec<ProbeOutcome>>,
+    changes: AtomicUsize,
+    rotations: AtomicUsize,
+    early_ends: AtomicUsize,
+}
+
+impl Reports {
+    fn failures(&self) -> Vec<ProbeOutcome> {
+        let outcomes = self.outcomes.lock().unwrap();
+        outcomes
+            .iter()
+            .copied()
+            .filter(|o| matches!(o, ProbeOutcome::Failed(_)))
+            .collect()
+    }
+}
+
+impl ProbeObserver for Reports {
+    fn probed(&self, outcome: ProbeOutcome, _latency: Option<Duration>) {
+        self.outcomes.lock().unwrap().push(outcome);
+    }
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+    }
+    fn rotated(&self) {
+        self.rotations.fetch_add(1, Ordering::SeqCst);
+    }
+    fn ended_early(&self) {
+        self.early_ends.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+const INTERVAL: Duration = Duration::from_secs(1);
+const TIMEOUT: Duration = Duration::from_millis(500);
+const TARGET: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 250, 0, 9)), 8080);
+
+fn settings(mode: HealthCheckMode, unhealthy: u32) -> ProbeSettings {
+    ProbeSettings {
+        service: String::new(),
+        mode,
+        interval: INTERVAL,
+        timeout: TIMEOUT,
+        thresholds: Thresholds { healthy: 1, unhealthy },
+        load_reports: None,
+    }
+}
+
+/// A shared state whose connector opens in-memory connections to a server playing `script`.
+fn scripted(script: Script) -> (Shared, Arc<ServerCounts>) {
+    let counts = Arc::new(ServerCounts::default());
+    let server_counts = counts.clone();
+    let connector = Connector::Memory(Arc::new(move |_| {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(server, script, server_counts.clone()));
+        Ok(client)
+    }));
+    let shared = Shared {
+        connects: connect_limiter(),
+        source_address: None,
+        connector,
+    };
+    (shared, counts)
+}
+
+fn unknown() -> HealthVerdict {
+    HealthVerdict {
+        health: Health::Unknown,
+        reason: None,
+    }
+}
+
+/// Starts a prober against `script`; returns it once its first answer made it Serving.
+async fn serving_prober(script: Script, settings: ProbeSettings) -> (ProberHandle, Arc<Reports>, Arc<ServerCounts>) {
+    let (shared, counts) = scripted(script);
+    let reports = Arc::new(Reports::default());
+    let mut handle = spawn(TARGET, settings, unknown(), reports.clone(), shared);
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        handle.state.wait_for(|s| s.verdict.health == Health::Serving),
+    )
+    .await
+    .expect("Serving within a minute")
+    .unwrap();
+    // No failure history: the first answer counts at once.
+    assert!(
+        started.elapsed() < Duration::from_millis(10),
+        "{script:?}: Serving after {:?}",
+        started.elapsed()
+    );
+    (handle, reports, counts)
+}
+
+/// How long `handle` takes to be NotServing, at most `limit`; its reason.
+async fn until_not_serving(handle: &mut ProberHandle, limit: Duration) -> (Duration, Option<String>) {
+    let started = Instant::now();
+    let state = tokio::time::timeout(limit, handle.state.wait_for(|s| s.verdict.health == Health::NotServing))
+        .await
+        .expect("NotServing in time")
+        .unwrap()
+        .clone();
+    (started.elapsed(), state.verdict.reason)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_breaks_every_connection_after_answering_is_not_serving_within_the_bound() {
+    const N: u32 = 3;
+    let bound = (INTERVAL + TIMEOUT) * N;
+    let cases = [
+        (Script::GoAwayAfterAnswer, "GoAway(NO_ERROR)"),
+        (Script::ResetAfterAnswer, "Reset(INTERNAL_ERROR)"),
+        (Script::CloseAfterAnswer, "Unstable"),
+        (Script::SilentAfterAnswer, "Timeout"),
+        (Script::HugeFrameAfterAnswer, "ProtocolError"),
+        (Script::HugeMessageAfterAnswer, "MessageTooLarge"),
+        (Script::Http1AfterAnswer, "ProtocolError"),
+        (
+            Script::CheckFails(Code::PermissionDenied),
+            "CallFailed(PERMISSION_DENIED)",
+        ),
+        (Script::CheckFails(Code::Unimplemented), "Unimplemented"),
+    ];
+    for (script, reason) in cases {
+        let (mut handle, reports, counts) = serving_prober(script, settings(HealthCheckMode::Watch, N)).await;
+        let (took, published) = until_not_serving(&mut handle, bound * 2).await;
+        println!(
+            "{script:?}: NotServing after {took:?} ({reason}), {} connections",
+            counts.connections.load(Ordering::SeqCst)
+        );
+        assert!(took <= bound, "{script:?}: {took:?} > {bound:?}");
+        assert_eq!(published.as_deref(), Some(reason), "{script:?}");
+        assert_eq!(reports.failures().len(), N as usize, "{script:?}: exactly N failures");
+        assert_eq!(reports.rotations.load(Ordering::SeqCst), 0, "{script:?}");
+        // And it stays NotServing: its SERVING answers never hold long enough to count.
+        tokio::time::sleep(INTERVAL * 20).await;
+        assert_eq!(handle.state().verdict.health, Health::NotServing, "{script:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_liveness_check_is_a_failure_in_check_mode_too() {
+    let (mut handle, reports, _) =
+        serving_prober(Script::CheckFails(Code::Ok), settings(HealthCheckMode::Watch, 2)).await;
+    // A Check answered OK without a message breaks gRPC's framing.
+    let (took, reason) = until_not_serving(&mut handle, INTERVAL * 10).await;
+    assert_eq!(reason.as_deref(), Some("ProtocolError"));
+    assert!(took <= (INTERVAL + TIMEOUT) * 2, "{took:?}");
+    assert_eq!(reports.failures().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn routine_rotation_counts_nothing_and_reconnects_at_once() {
+    // MaxConnectionAge 2s with a 1s interval: every connection served its interval.
+    let (handle, reports, counts) =
+        serving_prober(Script::RotateAfter(INTERVAL * 2), settings(HealthCheckMode::Watch, 1)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(handle.state().verdict.health, Health::Serving);
+    assert_eq!(reports.failures(), [], "no failure counted");
+    assert_eq!(reports.early_ends.load(Ordering::SeqCst), 0);
+    let rotations = reports.rotations.load(Ordering::SeqCst);
+    // One connection per 2s (+ the 100ms grace), reconnected at once.
+    assert!(rotations >= 13, "{rotations} rotations");
+    assert_eq!(counts.connections.load(Ordering::SeqCst), rotations + 1);
+    assert_eq!(
+        reports.changes.load(Ordering::SeqCst),
+        1,
+        "one change: the first answer"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_backend_keeps_one_connection_and_answers_its_liveness_checks() {
+    let (handle, reports, counts) = serving_prober(Script::Healthy, settings(HealthCheckMode::Watch, 1)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(handle.state().verdict.health, Health::Serving);
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
+    let checks = counts.checks.load(Ordering::SeqCst);
+    assert!(
+        (29..=30).contains(&checks),
+        "one liveness Check per quiet interval: {checks}"
+    );
+    assert_eq!(reports.failures(), []);
+}
