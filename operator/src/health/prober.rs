@@ -167,6 +167,9 @@ pub struct Shared {
     pub source_address: Option<IpAddr>,
     /// How connections are opened.
     pub connector: Connector,
+    /// The least time between two status writes of one GrpcBackend: verdict changes are damped
+    /// and notices paced on that scale (see [`HealthTracker`]).
+    pub write_interval: Duration,
 }
 
 /// How probe connections are opened: TCP, or in-memory streams in tests.
@@ -198,7 +201,8 @@ pub fn spawn(
     observer: Arc<dyn ProbeObserver>,
     shared: Shared,
 ) -> ProberHandle {
-    let tracker = HealthTracker::new(initial.clone(), settings.thresholds, settings.interval);
+    let damping = shared.write_interval.max(settings.interval);
+    let tracker = HealthTracker::new(initial.clone(), settings.thresholds, settings.interval, damping);
     let (state_tx, state) = watch::channel(ProbeState {
         verdict: initial,
         connect_failing: false,
@@ -217,6 +221,8 @@ pub fn spawn(
         shared,
         load_call: None,
         detail: None,
+        last_notice: None,
+        notice_pending: false,
     };
     ProberHandle {
         state,
@@ -236,6 +242,9 @@ struct Prober {
     load_call: Option<CallId>,
     /// What the latest failure showed beyond its reason (logged when the verdict changes).
     detail: Option<String>,
+    /// When the observer was last told of a change, and whether a change awaits telling.
+    last_notice: Option<Instant>,
+    notice_pending: bool,
 }
 
 /// One connection's life, as far as the counting rules need it.
@@ -265,7 +274,8 @@ impl Prober {
         let mut watch_implemented = self.settings.mode == HealthCheckMode::Watch;
         loop {
             // A turn to connect, held until the connection answered or failed.
-            let Ok(turn) = self.shared.connects.clone().acquire_owned().await else {
+            let connects = self.shared.connects.clone();
+            let Ok(turn) = self.attend(connects.acquire_owned()).await else {
                 return;
             };
             let attempt_deadline = Instant::now() + self.settings.timeout;
@@ -324,7 +334,7 @@ impl Prober {
             let lived = now.saturating_duration_since(link.opened);
             if lived < self.settings.interval {
                 let delay = self.backoff.next().unwrap_or(self.settings.interval);
-                tokio::time::sleep(delay.min(self.settings.interval)).await;
+                self.attend(tokio::time::sleep(delay.min(self.settings.interval))).await;
             }
         }
     }
@@ -342,7 +352,10 @@ impl Prober {
             return Ended::Failed(Failure::GoAway(reason::NO_ERROR));
         };
         let first = loop {
-            match tokio::time::timeout_at(deadline, connection.next_event()).await {
+            match self
+                .attend(tokio::time::timeout_at(deadline, connection.next_event()))
+                .await
+            {
                 Err(_) => return Ended::Failed(Failure::Timeout),
                 Ok(Err(error)) => return self.connection_gone(&error, link),
                 Ok(Ok(Event::Message(call, Message::Health(response)))) if call == watch => break response,
@@ -392,6 +405,7 @@ impl Prober {
                     Err(error) => return self.connection_gone(&error, link),
                     Ok(_) => {}
                 },
+                () = until(self.wake_at()) => self.wake(),
                 _ = tick.tick() => {
                     if std::mem::take(&mut heard_since_tick) {
                         // The stream spoke within the interval: the connection is alive.
@@ -435,7 +449,8 @@ impl Prober {
                 Liveness::Silent => return Ended::Failed(Failure::Timeout),
                 Liveness::Ended(ended) => return ended,
             }
-            tokio::time::sleep_until(started + self.settings.interval).await;
+            self.attend(tokio::time::sleep_until(started + self.settings.interval))
+                .await;
         }
     }
 
@@ -449,7 +464,10 @@ impl Prober {
         let deadline = started + self.settings.timeout;
         let mut answer_received = None;
         loop {
-            let event = match tokio::time::timeout_at(deadline, connection.next_event()).await {
+            let event = match self
+                .attend(tokio::time::timeout_at(deadline, connection.next_event()))
+                .await
+            {
                 Err(_) => return Liveness::Silent,
                 Ok(Err(error)) => return Liveness::Ended(self.connection_gone(&error, link)),
                 Ok(Ok(event)) => event,
@@ -641,8 +659,62 @@ impl Prober {
                 state.started = started;
                 state.probed = true;
             });
-            self.observer.changed();
+            self.notify();
         }
+    }
+
+    /// Tells the observer the state changed: at once, unless it was told less than a status
+    /// write interval ago (then once that interval has passed), so that a flapping endpoint
+    /// drives at most one notice per write interval.
+    fn notify(&mut self) {
+        let now = Instant::now();
+        let due = self.last_notice.map(|last| last + self.shared.write_interval);
+        if due.is_none_or(|due| now >= due) {
+            self.last_notice = Some(now);
+            self.notice_pending = false;
+            self.observer.changed();
+        } else {
+            self.notice_pending = true;
+        }
+    }
+
+    /// The next instant something is due: a held verdict's release, a deferred notice.
+    fn wake_at(&self) -> Option<Instant> {
+        let notice = self
+            .last_notice
+            .filter(|_| self.notice_pending)
+            .map(|last| last + self.shared.write_interval);
+        self.tracker.deadline().into_iter().chain(notice).min()
+    }
+
+    /// Does what is due now (see [`Prober::wake_at`]).
+    fn wake(&mut self) {
+        let before = self.tracker.verdict().clone();
+        if self.tracker.wake(Instant::now()) {
+            self.publish(&before, true);
+        }
+        if self.notice_pending {
+            self.notify();
+        }
+    }
+
+    /// Awaits `future` (which must not need the prober), doing what falls due meanwhile.
+    async fn attend<T>(&mut self, future: impl Future<Output = T>) -> T {
+        let mut future = std::pin::pin!(future);
+        loop {
+            tokio::select! {
+                output = &mut future => return output,
+                () = until(self.wake_at()) => self.wake(),
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,7 +4,10 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -20,7 +23,9 @@ use crate::metrics::Metrics;
 /// A GrpcBackend, by namespace and name.
 pub type BackendKey = ObjectRef<GrpcBackend>;
 
-/// Where probers report: metrics, and the GrpcBackends to reconcile after a state change.
+/// Where probers report: metrics, and the GrpcBackends to reconcile after a state change
+/// (each GrpcBackend at most once until its next reconcile syncs it: the channel is bounded by
+/// the number of GrpcBackends).
 pub struct ProbeReports {
     pub metrics: Arc<Metrics>,
     pub changed: tokio::sync::mpsc::UnboundedSender<BackendKey>,
@@ -40,6 +45,10 @@ pub struct ProberOptions {
 struct Observer {
     backend: BackendKey,
     reports: Arc<ProbeReports>,
+    /// The backend's key is in the channel, or its reconcile has not read the probers' states
+    /// yet: no need to send it again. Shared by the backend's probers, cleared by
+    /// [`ProberRegistry::sync`], so the channel holds each GrpcBackend at most once.
+    queued: Arc<AtomicBool>,
 }
 
 impl ProbeObserver for Observer {
@@ -48,7 +57,9 @@ impl ProbeObserver for Observer {
     }
 
     fn changed(&self) {
-        let _ = self.reports.changed.send(self.backend.clone());
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            let _ = self.reports.changed.send(self.backend.clone());
+        }
     }
 
     fn rotated(&self) {
@@ -63,6 +74,7 @@ impl ProbeObserver for Observer {
 struct BackendProbers {
     settings: ProbeSettings,
     probers: HashMap<SocketAddr, ProberHandle>,
+    queued: Arc<AtomicBool>,
 }
 
 /// Every running prober, by GrpcBackend and endpoint.
@@ -81,6 +93,7 @@ impl ProberRegistry {
                 connects: prober::connect_limiter(),
                 source_address: options.source_address,
                 connector: prober::Connector::Tcp,
+                write_interval: options.write_interval,
             },
         }
     }
@@ -99,7 +112,10 @@ impl ProberRegistry {
         let entry = backends.entry(backend.clone()).or_insert_with(|| BackendProbers {
             settings: settings.clone(),
             probers: HashMap::new(),
+            queued: Arc::new(AtomicBool::new(false)),
         });
+        // The states are read below: a change from now on needs a notice of its own.
+        entry.queued.store(false, Ordering::Release);
         if entry.settings != *settings {
             entry.probers.clear();
             entry.settings = settings.clone();
@@ -111,6 +127,7 @@ impl ProberRegistry {
                 let observer = Arc::new(Observer {
                     backend: backend.clone(),
                     reports: self.reports.clone(),
+                    queued: entry.queued.clone(),
                 });
                 prober::spawn(*target, settings.clone(), seed(*target), observer, self.shared.clone())
             });
@@ -138,5 +155,65 @@ impl ProberRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, BackendProbers>> {
         self.backends.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kubegrpc_crds::{Health, HealthCheckMode};
+
+    use super::*;
+    use crate::health::tracker::Thresholds;
+
+    #[tokio::test(start_paused = true)]
+    async fn change_notices_are_coalesced_per_grpc_backend_until_its_reconcile_syncs() {
+        let (changed, mut notices) = tokio::sync::mpsc::unbounded_channel();
+        let registry = ProberRegistry::new(
+            ProbeReports {
+                metrics: Arc::new(Metrics::default()),
+                changed,
+            },
+            ProberOptions::default(),
+        );
+        let backend = BackendKey::new("echo").within("default");
+        let settings = ProbeSettings {
+            service: String::new(),
+            mode: HealthCheckMode::Watch,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(100),
+            thresholds: Thresholds {
+                healthy: 1,
+                unhealthy: 1,
+            },
+            load_reports: None,
+        };
+        let unknown = |_| HealthVerdict {
+            health: Health::Unknown,
+            reason: None,
+        };
+        // 50 endpoints on ports nothing listens on: each prober's first probe is a change.
+        let targets: Vec<SocketAddr> = (0..50).map(|i| SocketAddr::from(([127, 0, 0, 1], 1 + i))).collect();
+        registry.sync(&backend, &settings, &targets, unknown);
+        let states = loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let backends = registry.lock();
+            let states: Vec<ProbeState> = backends[&backend].probers.values().map(|p| p.state()).collect();
+            if states.iter().all(|s| s.probed) {
+                break states;
+            }
+        };
+        assert!(states.iter().all(|s| s.verdict.health == Health::NotServing));
+        assert_eq!(notices.try_recv().ok(), Some(backend.clone()));
+        assert!(
+            notices.try_recv().is_err(),
+            "50 changes, one notice until the next sync"
+        );
+        // The reconcile reads the states: the next change is told again.
+        registry.sync(&backend, &settings, &targets[..49], unknown);
+        registry.sync(&backend, &settings, &targets, unknown);
+        let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv()).await;
+        assert_eq!(notice.ok().flatten(), Some(backend));
     }
 }

@@ -10,6 +10,14 @@
 //! arrives, but once its connection has stayed up for an interval (the prober calls
 //! [`HealthTracker::confirm`]): a server that answers SERVING on every new connection and then
 //! breaks it reaches the unhealthy threshold as one that refuses connections does.
+//!
+//! Flap damping, with a window W = max(status write interval, probe interval): when the
+//! thresholds' verdict turns back to Serving less than W after the published health turned
+//! NotServing, the endpoint is held NotServing with reason `Flapping` until the thresholds have
+//! said Serving without a break for the hold (W, doubled by each further flap in a row, at most
+//! 8 W). A NotServing verdict is always published at once (with reason `Flapping` while the
+//! endpoint served less than twice the hold since its last release). So a flapping endpoint
+//! changes its published health at most twice per hold, and a single flap costs one hold.
 
 use std::time::Duration;
 
@@ -187,15 +195,38 @@ pub struct HealthTracker {
     probation: bool,
     /// Under probation, since when the answers have been SERVING on the current connection.
     pending_since: Option<Instant>,
+    /// What the thresholds say, before flap damping.
+    underlying: Health,
+    /// Flap damping's window: a change back to Serving within it is a flap.
+    damping: Duration,
+    /// Flaps in a row, which double the hold each (up to [`MAX_FLAP_LEVEL`]).
+    flap_level: u32,
+    /// Held NotServing (reason Flapping) while the thresholds say Serving: since when they have.
+    hold: Option<Option<Instant>>,
+    /// When this tracker last published NotServing, and Serving.
+    not_serving_since: Option<Instant>,
+    serving_since: Option<Instant>,
 }
+
+/// Flaps in a row beyond this do not lengthen the hold further (`damping x 2^3`).
+const MAX_FLAP_LEVEL: u32 = 4;
+/// The published reason while a flapping endpoint is held NotServing.
+pub const FLAPPING: &str = "Flapping";
 
 impl HealthTracker {
     /// Starts from `initial`: `Unknown` for a new endpoint, or the health already published in
     /// the status (so a restarted or newly elected operator changes nothing until its own
     /// probes cross a threshold). `interval` is the probe interval: how long a connection must
-    /// stay up before a SERVING answer on it counts again after a connection broke.
-    pub fn new(initial: HealthVerdict, thresholds: Thresholds, interval: Duration) -> Self {
+    /// stay up before a SERVING answer on it counts again after a connection broke. `damping`
+    /// is the flap damping window (see the module docs).
+    pub fn new(initial: HealthVerdict, thresholds: Thresholds, interval: Duration, damping: Duration) -> Self {
         Self {
+            underlying: initial.health,
+            damping,
+            flap_level: 0,
+            hold: None,
+            not_serving_since: None,
+            serving_since: None,
             verdict: initial,
             thresholds: Thresholds {
                 healthy: thresholds.healthy.max(1),
@@ -233,21 +264,21 @@ impl HealthTracker {
             ProbeOutcome::Serving if self.probation => {
                 self.pending_since.get_or_insert(now);
             }
-            ProbeOutcome::Serving => self.serving(),
+            ProbeOutcome::Serving => self.serving(now),
             ProbeOutcome::NotServing(_) => {
                 self.pending_since = None;
                 self.successes = 0;
                 self.failures = 0;
-                if self.verdict.health != Health::NotServing {
-                    self.set(Health::NotServing, outcome);
+                if self.underlying != Health::NotServing {
+                    self.set(Health::NotServing, outcome, now);
                 }
             }
             ProbeOutcome::Failed(_) => {
                 self.pending_since = None;
                 self.successes = 0;
                 self.failures = self.failures.saturating_add(1);
-                if self.verdict.health != Health::NotServing && self.failures >= self.thresholds.unhealthy {
-                    self.set(Health::NotServing, outcome);
+                if self.underlying != Health::NotServing && self.failures >= self.thresholds.unhealthy {
+                    self.set(Health::NotServing, outcome, now);
                 }
             }
         }
@@ -283,22 +314,90 @@ impl HealthTracker {
         self.probation = false;
         self.pending_since = None;
         let before = self.verdict.clone();
-        self.serving();
+        self.serving(now);
         self.verdict != before
     }
 
-    fn serving(&mut self) {
+    /// When a held endpoint is due to be released (see [`HealthTracker::wake`]).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.hold.flatten().map(|since| since + self.hold_for())
+    }
+
+    /// Releases a held endpoint whose thresholds have said Serving for the whole hold; returns
+    /// true when the verdict changed.
+    pub fn wake(&mut self, now: Instant) -> bool {
+        if self.deadline().is_none_or(|due| now < due) {
+            return false;
+        }
+        self.hold = None;
+        self.publish(Health::Serving, ProbeOutcome::Serving.reason().into_owned(), now);
+        true
+    }
+
+    fn serving(&mut self, now: Instant) {
         self.failures = 0;
         self.successes = self.successes.saturating_add(1);
-        if self.verdict.health != Health::Serving && self.successes >= self.thresholds.healthy {
-            self.set(Health::Serving, ProbeOutcome::Serving);
+        if self.underlying != Health::Serving && self.successes >= self.thresholds.healthy {
+            self.set(Health::Serving, ProbeOutcome::Serving, now);
         }
     }
 
-    fn set(&mut self, health: Health, cause: ProbeOutcome) {
+    /// How long a flapping endpoint is held at the current flap level.
+    fn hold_for(&self) -> Duration {
+        self.damping * (1 << self.flap_level.clamp(1, MAX_FLAP_LEVEL).saturating_sub(1))
+    }
+
+    /// The thresholds' verdict changed to `health` at `now` because of `cause`: publish it, or
+    /// damp it.
+    fn set(&mut self, health: Health, cause: ProbeOutcome, now: Instant) {
+        self.underlying = health;
+        let since = |at: Option<Instant>| at.map(|at| now.saturating_duration_since(at));
+        match health {
+            Health::NotServing => {
+                if let Some(stable_since) = &mut self.hold {
+                    *stable_since = None;
+                    return;
+                }
+                // Serving for less than twice the hold after a flap: still flapping.
+                let flapping =
+                    self.flap_level > 0 && since(self.serving_since).is_some_and(|s| s < self.hold_for() * 2);
+                if !flapping {
+                    self.flap_level = 0;
+                }
+                let reason = if flapping {
+                    FLAPPING.into()
+                } else {
+                    cause.reason().into_owned()
+                };
+                self.publish(Health::NotServing, reason, now);
+            }
+            Health::Serving => {
+                let back_soon = self.verdict.health == Health::NotServing
+                    && since(self.not_serving_since).is_some_and(|s| s < self.damping);
+                if self.hold.is_some() || back_soon {
+                    self.flap_level = (self.flap_level + 1).min(MAX_FLAP_LEVEL);
+                    self.hold = Some(Some(now));
+                    if self.verdict.reason.as_deref() != Some(FLAPPING) {
+                        self.publish(Health::NotServing, FLAPPING.into(), now);
+                    }
+                    return;
+                }
+                self.publish(Health::Serving, cause.reason().into_owned(), now);
+            }
+            Health::Unknown => {}
+        }
+    }
+
+    fn publish(&mut self, health: Health, reason: String, now: Instant) {
+        if health == Health::NotServing && self.verdict.health != Health::NotServing {
+            self.not_serving_since = Some(now);
+        }
+        if health == Health::Serving {
+            self.serving_since = Some(now);
+        }
         self.verdict = HealthVerdict {
             health,
-            reason: Some(cause.reason().into_owned()),
+            reason: Some(reason),
         };
     }
 }
@@ -315,6 +414,7 @@ mod tests {
             },
             Thresholds { healthy, unhealthy },
             INTERVAL,
+            Duration::ZERO,
         )
     }
 
@@ -503,5 +603,101 @@ mod tests {
         // No failure history: the first answer counts at once.
         let mut fresh = tracker(Health::Unknown, 1, 3);
         assert!(fresh.observe(ProbeOutcome::Serving, now));
+    }
+
+    const W: Duration = Duration::from_secs(2);
+
+    fn damped(initial: Health) -> HealthTracker {
+        let verdict = HealthVerdict {
+            health: initial,
+            reason: None,
+        };
+        HealthTracker::new(
+            verdict,
+            Thresholds {
+                healthy: 1,
+                unhealthy: 1,
+            },
+            INTERVAL,
+            W,
+        )
+    }
+
+    #[test]
+    fn a_quick_return_to_serving_is_held_as_flapping_until_stable_for_the_window() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut t = damped(Health::Serving);
+        assert!(t.observe(NOT_SERVING, at(0)));
+        assert_eq!(t.verdict().reason.as_deref(), Some("NotServing"));
+        assert!(t.observe(ProbeOutcome::Serving, at(300)));
+        assert_eq!(t.verdict().health, Health::NotServing);
+        assert_eq!(t.verdict().reason.as_deref(), Some(FLAPPING));
+        assert_eq!(t.deadline(), Some(at(2_300)));
+        assert!(!t.wake(at(2_299)));
+        assert!(t.wake(at(2_300)));
+        assert_eq!(t.verdict().health, Health::Serving);
+        assert_eq!(t.deadline(), None);
+        // A return after the window is no flap.
+        let mut t = damped(Health::Serving);
+        t.observe(NOT_SERVING, at(0));
+        assert!(t.observe(ProbeOutcome::Serving, at(2_000)));
+        assert_eq!(t.verdict().health, Health::Serving);
+    }
+
+    #[test]
+    fn a_flapping_endpoint_changes_its_published_health_at_most_twice_per_hold() {
+        let start = Instant::now();
+        let mut t = damped(Health::Serving);
+        let mut changes = Vec::new();
+        // SERVING and NOT_SERVING alternating every 100 ms for a minute, releases included.
+        for step in 0..600u64 {
+            let now = start + Duration::from_millis(step * 100);
+            if t.wake(now) {
+                changes.push((now, t.verdict().clone()));
+            }
+            let outcome = if step % 2 == 0 {
+                NOT_SERVING
+            } else {
+                ProbeOutcome::Serving
+            };
+            if t.observe(outcome, now) {
+                changes.push((now, t.verdict().clone()));
+            }
+        }
+        assert_eq!(changes.len(), 2, "NotServing, then held as Flapping: {changes:?}");
+        assert_eq!(t.verdict().reason.as_deref(), Some(FLAPPING));
+
+        // NotServing for 0.5 s, then Serving for 1 s once released, repeatedly: the hold
+        // doubles up to 8 W.
+        let mut t = damped(Health::Serving);
+        let mut changes = 0;
+        let mut now = start;
+        let mut last_release = None;
+        for _ in 0..40 {
+            changes += usize::from(t.observe(NOT_SERVING, now));
+            now += Duration::from_millis(500);
+            changes += usize::from(t.observe(ProbeOutcome::Serving, now));
+            let mut served = Duration::ZERO;
+            while served < Duration::from_secs(1) || t.verdict().health != Health::Serving {
+                now += Duration::from_millis(100);
+                served += Duration::from_millis(100);
+                if t.wake(now) {
+                    changes += 1;
+                    if let Some(last) = last_release {
+                        assert!(now - last >= W, "releases at least a window apart");
+                    }
+                    last_release = Some(now);
+                }
+            }
+            now += Duration::from_secs(1);
+        }
+        let elapsed = now - start;
+        let per_window = changes as f64 / (elapsed.as_secs_f64() / W.as_secs_f64());
+        assert!(
+            per_window <= 1.0,
+            "{changes} changes in {elapsed:?}: {per_window} per window"
+        );
+        assert_eq!(t.hold_for(), W * 8, "the hold grew to its maximum");
     }
 }

@@ -292,6 +292,7 @@ fn scripted(script: Script) -> (Shared, Arc<ServerCounts>) {
         connects: connect_limiter(),
         source_address: None,
         connector,
+        write_interval: Duration::from_secs(1),
     };
     (shared, counts)
 }
