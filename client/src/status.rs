@@ -31,6 +31,8 @@ pub struct StatusEndpoint {
     pub for_zones: Vec<String>,
     /// When its health or readiness last changed, if listed (slow start ramps from it).
     pub last_transition_time: Option<SystemTime>,
+    /// The GrpcBackend fails open: use it although it does not pass its health check.
+    pub fail_open: bool,
 }
 
 impl StatusEndpoint {
@@ -39,9 +41,10 @@ impl StatusEndpoint {
         self.serving && !self.terminating
     }
 
-    /// The operator says: send new requests here.
+    /// The operator says: send new requests here (the rule is [`kubegrpc_crds::is_usable`],
+    /// the operator's and the xDS server's too).
     pub fn usable(&self) -> bool {
-        self.kubernetes_ready() && self.health == Health::Serving && self.weight > 0
+        kubegrpc_crds::is_usable(self.serving, self.terminating, self.health, self.weight, self.fail_open)
     }
 
     /// Whether the endpoint is for clients in `zone`, as kube-proxy reads EndpointSlices: its
@@ -57,14 +60,21 @@ impl StatusEndpoint {
     /// The same news from the operator about whether and how much to use the endpoint (its
     /// zone and transition time aside).
     pub fn same_state(&self, other: &StatusEndpoint) -> bool {
-        (self.address, self.weight, self.health, self.serving, self.terminating)
-            == (
-                other.address,
-                other.weight,
-                other.health,
-                other.serving,
-                other.terminating,
-            )
+        (
+            self.address,
+            self.weight,
+            self.health,
+            self.serving,
+            self.terminating,
+            self.fail_open,
+        ) == (
+            other.address,
+            other.weight,
+            other.health,
+            other.serving,
+            other.terminating,
+            other.fail_open,
+        )
     }
 }
 
@@ -199,8 +209,21 @@ fn parse_entry(
         zone: zone(fields, &mut ignored),
         for_zones: for_zones(fields, &mut ignored),
         last_transition_time: last_transition_time(fields, &mut ignored),
+        fail_open: fail_open(fields, &mut ignored),
     };
     Ok((endpoint, ignored))
+}
+
+/// `failOpen`: true or false; anything else is ignored (false: the health decides).
+fn fail_open(fields: &Map<String, Value>, ignored: &mut Vec<String>) -> bool {
+    match fields.get("failOpen") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(value)) => *value,
+        Some(other) => {
+            ignored.push(format!("failOpen {other} is not true or false; ignored"));
+            false
+        }
+    }
 }
 
 /// `zone`: a string ("" is no zone); anything else is ignored.
@@ -278,6 +301,23 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_failed_open_to_is_usable_whatever_its_health_and_a_bad_flag_is_ignored() {
+        let status = json!({"port": 80, "endpoints": [
+            {"address": "10.0.0.1", "health": "NotServing", "failOpen": true, "reason": "Timeout"},
+            {"address": "10.0.0.2", "health": "NotServing", "weight": 0},
+            {"address": "10.0.0.3", "health": "NotServing", "failOpen": "yes"},
+            {"address": "10.0.0.4", "health": "NotServing", "failOpen": true, "terminating": true},
+        ]});
+        let parsed = parse_status(Some(&status));
+        let usable: Vec<bool> = parsed.endpoints.iter().map(StatusEndpoint::usable).collect();
+        assert_eq!(usable, [true, false, false, false]);
+        assert_eq!(
+            parsed.warnings,
+            ["status.endpoints[2].failOpen \"yes\" is not true or false; ignored"]
+        );
+    }
+
+    #[test]
     fn one_bad_entry_among_good_ones_is_skipped_and_the_good_ones_stay() {
         let status = json!({"endpoints": [
             good("10.0.0.1"),
@@ -341,6 +381,7 @@ mod tests {
             target_ref: None,
             reason: None,
             last_transition_time: None,
+            fail_open: false,
         };
         let since: Timestamp = "2026-12-01T22:19:15Z".parse().unwrap();
         let hinted = EndpointStatus {

@@ -31,17 +31,23 @@ pub mod slow_start;
 
 /// Names of the conditions in [`GrpcBackendStatus::conditions`].
 pub mod condition {
-    /// `True` when at least one endpoint is usable: a client may send requests.
+    /// `True` when at least one endpoint is usable: a client may send requests (reason
+    /// `FailingOpen` while clients use endpoints that do not pass their checks).
     pub const READY: &str = "Ready";
     /// `True` when every probe fails at connect time at once: more likely the operator's own
     /// network (a NetworkPolicy, say) than every backend at the same moment.
     pub const DEGRADED: &str = "Degraded";
     /// `True` when the endpoint list was cut to keep the object under the API's size ceiling.
     pub const TRUNCATED: &str = "Truncated";
+    /// `True` when the operator does not trust its health checks (too few endpoints pass, or
+    /// its probes cannot connect) and clients use every Kubernetes-ready endpoint.
+    pub const FAILING_OPEN: &str = "FailingOpen";
 
     /// Reasons of the `Ready` condition.
     pub mod reason {
         pub const AVAILABLE: &str = "Available";
+        /// `Ready` while failing open: clients use every Kubernetes-ready endpoint.
+        pub const FAILING_OPEN: &str = "FailingOpen";
         pub const NO_ENDPOINTS: &str = "NoEndpoints";
         pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
         pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
@@ -50,6 +56,12 @@ pub mod condition {
         /// `Degraded` reasons.
         pub const ALL_PROBES_FAILING: &str = "AllProbesFailingToConnect";
         pub const PROBES_CONNECTING: &str = "ProbesConnecting";
+        /// `FailingOpen` reasons: fewer pass than `healthCheck.panicThreshold` asks; none
+        /// passes; every probe fails at connect time; enough pass (`False`).
+        pub const BELOW_PANIC_THRESHOLD: &str = "BelowPanicThreshold";
+        pub const NONE_PASSING: &str = "NoEndpointPassesChecks";
+        pub const PROBES_FAILING_TO_CONNECT: &str = "ProbesFailingToConnect";
+        pub const CHECKS_TRUSTED: &str = "HealthChecksTrusted";
         /// `Truncated` reasons.
         pub const STATUS_SIZE_LIMIT: &str = "StatusSizeLimit";
         pub const COMPLETE: &str = "Complete";
@@ -243,6 +255,18 @@ pub struct HealthCheck {
     #[serde(default = "default_unhealthy_threshold")]
     #[schemars(range(min = 1, max = 100))]
     pub unhealthy_threshold: i32,
+
+    /// Fail open (Envoy's `healthy_panic_threshold`): when fewer than this percentage of the
+    /// Kubernetes-ready endpoints pass their health checks, the operator stops trusting its
+    /// checks and tells every client, Rust and xDS alike, to use every Kubernetes-ready
+    /// endpoint (the condition `FailingOpen` says so). It also fails open, whatever this
+    /// percentage, when no endpoint passes at all or when every probe fails at connect time
+    /// (the operator's own network is the likelier cause). 0 keeps only those two cases.
+    /// Endpoints not probed yet (Unknown) and endpoints weighted 0 on purpose are neither
+    /// counted nor used. From 0 to 100; default 50.
+    #[serde(default = "default_panic_threshold")]
+    #[schemars(range(min = 0, max = 100))]
+    pub panic_threshold: i32,
 }
 
 impl Default for HealthCheck {
@@ -254,6 +278,7 @@ impl Default for HealthCheck {
             timeout: default_timeout(),
             healthy_threshold: default_healthy_threshold(),
             unhealthy_threshold: default_unhealthy_threshold(),
+            panic_threshold: default_panic_threshold(),
         }
     }
 }
@@ -272,6 +297,13 @@ fn default_healthy_threshold() -> i32 {
 
 fn default_unhealthy_threshold() -> i32 {
     3
+}
+
+/// Default of [`HealthCheck::panic_threshold`]: Envoy's.
+pub const DEFAULT_PANIC_THRESHOLD: i32 = 50;
+
+fn default_panic_threshold() -> i32 {
+    DEFAULT_PANIC_THRESHOLD
 }
 
 /// How an endpoint's health is followed.
@@ -298,7 +330,10 @@ pub struct Weighting {
     ///   with a Warning Event on the GrpcBackend);
     /// - `LoadReport`: weights from the load each backend reports over ORCA
     ///   (`xds.service.orca.v3.OpenRcaService`), computed as gRPC's `weighted_round_robin`
-    ///   (gRFC A58) does, once for every client. See `loadReport`.
+    ///   (gRFC A58) does, once for every client. Each endpoint's weight is capped at 4 times
+    ///   the lower median of the valid weights before the weights are scaled to a mean of 100,
+    ///   so that a backend cannot take the traffic by over-reporting its capacity: one such
+    ///   backend among n endpoints gets at most 4/(n+3) of the requests. See `loadReport`.
     #[serde(default)]
     pub policy: WeightingPolicy,
 
@@ -424,12 +459,12 @@ pub enum WeightingPolicy {
 pub struct GrpcBackendStatus {
     /// The `metadata.generation` of the spec this status was computed from.
     pub observed_generation: Option<i64>,
-    /// Endpoints that receive new requests: Kubernetes-serving, not terminating, gRPC Serving
-    /// and of weight above 0.
+    /// Endpoints that receive new requests: Kubernetes-serving, not terminating, of weight
+    /// above 0, and gRPC Serving (or failing open, see the `FailingOpen` condition).
     pub ready_endpoints: i32,
     /// Endpoints of the Service that carry the port, whatever their state.
     pub total_endpoints: i32,
-    /// `Ready`, `Degraded` and `Truncated`, in the style of metav1.Condition.
+    /// `Ready`, `Degraded`, `FailingOpen` and `Truncated`, in the style of metav1.Condition.
     pub conditions: Vec<Condition>,
     /// Every endpoint, sorted by address then port. The operator owns the whole list.
     pub endpoints: Vec<EndpointStatus>,
@@ -475,13 +510,24 @@ pub struct EndpointStatus {
     /// while it is within the slow-start window after becoming usable (clients ramp from
     /// it); left out at the next write after that (absent: usable for longer than the window).
     pub last_transition_time: Option<Time>,
+    /// The GrpcBackend fails open (condition `FailingOpen`): clients use this endpoint although
+    /// it does not pass its health check, because Kubernetes calls it ready.
+    pub fail_open: bool,
 }
 
 impl EndpointStatus {
-    /// Whether a client should send new requests here.
+    /// Whether a client should send new requests here (see [`is_usable`]).
     pub fn is_usable(&self) -> bool {
-        self.serving && !self.terminating && self.health == Health::Serving && self.weight > 0
+        is_usable(self.serving, self.terminating, self.health, self.weight, self.fail_open)
     }
+}
+
+/// The one rule for whether a client sends new requests to an endpoint of a status: Kubernetes
+/// calls it ready (serving, not terminating), it has a weight, and it passes its health check
+/// or the GrpcBackend fails open for it. The operator, the xDS server and the client all decide
+/// with this function.
+pub fn is_usable(serving: bool, terminating: bool, health: Health, weight: u32, fail_open: bool) -> bool {
+    serving && !terminating && weight > 0 && (health == Health::Serving || fail_open)
 }
 
 /// The object behind an endpoint, when it is not a Pod (its namespace is the GrpcBackend's).
@@ -510,8 +556,8 @@ mod wire {
         #[schemars(range(min = 0))]
         pub observed_generation: Option<i64>,
 
-        /// Endpoints that receive new requests: Kubernetes-serving, not terminating, gRPC
-        /// Serving and of weight above 0.
+        /// Endpoints that receive new requests: Kubernetes-serving, not terminating, of weight
+        /// above 0, and gRPC Serving (or failing open, see the `FailingOpen` condition).
         #[serde(default)]
         #[schemars(range(min = 0))]
         pub ready_endpoints: i32,
@@ -521,7 +567,7 @@ mod wire {
         #[schemars(range(min = 0))]
         pub total_endpoints: i32,
 
-        /// `Ready`, `Degraded` and `Truncated`, in the style of metav1.Condition.
+        /// `Ready`, `Degraded`, `FailingOpen` and `Truncated`, in the style of metav1.Condition.
         #[serde(default)]
         #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
         pub conditions: Vec<Condition>,
@@ -582,6 +628,10 @@ mod wire {
         /// is within the slow-start window after becoming usable.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub last_transition_time: Option<Time>,
+        /// True while the GrpcBackend fails open and clients use this endpoint although it
+        /// does not pass its health check (see the `FailingOpen` condition). Absent: false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub fail_open: Option<bool>,
     }
 
     impl From<Status> for super::GrpcBackendStatus {
@@ -609,6 +659,7 @@ mod wire {
                         target_ref: e.target_ref,
                         reason: e.reason,
                         last_transition_time: e.last_transition_time,
+                        fail_open: e.fail_open.unwrap_or(false),
                     })
                     .collect(),
             }
@@ -648,6 +699,7 @@ mod wire {
                 target_ref: e.target_ref,
                 reason: e.reason,
                 last_transition_time: e.last_transition_time,
+                fail_open: e.fail_open.then_some(true),
             }
         }
     }

@@ -64,6 +64,7 @@ fn usable_means_serving_not_terminating_healthy_and_weighted() {
         target_ref: None,
         reason: None,
         last_transition_time: None,
+        fail_open: false,
     };
     assert!(endpoint.is_usable());
     assert!(
@@ -110,6 +111,7 @@ fn entry(address: &str, port: i32) -> EndpointStatus {
         target_ref: None,
         reason: None,
         last_transition_time: None,
+        fail_open: false,
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod app;
 pub mod controller;
 pub mod discovery;
+pub mod fail_open;
 pub mod health;
 pub mod http;
 pub mod index;

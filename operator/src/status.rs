@@ -18,6 +18,7 @@ use kubegrpc_crds::{
 
 use crate::{
     discovery::{DiscoveredEndpoint, PortNotFound},
+    fail_open::{self, Checked, FailOpen},
     health::tracker::HealthVerdict,
 };
 
@@ -56,6 +57,8 @@ pub struct StatusContext<'a> {
     pub now: Timestamp,
     /// Most bytes of JSON the endpoint list may take (see [`DEFAULT_ENDPOINTS_BUDGET`]).
     pub endpoints_budget: usize,
+    /// `spec.healthCheck.panicThreshold`, in percent (see [`crate::fail_open`]).
+    pub panic_threshold: u32,
 }
 
 /// How many bytes of JSON the endpoint list may take by default. etcd refuses requests over
@@ -85,13 +88,20 @@ pub fn desired_status(
 
     let mut endpoints = Vec::new();
     let mut connect_failing = 0;
+    let fail_open = match observation {
+        Observation::Endpoints(probed) => fail_open::decide(probed.iter().map(candidate), ctx.panic_threshold),
+        _ => FailOpen::No,
+    };
     if let Observation::Endpoints(probed) = observation {
         for probed_endpoint in probed {
             let endpoint = &probed_endpoint.endpoint;
             let address = endpoint.address.ip().to_string();
             let port = i32::from(endpoint.address.port());
             let health = probed_endpoint.verdict.health;
+            // Passes its check; while failing open, clients use the others Kubernetes calls
+            // ready too, and the entry says so.
             let usable = endpoint.kubernetes_ready() && health == Health::Serving;
+            let failing_open = fail_open.is_failing_open() && candidate(probed_endpoint).used_when_failing_open();
             let since = match previous_endpoints.get(&(address.as_str(), port)) {
                 Some(before)
                     if before.health == health
@@ -114,7 +124,11 @@ pub fn desired_status(
             let ramping = usable
                 && !ctx.slow_start_window.is_zero()
                 && Duration::try_from(now.duration_since(since)).is_ok_and(|age| age < ctx.slow_start_window);
-            let weight = if usable { probed_endpoint.weight } else { 0 };
+            let weight = if usable || failing_open {
+                probed_endpoint.weight
+            } else {
+                0
+            };
             endpoints.push(EndpointStatus {
                 address,
                 port,
@@ -130,6 +144,7 @@ pub fn desired_status(
                     .then(|| probed_endpoint.verdict.reason.clone())
                     .flatten(),
                 last_transition_time: (!usable || ramping).then_some(Time(since)),
+                fail_open: failing_open,
             });
         }
     }
@@ -140,8 +155,9 @@ pub fn desired_status(
     let (listed, truncated) = fit_budget(endpoints, ctx.endpoints_budget);
 
     let mut conditions = vec![
-        ready_condition(observation, ctx, &listed, total, ready),
+        ready_condition(observation, ctx, &listed, total, ready, fail_open),
         degraded_condition(total, connect_failing),
+        failing_open_condition(fail_open),
     ];
     if let Some(listed_count) = truncated {
         conditions.push(Candidate {
@@ -169,6 +185,18 @@ pub fn desired_status(
             conditions,
             endpoints: listed,
         },
+    }
+}
+
+/// What failing open needs to know of an endpoint.
+fn candidate(probed: &ProbedEndpoint) -> Checked {
+    let health = probed.verdict.health;
+    Checked {
+        kubernetes_ready: probed.endpoint.kubernetes_ready(),
+        weighted: probed.weight > 0,
+        concluded: health != Health::Unknown,
+        passing: health == Health::Serving,
+        connect_failing: probed.connect_failing,
     }
 }
 
@@ -243,6 +271,7 @@ fn ready_condition(
     endpoints: &[EndpointStatus],
     total: usize,
     ready: usize,
+    fail_open: FailOpen,
 ) -> Candidate {
     let service = format!("Service {}/{}", ctx.namespace, ctx.service);
     let not_ready = |reason: &'static str, message: String| Candidate {
@@ -266,12 +295,63 @@ fn ready_condition(
                 breakdown(endpoints)
             ),
         ),
+        Observation::Endpoints(_) if fail_open.is_failing_open() => Candidate {
+            type_: condition::READY,
+            status: "True",
+            reason: reason::FAILING_OPEN,
+            message: format!(
+                "{ready} of {total} endpoints take requests, failing open: the health checks are not trusted \
+                 (see the FailingOpen condition)"
+            ),
+        },
         Observation::Endpoints(_) => Candidate {
             type_: condition::READY,
             status: "True",
             reason: reason::AVAILABLE,
             message: format!("{ready} of {total} endpoints ready"),
         },
+    }
+}
+
+fn failing_open_condition(fail_open: FailOpen) -> Candidate {
+    let failing = |reason: &'static str, message: String| Candidate {
+        type_: condition::FAILING_OPEN,
+        status: "True",
+        reason,
+        message,
+    };
+    match fail_open {
+        FailOpen::No => Candidate {
+            type_: condition::FAILING_OPEN,
+            status: "False",
+            reason: reason::CHECKS_TRUSTED,
+            message: String::new(),
+        },
+        FailOpen::ProbesFailingToConnect { candidates } => failing(
+            reason::PROBES_FAILING_TO_CONNECT,
+            format!(
+                "the operator's probes fail at connect time for all {candidates} Kubernetes-ready endpoints: its \
+                 network path to them may be blocked (a NetworkPolicy?); clients use all {candidates}"
+            ),
+        ),
+        FailOpen::NonePassing { candidates } => failing(
+            reason::NONE_PASSING,
+            format!(
+                "none of the {candidates} Kubernetes-ready endpoints passes its health check; clients use all \
+                 {candidates} rather than none"
+            ),
+        ),
+        FailOpen::BelowThreshold {
+            passing,
+            candidates,
+            threshold,
+        } => failing(
+            reason::BELOW_PANIC_THRESHOLD,
+            format!(
+                "{passing} of {candidates} Kubernetes-ready endpoints pass their health checks, below the panic \
+                 threshold of {threshold}%; clients use all {candidates}"
+            ),
+        ),
     }
 }
 
@@ -342,8 +422,10 @@ pub fn notices(previous: Option<&GrpcBackendStatus>, next: &GrpcBackendStatus) -
             .and_then(|s| s.condition(type_))
             .map(|c| (c.status.clone(), c.reason.clone()))
     };
+    // Failing open has an Event of its own, with the reason (below): not a second one here.
     if let Some(ready) = next.condition(condition::READY)
         && reason_of(previous, condition::READY) != Some((ready.status.clone(), ready.reason.clone()))
+        && ready.reason != reason::FAILING_OPEN
     {
         notices.push(Notice {
             warning: ready.status != "True",
@@ -351,13 +433,14 @@ pub fn notices(previous: Option<&GrpcBackendStatus>, next: &GrpcBackendStatus) -
             note: ready.message.clone(),
         });
     }
-    if let Some(degraded) = next.condition(condition::DEGRADED) {
-        let before = reason_of(previous, condition::DEGRADED).map(|(status, _)| status);
-        if degraded.status == "True" && before.as_deref() != Some("True") {
+    for type_ in [condition::DEGRADED, condition::FAILING_OPEN] {
+        let Some(now) = next.condition(type_) else { continue };
+        let before = reason_of(previous, type_).map(|(status, _)| status);
+        if now.status == "True" && before.as_deref() != Some("True") {
             notices.push(Notice {
                 warning: true,
-                reason: degraded.reason.clone(),
-                note: degraded.message.clone(),
+                reason: now.reason.clone(),
+                note: now.message.clone(),
             });
         }
     }

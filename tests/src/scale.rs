@@ -140,6 +140,7 @@ pub fn realistic_endpoint(n: usize) -> EndpointStatus {
         target_ref: None,
         reason: None,
         last_transition_time: None,
+        fail_open: false,
     }
 }
 

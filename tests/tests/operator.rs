@@ -611,7 +611,26 @@ async fn every_endpoint_refusing_connections_marks_the_backend_degraded() -> Res
     let status = backend.status.unwrap();
     let degraded = status.condition(condition::DEGRADED).unwrap();
     assert_eq!(degraded.reason, "AllProbesFailingToConnect");
-    assert_eq!(ready_reason(&status), "NoReadyEndpoints");
+    // Kubernetes calls all three ready and the operator reaches none: it fails open rather
+    // than tell every client there is nothing to call.
+    assert_eq!(ready_reason(&status), "FailingOpen");
+    let failing_open = s
+        .wait_status("echo", "FailingOpen", DEADLINE, |st| {
+            st.condition(condition::FAILING_OPEN)
+                .is_some_and(|c| c.status == "True")
+        })
+        .await?
+        .status
+        .unwrap();
+    assert!(
+        matches!(
+            failing_open.condition(condition::FAILING_OPEN).unwrap().reason.as_str(),
+            "ProbesFailingToConnect" | "NoEndpointPassesChecks"
+        ),
+        "{:?}",
+        failing_open.condition(condition::FAILING_OPEN)
+    );
+    assert_eq!(failing_open.ready_endpoints, 3);
     Ok(())
 }
 
@@ -680,6 +699,7 @@ async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
         target_ref: None,
         reason: None,
         last_transition_time: None,
+        fail_open: false,
     };
     let write = |count: usize| {
         let api = s.backends();

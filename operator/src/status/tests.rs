@@ -37,6 +37,7 @@ fn ctx(now: Timestamp) -> StatusContext<'static> {
         slow_start_window: Duration::ZERO,
         now,
         endpoints_budget: DEFAULT_ENDPOINTS_BUDGET,
+        panic_threshold: 50,
     }
 }
 
@@ -166,15 +167,138 @@ fn ready_reasons_name_the_problem() {
             "Service ns/echo has no endpoints on port 80".into()
         )
     );
+    // Nothing Kubernetes calls ready passes or could be failed open to: not probed yet
+    // (Unknown), not ready in Kubernetes, terminating.
+    let mut not_ready = probed("10.0.0.2:80", Health::NotServing);
+    not_ready.endpoint.serving = false;
+    not_ready.endpoint.ready = false;
+    let mut terminating = probed("10.0.0.3:80", Health::Serving);
+    terminating.endpoint.terminating = true;
+    terminating.endpoint.ready = false;
     let (why, message) = reason(Observation::Endpoints(vec![
-        probed("10.0.0.1:80", Health::NotServing),
-        probed("10.0.0.2:80", Health::NotServing),
-        probed("10.0.0.3:80", Health::Unknown),
+        probed("10.0.0.1:80", Health::Unknown),
+        not_ready,
+        terminating,
     ]));
     assert_eq!(why, "NoReadyEndpoints");
     assert_eq!(
         message,
-        "none of the 3 endpoints can take requests: 2 NotServing, 1 Unknown"
+        "none of the 3 endpoints can take requests: 1 Unknown, 1 not serving in Kubernetes, 1 Terminating"
+    );
+}
+
+fn not_serving(address: &str, reason: &str) -> ProbedEndpoint {
+    ProbedEndpoint {
+        verdict: HealthVerdict {
+            health: Health::NotServing,
+            reason: Some(reason.into()),
+        },
+        ..probed(address, Health::NotServing)
+    }
+}
+
+#[test]
+fn below_the_panic_threshold_every_kubernetes_ready_endpoint_is_published_usable_and_marked() {
+    // 1 of 3 passes: below 50%.
+    let observation = Observation::Endpoints(vec![
+        not_serving("10.0.0.1:80", "Timeout"),
+        not_serving("10.0.0.2:80", "Timeout"),
+        probed("10.0.0.3:80", Health::Serving),
+    ]);
+    let status = desired_status(None, &observation, &ctx(at(0))).status;
+    let listed: Vec<(Health, u32, bool, bool)> = status
+        .endpoints
+        .iter()
+        .map(|e| (e.health, e.weight, e.fail_open, e.is_usable()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (Health::NotServing, FULL_WEIGHT, true, true),
+            (Health::NotServing, FULL_WEIGHT, true, true),
+            (Health::Serving, FULL_WEIGHT, false, true),
+        ],
+        "health stays what the probes saw; the failing ones are marked and weighted"
+    );
+    assert_eq!(status.ready_endpoints, 3, "readyEndpoints counts what clients use");
+    let ready = status.condition(condition::READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "FailingOpen"));
+    let failing_open = status.condition(condition::FAILING_OPEN).unwrap();
+    assert_eq!(
+        (failing_open.status.as_str(), failing_open.reason.as_str()),
+        ("True", "BelowPanicThreshold")
+    );
+    assert_eq!(
+        failing_open.message,
+        "1 of 3 Kubernetes-ready endpoints pass their health checks, below the panic threshold of 50%; clients \
+         use all 3"
+    );
+    // The failing entries keep their reason and transition time: what the probes saw.
+    assert_eq!(status.endpoints[0].reason.as_deref(), Some("Timeout"));
+    assert!(status.endpoints[0].last_transition_time.is_some());
+
+    // Threshold 30%: one of three is enough, the checks are trusted.
+    let trusted = desired_status(
+        None,
+        &observation,
+        &StatusContext {
+            panic_threshold: 30,
+            ..ctx(at(0))
+        },
+    )
+    .status;
+    assert_eq!(trusted.ready_endpoints, 1);
+    assert!(trusted.endpoints.iter().all(|e| !e.fail_open));
+    assert_eq!(trusted.condition(condition::FAILING_OPEN).unwrap().status, "False");
+    assert_eq!(trusted.condition(condition::READY).unwrap().reason, "Available");
+}
+
+#[test]
+fn probes_failing_at_connect_time_everywhere_fail_open_before_any_endpoint_is_not_serving() {
+    // The operator's own network is cut: the probes fail at connect time, the unhealthy
+    // threshold is not crossed yet, and then it is.
+    let unreachable = |address: &str, health: Health| ProbedEndpoint {
+        connect_failing: true,
+        ..probed(address, health)
+    };
+    for health in [Health::Serving, Health::NotServing] {
+        let status = desired_status(
+            None,
+            &Observation::Endpoints(vec![
+                unreachable("10.0.0.1:80", health),
+                unreachable("10.0.0.2:80", health),
+            ]),
+            &StatusContext {
+                panic_threshold: 0,
+                ..ctx(at(0))
+            },
+        )
+        .status;
+        assert_eq!(status.ready_endpoints, 2, "{health}");
+        assert!(status.endpoints.iter().all(EndpointStatus::is_usable));
+        assert_eq!(
+            status.condition(condition::FAILING_OPEN).unwrap().reason,
+            "ProbesFailingToConnect"
+        );
+        assert_eq!(status.condition(condition::DEGRADED).unwrap().status, "True");
+    }
+}
+
+#[test]
+fn weighted_out_and_unknown_endpoints_are_never_failed_open_to() {
+    let mut weighted_out = not_serving("10.0.0.1:80", "NotServing");
+    weighted_out.weight = 0;
+    let observation = Observation::Endpoints(vec![
+        weighted_out,
+        probed("10.0.0.2:80", Health::Unknown),
+        not_serving("10.0.0.3:80", "Timeout"),
+    ]);
+    let status = desired_status(None, &observation, &ctx(at(0))).status;
+    let usable: Vec<bool> = status.endpoints.iter().map(EndpointStatus::is_usable).collect();
+    assert_eq!(usable, [false, false, true]);
+    assert_eq!(
+        status.condition(condition::FAILING_OPEN).unwrap().reason,
+        "NoEndpointPassesChecks"
     );
 }
 
@@ -220,6 +344,8 @@ fn past_the_size_budget_usable_endpoints_are_listed_first_and_a_condition_says_s
         &Observation::Endpoints(endpoints),
         &StatusContext {
             endpoints_budget: budget,
+            // 1 of 101 passing would fail open: not what this test is about.
+            panic_threshold: 0,
             ..ctx(at(0))
         },
     )
@@ -322,9 +448,10 @@ fn notices_name_ready_transitions_and_endpoint_flips() {
     let down = desired_status(Some(&first), &observation, &ctx(at(5))).status;
     let events = notices(Some(&first), &down);
     assert_eq!(events.len(), 2, "{events:?}");
+    // None passes: failing open says so once (not again as a Ready transition).
     assert_eq!(
         (events[0].reason.as_str(), events[0].warning),
-        ("NoReadyEndpoints", true)
+        ("NoEndpointPassesChecks", true)
     );
     assert_eq!(events[1].reason, "EndpointNotServing");
     assert_eq!(
@@ -332,6 +459,26 @@ fn notices_name_ready_transitions_and_endpoint_flips() {
         "NotServing: 10.0.0.1:50051, 10.0.0.2:50051, 10.0.0.10:50051"
     );
     assert!(notices(Some(&down), &down).is_empty());
+
+    // Back: Ready is Available again, an Event says so.
+    let back = desired_status(Some(&down), &three_serving(), &ctx(at(9))).status;
+    let events = notices(Some(&down), &back);
+    assert_eq!((events[0].reason.as_str(), events[0].warning), ("Available", false));
+
+    // Nothing Kubernetes-ready at all: Ready=False NoReadyEndpoints, a warning.
+    let mut gone = three_serving();
+    if let Observation::Endpoints(endpoints) = &mut gone {
+        for e in endpoints.iter_mut() {
+            e.endpoint.terminating = true;
+            e.endpoint.ready = false;
+        }
+    }
+    let drained = desired_status(Some(&back), &gone, &ctx(at(12))).status;
+    let events = notices(Some(&back), &drained);
+    assert_eq!(
+        (events[0].reason.as_str(), events[0].warning),
+        ("NoReadyEndpoints", true)
+    );
 }
 
 #[test]

@@ -290,6 +290,7 @@ mod tests {
             target_ref: None,
             reason: None,
             last_transition_time: since.map(|s| Time(s.try_into().unwrap())),
+            fail_open: false,
         };
         let status = GrpcBackendStatus {
             endpoints: vec![endpoint("10.0.0.1", None), endpoint("10.0.0.2", Some(since))],

@@ -293,6 +293,7 @@ mod tests {
             target_ref: None,
             reason: None,
             last_transition_time: None,
+            fail_open: false,
         }
     }
 
@@ -370,6 +371,28 @@ mod tests {
                 .iter()
                 .all(|l| l.locality.as_ref().unwrap().zone == "zone-a")
         );
+    }
+
+    #[test]
+    fn endpoints_failed_open_to_are_pushed_healthy_so_no_client_gets_an_empty_list() {
+        // The operator cannot reach its backends: every entry NotServing, failed open to.
+        let failed_open = |address: &str| EndpointStatus {
+            fail_open: true,
+            ..entry(address, 100, Health::NotServing, false)
+        };
+        let status = GrpcBackendStatus {
+            endpoints: vec![failed_open("10.0.0.1"), failed_open("10.0.0.2")],
+            ..Default::default()
+        };
+        let [.., (_, endpoints)] =
+            backend_resources("echo.shop", Some(&status), &SlowStart::default(), SystemTime::now());
+        let endpoints: ClusterLoadAssignment = decode(&endpoints);
+        let listed: Vec<(u32, i32)> = endpoints
+            .endpoints
+            .iter()
+            .map(|l| (l.load_balancing_weight.unwrap().value, l.lb_endpoints[0].health_status))
+            .collect();
+        assert_eq!(listed, [(100, HealthStatus::Healthy as i32); 2]);
     }
 
     fn ramp_settings(window_secs: u64) -> SlowStart {
