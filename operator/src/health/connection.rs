@@ -17,6 +17,14 @@
 //! process end as refused), and flow control for what it receives (WINDOW_UPDATE as received
 //! bytes are consumed). It never sends a PING: gRPC servers police client PINGs (see the prober).
 //!
+//! Bounded whatever the server sends: a frame's length is checked against
+//! SETTINGS_MAX_FRAME_SIZE before any room is reserved for it (16 KiB and a header at most);
+//! header blocks are at most 16 KiB and decode to at most 16 KiB of headers; a call's message
+//! not yet taken is superseded by the next (at most one queued per call, and no frame is
+//! processed while [`MAX_QUEUED_EVENTS`] wait); PINGs read together are acknowledged once; the
+//! acknowledgements written for one read are no larger than it; and a server sending more than
+//! a burst of 1,024 frames, then 256 a second, loses the connection ("a flood of frames").
+//!
 //! [`HealthConnection::next_event`] is cancel safe: the prober selects on it with its timers.
 
 use std::{
@@ -50,6 +58,16 @@ const MAX_MESSAGE: usize = 4_096;
 const SMALL_BUFFER: usize = 512;
 /// Received DATA bytes are given back to the server's flow-control windows in batches.
 const WINDOW_UPDATE_BATCH: u32 = 16_384;
+/// Events waiting to be taken: past this, no further frame is processed (nor read) until the
+/// prober takes some. With a message per call superseding the one before it (see
+/// `queue_message`), a valid peer never gets near it.
+const MAX_QUEUED_EVENTS: usize = 8;
+/// Frames a server may send in a burst, and per second after it: a health service sends a few
+/// per answer; a flood of PING, SETTINGS, RST_STREAM, WINDOW_UPDATE or tiny frames past this
+/// ends the connection (HTTP/2's ENHANCE_YOUR_CALM case), so that it costs the prober a small
+/// multiple of a healthy peer's CPU.
+const FRAME_BURST: u32 = 1_024;
+const FRAMES_PER_SECOND: u32 = 256;
 
 mod frame {
     pub const DATA: u8 = 0x0;
@@ -194,6 +212,11 @@ pub struct HealthConnection {
     events: VecDeque<Event>,
     /// What ended the connection, held back until the events before it are taken.
     failed: Option<ConnectionError>,
+    /// The latest PING to acknowledge (a burst of PINGs is acknowledged once, with the last).
+    ping_ack: Option<[u8; 8]>,
+    /// Frames the server may still send now, and when that was last topped up.
+    frame_tokens: u32,
+    tokens_at: tokio::time::Instant,
 }
 
 struct Call {
@@ -246,6 +269,9 @@ impl HealthConnection {
             going_away: false,
             events: VecDeque::new(),
             failed: None,
+            ping_ack: None,
+            frame_tokens: FRAME_BURST,
+            tokens_at: tokio::time::Instant::now(),
         };
         connection.write.extend_from_slice(PREFACE);
         let settings = [
@@ -353,6 +379,9 @@ impl HealthConnection {
 
     /// Writes the queued bytes; cancel safe (what was written is removed from the queue).
     async fn flush(&mut self) -> io::Result<()> {
+        if let Some(ping) = self.ping_ack.take() {
+            self.queue_frame(frame::PING, flag::ACK, 0, &ping);
+        }
         while !self.write.is_empty() {
             let written = self.io.write(&self.write).await?;
             if written == 0 {
@@ -368,16 +397,24 @@ impl HealthConnection {
 
     /// Reads more bytes, with room for the rest of the frame being received; cancel safe.
     async fn read_more(&mut self) -> Result<(), ConnectionError> {
-        let needed = match self.read.get(..3) {
-            Some(length) => FRAME_HEADER + u32::from_be_bytes([0, length[0], length[1], length[2]]) as usize,
-            None => FRAME_HEADER,
-        };
-        let room = needed.saturating_sub(self.read.len()).max(SMALL_BUFFER / 2);
+        let room = self.read_room();
         self.read.reserve(room);
         if self.io.read_buf(&mut self.read).await? == 0 {
             return Err(ConnectionError::Closed);
         }
         Ok(())
+    }
+
+    /// How many bytes to read next: the rest of the frame being received (a length over the
+    /// maximum is refused once the header is whole, never reserved), at least a few hundred.
+    fn read_room(&self) -> usize {
+        let needed = match self.read.get(..3) {
+            Some(length) => {
+                FRAME_HEADER + (u32::from_be_bytes([0, length[0], length[1], length[2]]) as usize).min(MAX_FRAME_SIZE)
+            }
+            None => FRAME_HEADER,
+        };
+        needed.saturating_sub(self.read.len()).max(SMALL_BUFFER / 2)
     }
 
     /// Processes every whole frame received; whether there was one.
@@ -386,15 +423,25 @@ impl HealthConnection {
         let mut consumed = 0;
         let result = loop {
             let rest = &read[consumed..];
-            if rest.len() < FRAME_HEADER {
+            if rest.len() < FRAME_HEADER || self.events.len() >= MAX_QUEUED_EVENTS {
                 break Ok(());
             }
             let length = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
             if length > MAX_FRAME_SIZE {
-                break Err(ConnectionError::Protocol("a frame larger than SETTINGS_MAX_FRAME_SIZE"));
+                // Other protocols' first bytes read as huge lengths: name them for the log.
+                break Err(ConnectionError::Protocol(if rest.starts_with(b"HTTP/") {
+                    "an HTTP/1 response, not HTTP/2"
+                } else if rest[0] == 0x16 && rest[1] == 0x03 {
+                    "a TLS record, not plaintext HTTP/2"
+                } else {
+                    "a frame larger than SETTINGS_MAX_FRAME_SIZE"
+                }));
             }
             if rest.len() < FRAME_HEADER + length {
                 break Ok(());
+            }
+            if !self.take_frame_token() {
+                break Err(ConnectionError::Protocol("a flood of frames"));
             }
             let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
             if let Err(error) = self.frame(rest[3], rest[4], stream, &rest[FRAME_HEADER..FRAME_HEADER + length]) {
@@ -478,7 +525,9 @@ impl HealthConnection {
                     return Err(ConnectionError::Protocol("PING of the wrong size"));
                 }
                 if flags & flag::ACK == 0 {
-                    self.queue_frame(frame::PING, flag::ACK, 0, payload);
+                    let mut ping = [0u8; 8];
+                    ping.copy_from_slice(payload);
+                    self.ping_ack = Some(ping);
                 }
                 Ok(())
             }
@@ -551,7 +600,7 @@ impl HealthConnection {
                 Answers::LoadReports => OrcaLoadReport::decode(bytes).map(Message::LoadReport),
             };
             match message {
-                Ok(message) => self.events.push_back(Event::Message(CallId(stream), message)),
+                Ok(message) => queue_message(&mut self.events, CallId(stream), message),
                 Err(_) => {
                     failure = Some(CallEnd::Malformed(
                         "a message that does not decode as the method's response",
@@ -630,6 +679,22 @@ impl HealthConnection {
         Ok(())
     }
 
+    /// Spends one of the frames the server may send; false when it has sent too many.
+    fn take_frame_token(&mut self) -> bool {
+        if self.frame_tokens == 0 {
+            let now = tokio::time::Instant::now();
+            let elapsed = now.saturating_duration_since(self.tokens_at);
+            let earned = elapsed.as_millis().saturating_mul(u128::from(FRAMES_PER_SECOND)) / 1_000;
+            if earned == 0 {
+                return false;
+            }
+            self.frame_tokens = u32::try_from(earned).unwrap_or(u32::MAX).min(FRAME_BURST);
+            self.tokens_at = now;
+        }
+        self.frame_tokens -= 1;
+        true
+    }
+
     /// The call on `stream`, if it is ours and open, ends with `end`.
     fn end(&mut self, stream: u32, end: CallEnd) {
         if let Some(index) = self.calls.iter().position(|c| c.id == stream) {
@@ -644,6 +709,78 @@ impl HealthConnection {
         self.write.push(flags);
         self.write.extend_from_slice(&stream.to_be_bytes());
         self.write.extend_from_slice(payload);
+    }
+}
+
+/// Fuzzing entry (not an API): a connection with a `Watch`, a `Check` and a load-report stream
+/// open is fed `bytes` as the server's, in reads of at most what the connection would ask its
+/// socket for, its events drained between reads and its writes dropped as if flushed. Returns
+/// the events in order, then the error that ended the connection, if any. Panics if a bound on
+/// the connection's memory does not hold (queued events, read and write buffers).
+#[doc(hidden)]
+pub fn fuzz_server_bytes(bytes: &[u8]) -> (Vec<Event>, Option<ConnectionError>) {
+    let (io, _server) = tokio::io::duplex(64);
+    let mut connection = HealthConnection::handshake(io, "fuzz");
+    let calls = [
+        connection.start(Method::Watch, ""),
+        connection.start(Method::Check, ""),
+        connection.start_load_reports(std::time::Duration::from_secs(1)),
+    ];
+    assert!(calls.iter().all(Result::is_ok));
+    let mut events = Vec::new();
+    let mut rest = bytes;
+    loop {
+        // As next_event: take events, process what was read, else read more.
+        loop {
+            assert!(
+                connection.events.len() <= MAX_QUEUED_EVENTS + 4,
+                "{} events queued",
+                connection.events.len()
+            );
+            if let Some(event) = connection.events.pop_front() {
+                events.push(event);
+                continue;
+            }
+            if let Some(error) = connection.failed.take() {
+                return (events, Some(error));
+            }
+            connection.ping_ack = None;
+            assert!(
+                connection.write.len() <= 4 * (FRAME_HEADER + MAX_FRAME_SIZE),
+                "{} bytes to write",
+                connection.write.len()
+            );
+            connection.write.clear();
+            match connection.process_buffered() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) if !connection.events.is_empty() => connection.failed = Some(error),
+                Err(error) => return (events, Some(error)),
+            }
+        }
+        if rest.is_empty() {
+            return (events, None);
+        }
+        let room = connection.read_room();
+        assert!(room <= FRAME_HEADER + MAX_FRAME_SIZE, "asked for {room} bytes");
+        let (now, later) = rest.split_at(room.min(rest.len()));
+        connection.read.extend_from_slice(now);
+        assert!(connection.read.len() <= 2 * (FRAME_HEADER + MAX_FRAME_SIZE));
+        rest = later;
+    }
+}
+
+/// Queues a call's `message`; one of the call's not yet taken is superseded by it (health and
+/// load reports: the latest is what counts), so a server packing thousands of messages into
+/// its frames costs one queued event per call.
+fn queue_message(events: &mut VecDeque<Event>, call: CallId, message: Message) {
+    let queued = events.iter_mut().find_map(|event| match event {
+        Event::Message(id, queued) if *id == call => Some(queued),
+        _ => None,
+    });
+    match queued {
+        Some(queued) => *queued = message,
+        None => events.push_back(Event::Message(call, message)),
     }
 }
 
@@ -1070,18 +1207,36 @@ mod tests {
         let (mut socket, _) = listener.accept().await.unwrap();
         let watch = connection.start(Method::Watch, "").unwrap();
 
-        // 3,000 flips of 7 bytes each: 21,000 bytes, more than one batch of 16 KiB.
+        // 3,000 flips of 7 bytes each, 10 to a frame: 21,000 bytes, more than one batch of 16 KiB.
         let mut script = frame_bytes(frame::HEADERS, flag::END_HEADERS, watch.0, &[0x88]);
         let message = HealthCheckResponse { status: 2 }.encode_to_vec();
-        for _ in 0..3_000 {
-            let mut data = vec![0, 0, 0, 0, message.len() as u8];
-            data.extend_from_slice(&message);
+        for _ in 0..300 {
+            let mut data = Vec::new();
+            for _ in 0..10 {
+                data.extend_from_slice(&[0, 0, 0, 0, message.len() as u8]);
+                data.extend_from_slice(&message);
+            }
             script.extend(frame_bytes(frame::DATA, 0, watch.0, &data));
         }
+        let mut trailers = Vec::new();
+        literal_new_name(&mut trailers, b"grpc-status", b"0");
+        script.extend(frame_bytes(
+            frame::HEADERS,
+            flag::END_HEADERS | flag::END_STREAM,
+            watch.0,
+            &trailers,
+        ));
         socket.write_all(&script).await.unwrap();
-        for _ in 0..3_000 {
-            assert!(matches!(next(&mut connection).await, Event::Message(c, _) if c == watch));
+        // Messages not yet taken are superseded by later ones: at most 3,000 events, at least one.
+        let mut messages = 0;
+        loop {
+            match next(&mut connection).await {
+                Event::Message(c, _) if c == watch => messages += 1,
+                Event::Ended(c, _) if c == watch => break,
+                other => panic!("unexpected {other:?}"),
+            }
         }
+        assert!((1..=3_000).contains(&messages), "{messages}");
         // Drive the connection once more so that the queued WINDOW_UPDATEs are written.
         let _ = tokio::time::timeout(Duration::from_millis(50), connection.next_event()).await;
 
@@ -1106,5 +1261,98 @@ mod tests {
             .expect("WINDOW_UPDATEs for the connection and the stream");
         assert!(increments[&0] >= WINDOW_UPDATE_BATCH, "{increments:?}");
         assert!(increments[&watch.0] >= WINDOW_UPDATE_BATCH, "{increments:?}");
+    }
+
+    /// A server's frames, as bytes: the answer HEADERS of `stream`, then `then`.
+    fn answered_then(stream: u32, then: impl IntoIterator<Item = Vec<u8>>) -> Vec<u8> {
+        let mut bytes = frame_bytes(frame::HEADERS, flag::END_HEADERS, stream, &[0x88]);
+        for more in then {
+            bytes.extend(more);
+        }
+        bytes
+    }
+
+    #[test]
+    fn thousands_of_messages_packed_into_frames_queue_one_event_per_call() {
+        let message = HealthCheckResponse { status: 1 }.encode_to_vec();
+        let mut data = Vec::new();
+        while data.len() + 5 + message.len() <= MAX_FRAME_SIZE {
+            data.extend_from_slice(&[0, 0, 0, 0, message.len() as u8]);
+            data.extend_from_slice(&message);
+        }
+        let frames = (0..50).map(|_| frame_bytes(frame::DATA, 0, 1, &data));
+        let (events, error) = fuzz_server_bytes(&answered_then(1, frames));
+        assert!(error.is_none(), "{error:?}");
+        // 50 frames of 2,340 messages each; the fuzz entry takes events between reads.
+        assert!(!events.is_empty() && events.len() <= 50, "{} events", events.len());
+        assert!(events.iter().all(|e| matches!(e, Event::Message(CallId(1), _))));
+    }
+
+    #[test]
+    fn a_flood_of_control_frames_ends_the_connection_and_pings_are_acknowledged_once_per_read() {
+        let pings = (0..5_000u64).map(|i| frame_bytes(frame::PING, 0, 0, &i.to_be_bytes()));
+        let (_, error) = fuzz_server_bytes(&pings.collect::<Vec<_>>().concat());
+        assert!(
+            matches!(error, Some(ConnectionError::Protocol("a flood of frames"))),
+            "{error:?}"
+        );
+        for kind in [frame::SETTINGS, frame::WINDOW_UPDATE, frame::RST_STREAM] {
+            let payload: &[u8] = if kind == frame::SETTINGS { &[] } else { &[0, 0, 0, 1] };
+            let flood: Vec<u8> = (0..2_000).flat_map(|_| frame_bytes(kind, 0, 3, payload)).collect();
+            let (_, error) = fuzz_server_bytes(&flood);
+            assert!(
+                matches!(error, Some(ConnectionError::Protocol("a flood of frames"))),
+                "{kind}: {error:?}"
+            );
+        }
+        // A valid peer's handful of control frames is fine.
+        let (_, error) = fuzz_server_bytes(
+            &(0..100)
+                .flat_map(|i: u64| frame_bytes(frame::PING, 0, 0, &i.to_be_bytes()))
+                .collect::<Vec<_>>(),
+        );
+        assert!(error.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_huge_frame_header_is_refused_without_reserving_its_length() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut connection = HealthConnection::handshake(client, "test");
+        // Three bytes of a 16 MiB length first, the rest of the header later.
+        server.write_all(&[0xff, 0xff, 0xff]).await.unwrap();
+        let pending = tokio::time::timeout(Duration::from_millis(20), connection.next_event()).await;
+        assert!(pending.is_err());
+        assert!(
+            connection.read.capacity() <= 2 * (FRAME_HEADER + MAX_FRAME_SIZE),
+            "{}",
+            connection.read.capacity()
+        );
+        server.write_all(&[0, 0, 0, 0, 0, 1]).await.unwrap();
+        let error = connection.next_event().await.err();
+        assert!(
+            matches!(
+                error,
+                Some(ConnectionError::Protocol("a frame larger than SETTINGS_MAX_FRAME_SIZE"))
+            ),
+            "{error:?}"
+        );
+        let (_, error) = fuzz_server_bytes(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        assert!(
+            matches!(error, Some(ConnectionError::Protocol("an HTTP/1 response, not HTTP/2"))),
+            "{error:?}"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_server_bytes_end_in_events_or_an_error_within_the_bounds(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2_048)) {
+            let _ = fuzz_server_bytes(&bytes);
+        }
+
+        #[test]
+        fn any_frames_after_an_answer_stay_within_the_bounds(frames in proptest::collection::vec((0u8..10, proptest::prelude::any::<u8>(), 0u32..8, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)), 0..64)) {
+            let bytes = answered_then(1, frames.into_iter().map(|(kind, flags, stream, payload)| frame_bytes(kind, flags, stream, &payload)));
+            let _ = fuzz_server_bytes(&bytes);
+        }
     }
 }

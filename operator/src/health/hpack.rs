@@ -13,6 +13,11 @@ use std::collections::VecDeque;
 pub const MAX_TABLE_SIZE: usize = 4_096;
 /// The longest header name or value accepted.
 const MAX_STRING: usize = 8_192;
+/// The most a header list may decode to, counted as RFC 7541 section 4.1 counts table entries
+/// (32 bytes per field plus name and value) and as we advertise SETTINGS_MAX_HEADER_LIST_SIZE:
+/// indexed fields cost a byte on the wire each, so without it a 16 KiB block naming one 4 KiB
+/// entry 16,000 times would hand the caller 64 MiB of headers.
+pub const MAX_HEADER_LIST_SIZE: usize = 16_384;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid HPACK: {0}")]
@@ -42,19 +47,29 @@ impl Default for Decoder {
 
 impl Decoder {
     /// Decodes one whole header block, calling `field` for each header in order.
-    pub fn decode(&mut self, mut block: &[u8], mut field: impl FnMut(&[u8], &[u8])) -> Result<(), HpackError> {
+    pub fn decode(&mut self, mut block: &[u8], field: impl FnMut(&[u8], &[u8])) -> Result<(), HpackError> {
+        let mut field = field;
+        let mut list_size = 0usize;
+        let mut field = |name: &[u8], value: &[u8]| {
+            list_size += 32 + name.len() + value.len();
+            if list_size > MAX_HEADER_LIST_SIZE {
+                return Err(HpackError("a header list over 16 KiB"));
+            }
+            field(name, value);
+            Ok(())
+        };
         while let Some(&first) = block.first() {
             if first & 0x80 != 0 {
                 // Indexed field.
                 let (index, rest) = integer(block, 7)?;
                 let (name, value) = self.entry(index)?;
-                field(name, value);
+                field(name, value)?;
                 block = rest;
             } else if first & 0xc0 == 0x40 {
                 // Literal with incremental indexing.
                 let (index, rest) = integer(block, 6)?;
                 let ((name, value), rest) = self.literal(index, rest)?;
-                field(&name, &value);
+                field(&name, &value)?;
                 self.insert(name, value);
                 block = rest;
             } else if first & 0xe0 == 0x20 {
@@ -70,7 +85,7 @@ impl Decoder {
                 // Literal without indexing (0000) or never indexed (0001).
                 let (index, rest) = integer(block, 4)?;
                 let ((name, value), rest) = self.literal(index, rest)?;
-                field(&name, &value);
+                field(&name, &value)?;
                 block = rest;
             }
         }
@@ -309,6 +324,23 @@ mod tests {
         assert!(
             decode_all(&mut decoder, &[0x3f, 0xe2, 0x1f]).is_err(),
             "4,096 + 1 is over"
+        );
+    }
+
+    #[test]
+    fn a_block_that_decodes_to_more_than_the_header_list_size_is_refused() {
+        let mut decoder = Decoder::default();
+        // An entry of 1 + 3,000 bytes, then 5 one-byte references to it: 5 x 3,033 > 16 KiB.
+        let mut block = vec![0x40, 1, b'a', 0x7f, 0xb9, 0x16];
+        block.extend(std::iter::repeat_n(b'x', 3_000));
+        decode_all(&mut decoder, &block).unwrap();
+        assert_eq!(
+            decode_all(&mut decoder, &[0xbe; 5]),
+            Ok(vec![("a".into(), "x".repeat(3_000)); 5])
+        );
+        assert_eq!(
+            decode_all(&mut decoder, &[0xbe; 6]),
+            Err(HpackError("a header list over 16 KiB"))
         );
     }
 
