@@ -142,11 +142,24 @@ impl ProberHandle {
     }
 }
 
-/// At most this many probe connections are being opened at once, operator-wide: a restart or
-/// a new leader opens one per endpoint, and thousands of handshakes at once would time out
-/// probes of healthy endpoints (a false flap that every client sees). Waiting for a turn does
-/// not count against the probe timeout.
+/// At most this many probe connections of new or healthy endpoints are being opened at once,
+/// operator-wide: a restart or a new leader opens one per endpoint, and thousands of handshakes
+/// at once would time out probes of healthy endpoints (a false flap that every client sees).
+/// Waiting for a turn does not count against the probe timeout.
+///
+/// Endpoints retrying after a failure take their turns from a separate, smaller limiter
+/// ([`MAX_CONCURRENT_RETRIES`]), so that however many endpoints are silent or drop SYNs, they
+/// never hold the turns a new or healthy endpoint needs: a new endpoint's first probe starts
+/// within one probe timeout whatever failing endpoints do. And a turn is given back once the
+/// connection answered, failed, or after [`MAX_TURN`], whichever comes first, so that silent
+/// new endpoints pace the others by at most that much each.
 pub const MAX_CONCURRENT_CONNECTS: usize = 64;
+
+/// Turns for endpoints retrying after a failure (see [`MAX_CONCURRENT_CONNECTS`]).
+pub const MAX_CONCURRENT_RETRIES: usize = 16;
+
+/// The longest a connection attempt holds its turn (less when the probe timeout is shorter).
+pub const MAX_TURN: Duration = Duration::from_millis(250);
 
 /// Limits how many probe connections are being opened at once (see
 /// [`MAX_CONCURRENT_CONNECTS`]); shared by every prober of an operator.
@@ -157,11 +170,18 @@ pub fn connect_limiter() -> ConnectLimiter {
     Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CONNECTS))
 }
 
+/// A limiter of [`MAX_CONCURRENT_RETRIES`].
+pub fn retry_limiter() -> ConnectLimiter {
+    Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_RETRIES))
+}
+
 /// What every prober of an operator shares.
 #[derive(Clone, Debug)]
 pub struct Shared {
-    /// Connect turns (see [`MAX_CONCURRENT_CONNECTS`]).
+    /// Connect turns of new and healthy endpoints (see [`MAX_CONCURRENT_CONNECTS`]).
     pub connects: ConnectLimiter,
+    /// Connect turns of endpoints retrying after a failure.
+    pub retries: ConnectLimiter,
     /// The local address probe connections are bound to, if any (see
     /// [`HealthConnection::connect_from`]).
     pub source_address: Option<IpAddr>,
@@ -223,6 +243,8 @@ pub fn spawn(
         detail: None,
         last_notice: None,
         notice_pending: false,
+        turn: None,
+        retrying: false,
     };
     ProberHandle {
         state,
@@ -245,6 +267,11 @@ struct Prober {
     /// When the observer was last told of a change, and whether a change awaits telling.
     last_notice: Option<Instant>,
     notice_pending: bool,
+    /// The connect turn held by the attempt in progress, and when it must be given back.
+    turn: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
+    /// The latest attempt failed and no answer has counted since: take turns from the retry
+    /// limiter.
+    retrying: bool,
 }
 
 /// One connection's life, as far as the counting rules need it.
@@ -273,11 +300,16 @@ impl Prober {
     async fn run(mut self) {
         let mut watch_implemented = self.settings.mode == HealthCheckMode::Watch;
         loop {
-            // A turn to connect, held until the connection answered or failed.
-            let connects = self.shared.connects.clone();
-            let Ok(turn) = self.attend(connects.acquire_owned()).await else {
+            // A turn to connect, held until the connection answered or failed (or MAX_TURN).
+            let limiter = if self.retrying {
+                self.shared.retries.clone()
+            } else {
+                self.shared.connects.clone()
+            };
+            let Ok(turn) = self.attend(limiter.acquire_owned()).await else {
                 return;
             };
+            self.turn = Some((turn, Instant::now() + MAX_TURN.min(self.settings.timeout)));
             let attempt_deadline = Instant::now() + self.settings.timeout;
             let mut link = Link {
                 opened: Instant::now(),
@@ -286,15 +318,15 @@ impl Prober {
             };
             let ended = match self.connect(attempt_deadline).await {
                 Err(failure) => {
-                    drop(turn);
+                    self.turn = None;
                     Ended::Failed(failure)
                 }
                 Ok(mut connection) => {
                     self.load_call = None;
                     let ended = if watch_implemented {
-                        self.watch(&mut connection, &mut link, attempt_deadline, turn).await
+                        self.watch(&mut connection, &mut link, attempt_deadline).await
                     } else {
-                        drop(turn);
+                        self.turn = None;
                         Ended::WatchUnimplemented
                     };
                     if ended == Ended::WatchUnimplemented {
@@ -324,6 +356,8 @@ impl Prober {
                 (Ended::Closed(failure) | Ended::Failed(failure), _) => failure,
                 (Ended::WatchUnimplemented, _) => unreachable!("handled above"),
             };
+            self.turn = None;
+            self.retrying = true;
             if link.answered.is_some() {
                 self.tracker.connection_broke();
             }
@@ -340,13 +374,7 @@ impl Prober {
     }
 
     /// Follows one `Watch` stream, with a liveness `Check` each quiet interval, until it ends.
-    async fn watch(
-        &mut self,
-        connection: &mut HealthConnection,
-        link: &mut Link,
-        deadline: Instant,
-        turn: tokio::sync::OwnedSemaphorePermit,
-    ) -> Ended {
+    async fn watch(&mut self, connection: &mut HealthConnection, link: &mut Link, deadline: Instant) -> Ended {
         let started = Instant::now();
         let Ok(watch) = connection.start(Method::Watch, &self.settings.service) else {
             return Ended::Failed(Failure::GoAway(reason::NO_ERROR));
@@ -374,7 +402,7 @@ impl Prober {
                 Ok(Ok(_)) => {}
             }
         };
-        drop(turn);
+        self.turn = None;
         link.answered = Some(Instant::now());
         self.answered(answer(&first), started);
         if let Some(code) = link.going_away {
@@ -617,6 +645,7 @@ impl Prober {
         self.record(outcome, Some(started.elapsed()));
         if !self.tracker.on_probation() {
             self.backoff = backoff(self.settings.interval);
+            self.retrying = false;
         }
     }
 
@@ -625,6 +654,7 @@ impl Prober {
         let before = self.tracker.verdict().clone();
         if self.tracker.confirm(now) {
             self.backoff = backoff(self.settings.interval);
+            self.retrying = false;
             self.publish(&before, true);
         }
     }
@@ -678,17 +708,22 @@ impl Prober {
         }
     }
 
-    /// The next instant something is due: a held verdict's release, a deferred notice.
+    /// The next instant something is due: a held verdict's release, a deferred notice, giving
+    /// back a connect turn.
     fn wake_at(&self) -> Option<Instant> {
         let notice = self
             .last_notice
             .filter(|_| self.notice_pending)
             .map(|last| last + self.shared.write_interval);
-        self.tracker.deadline().into_iter().chain(notice).min()
+        let turn = self.turn.as_ref().map(|(_, until)| *until);
+        self.tracker.deadline().into_iter().chain(notice).chain(turn).min()
     }
 
     /// Does what is due now (see [`Prober::wake_at`]).
     fn wake(&mut self) {
+        if self.turn.as_ref().is_some_and(|(_, until)| Instant::now() >= *until) {
+            self.turn = None;
+        }
         let before = self.tracker.verdict().clone();
         if self.tracker.wake(Instant::now()) {
             self.publish(&before, true);

@@ -91,6 +91,7 @@ impl ProberRegistry {
             reports: Arc::new(reports),
             shared: prober::Shared {
                 connects: prober::connect_limiter(),
+                retries: prober::retry_limiter(),
                 source_address: options.source_address,
                 connector: prober::Connector::Tcp,
                 write_interval: options.write_interval,

@@ -80,6 +80,8 @@ async fn connections_come_from_the_source_address_of_the_targets_family() {
 enum Script {
     /// Answers every call SERVING and keeps the connection.
     Healthy,
+    /// Accepts connections and never answers.
+    Silent,
     /// GOAWAY NO_ERROR right after the answer.
     GoAwayAfterAnswer,
     /// RST_STREAM INTERNAL_ERROR on the Watch right after the answer.
@@ -174,7 +176,9 @@ async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) 
             }
             let block = &frame_bytes[9..];
             let contains = |needle: &[u8]| block.windows(needle.len()).any(|w| w == needle);
-            let reply = if contains(b"/Watch") {
+            let reply = if script == Script::Silent {
+                Vec::new()
+            } else if contains(b"/Watch") {
                 let mut reply = answer_frames(stream, SERVING);
                 if !answered {
                     answered = true;
@@ -290,6 +294,7 @@ fn scripted(script: Script) -> (Shared, Arc<ServerCounts>) {
     }));
     let shared = Shared {
         connects: connect_limiter(),
+        retries: retry_limiter(),
         source_address: None,
         connector,
         write_interval: Duration::from_secs(1),
@@ -415,4 +420,55 @@ async fn a_healthy_backend_keeps_one_connection_and_answers_its_liveness_checks(
         "one liveness Check per quiet interval: {checks}"
     );
     assert_eq!(reports.failures(), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_endpoints_first_probe_starts_within_a_timeout_beside_a_thousand_failing_endpoints() {
+    let (silent, silent_counts) = scripted(Script::Silent);
+    let reports = Arc::new(Reports::default());
+    let address = |i: u16| SocketAddr::from(([10, 250, 1, 1], 1_000 + i));
+    let _failing: Vec<ProberHandle> = (0..1_000)
+        .map(|i| {
+            spawn(
+                address(i),
+                settings(HealthCheckMode::Watch, 1),
+                unknown(),
+                reports.clone(),
+                silent.clone(),
+            )
+        })
+        .collect();
+    // Every silent endpoint has failed (timed out) and retries, again and again.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        reports.failures().len() >= 1_000,
+        "{} failures",
+        reports.failures().len()
+    );
+    assert!(silent_counts.connections.load(Ordering::SeqCst) > 1_000);
+
+    // A new healthy endpoint, sharing the operator's turns with them.
+    let (healthy, _) = scripted(Script::Healthy);
+    let shared = Shared {
+        connector: healthy.connector,
+        ..silent.clone()
+    };
+    let started = Instant::now();
+    let mut handle = spawn(
+        TARGET,
+        settings(HealthCheckMode::Watch, 1),
+        unknown(),
+        Arc::new(Reports::default()),
+        shared,
+    );
+    tokio::time::timeout(TIMEOUT, handle.state.wait_for(|s| s.verdict.health == Health::Serving))
+        .await
+        .expect("Serving within one probe timeout")
+        .unwrap();
+    println!(
+        "beside 1,000 silent endpoints, a new one was Serving after {:?}",
+        started.elapsed()
+    );
+    // The silent ones kept retrying meanwhile, on their own turns.
+    assert!(silent.retries.available_permits() < MAX_CONCURRENT_RETRIES);
 }
