@@ -492,6 +492,7 @@ async fn reconcile_backend(backend: &GrpcBackend, context: &Context) -> Result<A
         slow_start_window: backend.spec.weighting.slow_start_window(),
         now: Timestamp::now(),
         endpoints_budget: context.settings.endpoints_budget,
+        panic_threshold: u32::try_from(backend.spec.health_check.panic_threshold).unwrap_or(0),
     };
     let desired = status::desired_status(backend.status.as_ref(), &observed.observation, &status_context);
     let written = write_status(context, backend, &key, &desired.status).await?;
