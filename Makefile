@@ -2,11 +2,13 @@
 SHELL := bash
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test bench scale soak status-cost controlplane peers crds fmt lint
+.PHONY: help demo test fuzz bench scale soak status-cost controlplane peers crds fmt lint
 
 help:
 	@echo "make demo          the product end to end on a local control plane (needs root, Go, Rust)"
 	@echo "make test          build everything (control plane included) and run every test (needs root, Go, Rust)"
+	@echo "make fuzz          the fuzz targets under libFuzzer (cargo-fuzz, nightly; installed if missing), FUZZ_SECONDS"
+	@echo "                   each (default 300); FUZZ_MERGE=1 adds new coverage to fuzz/corpus (make test replays them)"
 	@echo "make bench         unary echo throughput/latency: kubegrpc vs tonic Channel vs balance_list; heterogeneous"
 	@echo "                   backends: Equal vs LoadReport vs balance_list vs p2c PeakEwma; a NOT_SERVING flip to the"
 	@echo "                   last request: grpc-go xDS client vs kubegrpc; convergence vs kuberesolver; watch fan-out; picker"
@@ -30,6 +32,9 @@ demo:
 
 test:
 	scripts/test.sh
+
+fuzz:
+	scripts/fuzz.sh
 
 bench:
 	@cargo bench --locked -p kubegrpc --bench picker && \

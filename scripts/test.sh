@@ -4,7 +4,8 @@
 #      (cached under target/peers),
 #   2. format and lint checks,
 #   3. build every test and binary (outside the network namespace: crates.io is reachable here),
-#   4. run the tests inside a private network namespace, offline.
+#   4. replay the fuzz targets (fuzz/) on stable,
+#   5. run the other tests inside a private network namespace, offline.
 # Prints the time of each phase. Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,10 +39,16 @@ phase "cargo build (tests and binaries)"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked --no-run
 
+phase "fuzz targets, replayed on stable (committed corpus + ${KUBEGRPC_FUZZ_MUTATIONS:=50000} fixed-seed mutations each; make fuzz runs libFuzzer)"
+# The same target functions cargo-fuzz runs (fuzz/src), without libFuzzer: its instrumented build
+# of the operator's dependency tree takes about 6 minutes cold, over this command's budget.
+KUBEGRPC_FUZZ_MUTATIONS="$KUBEGRPC_FUZZ_MUTATIONS" cargo test --locked --offline -p kubegrpc-operator -p kubegrpc \
+  --test fuzz_targets -- --show-output
+
 phase "cargo test, inside a private network namespace"
 # --show-output: the measurements some tests print (latencies, counts, the ceiling) land in the log.
 KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" KUBEGRPC_PEERS_DIR="$peers_dir" tests/netns-run.sh \
-  cargo test --workspace --offline --locked "$@" -- --show-output
+  cargo test --workspace --offline --locked "$@" -- --show-output --skip fuzz_target_
 
 phase "picker benchmark, quick mode (test profile: that it runs and prints figures, not what they are)"
 picker_output="$(cargo bench --profile dev --locked --offline -p kubegrpc --bench picker -- \

@@ -103,6 +103,30 @@ impl AggregatedDiscoveryService for AdsServer {
     }
 }
 
+/// Not API: one stream's request handling without a transport, for the fuzz targets (fuzz/):
+/// feeds `requests` in order and returns what the stream would send after each, as it does once
+/// `cache` is synced.
+#[doc(hidden)]
+pub fn respond_to_requests(
+    cache: Arc<XdsCache>,
+    requests: impl IntoIterator<Item = DiscoveryRequest>,
+) -> Vec<Vec<DiscoveryResponse>> {
+    let mut stream = ClientStream {
+        cache,
+        metrics: Arc::default(),
+        peer: "fuzz".into(),
+        subscriptions: HashMap::new(),
+        nonces: 0,
+    };
+    requests
+        .into_iter()
+        .map(|request| {
+            stream.on_request(request);
+            stream.due_responses()
+        })
+        .collect()
+}
+
 /// One client stream.
 struct ClientStream {
     cache: Arc<XdsCache>,
