@@ -358,6 +358,14 @@ impl Prober {
             };
             self.turn = None;
             self.retrying = true;
+            debug!(
+                endpoint = %self.target,
+                %failure,
+                lived = ?now.saturating_duration_since(link.opened),
+                answered = ?link.answered.map(|at| now.saturating_duration_since(at)),
+                detail = self.detail.as_deref().unwrap_or_default(),
+                "probe failed"
+            );
             if link.answered.is_some() {
                 self.tracker.connection_broke();
             }
