@@ -769,7 +769,8 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
     // The mechanism under test: a change after a quiet write interval goes out at once, later
     // ones within the interval are coalesced into one write. A fresh operator has written
     // nothing yet, so its first change is written at once; with an interval of 2s, the churn
-    // below (0.4s) then makes exactly one more write.
+    // below (0.4s) is flapping: held NotServing (Flapping) in one coalesced write, then Serving
+    // once it has been stable for the 2s window, in one more.
     first.stop().await;
     let operator = InProcessOperator::start_with(
         s.client.clone(),
@@ -807,12 +808,12 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut written: Vec<Health> = Vec::new();
-    let collected = tokio::time::timeout(Duration::from_secs(5), async {
+    let mut written: Vec<(Health, Option<String>)> = Vec::new();
+    let collected = tokio::time::timeout(Duration::from_secs(8), async {
         while let Some(event) = events.next().await {
             if let kube::api::WatchEvent::Modified(object) = event? {
                 let status = object.status.unwrap_or_default();
-                written.push(status.endpoints[0].health);
+                written.push((status.endpoints[0].health, status.endpoints[0].reason.clone()));
             }
         }
         Ok::<_, anyhow::Error>(())
@@ -820,10 +821,21 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
     .await;
     assert!(collected.is_err(), "the watch ended early: {collected:?}");
     println!("20 flips in 0.4s -> {} status writes: {written:?}", written.len());
-    assert_eq!(
-        written,
-        [Health::NotServing, Health::Serving],
-        "the first change at once, the rest coalesced into one write of the latest state"
+    // The first write shows NotServing, or already the hold (Flapping), whichever the reconcile
+    // read; then at most one coalesced write of the hold; then Serving once stable.
+    let (last, held) = written.split_last().expect("writes");
+    assert_eq!(*last, (Health::Serving, None), "released once stable: {written:?}");
+    assert!(
+        (1..=2).contains(&held.len()),
+        "the first change at once, the rest coalesced: {written:?}"
+    );
+    assert!(
+        held.iter().all(|(health, _)| *health == Health::NotServing),
+        "{written:?}"
+    );
+    assert!(
+        held.iter().any(|(_, reason)| reason.as_deref() == Some("Flapping")),
+        "{written:?}"
     );
     drop(operator);
     Ok(())

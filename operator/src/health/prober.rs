@@ -221,8 +221,12 @@ pub fn spawn(
     observer: Arc<dyn ProbeObserver>,
     shared: Shared,
 ) -> ProberHandle {
-    let damping = shared.write_interval.max(settings.interval);
-    let tracker = HealthTracker::new(initial.clone(), settings.thresholds, settings.interval, damping);
+    let tracker = HealthTracker::new(
+        initial.clone(),
+        settings.thresholds,
+        settings.interval,
+        shared.write_interval,
+    );
     let (state_tx, state) = watch::channel(ProbeState {
         verdict: initial,
         connect_failing: false,

@@ -11,11 +11,13 @@
 //! [`HealthTracker::confirm`]): a server that answers SERVING on every new connection and then
 //! breaks it reaches the unhealthy threshold as one that refuses connections does.
 //!
-//! Flap damping, with a window W = max(status write interval, probe interval): when the
-//! thresholds' verdict turns back to Serving less than W after the published health turned
-//! NotServing, the endpoint is held NotServing with reason `Flapping` until the thresholds have
-//! said Serving without a break for the hold (W, doubled by each further flap in a row, at most
-//! 8 W). A NotServing verdict is always published at once (with reason `Flapping` while the
+//! Flap damping, with a window W = the status write interval: when the thresholds' verdict
+//! turns back to Serving less than W after the published health turned NotServing, the
+//! endpoint is held NotServing with reason `Flapping` until the thresholds have said Serving
+//! without a break for the hold (W, doubled by each hold in a row, at most 8 W). Flapping at
+//! the probe interval's scale needs no window of its own: after a transport failure on a
+//! connection that had answered, Serving comes back only after an interval on a connection
+//! (see above). A NotServing verdict is always published at once (with reason `Flapping` while the
 //! endpoint served less than twice the hold since its last release). So a flapping endpoint
 //! changes its published health at most twice per hold, and a single flap costs one hold.
 
@@ -199,7 +201,7 @@ pub struct HealthTracker {
     underlying: Health,
     /// Flap damping's window: a change back to Serving within it is a flap.
     damping: Duration,
-    /// Flaps in a row, which double the hold each (up to [`MAX_FLAP_LEVEL`]).
+    /// Holds in a row, each doubling the next (up to [`MAX_FLAP_LEVEL`]).
     flap_level: u32,
     /// Held NotServing (reason Flapping) while the thresholds say Serving: since when they have.
     hold: Option<Option<Instant>>,
@@ -374,7 +376,12 @@ impl HealthTracker {
             Health::Serving => {
                 let back_soon = self.verdict.health == Health::NotServing
                     && since(self.not_serving_since).is_some_and(|s| s < self.damping);
-                if self.hold.is_some() || back_soon {
+                if let Some(stable_since) = &mut self.hold {
+                    // Back to Serving during the hold: the hold starts over.
+                    *stable_since = Some(now);
+                    return;
+                }
+                if back_soon {
                     self.flap_level = (self.flap_level + 1).min(MAX_FLAP_LEVEL);
                     self.hold = Some(Some(now));
                     if self.verdict.reason.as_deref() != Some(FLAPPING) {
