@@ -16,7 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 seconds="${FUZZ_SECONDS:-300}"
 # Target and its longest input (as in fuzz/src: Target::max_len).
 declare -A max_len=(
-  [hpack]=4096 [orca_weights]=2048 [xds_requests]=4096 [status_json]=4096 [status_structured]=2048
+  [hpack]=4096 [connection]=4096 [orca_weights]=2048 [xds_requests]=4096 [status_json]=4096 [status_structured]=2048
 )
 targets=("$@")
 if (( ${#targets[@]} == 0 )); then

@@ -1,5 +1,6 @@
-//! Fuzz targets of the operator: what a backend sends the prober (HPACK header blocks, ORCA
-//! load reports and the weights made from them) and what an xDS client sends the xDS server.
+//! Fuzz targets of the operator: what a backend sends the prober (its bytes on the HTTP/2
+//! connection, HPACK header blocks, ORCA load reports and the weights made from them) and what
+//! an xDS client sends the xDS server.
 //! Each target's input layout is in its docs (see [`crate::input::Chunks`]); its seeds are made
 //! here, next to the layout, and committed under `fuzz/corpus/NAME/seed-*`.
 
@@ -20,7 +21,10 @@ use envoy_types::pb::{
 };
 use kubegrpc_crds::{GrpcBackendStatus, MAX_STATIC_WEIGHT, slow_start::SlowStart};
 use kubegrpc_operator::{
-    health::hpack::Decoder,
+    health::{
+        connection::{Event, fuzz_server_bytes},
+        hpack::Decoder,
+    },
     weights::{LoadSample, LoadSettings, LoadWeight, publish_load_weights},
     xds::{XdsCache, resources::type_url, server::respond_to_requests},
 };
@@ -87,6 +91,135 @@ fn hpack_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("rfc7541-c4", blocks(&c4)),
         ("rfc7541-c6", blocks(&c6)),
         ("grpc-response", grpc),
+    ]
+}
+
+// === connection ===
+
+/// The prober's HTTP/2 connection fed a server's bytes: a connection with a `Watch`, a `Check`
+/// and a load-report stream open reads `data` as what the server sent, its events drained
+/// between reads (the prober's fuzz entry, `connection::fuzz_server_bytes`, which also asserts
+/// the bounds on its buffers and queue). Input: the server's bytes, from its SETTINGS on.
+/// Checked: events only for the three calls, none after a call's end, one GOAWAY at most.
+pub const CONNECTION: Target = Target {
+    name: "connection",
+    run: connection,
+    seeds: connection_seeds,
+    max_len: 4_096,
+};
+
+fn connection(data: &[u8]) {
+    let (events, _error) = fuzz_server_bytes(data);
+    let mut calls = Vec::new();
+    let mut ended = Vec::new();
+    let mut goaways = 0;
+    for event in &events {
+        let call = match event {
+            Event::Message(call, _) => call,
+            Event::Ended(call, _) => call,
+            Event::GoAway(_) => {
+                goaways += 1;
+                continue;
+            }
+        };
+        assert!(!ended.contains(call), "an event after {call:?} ended: {events:?}");
+        if !calls.contains(call) {
+            calls.push(*call);
+        }
+        if matches!(event, Event::Ended(..)) {
+            ended.push(*call);
+        }
+    }
+    assert!(calls.len() <= 3, "events for {} calls: {events:?}", calls.len());
+    assert!(goaways <= 1, "{goaways} GOAWAY events");
+}
+
+/// An HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).expect("a small frame").to_be_bytes();
+    [&length[1..], &[kind, flags], &stream.to_be_bytes()[..], payload].concat()
+}
+
+/// A gRPC message (uncompressed).
+fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(message.len()).expect("a small message").to_be_bytes();
+    [&[0][..], &length, message].concat()
+}
+
+fn connection_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    const DATA: u8 = 0x0;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    const WINDOW_UPDATE: u8 = 0x8;
+    const CONTINUATION: u8 = 0x9;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const PADDED: u8 = 0x8;
+    // The calls' streams: Watch 1, Check 3, load reports 5.
+    let (watch, check, load) = (1, 3, 5);
+    // :status 200 (static index 8), content-type: application/grpc (literal, name index 31).
+    let response: Vec<u8> = [&[0x88, 0x0f, 0x10, 0x10][..], b"application/grpc"].concat();
+    let status = |code: &[u8], message: &[u8]| {
+        let mut block = [&[0x00, 0x0b][..], b"grpc-status", &[code.len() as u8], code].concat();
+        if !message.is_empty() {
+            block.extend_from_slice(&[&[0x00, 0x0c][..], b"grpc-message", &[message.len() as u8], message].concat());
+        }
+        block
+    };
+    let serving = grpc_message(&[0x08, 0x01]);
+    let report = grpc_message(
+        &OrcaLoadReport {
+            cpu_utilization: 0.5,
+            rps_fractional: 100.0,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let settings = frame(SETTINGS, 0, 0, &[]);
+    let settings_ack = frame(SETTINGS, 1, 0, &[]);
+    let answered = [
+        settings.clone(),
+        settings_ack,
+        frame(HEADERS, END_HEADERS, watch, &response),
+        frame(DATA, 0, watch, &serving),
+        frame(HEADERS, END_HEADERS, check, &response),
+        frame(DATA, 0, check, &serving),
+        frame(HEADERS, END_HEADERS | END_STREAM, check, &status(b"0", b"")),
+        frame(HEADERS, END_HEADERS, load, &response),
+        frame(DATA, 0, load, &report),
+    ]
+    .concat();
+    // Settings with values, a PING, a header block split over CONTINUATION, padded DATA, a
+    // reset, a trailers-only answer and a GOAWAY with debug data.
+    let limits = [[0, 3, 0, 0, 0, 2], [0, 4, 0, 0, 0, 0]].concat();
+    let padded = [&[4][..], &serving, &[0; 4]].concat();
+    let goaway = [&1u32.to_be_bytes()[..], &11u32.to_be_bytes(), b"too_many_pings"].concat();
+    let trailers_only = [&response[..], &status(b"12", b"unknown method")].concat();
+    let troubled = [
+        frame(SETTINGS, 0, 0, &limits),
+        frame(PING, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]),
+        frame(WINDOW_UPDATE, 0, 0, &1_000u32.to_be_bytes()),
+        frame(HEADERS, 0, watch, &response[..2]),
+        frame(CONTINUATION, END_HEADERS, watch, &response[2..]),
+        frame(DATA, PADDED, watch, &padded),
+        frame(RST_STREAM, 0, load, &8u32.to_be_bytes()),
+        frame(HEADERS, END_HEADERS | END_STREAM, check, &trailers_only),
+        frame(GOAWAY, 0, 0, &goaway),
+    ]
+    .concat();
+    // Bytes that are not HTTP/2 at all; a frame header announcing 16 MiB.
+    let huge = [settings, vec![0xff, 0xff, 0xff, DATA, 0, 0, 0, 0, 1]].concat();
+    vec![
+        ("answered", answered),
+        ("troubled", troubled),
+        (
+            "http1",
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        ),
+        ("huge-frame", huge),
     ]
 }
 
@@ -421,4 +554,4 @@ fn xds_requests_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Every operator target.
-pub const TARGETS: [Target; 3] = [HPACK, ORCA_WEIGHTS, XDS_REQUESTS];
+pub const TARGETS: [Target; 4] = [HPACK, CONNECTION, ORCA_WEIGHTS, XDS_REQUESTS];

@@ -1,5 +1,5 @@
-//! The operator's fuzz targets (fuzz/src/operator.rs: HPACK decoding, ORCA reports and their
-//! weights, xDS request handling), replayed on stable over the committed corpus and fixed-seed
+//! The operator's fuzz targets (fuzz/src/operator.rs: the prober's connection fed a server's
+//! bytes, HPACK decoding, ORCA reports and their weights, xDS request handling), replayed on stable over the committed corpus and fixed-seed
 //! mutations: no input may panic. cargo-fuzz runs the same functions with coverage feedback
 //! (`make fuzz`).
 
@@ -17,6 +17,11 @@ include!("../../fuzz/src/replay.rs");
 #[test]
 fn fuzz_target_hpack() {
     replay("hpack");
+}
+
+#[test]
+fn fuzz_target_connection() {
+    replay("connection");
 }
 
 #[test]
