@@ -650,9 +650,11 @@ async fn past_the_size_budget_the_status_stays_valid_and_says_so() -> Result<()>
     let mut endpoints: Vec<SliceEndpoint> = addresses(60).into_iter().map(SliceEndpoint::ready).collect();
     endpoints.push(SliceEndpoint::ready(serving.address));
     apply_slice(&s.client, &s.namespace, "echo", "echo-1", "grpc", &endpoints).await?;
+    // panicThreshold 0: one of 61 passing would fail open, listing all 61 usable; this test is
+    // about the usable ones being listed first.
     s.grpc_backend(
         "echo",
-        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h"}}),
+        json!({"service": "echo", "port": "grpc", "healthCheck": {"interval": "1h", "panicThreshold": 0}}),
     )
     .await?;
     let backend = s
