@@ -52,7 +52,7 @@ for target in "${targets[@]}"; do
   grep -E '(DONE|^Done|stat::(number_of_executed_units|new_units_added|peak_rss_mb))' "$log" >&2 || true
   if [[ "${FUZZ_MERGE:-0}" == 1 ]]; then
     cargo +nightly fuzz run "${build[@]}" "$target" "corpus/$target" "target/corpus/$target" -- \
-      -merge=1 -max_len="${max_len[$target]}" 2>&1 | grep -E '^MERGE-OUTER: [0-9]+ new files' || true
+      -set_cover_merge=1 -max_len="${max_len[$target]}" 2>&1 | grep -E '^MERGE-OUTER: [0-9]+ new files' || true
   fi
 done
 echo "=== make fuzz: $(( SECONDS - started ))s, no crash" >&2

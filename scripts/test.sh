@@ -39,9 +39,10 @@ phase "cargo build (tests and binaries)"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked --no-run
 
-phase "fuzz targets, replayed on stable (committed corpus + ${KUBEGRPC_FUZZ_MUTATIONS:=50000} fixed-seed mutations each; make fuzz runs libFuzzer)"
+phase "fuzz targets, replayed on stable (committed corpus + ${KUBEGRPC_FUZZ_MUTATIONS:=20000} fixed-seed mutations each; make fuzz runs libFuzzer)"
 # The same target functions cargo-fuzz runs (fuzz/src), without libFuzzer: its instrumented build
-# of the operator's dependency tree takes about 6 minutes cold, over this command's budget.
+# of the operator's dependency tree takes about 6 minutes cold (and cargo-fuzz 2 to install), over
+# this command's budget.
 KUBEGRPC_FUZZ_MUTATIONS="$KUBEGRPC_FUZZ_MUTATIONS" cargo test --locked --offline -p kubegrpc-operator -p kubegrpc \
   --test fuzz_targets -- --show-output
 

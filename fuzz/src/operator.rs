@@ -335,7 +335,7 @@ fn orca_weights_seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// The xDS server's request handling: GrpcBackends in the cache, then DiscoveryRequests from a
 /// client (names, type URLs, nonces, versions, NACKs), each answered as the stream would.
 /// Input: a chunk describing the backends (see [`backends`]), then chunks, each a
-/// DiscoveryRequest (protobuf; one that does not decode is skipped, as tonic would end the
+/// DiscoveryRequest (protobuf; one that does not decode is skipped, where tonic would end the
 /// stream). Checked: responses only for served types, each with a new nonce, resources of its
 /// type, named once each and decodable; EDS weights above 0 adding up to at most `u32::MAX`
 /// (what gRPC clients accept).

@@ -529,6 +529,9 @@ async fn hostile_backends_end_not_serving_and_cost_the_healthy_ones_nothing() ->
     })
     .await
     .context("the operator stopped publishing flips")?;
+    // Stopped gracefully: dropped, kube-runtime's controller panics on its cancelled reconcile
+    // tasks as the runtime shuts down, which would read as the operator's.
+    operator.stop().await;
 
     ensure!(
         panics.load(Ordering::SeqCst) == 0,
