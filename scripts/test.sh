@@ -48,8 +48,18 @@ KUBEGRPC_FUZZ_MUTATIONS="$KUBEGRPC_FUZZ_MUTATIONS" cargo test --locked --offline
 
 phase "cargo test, inside a private network namespace"
 # --show-output: the measurements some tests print (latencies, counts, the ceiling) land in the log.
-KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" KUBEGRPC_PEERS_DIR="$peers_dir" tests/netns-run.sh \
-  cargo test --workspace --offline --locked "$@" -- --show-output --skip fuzz_target_
+# --no-fail-fast: one failing binary does not hide the others'. The log is kept so that a failure's
+# message is printed again at the end, after the backtraces (a CI log's tail is what gets read).
+test_log=target/test-output.log
+if ! KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" KUBEGRPC_PEERS_DIR="$peers_dir" tests/netns-run.sh \
+  cargo test --workspace --offline --locked --no-fail-fast "$@" -- --show-output --skip fuzz_target_ \
+  2>&1 | tee "$test_log"; then
+  echo "=== cargo test failed (whole log: $test_log); what the failing tests said:" >&2
+  grep -E -A8 "panicked at|^Error: " "$test_log" \
+    | grep -v -E '^ +([0-9]+: |at )' | tail -n 150 >&2 || true
+  grep -E "^    [a-z_0-9:]+$|^error: test failed" "$test_log" | tail -n 40 >&2 || true
+  exit 1
+fi
 
 phase "picker benchmark, quick mode (test profile: that it runs and prints figures, not what they are)"
 picker_output="$(cargo bench --profile dev --locked --offline -p kubegrpc --bench picker -- \
