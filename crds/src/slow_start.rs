@@ -31,6 +31,7 @@ impl Default for SlowStart {
 }
 
 impl SlowStart {
+    /// Whether slow start ramps new endpoints at all (a window above zero).
     pub fn is_on(&self) -> bool {
         !self.window.is_zero()
     }
