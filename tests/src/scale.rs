@@ -227,6 +227,13 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
     let mut restart_writes = Vec::new();
     let mut restart_answered = Vec::new();
     for generation in 1..=options.restarts {
+        // Every write from here on is an event of a watch from this collection version.
+        let before_restart = api
+            .list(&ListParams::default().limit(1))
+            .await?
+            .metadata
+            .resource_version
+            .context("a list without a resourceVersion")?;
         operator.stop(Duration::from_secs(10));
         let restarted = Instant::now();
         operator = start(generation)?;
@@ -241,9 +248,9 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
         .await
         .with_context(|| operator.log_tail(20))?;
         restart_answered.push(restarted.elapsed());
-        // Past the status write interval (1 s) after every first answer: a write would show.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let writes = changed(&api, &versions).await?;
+        // Every status write since the restart, counted as watch events, until three status
+        // write intervals (1 s) after every first answer: a write the answers caused is in.
+        let writes = writes_since(&api, &before_restart, Duration::from_secs(3)).await?;
         if writes > 0 {
             println!(
                 "scale: {writes} status writes after restart {generation}; the operator's log ends with:\n{}",
@@ -421,6 +428,24 @@ async fn changed(api: &Api<GrpcBackend>, versions: &BTreeMap<String, String>) ->
             versions.get(b.metadata.name.as_deref().unwrap_or_default()) != b.metadata.resource_version.as_ref()
         })
         .count() as u64)
+}
+
+/// The GrpcBackend writes since the collection version `since` (each one a watch event, none
+/// missed however close together), replayed and then followed for `window`.
+async fn writes_since(api: &Api<GrpcBackend>, since: &str, window: Duration) -> Result<u64> {
+    use futures::StreamExt;
+    let params = kube::api::WatchParams::default().timeout(window.as_secs().max(1) as u32);
+    let mut events = api.watch(&params, since).await?.boxed();
+    let mut writes = 0;
+    while let Some(event) = events.next().await {
+        match event? {
+            kube::api::WatchEvent::Modified(_) => writes += 1,
+            kube::api::WatchEvent::Bookmark(_) => {}
+            kube::api::WatchEvent::Error(error) => bail!("the watch of GrpcBackend writes failed: {error}"),
+            other => bail!("a GrpcBackend was added or deleted during a restart: {other:?}"),
+        }
+    }
+    Ok(writes)
 }
 
 /// Probes that answered Serving so far, from the operator's /metrics.

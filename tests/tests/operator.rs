@@ -546,6 +546,27 @@ async fn with_nothing_changing_the_operator_writes_nothing() -> Result<()> {
         .wait_status("echo", "2 ready", DEADLINE, |st| st.ready_endpoints == 2)
         .await?;
     let resource_version = steady.metadata.resource_version.clone().unwrap();
+    let writes = || {
+        operator
+            .metrics
+            .status_writes
+            .get_or_create(&kubegrpc_operator::metrics::BackendLabels {
+                namespace: s.namespace.clone(),
+                name: "echo".into(),
+            })
+            .get()
+    };
+    let answers = || {
+        operator
+            .metrics
+            .probes
+            .get_or_create(&kubegrpc_operator::metrics::ProbeLabels {
+                result: "Serving".into(),
+            })
+            .get()
+    };
+    let (writes_before, answers_before) = (writes(), answers());
+    assert!(writes_before >= 1, "the operator counted its writes: {writes_before}");
 
     // Watch the object from that version for 30 seconds: no event may arrive.
     assert_unchanged(&s.backends(), "echo", &resource_version, Duration::from_secs(30)).await?;
@@ -554,8 +575,11 @@ async fn with_nothing_changing_the_operator_writes_nothing() -> Result<()> {
         after.metadata.resource_version.as_deref(),
         Some(resource_version.as_str())
     );
-    let writes = operator.metrics.encode();
-    assert!(writes.contains("kubegrpc_status_writes_total{"), "{writes}");
+    // The operator was at work all along (the quiet Watch streams get a liveness Check every
+    // 5 s interval: about 12 Serving answers for 2 endpoints in 30 s), and wrote nothing.
+    let answered = answers() - answers_before;
+    assert!(answered >= 2, "the operator kept probing: {answered} Serving answers in 30 s");
+    assert_eq!(writes(), writes_before, "no status write counted while nothing changed");
     Ok(())
 }
 
@@ -756,6 +780,7 @@ async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> Result<()> {
+    const WRITE_INTERVAL: Duration = Duration::from_secs(4);
     let s = Scenario::new("churn").await?;
     let first = InProcessOperator::start(s.client.clone(), &s.namespace);
     let backend = start_backend(BackendOptions::default()).await?;
@@ -770,16 +795,17 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
         .await?;
     // The mechanism under test: a change after a quiet write interval goes out at once, later
     // ones within the interval are coalesced into one write. A fresh operator has written
-    // nothing yet, so its first change is written at once; with an interval of 2s, the churn
-    // below (0.4s) is flapping: held NotServing (Flapping) in one coalesced write, then Serving
-    // once it has been stable for the 2s window, in one more.
+    // nothing yet, so its first change is written at once; with an interval of 4 s, the churn
+    // below (flips a few milliseconds apart, each under the window) is flapping: held
+    // NotServing (Flapping) in one coalesced write, then Serving once it has been stable for
+    // the window, in one more.
     first.stop().await;
     let operator = InProcessOperator::start_with(
         s.client.clone(),
         Settings {
             namespace: Some(s.namespace.clone()),
             identity: format!("test-operator-{}", s.namespace),
-            status_write_interval: Duration::from_secs(2),
+            status_write_interval: WRITE_INTERVAL,
             ..Settings::default()
         },
     );
@@ -798,31 +824,51 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
     let params = kube::api::WatchParams::default().fields("metadata.name=echo");
     let version = steady.metadata.resource_version.clone().unwrap_or_default();
     let mut events = s.backends().watch(&params, &version).await?.boxed();
-    // 20 flips in about 0.4s, ending where it started: Serving.
+    // 20 flips ending where they started (Serving), each one seen by the prober before the
+    // next: the operator sees every flip whatever the machine's pace.
+    let answered = |result: &str| {
+        operator
+            .metrics
+            .probes
+            .get_or_create(&kubegrpc_operator::metrics::ProbeLabels { result: result.into() })
+            .get()
+    };
+    let churn_started = std::time::Instant::now();
     for flip in 0..20 {
-        backend.health.set(
-            "",
-            if flip % 2 == 0 {
-                ServingStatus::NotServing
-            } else {
-                ServingStatus::Serving
-            },
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (status, answer) = if flip % 2 == 0 {
+            (ServingStatus::NotServing, "NotServing")
+        } else {
+            (ServingStatus::Serving, "Serving")
+        };
+        let seen_before = answered(answer);
+        backend.health.set("", status);
+        kubegrpc_tests::wait::until("the prober saw the flip", DEADLINE, || {
+            let seen = answered(answer) > seen_before;
+            async move { Ok(seen.then_some(())) }
+        })
+        .await?;
     }
+    let churn = churn_started.elapsed();
+    // Every write until the endpoint is published Serving again (the hold lasts one window
+    // after the last flip, at most 8 if holds escalated).
     let mut written: Vec<(Health, Option<String>)> = Vec::new();
-    let collected = tokio::time::timeout(Duration::from_secs(8), async {
+    tokio::time::timeout(DEADLINE + 8 * WRITE_INTERVAL, async {
         while let Some(event) = events.next().await {
             if let kube::api::WatchEvent::Modified(object) = event? {
                 let status = object.status.unwrap_or_default();
-                written.push((status.endpoints[0].health, status.endpoints[0].reason.clone()));
+                let entry = (status.endpoints[0].health, status.endpoints[0].reason.clone());
+                let released = entry.0 == Health::Serving;
+                written.push(entry);
+                if released {
+                    return Ok(());
+                }
             }
         }
-        Ok::<_, anyhow::Error>(())
+        anyhow::bail!("the watch ended")
     })
-    .await;
-    assert!(collected.is_err(), "the watch ended early: {collected:?}");
-    println!("20 flips in 0.4s -> {} status writes: {written:?}", written.len());
+    .await
+    .map_err(|_| anyhow::anyhow!("not published Serving again; written: {written:?}"))??;
+    println!("20 flips seen in {churn:?} -> {} status writes: {written:?}", written.len());
     // The first write shows NotServing, or already the hold (Flapping), whichever the reconcile
     // read; then at most one coalesced write of the hold; then Serving once stable.
     let (last, held) = written.split_last().expect("writes");
