@@ -578,7 +578,10 @@ async fn with_nothing_changing_the_operator_writes_nothing() -> Result<()> {
     // The operator was at work all along (the quiet Watch streams get a liveness Check every
     // 5 s interval: about 12 Serving answers for 2 endpoints in 30 s), and wrote nothing.
     let answered = answers() - answers_before;
-    assert!(answered >= 2, "the operator kept probing: {answered} Serving answers in 30 s");
+    assert!(
+        answered >= 2,
+        "the operator kept probing: {answered} Serving answers in 30 s"
+    );
     assert_eq!(writes(), writes_before, "no status write counted while nothing changed");
     Ok(())
 }
@@ -868,7 +871,10 @@ async fn under_churn_writes_are_coalesced_and_the_latest_state_is_written() -> R
     })
     .await
     .map_err(|_| anyhow::anyhow!("not published Serving again; written: {written:?}"))??;
-    println!("20 flips seen in {churn:?} -> {} status writes: {written:?}", written.len());
+    println!(
+        "20 flips seen in {churn:?} -> {} status writes: {written:?}",
+        written.len()
+    );
     // The first write shows NotServing, or already the hold (Flapping), whichever the reconcile
     // read; then at most one coalesced write of the hold; then Serving once stable.
     let (last, held) = written.split_last().expect("writes");
