@@ -106,6 +106,10 @@ impl RefusingAddress {
         } else {
             TcpSocket::new_v6()
         }?;
+        // Every test process hands out addresses from the same start, so an earlier test binary's
+        // connections to this address may still be in TIME_WAIT: without SO_REUSEADDR (which
+        // listeners set) the bind fails with EADDRINUSE. Nothing listens here either way.
+        socket.set_reuseaddr(true)?;
         socket.bind(address).with_context(|| format!("cannot bind {address}"))?;
         Ok(Self {
             address,
