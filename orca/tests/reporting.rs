@@ -81,6 +81,37 @@ async fn start_server(capacity: usize, min_interval: Duration) -> Server {
     }
 }
 
+/// The same server over an in-memory connection, for tests on a paused clock: no socket, so
+/// the clock only moves when every task waits on a timer, and each report interval, work and
+/// arrival time is exact whatever the machine's load.
+async fn start_in_memory(capacity: usize, min_interval: Duration) -> (Server, Channel) {
+    let recorder = LoadRecorder::with_capacity(capacity);
+    let orca = OrcaService::new(recorder.clone()).min_report_interval(min_interval);
+    let router = tonic::transport::Server::builder()
+        .add_service(
+            RecordLoadLayer::new(recorder.clone())
+                .measure_busy(true)
+                .layer(WorkServer::new(Work)),
+        )
+        .add_service(orca.clone().into_server());
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(router.serve_with_incoming(futures::stream::iter([Ok::<_, std::io::Error>(server_io)])));
+    let mut client_io = Some(client_io);
+    let channel = tonic::transport::Endpoint::from_static("http://in-memory")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let io = client_io.take().map(hyper_util::rt::TokioIo::new);
+            async move { io.ok_or_else(|| std::io::Error::other("the in-memory connection is made once")) }
+        }))
+        .await
+        .unwrap();
+    let server = Server {
+        address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        recorder,
+        orca,
+    };
+    (server, channel)
+}
+
 async fn connect(address: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{address}"))
         .unwrap()
@@ -100,14 +131,14 @@ async fn open_stream(channel: Channel, interval: Duration) -> Streaming<OrcaLoad
         .into_inner()
 }
 
-/// The next report and when it arrived.
-async fn next_report(reports: &mut Streaming<OrcaLoadReport>) -> (OrcaLoadReport, Instant) {
+/// The next report and when it arrived (tokio's clock: the paused one in paused tests).
+async fn next_report(reports: &mut Streaming<OrcaLoadReport>) -> (OrcaLoadReport, tokio::time::Instant) {
     let report = tokio::time::timeout(DEADLINE, reports.message())
         .await
         .expect("a report within the deadline")
         .unwrap()
         .expect("the stream goes on");
-    (report, Instant::now())
+    (report, tokio::time::Instant::now())
 }
 
 async fn wait_until(what: &str, condition: impl Fn() -> bool) {
@@ -126,15 +157,14 @@ fn assert_near(what: &str, actual: f64, expected: f64, tolerance: f64) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn reports_give_the_rates_and_busy_fraction_of_the_requests_served() {
     const CAPACITY: usize = 2;
     const OK_PER_CLIENT: usize = 10;
     const FAILING: usize = 5;
     const WORK: Duration = Duration::from_millis(20);
     const INTERVAL: Duration = Duration::from_millis(200);
-    let server = start_server(CAPACITY, Duration::from_millis(100)).await;
-    let channel = connect(server.address).await;
+    let (server, channel) = start_in_memory(CAPACITY, Duration::from_millis(100)).await;
     let mut reports = open_stream(channel.clone(), INTERVAL).await;
     let (first, mut last_at) = next_report(&mut reports).await;
     assert_eq!((first.rps_fractional, first.eps), (0.0, 0.0), "nothing was served yet");
@@ -160,8 +190,8 @@ async fn reports_give_the_rates_and_busy_fraction_of_the_requests_served() {
         futures::join!(client(vec![false; OK_PER_CLIENT]), client(second));
         done.store(true, Ordering::SeqCst);
     };
-    // Reports are read as they come, so that the time between two arrivals is the server's
-    // interval (give or take the scheduling).
+    // Reports are read as they come: on the paused clock, the time between two arrivals is
+    // the server's interval.
     let reading = async {
         let mut windows = Vec::new();
         loop {
@@ -191,33 +221,30 @@ async fn reports_give_the_rates_and_busy_fraction_of_the_requests_served() {
     // interval boundaries fell.
     let (mut requests, mut errors, mut busy) = (0.0, 0.0, 0.0);
     for (interval, report) in &windows {
-        assert!(
-            *interval >= INTERVAL * 3 / 4,
-            "a report came after {interval:?}, sooner than asked"
-        );
+        assert_eq!(*interval, INTERVAL, "each report after the interval asked for");
         assert_eq!(report.cpu_utilization, 0.0, "no CPU utilization was set");
         let seconds = interval.as_secs_f64();
         requests += report.rps_fractional * seconds;
         errors += report.eps * seconds;
         busy += report.application_utilization * seconds * CAPACITY as f64;
     }
-    assert_near("requests from the reports", requests, (ok + FAILING) as f64, 0.1);
-    assert_near("errors from the reports", errors, FAILING as f64, 0.1);
-    assert_near("busy seconds from the reports", busy, totals.busy.as_secs_f64(), 0.1);
+    assert_near("requests from the reports", requests, (ok + FAILING) as f64, 1e-9);
+    assert_near("errors from the reports", errors, FAILING as f64, 1e-9);
+    assert_near("busy seconds from the reports", busy, totals.busy.as_secs_f64(), 1e-9);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn reports_come_no_faster_than_the_servers_minimum() {
     let min_interval = Duration::from_millis(500);
-    let server = start_server(1, min_interval).await;
-    let mut reports = open_stream(connect(server.address).await, Duration::from_millis(100)).await;
+    let (_server, channel) = start_in_memory(1, min_interval).await;
+    let mut reports = open_stream(channel, Duration::from_millis(100)).await;
     let (_, mut last_at) = next_report(&mut reports).await;
     for _ in 0..2 {
         let (_, at) = next_report(&mut reports).await;
-        let interval = at.duration_since(last_at);
-        assert!(
-            interval >= min_interval * 9 / 10 && interval < min_interval * 3,
-            "a report came after {interval:?}, with a minimum of {min_interval:?}"
+        assert_eq!(
+            at.duration_since(last_at),
+            min_interval,
+            "100 ms asked, raised to the minimum"
         );
         last_at = at;
     }
