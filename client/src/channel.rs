@@ -23,7 +23,7 @@ use crate::{
     endpoint::{EndpointTemplate, ReplayBody},
     failure::Failure,
     outlier::OutlierDetection,
-    pool::{PoolConfig, Shared, outlier_timer},
+    pool::{Pool, PoolConfig, outlier_timer},
     snapshot::{DiscoveryState, Snapshot},
 };
 
@@ -51,7 +51,7 @@ pub struct Channel {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
+    pool: Arc<Pool>,
     /// The discovery task and the outlier-detection timer end with the last clone.
     _discovery: AbortOnDropHandle<()>,
     _outlier_timer: AbortOnDropHandle<()>,
@@ -59,16 +59,14 @@ struct Inner {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Channel")
-            .field("backend", &self.shared.backend)
-            .finish()
+        f.debug_struct("Channel").field("backend", &self.pool.backend).finish()
     }
 }
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
-            .field("backend", &self.inner.shared.backend)
+            .field("backend", &self.inner.pool.backend)
             .finish()
     }
 }
@@ -92,23 +90,23 @@ impl Channel {
     /// Resolves once a request can be sent to a usable endpoint. Bound it with the caller's
     /// deadline, e.g. `tokio::time::timeout(deadline, channel.ready())`.
     pub async fn ready(&self) {
-        self.inner.shared.ready().await;
+        self.inner.pool.ready().await;
     }
 
     /// A read-only copy of the channel's state: endpoints, weights, health, ejections and
     /// per-endpoint counters.
     pub fn snapshot(&self) -> Snapshot {
-        self.inner.shared.snapshot()
+        self.inner.pool.snapshot()
     }
 
     /// How the channel's view of the GrpcBackend is kept (synced, not found, stale).
     pub fn discovery_state(&self) -> DiscoveryState {
-        self.inner.shared.discovery()
+        self.inner.pool.discovery()
     }
 
     /// The GrpcBackend followed, `namespace/name`.
     pub fn backend(&self) -> &str {
-        &self.inner.shared.backend
+        &self.inner.pool.backend
     }
 
     /// A handle that does not keep the channel (and its discovery task) alive.
@@ -307,7 +305,7 @@ impl Builder {
 
     fn start(self, first: Option<oneshot::Sender<Result<(), kube::runtime::watcher::Error>>>) -> Channel {
         let backend = format!("{}/{}", self.namespace, self.name);
-        let shared = Shared::new(
+        let pool = Pool::new(
             backend,
             PoolConfig {
                 template: self.template,
@@ -319,7 +317,7 @@ impl Builder {
         );
         let node = match self.zone {
             Some(ZoneSource::Named(zone)) => {
-                shared.set_zone(Some(zone));
+                pool.set_zone(Some(zone));
                 None
             }
             Some(ZoneSource::Node(node)) => Some((self.client.clone(), node)),
@@ -327,7 +325,7 @@ impl Builder {
         };
         let resource = ApiResource::erase::<GrpcBackend>(&());
         let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
-        let following = shared.clone();
+        let following = pool.clone();
         let discovery = tokio::spawn(async move {
             // The zone is read before the first read of the GrpcBackend, so that the first
             // rotation (and `connect`'s return) already has it.
@@ -337,11 +335,11 @@ impl Builder {
             }
             crate::discovery::follow(api, self.name, following, first).await;
         });
-        let interval = shared.config.outlier_detection.interval.max(Duration::from_millis(10));
-        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&shared), interval));
+        let interval = pool.config.outlier_detection.interval.max(Duration::from_millis(10));
+        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&pool), interval));
         Channel {
             inner: Arc::new(Inner {
-                shared,
+                pool,
                 _discovery: AbortOnDropHandle::new(discovery),
                 _outlier_timer: AbortOnDropHandle::new(outlier),
             }),
@@ -363,8 +361,8 @@ impl tower::Service<http::Request<Body>> for Channel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let shared = self.inner.shared.clone();
-        Box::pin(send(shared, request))
+        let pool = self.inner.pool.clone();
+        Box::pin(send(pool, request))
     }
 }
 
@@ -372,14 +370,14 @@ impl tower::Service<http::Request<Body>> for Channel {
 /// reached the application; two more cover a rotation racing another).
 const MAX_ATTEMPTS: usize = 3;
 
-async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+async fn send(pool: Arc<Pool>, request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
     let (parts, body) = request.into_parts();
-    if !shared.config.transparent_retry {
-        let endpoint = pick(&shared, None)?;
+    if !pool.config.transparent_retry {
+        let endpoint = pick(&pool, None)?;
         return match endpoint.send(http::Request::from_parts(parts, body)).await {
             Ok(response) => Ok(response),
             Err(failed) => {
-                shared.report_failure(endpoint.address, &failed);
+                pool.report_failure(endpoint.address, &failed);
                 Err(failed.error.into())
             }
         };
@@ -391,7 +389,7 @@ async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http:
     let mut body = body;
     let mut avoid = None;
     for attempt in 1..=MAX_ATTEMPTS {
-        let endpoint = pick(&shared, avoid)?;
+        let endpoint = pick(&pool, avoid)?;
         let (sent, replay) = ReplayBody::new(body);
         let mut attempt_parts = clone_parts(&parts);
         if let Some(extensions) = extensions.take() {
@@ -404,7 +402,7 @@ async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http:
             Ok(response) => return Ok(response),
             Err(failed) => failed,
         };
-        shared.report_failure(endpoint.address, &failed);
+        pool.report_failure(endpoint.address, &failed);
         let again = match failed.failure {
             failure if failure.never_processed() => replay.replayable(),
             // The connection broke: only a request whose body was never read is certainly
@@ -414,7 +412,7 @@ async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http:
         };
         match again {
             Some(unsent) if attempt < MAX_ATTEMPTS => {
-                debug!(backend = %shared.backend, from = %endpoint.address, failure = ?failed.failure, attempt,
+                debug!(backend = %pool.backend, from = %endpoint.address, failure = ?failed.failure, attempt,
                     "transparent retry");
                 body = unsent;
                 // A rotating endpoint is healthy and has reconnected; a failing one is avoided.
@@ -427,8 +425,8 @@ async fn send(shared: Arc<Shared>, request: http::Request<Body>) -> Result<http:
 }
 
 /// Picks an endpoint (another than `avoid` if there is one), or fails with `Unavailable`.
-fn pick(shared: &Shared, avoid: Option<std::net::SocketAddr>) -> Result<Arc<crate::endpoint::Endpoint>, BoxError> {
-    let rotation = shared.rotation();
+fn pick(pool: &Pool, avoid: Option<std::net::SocketAddr>) -> Result<Arc<crate::endpoint::Endpoint>, BoxError> {
+    let rotation = pool.rotation();
     let picked = match avoid {
         Some(avoid) => rotation
             .picker
@@ -459,7 +457,7 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
 mod tests {
     use crate::{
         outlier::OutlierDetection,
-        pool::{PoolConfig, Shared},
+        pool::{Pool, PoolConfig},
         test_support::{BACKEND, answering, apply, config, entry, refusing},
     };
 
@@ -475,8 +473,8 @@ mod tests {
     }
 
     /// A pool without outlier detection, so that a refusing endpoint stays in rotation.
-    fn pool(transparent_retry: bool) -> Arc<Shared> {
-        Shared::new(
+    fn new_pool(transparent_retry: bool) -> Arc<Pool> {
+        Pool::new(
             BACKEND.into(),
             PoolConfig {
                 transparent_retry,
@@ -491,16 +489,16 @@ mod tests {
         )
     }
 
-    fn requests_at(shared: &Shared, address: std::net::SocketAddr) -> (u64, u64) {
-        let snapshot = shared.snapshot();
+    fn requests_at(pool: &Pool, address: std::net::SocketAddr) -> (u64, u64) {
+        let snapshot = pool.snapshot();
         let endpoint = snapshot.endpoint(&address).expect("listed");
         (endpoint.requests, endpoint.failures)
     }
 
     #[tokio::test]
     async fn with_no_endpoint_a_request_fails_unavailable_with_the_reason() {
-        let shared = pool(true);
-        let error = send(shared, request()).await.expect_err("nowhere to send");
+        let pool = new_pool(true);
+        let error = send(pool, request()).await.expect_err("nowhere to send");
         let status = error.downcast::<Status>().expect("a gRPC status");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().starts_with("kubegrpc: "), "{status:?}");
@@ -509,13 +507,13 @@ mod tests {
     #[tokio::test]
     async fn a_refused_attempt_is_sent_again_to_another_endpoint() {
         let (up, down) = (answering().await, refusing());
-        let shared = pool(true);
-        apply(&shared, &[entry(up, 100, "Serving"), entry(down, 100, "Serving")]);
+        let pool = new_pool(true);
+        apply(&pool, &[entry(up, 100, "Serving"), entry(down, 100, "Serving")]);
         for _ in 0..20 {
-            send(shared.clone(), request()).await.expect("every request is served");
+            send(pool.clone(), request()).await.expect("every request is served");
         }
-        let (down_requests, down_failures) = requests_at(&shared, down);
-        let (up_requests, up_failures) = requests_at(&shared, up);
+        let (down_requests, down_failures) = requests_at(&pool, down);
+        let (up_requests, up_failures) = requests_at(&pool, up);
         assert!(down_requests >= 1, "the refusing endpoint was picked first sometimes");
         assert_eq!(down_failures, down_requests, "each attempt there was refused");
         assert_eq!(
@@ -528,23 +526,21 @@ mod tests {
     #[tokio::test]
     async fn without_transparent_retry_a_refused_attempt_fails_as_a_connect_error() {
         let down = refusing();
-        let shared = pool(false);
-        apply(&shared, &[entry(down, 100, "Serving")]);
-        let error = send(shared.clone(), request()).await.expect_err("refused");
+        let pool = new_pool(false);
+        apply(&pool, &[entry(down, 100, "Serving")]);
+        let error = send(pool.clone(), request()).await.expect_err("refused");
         assert_eq!(crate::failure::classify(&*error), Failure::Connect, "{error:?}");
-        assert_eq!(requests_at(&shared, down), (1, 1), "one attempt");
+        assert_eq!(requests_at(&pool, down), (1, 1), "one attempt");
     }
 
     #[tokio::test]
     async fn a_request_is_attempted_at_most_three_times() {
         let (first, second) = (refusing(), refusing());
-        let shared = pool(true);
-        apply(&shared, &[entry(first, 100, "Serving"), entry(second, 100, "Serving")]);
-        let error = send(shared.clone(), request())
-            .await
-            .expect_err("every endpoint refuses");
+        let pool = new_pool(true);
+        apply(&pool, &[entry(first, 100, "Serving"), entry(second, 100, "Serving")]);
+        let error = send(pool.clone(), request()).await.expect_err("every endpoint refuses");
         assert_eq!(crate::failure::classify(&*error), Failure::Connect, "{error:?}");
-        let attempts = requests_at(&shared, first).0 + requests_at(&shared, second).0;
+        let attempts = requests_at(&pool, first).0 + requests_at(&pool, second).0;
         assert_eq!(attempts, MAX_ATTEMPTS as u64);
     }
 

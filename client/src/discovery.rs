@@ -18,7 +18,7 @@ use kube::{
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use crate::{pool::Shared, slow_start::parse_slow_start, snapshot::DiscoveryState, status::parse_status};
+use crate::{pool::Pool, slow_start::parse_slow_start, snapshot::DiscoveryState, status::parse_status};
 
 /// The Node label that names its zone (set by the cloud provider or the installer).
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -30,7 +30,7 @@ const NODE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn follow(
     api: Api<DynamicObject>,
     name: String,
-    shared: Arc<Shared>,
+    pool: Arc<Pool>,
     mut first: Option<oneshot::Sender<Result<(), watcher::Error>>>,
 ) {
     // kube-runtime's single-object watch: `Some` on every read of the object (the first list
@@ -39,18 +39,18 @@ pub async fn follow(
     while let Some(read) = reads.next().await {
         match read {
             Ok(Some(object)) => {
-                debug!(backend = %shared.backend, "status changed");
-                shared.apply_spec(parse_slow_start(object.data.get("spec")));
-                shared.apply_status(parse_status(object.data.get("status")));
-                shared.set_discovery(DiscoveryState::Synced);
+                debug!(backend = %pool.backend, "status changed");
+                pool.apply_spec(parse_slow_start(object.data.get("spec")));
+                pool.apply_status(parse_status(object.data.get("status")));
+                pool.set_discovery(DiscoveryState::Synced);
             }
             Ok(None) => {
-                shared.apply_missing();
-                shared.set_discovery(DiscoveryState::NotFound);
+                pool.apply_missing();
+                pool.set_discovery(DiscoveryState::NotFound);
             }
             Err(error) => {
-                warn!(backend = %shared.backend, %error, "watching the GrpcBackend failed; keeping the last known endpoints");
-                shared.set_discovery(DiscoveryState::Stale {
+                warn!(backend = %pool.backend, %error, "watching the GrpcBackend failed; keeping the last known endpoints");
+                pool.set_discovery(DiscoveryState::Stale {
                     error: error.to_string(),
                     since: SystemTime::now(),
                 });

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     outlier::OutlierDetection,
-    pool::{PoolConfig, Shared},
+    pool::{Pool, PoolConfig},
     status::parse_status,
 };
 
@@ -85,8 +85,8 @@ pub fn transitioned(address: SocketAddr, weight: u32, health: &str, since: Syste
     entry
 }
 
-pub fn apply(shared: &Arc<Shared>, entries: &[Value]) {
+pub fn apply(pool: &Pool, entries: &[Value]) {
     let parsed = parse_status(Some(&json!({ "endpoints": entries })));
     assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
-    shared.apply_status(parsed);
+    pool.apply_status(parsed);
 }

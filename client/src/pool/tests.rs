@@ -1,0 +1,660 @@
+//! The pool through real connections to loopback servers: rotations, ejections and their
+//! end, slow start's timer, zones. The planning rules alone are tested in `plan/tests.rs`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use serde_json::json;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use super::Pool;
+use crate::{
+    endpoint::{Endpoint, SendError},
+    failure::Failure,
+    outlier::OutlierDetection,
+    slow_start::{ParsedSlowStart, SlowStart},
+    snapshot::Snapshot,
+    test_support::{BACKEND, answering, apply, config, entry, refusing, transitioned, zoned},
+};
+
+/// A pool with the default outlier detection and no panic mode.
+fn new_pool() -> Arc<Pool> {
+    Pool::new(BACKEND.into(), config(OutlierDetection::default(), 0))
+}
+
+/// How often each endpoint is picked over one cycle of the rotation.
+fn picks_per_cycle(pool: &Pool) -> HashMap<SocketAddr, usize> {
+    let rotation = pool.rotation();
+    let mut picks = HashMap::new();
+    for _ in 0..rotation.picker.cycle_len() {
+        let endpoint = rotation.picker.pick().expect("a non-empty rotation");
+        *picks.entry(endpoint.address).or_default() += 1;
+    }
+    picks
+}
+
+fn connection(pool: &Pool, address: SocketAddr) -> Arc<Endpoint> {
+    let rotation = pool.rotation();
+    let endpoint = rotation.picker.items().iter().find(|e| e.address == address);
+    endpoint.expect("the endpoint is in rotation").clone()
+}
+
+/// Waits (at most 10s) until the snapshot satisfies `condition`, woken by each rebuild.
+async fn wait_until(pool: &Pool, what: &str, condition: impl Fn(&Snapshot) -> bool) -> Snapshot {
+    let mut version = pool.version.subscribe();
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let snapshot = pool.snapshot();
+            if condition(&snapshot) {
+                return snapshot;
+            }
+            version.changed().await.expect("the pool is alive");
+        }
+    });
+    match waited.await {
+        Ok(snapshot) => snapshot,
+        Err(_) => panic!("timed out waiting until {what}: {:#?}", pool.snapshot()),
+    }
+}
+
+/// A real transport error: a request through a tonic channel to an address that refuses.
+async fn connect_error() -> tonic::transport::Error {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", refusing()))
+        .expect("a valid URI")
+        .connect_lazy();
+    let request = http::Request::post("/grpc.health.v1.Health/Check")
+        .body(tonic::body::Body::empty())
+        .expect("a valid request");
+    channel.oneshot(request).await.expect_err("the connection is refused")
+}
+
+async fn send_error(failure: Failure, consecutive_connect_failures: u32) -> SendError {
+    SendError {
+        error: connect_error().await,
+        failure,
+        consecutive_connect_failures,
+    }
+}
+
+#[tokio::test]
+async fn only_usable_endpoints_are_in_rotation_with_their_weights() {
+    let [light, heavy, not_serving, unknown, weightless, not_ready, terminating] = [
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+    ];
+    let pool = new_pool();
+    let mut not_ready_entry = entry(not_ready, 100, "Serving");
+    not_ready_entry["serving"] = json!(false);
+    let mut terminating_entry = entry(terminating, 100, "Serving");
+    terminating_entry["terminating"] = json!(true);
+    apply(
+        &pool,
+        &[
+            entry(light, 100, "Serving"),
+            entry(heavy, 300, "Serving"),
+            entry(not_serving, 100, "NotServing"),
+            entry(unknown, 100, "Unknown"),
+            entry(weightless, 0, "Serving"),
+            not_ready_entry,
+            terminating_entry,
+        ],
+    );
+
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(light, 1), (heavy, 3)]));
+    let snapshot = pool.snapshot();
+    assert_eq!(snapshot.unavailable, None);
+    assert!(!snapshot.panic);
+    let in_rotation: Vec<SocketAddr> = snapshot
+        .endpoints
+        .iter()
+        .filter(|e| e.in_rotation)
+        .map(|e| e.address)
+        .collect();
+    assert_eq!(in_rotation, [light, heavy]);
+    assert_eq!(snapshot.endpoints.len(), 7, "every listed endpoint is shown");
+    assert!(!snapshot.endpoint(&not_ready).unwrap().kubernetes_ready);
+    assert!(!snapshot.endpoint(&terminating).unwrap().kubernetes_ready);
+}
+
+#[tokio::test]
+async fn with_no_usable_endpoint_the_reason_names_the_backend() {
+    let pool = new_pool();
+    assert_eq!(
+        pool.snapshot().unavailable.as_deref(),
+        Some("GrpcBackend default/echo: its status has not been read yet")
+    );
+
+    apply(&pool, &[]);
+    assert_eq!(
+        pool.snapshot().unavailable.as_deref(),
+        Some("GrpcBackend default/echo lists no endpoints")
+    );
+
+    let [not_serving, weightless] = [answering().await, answering().await];
+    apply(
+        &pool,
+        &[entry(not_serving, 100, "NotServing"), entry(weightless, 0, "Serving")],
+    );
+    assert!(pool.rotation().picker.is_empty());
+    assert_eq!(
+        pool.snapshot().unavailable.as_deref(),
+        Some("GrpcBackend default/echo has no ready endpoints (2 listed, 2 Kubernetes-ready, 1 NotServing)")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_backend_empties_the_rotation_and_says_not_found() {
+    let pool = new_pool();
+    apply(&pool, &[entry(answering().await, 100, "Serving")]);
+    assert!(!pool.rotation().picker.is_empty());
+
+    pool.apply_missing();
+    let snapshot = pool.snapshot();
+    assert!(pool.rotation().picker.is_empty());
+    assert!(snapshot.endpoints.is_empty());
+    assert_eq!(
+        snapshot.unavailable.as_deref(),
+        Some("GrpcBackend default/echo not found")
+    );
+}
+
+#[tokio::test]
+async fn a_weight_change_keeps_the_connection() {
+    let [first, second] = [answering().await, answering().await];
+    let pool = new_pool();
+    apply(&pool, &[entry(first, 100, "Serving"), entry(second, 100, "Serving")]);
+    let before = connection(&pool, first);
+
+    apply(&pool, &[entry(first, 300, "Serving"), entry(second, 100, "Serving")]);
+    assert!(Arc::ptr_eq(&before, &connection(&pool, first)), "not reconnected");
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(first, 3), (second, 1)]));
+    assert_eq!(pool.snapshot().endpoint(&first).unwrap().weight, 300);
+}
+
+#[tokio::test]
+async fn below_the_panic_threshold_every_kubernetes_ready_endpoint_is_in_rotation() {
+    let [serving, not_serving, unknown, weightless, terminating] = [
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+    ];
+    let pool = Pool::new(BACKEND.into(), config(OutlierDetection::default(), 50));
+    let mut terminating_entry = entry(terminating, 100, "Serving");
+    terminating_entry["terminating"] = json!(true);
+    // One usable of three Kubernetes-ready: 33% < 50%. The Serving endpoint of weight 0 was
+    // weighted out on purpose: not counted, not used in panic.
+    apply(
+        &pool,
+        &[
+            entry(serving, 300, "Serving"),
+            entry(not_serving, 100, "NotServing"),
+            entry(unknown, 100, "Unknown"),
+            entry(weightless, 0, "Serving"),
+            terminating_entry,
+        ],
+    );
+
+    assert!(pool.rotation().panic && pool.snapshot().panic);
+    let spread_evenly = HashMap::from([(serving, 1), (not_serving, 1), (unknown, 1)]);
+    assert_eq!(picks_per_cycle(&pool), spread_evenly);
+    assert!(!pool.snapshot().endpoint(&terminating).unwrap().in_rotation);
+
+    // Two usable of three: 67% is not below the threshold; panic mode ends.
+    let mut terminating_entry = entry(terminating, 100, "Serving");
+    terminating_entry["terminating"] = json!(true);
+    apply(
+        &pool,
+        &[
+            entry(serving, 300, "Serving"),
+            entry(not_serving, 100, "Serving"),
+            entry(unknown, 100, "Unknown"),
+            entry(weightless, 0, "Serving"),
+            terminating_entry,
+        ],
+    );
+    assert!(!pool.snapshot().panic);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(serving, 3), (not_serving, 1)]));
+}
+
+#[tokio::test]
+async fn consecutive_connect_failures_eject_at_once() {
+    let [failing, other] = [answering().await, answering().await];
+    let pool = new_pool();
+    apply(&pool, &[entry(failing, 100, "Serving"), entry(other, 100, "Serving")]);
+    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+
+    pool.report_failure(failing, &send_error(Failure::Connect, threshold - 1).await);
+    assert!(pool.snapshot().endpoint(&failing).unwrap().in_rotation, "not yet");
+
+    pool.report_failure(failing, &send_error(Failure::Connect, threshold).await);
+    let snapshot = pool.snapshot();
+    let ejected = snapshot.endpoint(&failing).unwrap();
+    assert!(ejected.ejected && !ejected.in_rotation, "{ejected:?}");
+    assert_eq!(ejected.ejections, 1);
+    assert!(snapshot.endpoint(&other).unwrap().in_rotation);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(other, 1)]));
+}
+
+#[tokio::test]
+async fn rotation_failures_never_eject() {
+    let failing = answering().await;
+    let pool = new_pool();
+    apply(&pool, &[entry(failing, 100, "Serving")]);
+    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+
+    pool.report_failure(failing, &send_error(Failure::Rotation, threshold).await);
+    let snapshot = pool.snapshot();
+    let endpoint = snapshot.endpoint(&failing).unwrap();
+    assert!(!endpoint.ejected && endpoint.in_rotation, "{endpoint:?}");
+    assert_eq!(endpoint.ejections, 0);
+}
+
+#[tokio::test]
+async fn an_ejection_whose_time_is_up_comes_back_after_warming_up() {
+    let address = answering().await;
+    let outlier_detection = OutlierDetection {
+        base_ejection_time: Duration::ZERO,
+        ..OutlierDetection::default()
+    };
+    let pool = Pool::new(BACKEND.into(), config(outlier_detection, 0));
+    apply(&pool, &[entry(address, 100, "Serving")]);
+    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    pool.report_failure(address, &send_error(Failure::Connect, threshold).await);
+    assert_eq!(
+        pool.snapshot().unavailable.as_deref(),
+        Some("all 1 ready endpoints of GrpcBackend default/echo are ejected after connection failures")
+    );
+
+    // Its time is up: it connects again before it takes requests (nothing has run yet on
+    // this single-threaded runtime).
+    pool.end_interval();
+    let warming = pool.snapshot();
+    assert!(warming.endpoints[0].ejected && !warming.endpoints[0].in_rotation);
+
+    let back = wait_until(&pool, "the endpoint is back in rotation", |s| {
+        s.endpoints[0].in_rotation
+    })
+    .await;
+    assert!(!back.endpoints[0].ejected);
+    assert_eq!(back.endpoints[0].ejections, 1);
+    assert_eq!(back.unavailable, None);
+    assert_eq!(back.outlier_intervals, 1);
+}
+
+#[tokio::test]
+async fn a_new_endpoint_that_refuses_connections_is_ejected() {
+    let [answering, refusing] = [answering().await, refusing()];
+    let pool = new_pool();
+    apply(
+        &pool,
+        &[entry(answering, 100, "Serving"), entry(refusing, 100, "Serving")],
+    );
+
+    let snapshot = wait_until(&pool, "the refusing endpoint is ejected", |s| {
+        s.endpoint(&refusing).unwrap().ejected
+    })
+    .await;
+    assert!(!snapshot.endpoint(&refusing).unwrap().in_rotation);
+    assert!(snapshot.endpoint(&answering).unwrap().in_rotation);
+}
+
+#[tokio::test]
+async fn an_endpoint_still_refusing_after_its_ejection_is_ejected_again() {
+    let refusing = refusing();
+    let outlier_detection = OutlierDetection {
+        base_ejection_time: Duration::ZERO,
+        ..OutlierDetection::default()
+    };
+    let pool = Pool::new(BACKEND.into(), config(outlier_detection, 0));
+    apply(&pool, &[entry(refusing, 100, "Serving")]);
+    wait_until(&pool, "the refusing endpoint is ejected", |s| {
+        s.endpoints[0].ejections == 1
+    })
+    .await;
+
+    pool.end_interval();
+    let snapshot = wait_until(&pool, "it is ejected again", |s| s.endpoints[0].ejections == 2).await;
+    assert!(snapshot.endpoints[0].ejected && !snapshot.endpoints[0].in_rotation);
+}
+
+// === slow start ===
+
+fn slow_start(window: Duration) -> ParsedSlowStart {
+    ParsedSlowStart {
+        settings: SlowStart {
+            window,
+            ..SlowStart::default()
+        },
+        warnings: Vec::new(),
+    }
+}
+
+fn ramp_timer_running(pool: &Pool) -> bool {
+    pool.lock().slow_start.timer_running
+}
+
+fn ramp_timers(pool: &Pool) -> u64 {
+    pool.ramp_timers.load(Ordering::Relaxed)
+}
+
+/// Polls (the timer's last tick changes no rotation) until `condition`, for at most 10s.
+async fn poll_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_endpoints_share_climbs_to_its_weight_then_the_timer_stops() {
+    let [old, new] = [answering().await, answering().await];
+    let pool = new_pool();
+    pool.apply_spec(slow_start(Duration::from_secs(2)));
+    let long_ago = SystemTime::now() - Duration::from_secs(600);
+    // The first status read lists `new` as just usable: it is new for every client.
+    let status = [
+        transitioned(old, 100, "Serving", long_ago),
+        transitioned(new, 100, "Serving", SystemTime::now()),
+    ];
+    apply(&pool, &status);
+
+    let first = pool.snapshot();
+    let (old_seen, new_seen) = (first.endpoint(&old).unwrap(), first.endpoint(&new).unwrap());
+    assert_eq!((old_seen.effective_weight, old_seen.slow_start_percent), (100, None));
+    let first_percent = new_seen.slow_start_percent.expect("ramping");
+    assert!((10..100).contains(&first_percent), "{new_seen:?}");
+    assert_eq!(new_seen.effective_weight, first_percent, "weight 100: the percentage");
+    assert_eq!(new_seen.weight, 100, "the published weight is kept");
+    let picks = picks_per_cycle(&pool);
+    assert!(picks[&new] < picks[&old], "{picks:?}");
+    assert!(ramp_timer_running(&pool));
+    let connection_before = connection(&pool, new);
+
+    let climbing = wait_until(&pool, "the new endpoint's share climbs", |s| {
+        s.endpoint(&new)
+            .unwrap()
+            .slow_start_percent
+            .is_some_and(|p| p > first_percent)
+    })
+    .await;
+    assert!(climbing.endpoint(&new).unwrap().effective_weight > first_percent);
+    let ramped = wait_until(&pool, "the new endpoint has its full weight", |s| {
+        s.endpoint(&new).unwrap().effective_weight == 100
+    })
+    .await;
+    assert_eq!(ramped.endpoint(&new).unwrap().slow_start_percent, None);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(old, 1), (new, 1)]));
+    assert!(
+        Arc::ptr_eq(&connection_before, &connection(&pool, new)),
+        "every step kept the connection"
+    );
+
+    // Nothing ramps: the timer ends, and the same status read again starts none.
+    poll_until("the slow-start timer stops", || !ramp_timer_running(&pool)).await;
+    let version = *pool.version.borrow();
+    apply(&pool, &status);
+    assert_eq!(*pool.version.borrow(), version + 1, "one rebuild, for the status read");
+    assert!(!ramp_timer_running(&pool));
+    assert_eq!(ramp_timers(&pool), 1);
+
+    // Another endpoint turning usable starts a timer again.
+    let later = answering().await;
+    let mut status = status.to_vec();
+    status.push(transitioned(later, 100, "Serving", SystemTime::now()));
+    apply(&pool, &status);
+    assert!(pool.snapshot().endpoint(&later).unwrap().slow_start_percent.is_some());
+    assert_eq!(ramp_timers(&pool), 2);
+}
+
+#[tokio::test]
+async fn without_slow_start_or_with_an_old_transition_the_full_weight_applies_at_once() {
+    let [first, second] = [answering().await, answering().await];
+    let pool = new_pool();
+    let now = SystemTime::now();
+    let status = [
+        transitioned(first, 100, "Serving", now),
+        transitioned(second, 300, "Serving", now - Duration::from_secs(61)),
+    ];
+    apply(&pool, &status);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(first, 1), (second, 3)]), "off");
+
+    pool.apply_spec(slow_start(Duration::from_secs(60)));
+    let mut status = status.to_vec();
+    status[0] = transitioned(first, 100, "Serving", now - Duration::from_secs(60));
+    apply(&pool, &status);
+    let snapshot = pool.snapshot();
+    assert!(
+        snapshot.endpoints.iter().all(|e| e.slow_start_percent.is_none()),
+        "{snapshot:#?}"
+    );
+    assert_eq!(snapshot.endpoint(&second).unwrap().effective_weight, 300);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(first, 1), (second, 3)]));
+    assert_eq!(ramp_timers(&pool), 0, "no timer for nothing to ramp");
+}
+
+#[tokio::test]
+async fn a_not_usable_endpoint_does_not_ramp_until_it_is_usable() {
+    let [serving, coming] = [answering().await, answering().await];
+    let pool = new_pool();
+    pool.apply_spec(slow_start(Duration::from_secs(600)));
+    let now = SystemTime::now();
+    apply(
+        &pool,
+        &[
+            entry(serving, 100, "Serving"),
+            transitioned(coming, 100, "NotServing", now),
+        ],
+    );
+    assert_eq!(ramp_timers(&pool), 0);
+    let snapshot = pool.snapshot();
+    assert_eq!(
+        snapshot.endpoint(&coming).unwrap().effective_weight,
+        0,
+        "not in rotation"
+    );
+
+    apply(
+        &pool,
+        &[
+            entry(serving, 100, "Serving"),
+            transitioned(coming, 100, "Serving", now),
+        ],
+    );
+    let percent = pool.snapshot().endpoint(&coming).unwrap().slow_start_percent;
+    assert!(percent.is_some_and(|p| p < 100), "{percent:?}");
+    assert_eq!(ramp_timers(&pool), 1);
+}
+
+#[tokio::test]
+async fn a_new_zone_or_the_end_of_slow_start_does_not_readmit_an_ejected_endpoint() {
+    let [failing, other] = [answering().await, answering().await];
+    let pool = new_pool();
+    let since = SystemTime::now() - Duration::from_secs(5);
+    apply(
+        &pool,
+        &[
+            transitioned(failing, 100, "Serving", since),
+            entry(other, 100, "Serving"),
+        ],
+    );
+    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    pool.report_failure(failing, &send_error(Failure::Connect, threshold).await);
+    assert!(pool.snapshot().endpoint(&failing).unwrap().ejected);
+
+    apply(
+        &pool,
+        &[zoned(failing, "Serving", "a", &["b"]), entry(other, 100, "Serving")],
+    );
+    assert!(
+        pool.snapshot().endpoint(&failing).unwrap().ejected,
+        "no news about its health"
+    );
+
+    apply(&pool, &[entry(failing, 200, "Serving"), entry(other, 100, "Serving")]);
+    assert!(!pool.snapshot().endpoint(&failing).unwrap().ejected, "news: readmitted");
+}
+
+// === zones ===
+
+#[tokio::test]
+async fn a_client_in_a_zone_stays_in_it_while_it_can_and_comes_back() {
+    let [a1, a2, b1, b2] = [
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+    ];
+    let pool = new_pool();
+    pool.set_zone(Some("a".into()));
+    let status = |a_health: &str| {
+        [
+            zoned(a1, a_health, "a", &[]),
+            zoned(a2, a_health, "a", &[]),
+            zoned(b1, "Serving", "b", &[]),
+            zoned(b2, "Serving", "b", &[]),
+        ]
+    };
+    apply(&pool, &status("Serving"));
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(a1, 1), (a2, 1)]));
+    let snapshot = pool.snapshot();
+    assert_eq!(snapshot.zone.as_deref(), Some("a"));
+    assert!(!snapshot.zone_fallback);
+    let local: Vec<bool> = snapshot.endpoints.iter().map(|e| e.local).collect();
+    assert_eq!(local, [true, true, false, false]);
+    assert_eq!(snapshot.endpoint(&b1).unwrap().effective_weight, 0, "not in rotation");
+    assert_eq!(snapshot.endpoint(&b1).unwrap().zone.as_deref(), Some("b"));
+    let b_connected = snapshot.endpoint(&b1).unwrap().connections_opened;
+    assert_eq!(b_connected, 0, "no connection to another zone while the own one serves");
+
+    // Zone a has nothing usable: every zone takes requests.
+    apply(&pool, &status("NotServing"));
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(b1, 1), (b2, 1)]));
+    assert!(pool.snapshot().zone_fallback);
+
+    // One of a's endpoints is back: requests go back to it alone.
+    let mut back = status("NotServing");
+    back[0] = zoned(a1, "Serving", "a", &[]);
+    apply(&pool, &back);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(a1, 1)]));
+    assert!(!pool.snapshot().zone_fallback);
+}
+
+#[tokio::test]
+async fn ejected_local_endpoints_send_requests_to_every_zone() {
+    let [a, b] = [answering().await, answering().await];
+    let pool = new_pool();
+    pool.set_zone(Some("a".into()));
+    apply(&pool, &[zoned(a, "Serving", "a", &[]), zoned(b, "Serving", "b", &[])]);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(a, 1)]));
+
+    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    pool.report_failure(a, &send_error(Failure::Connect, threshold).await);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(b, 1)]));
+    let snapshot = pool.snapshot();
+    assert!(snapshot.zone_fallback && snapshot.endpoint(&a).unwrap().ejected);
+}
+
+#[tokio::test]
+async fn hints_decide_over_the_endpoints_own_zone() {
+    let [in_a_for_b, in_b_for_a, in_b] = [answering().await, answering().await, answering().await];
+    let pool = new_pool();
+    pool.set_zone(Some("a".into()));
+    apply(
+        &pool,
+        &[
+            zoned(in_a_for_b, "Serving", "a", &["b"]),
+            zoned(in_b_for_a, "Serving", "b", &["a", "c"]),
+            zoned(in_b, "Serving", "b", &[]),
+        ],
+    );
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(in_b_for_a, 1)]));
+    let local: Vec<bool> = pool.snapshot().endpoints.iter().map(|e| e.local).collect();
+    assert_eq!(local, [false, true, false]);
+
+    pool.set_zone(Some("b".into()));
+    assert_eq!(
+        picks_per_cycle(&pool),
+        HashMap::from([(in_a_for_b, 1), (in_b, 1)]),
+        "the zone can change; b's hints and b's unhinted endpoint"
+    );
+}
+
+#[tokio::test]
+async fn without_a_zone_every_zone_is_in_rotation() {
+    let [a, b, none] = [answering().await, answering().await, answering().await];
+    let pool = new_pool();
+    let status = [
+        zoned(a, "Serving", "a", &[]),
+        zoned(b, "Serving", "b", &["b"]),
+        entry(none, 100, "Serving"),
+    ];
+    apply(&pool, &status);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(a, 1), (b, 1), (none, 1)]));
+    let snapshot = pool.snapshot();
+    assert_eq!((snapshot.zone.as_deref(), snapshot.zone_fallback), (None, false));
+    assert!(snapshot.endpoints.iter().all(|e| !e.local));
+
+    // An empty zone is no zone (a downward-API variable left empty).
+    pool.set_zone(Some(String::new()));
+    assert_eq!(pool.snapshot().zone, None);
+    assert_eq!(picks_per_cycle(&pool).len(), 3);
+
+    // A zone no endpoint is for: every zone.
+    pool.set_zone(Some("c".into()));
+    assert_eq!(picks_per_cycle(&pool).len(), 3);
+    assert!(pool.snapshot().zone_fallback);
+}
+
+#[tokio::test]
+async fn panic_mode_is_decided_over_every_zone_and_spreads_over_every_zone() {
+    let [a_up, a_down, b_down, c_down] = [
+        answering().await,
+        answering().await,
+        answering().await,
+        answering().await,
+    ];
+    let pool = Pool::new(BACKEND.into(), config(OutlierDetection::default(), 50));
+    pool.set_zone(Some("a".into()));
+    // One usable of four Kubernetes-ready, in every zone together: 25% < 50%.
+    apply(
+        &pool,
+        &[
+            zoned(a_up, "Serving", "a", &[]),
+            zoned(a_down, "NotServing", "a", &[]),
+            zoned(b_down, "NotServing", "b", &[]),
+            zoned(c_down, "NotServing", "c", &[]),
+        ],
+    );
+    let snapshot = pool.snapshot();
+    assert!(snapshot.panic && !snapshot.zone_fallback);
+    assert_eq!(
+        picks_per_cycle(&pool),
+        HashMap::from([(a_up, 1), (a_down, 1), (b_down, 1), (c_down, 1)])
+    );
+
+    // Two of four usable: no panic, and zone a keeps its one usable endpoint.
+    apply(
+        &pool,
+        &[
+            zoned(a_up, "Serving", "a", &[]),
+            zoned(a_down, "NotServing", "a", &[]),
+            zoned(b_down, "Serving", "b", &[]),
+            zoned(c_down, "NotServing", "c", &[]),
+        ],
+    );
+    assert!(!pool.snapshot().panic);
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(a_up, 1)]));
+}
