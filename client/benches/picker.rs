@@ -54,7 +54,7 @@ use std::{
 };
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use kubegrpc::picker::Picker;
+use kubegrpc::internals::Picker;
 use tower::{Service, balance::p2c::Balance, discover::ServiceList, load::Constant, service_fn, util::ServiceFn};
 
 const SIZES: [usize; 5] = [3, 100, 1_000, 5_000, 10_000];

@@ -79,19 +79,31 @@
 //! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace,
 //! and, for [`Builder::zone_from_node`] only, `get` on `nodes` (a ClusterRole).
 
+#![warn(missing_docs)]
+
+// The GrpcBackend read: one object watched (discovery), its status and its slow-start
+// settings read leniently.
+mod discovery;
+mod slow_start;
+mod status;
+
+// The pool: from the status to the rotation requests are picked from, with outlier detection
+// on the evidence of failed requests.
+mod failure;
+mod outlier;
+mod picker;
+mod pool;
+
+// Requests: the channel picks an endpoint and sends on its connection.
 mod channel;
 mod connection;
-mod discovery;
 mod endpoint;
-pub mod failure;
+
+// Introspection.
 #[cfg(feature = "prometheus")]
 pub mod metrics;
-pub mod outlier;
-pub mod picker;
-mod pool;
-pub mod slow_start;
 mod snapshot;
-pub mod status;
+
 #[cfg(test)]
 mod test_support;
 
@@ -102,12 +114,31 @@ pub use snapshot::{DiscoveryState, EndpointSnapshot, Snapshot};
 /// Errors of the channel; each names the GrpcBackend it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The first read of the GrpcBackend failed (the API is unreachable, or the workload may
+    /// not `get`, `list` or `watch` GrpcBackends in its namespace).
     #[error("cannot read GrpcBackend {backend}: {source}")]
     Discovery {
+        /// The GrpcBackend, `namespace/name`.
         backend: String,
+        /// What the watch reported.
         #[source]
         source: kube::runtime::watcher::Error,
     },
+    /// The watch ended before it read the GrpcBackend (its task was stopped).
     #[error("the watch of GrpcBackend {backend} stopped before its first read")]
-    DiscoveryStopped { backend: String },
+    DiscoveryStopped {
+        /// The GrpcBackend, `namespace/name`.
+        backend: String,
+    },
+}
+
+/// Not part of the API: the internals that the crate's benchmarks, the fuzz targets and the
+/// end-to-end benchmarks drive directly. They may change in any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::{
+        picker::Picker,
+        slow_start::{ParsedSlowStart, parse_slow_start},
+        status::{ParsedStatus, StatusEndpoint, parse_status},
+    };
 }

@@ -143,6 +143,7 @@ impl Ejections {
     }
 
     /// The multiplier the next ejection of `address` builds on.
+    #[cfg(test)]
     pub fn multiplier(&self, address: &SocketAddr) -> u32 {
         self.records.get(address).map_or(0, |r| r.multiplier)
     }

@@ -61,10 +61,12 @@ impl<T> Picker<T> {
             .find(|item| accept(item))
     }
 
+    /// Every item, those of weight 0 included.
     pub fn items(&self) -> &[T] {
         &self.items
     }
 
+    /// Whether nothing can be picked (no item has a weight).
     pub fn is_empty(&self) -> bool {
         self.schedule.is_empty()
     }

@@ -45,15 +45,6 @@ pub fn ramp_percent(settings: &SlowStart, start: Option<Instant>, now: Instant) 
     settings.percent(now.saturating_duration_since(start?))
 }
 
-/// The picker's weights at `now` for endpoints given as (published weight, ramp start).
-pub fn effective_weights(entries: &[(u32, Option<Instant>)], settings: &SlowStart, now: Instant) -> Vec<u32> {
-    let chosen: Vec<(u32, Option<u32>)> = entries
-        .iter()
-        .map(|(weight, start)| (*weight, ramp_percent(settings, *start, now)))
-        .collect();
-    picker_weights(&chosen)
-}
-
 /// An endpoint's weight in use, in the units of its published weight (rounded; at least 1 for
 /// a weight above 0).
 pub fn shown_weight(weight: u32, percent: Option<u32>) -> u32 {
@@ -70,6 +61,7 @@ pub fn shown_weight(weight: u32, percent: Option<u32>) -> u32 {
 /// Slow-start settings read from a spec, and what had to be ignored.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParsedSlowStart {
+    /// The settings in use: those read, or the defaults of the fields that were not valid.
     pub settings: SlowStart,
     /// One line per ignored field, saying why and what is used instead.
     pub warnings: Vec<String>,
@@ -216,6 +208,16 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// The picker's weights at `now` for endpoints given as (published weight, ramp start), as
+    /// the pool computes them.
+    fn effective_weights(entries: &[(u32, Option<Instant>)], settings: &SlowStart, now: Instant) -> Vec<u32> {
+        let chosen: Vec<(u32, Option<u32>)> = entries
+            .iter()
+            .map(|(weight, start)| (*weight, ramp_percent(settings, *start, now)))
+            .collect();
+        picker_weights(&chosen)
+    }
 
     fn settings(window_secs: u64, aggression: f64, min_weight_percent: u32) -> SlowStart {
         SlowStart {

@@ -9,6 +9,7 @@ use kubegrpc_crds::Health;
 pub struct Snapshot {
     /// The GrpcBackend followed, `namespace/name`.
     pub backend: String,
+    /// How the view of the GrpcBackend is kept (synced, not found, stale).
     pub discovery: DiscoveryState,
     /// Too few usable endpoints: requests are spread over every Kubernetes-ready endpoint.
     pub panic: bool,
@@ -34,6 +35,7 @@ impl Snapshot {
 /// One endpoint as the channel sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSnapshot {
+    /// The endpoint's address and port, as published.
     pub address: SocketAddr,
     /// The weight published by the operator.
     pub weight: u32,
@@ -46,12 +48,14 @@ pub struct EndpointSnapshot {
     pub slow_start_percent: Option<u32>,
     /// When its health or readiness last changed, as published (slow start ramps from it).
     pub last_transition_time: Option<SystemTime>,
-    /// Its zone, and the zones it should serve (EndpointSlice `hints.forZones`), as published.
+    /// Its zone, as published.
     pub zone: Option<String>,
+    /// The zones it should serve (EndpointSlice `hints.forZones`), as published.
     pub for_zones: Vec<String>,
     /// It is for the client's zone (its `forZones` name it, or with none, its zone is it);
     /// false when the client has no zone.
     pub local: bool,
+    /// Its gRPC health, as the operator's probes saw it.
     pub health: Health,
     /// Serving and not terminating, as Kubernetes says.
     pub kubernetes_ready: bool,
@@ -59,15 +63,19 @@ pub struct EndpointSnapshot {
     pub ejected: bool,
     /// New requests may be picked for it.
     pub in_rotation: bool,
+    /// Requests sent to it whose response has not ended yet.
     pub in_flight: u64,
+    /// Requests sent to it (each attempt of a retried request counts).
     pub requests: u64,
     /// Requests that failed before a response, whatever the reason (rotation and the
     /// caller's deadlines included; only some of them are evidence for ejection).
     pub failures: u64,
+    /// Times outlier detection ejected it.
     pub ejections: u64,
-    /// Connections made to it so far, and those of them that have ended; the difference is
-    /// the connections open now. Plaintext endpoints only (0 with TLS).
+    /// Connections made to it so far. Plaintext endpoints only (0 with TLS).
     pub connections_opened: u64,
+    /// Those of `connections_opened` that have ended; the difference is the connections open
+    /// now.
     pub connections_closed: u64,
 }
 
@@ -82,5 +90,10 @@ pub enum DiscoveryState {
     NotFound,
     /// The watch failed (the API is unreachable, say): the last known endpoints stay in use
     /// while it retries with backoff.
-    Stale { error: String, since: SystemTime },
+    Stale {
+        /// The first error of the failed watch.
+        error: String,
+        /// When the watch began to fail.
+        since: SystemTime,
+    },
 }

@@ -18,8 +18,11 @@ use serde_json::{Map, Value};
 /// One endpoint of the status, as the client acts on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusEndpoint {
+    /// Where to connect.
     pub address: SocketAddr,
+    /// The published weight (absent: [`FULL_WEIGHT`]).
     pub weight: u32,
+    /// The gRPC health the operator published (one this version does not know: `Unknown`).
     pub health: Health,
     /// Kubernetes' `serving` (nil means true).
     pub serving: bool,
@@ -81,6 +84,7 @@ impl StatusEndpoint {
 /// The endpoints read from a status and what had to be skipped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedStatus {
+    /// The entries read, in the status's order, each address once (its first entry).
     pub endpoints: Vec<StatusEndpoint>,
     /// One line per skipped entry or ignored field, saying why.
     pub warnings: Vec<String>,

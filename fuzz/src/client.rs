@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, net::SocketAddr};
 
-use kubegrpc::status::{ParsedStatus, parse_status};
+use kubegrpc::internals::{ParsedStatus, parse_status};
 use serde_json::{Map, Value, json};
 
 use crate::input::{Chunks, Target, Writer};

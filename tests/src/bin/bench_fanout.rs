@@ -11,7 +11,7 @@
 //! apiserver, so every watch is a connection of its own anyway):
 //!   (a) GrpcBackend: the client crate's discovery watch, `watch_object(Api<DynamicObject>,
 //!       "echo").default_backoff()` (a field selector `metadata.name=echo`), each read parsed
-//!       with `kubegrpc::status::parse_status`, as `kubegrpc::Channel` does (its discovery is
+//!       with `kubegrpc::internals::parse_status`, as `kubegrpc::Channel` does (its discovery is
 //!       private and needs connections to the endpoints, so the bench repeats its watch call);
 //!   (b) EndpointSlice: a kube-runtime `watcher` of `discovery.k8s.io/v1` EndpointSlices with
 //!       the label selector `kubernetes.io/service-name=echo`, what kuberesolver does.
@@ -204,8 +204,8 @@ async fn follow_grpc_backend(
             Ok(Some(object)) => {
                 let line = seen_line(index, object.metadata.resource_version.as_ref());
                 // What the channel does with each read (the pool's work aside).
-                std::hint::black_box(kubegrpc::slow_start::parse_slow_start(object.data.get("spec")));
-                std::hint::black_box(kubegrpc::status::parse_status(object.data.get("status")));
+                std::hint::black_box(kubegrpc::internals::parse_slow_start(object.data.get("spec")));
+                std::hint::black_box(kubegrpc::internals::parse_status(object.data.get("status")));
                 let _ = lines.send(line);
                 if !ready {
                     ready = true;
