@@ -325,18 +325,9 @@ impl Builder {
         };
         let resource = ApiResource::erase::<GrpcBackend>(&());
         let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
-        let following = pool.clone();
-        let discovery = tokio::spawn(async move {
-            // The zone is read before the first read of the GrpcBackend, so that the first
-            // rotation (and `connect`'s return) already has it.
-            if let Some((client, node)) = node {
-                let zone = crate::discovery::node_zone(client, &node, &following.backend).await;
-                following.set_zone(zone);
-            }
-            crate::discovery::follow(api, self.name, following, first).await;
-        });
+        let discovery = tokio::spawn(crate::discovery::run(api, self.name, pool.clone(), node, first));
         let interval = pool.config.outlier_detection.interval.max(Duration::from_millis(10));
-        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&pool), interval));
+        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&pool), pool.backend.clone(), interval));
         Channel {
             inner: Arc::new(Inner {
                 pool,

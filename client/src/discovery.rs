@@ -2,7 +2,8 @@
 //! once whether or not requests flow. When the watch fails the last known endpoints stay in
 //! use and the watch retries with backoff (kube-runtime's default: 0.8s growing to 30s).
 //!
-//! Also the one read of the client's Node for its zone ([`node_zone`]).
+//! Also the one read of the client's Node for its zone ([`node_zone`]). Everything the task
+//! logs is in a `discovery` span naming the GrpcBackend.
 
 use std::{
     sync::Arc,
@@ -16,7 +17,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::{pool::Pool, slow_start::parse_slow_start, snapshot::DiscoveryState, status::parse_status};
 
@@ -26,8 +27,25 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// How long the Node read may take before the channel runs without a zone.
 const NODE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The channel's discovery task: reads the zone of Node `node` first if given (so that the
+/// first rotation, and `connect`'s return, already have it), then follows GrpcBackend `name`
+/// until the task is aborted. `first` learns how the first read went.
+#[instrument(name = "discovery", skip_all, fields(backend = %pool.backend))]
+pub async fn run(
+    api: Api<DynamicObject>,
+    name: String,
+    pool: Arc<Pool>,
+    node: Option<(Client, String)>,
+    first: Option<oneshot::Sender<Result<(), watcher::Error>>>,
+) {
+    if let Some((client, node)) = node {
+        pool.set_zone(node_zone(client, &node).await);
+    }
+    follow(api, name, pool, first).await;
+}
+
 /// Follows GrpcBackend `name` until the task is aborted. `first` learns how the first read went.
-pub async fn follow(
+async fn follow(
     api: Api<DynamicObject>,
     name: String,
     pool: Arc<Pool>,
@@ -39,7 +57,7 @@ pub async fn follow(
     while let Some(read) = reads.next().await {
         match read {
             Ok(Some(object)) => {
-                debug!(backend = %pool.backend, "status changed");
+                debug!("status changed");
                 pool.apply_spec(parse_slow_start(object.data.get("spec")));
                 pool.apply_status(parse_status(object.data.get("status")));
                 pool.set_discovery(DiscoveryState::Synced);
@@ -49,7 +67,7 @@ pub async fn follow(
                 pool.set_discovery(DiscoveryState::NotFound);
             }
             Err(error) => {
-                warn!(backend = %pool.backend, %error, "watching the GrpcBackend failed; keeping the last known endpoints");
+                warn!(%error, "watching the GrpcBackend failed; keeping the last known endpoints");
                 pool.set_discovery(DiscoveryState::Stale {
                     error: error.to_string(),
                     since: SystemTime::now(),
@@ -69,15 +87,16 @@ pub async fn follow(
 /// The zone of Node `node`: its `topology.kubernetes.io/zone` label, read once (metadata only).
 /// `None`, with a warning, when it cannot be read (no such Node, no RBAC `get` on nodes, the
 /// API unreachable for 10s) or has no such label.
-pub async fn node_zone(client: Client, node: &str, backend: &str) -> Option<String> {
+#[instrument(skip(client))]
+pub async fn node_zone(client: Client, node: &str) -> Option<String> {
     let why = match read_node_zone(client, node).await {
         Ok(zone) => {
-            info!(backend, node, zone, "client zone from its Node");
+            info!(zone, "client zone from its Node");
             return Some(zone);
         }
         Err(why) => why,
     };
-    warn!(backend, node, "{why}; running without a zone");
+    warn!("{why}; running without a zone");
     None
 }
 
@@ -140,25 +159,22 @@ mod tests {
     #[tokio::test]
     async fn the_zone_is_the_nodes_zone_label() {
         let (client, paths) = client_answering(200, node(serde_json::json!({ZONE_LABEL: "eu-west-1a"})));
-        assert_eq!(
-            node_zone(client, "node-a", "default/echo").await.as_deref(),
-            Some("eu-west-1a")
-        );
+        assert_eq!(node_zone(client, "node-a").await.as_deref(), Some("eu-west-1a"));
         assert_eq!(*paths.lock().unwrap(), ["/api/v1/nodes/node-a"]);
     }
 
     #[tokio::test]
     async fn no_label_no_node_or_no_permission_is_no_zone() {
         let (client, _) = client_answering(200, node(serde_json::json!({"kubernetes.io/hostname": "node-a"})));
-        assert_eq!(node_zone(client, "node-a", "default/echo").await, None);
+        assert_eq!(node_zone(client, "node-a").await, None);
 
         let forbidden = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
             "message": "nodes \"node-a\" is forbidden", "reason": "Forbidden", "code": 403});
         let (client, _) = client_answering(403, forbidden);
-        assert_eq!(node_zone(client, "node-a", "default/echo").await, None);
+        assert_eq!(node_zone(client, "node-a").await, None);
 
         let (client, paths) = client_answering(200, node(serde_json::json!({})));
-        assert_eq!(node_zone(client, "", "default/echo").await, None);
+        assert_eq!(node_zone(client, "").await, None);
         assert!(paths.lock().unwrap().is_empty(), "nothing to read");
     }
 }

@@ -48,13 +48,13 @@ impl Pool {
         let mut state = self.lock();
         if parsed.warnings != state.view.spec_warnings {
             for warning in &parsed.warnings {
-                warn!(backend = %self.backend, "{warning}");
+                warn!("{warning}");
             }
             state.view.spec_warnings = parsed.warnings;
         }
         if parsed.settings != state.slow_start.settings {
             let settings = &parsed.settings;
-            info!(backend = %self.backend, window = ?settings.window, aggression = settings.aggression,
+            info!(window = ?settings.window, aggression = settings.aggression,
                 min_weight_percent = settings.min_weight_percent, "slow start settings");
             state.slow_start.settings = parsed.settings;
         }
@@ -63,7 +63,7 @@ impl Pool {
     /// A new status was read.
     pub fn apply_status(&self, parsed: ParsedStatus) {
         for warning in &parsed.warnings {
-            warn!(backend = %self.backend, "{warning}");
+            warn!("{warning}");
         }
         let mut guard = self.lock();
         let state = &mut *guard;

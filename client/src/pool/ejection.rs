@@ -5,16 +5,16 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Weak, atomic::Ordering},
+    sync::{Arc, Weak, atomic::Ordering},
     time::Duration,
 };
 
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, instrument, warn};
 
 use super::{Pool, PoolState, addresses};
 use crate::{
-    endpoint::SendError,
+    endpoint::{Endpoint, SendError},
     failure::{Failure, classify},
     outlier::{Ejections, IntervalCounts},
     status::StatusEndpoint,
@@ -64,11 +64,17 @@ impl Pool {
     pub fn report_failure(&self, address: SocketAddr, error: &SendError) {
         let threshold = self.config.outlier_detection.consecutive_connect_failures;
         if error.failure == Failure::Connect && threshold > 0 && error.consecutive_connect_failures >= threshold {
-            self.eject(address, "connection attempts failed in a row");
+            self.eject_after_connect_failures(address);
         }
     }
 
-    /// Ejects `address` if the rules allow.
+    /// Called from the request path, which has no span of the GrpcBackend's.
+    #[instrument(skip_all, fields(backend = %self.backend, endpoint = %address))]
+    fn eject_after_connect_failures(&self, address: SocketAddr) {
+        self.eject(address, "connection attempts failed in a row");
+    }
+
+    /// Ejects `address` if the rules allow (called in a span naming the endpoint).
     pub(super) fn eject(&self, address: SocketAddr, why: &str) {
         let mut state = self.lock();
         if self.eject_locked(&mut state, address, why) {
@@ -89,7 +95,7 @@ impl Pool {
         if let Some(stats) = state.connections.stats.get(&address) {
             stats.ejections.fetch_add(1, Ordering::Relaxed);
         }
-        warn!(backend = %self.backend, %address, ejected_for = ?length, "endpoint ejected: {why}");
+        warn!(ejected_for = ?length, "endpoint ejected: {why}");
         true
     }
 
@@ -122,7 +128,7 @@ impl Pool {
                 .iter()
                 .find(|(a, _)| a == address)
                 .map_or((0, 0), |(_, c)| (c.successes, c.failures));
-            warn!(backend = %self.backend, %address, successes, failures,
+            warn!(endpoint = %address, successes, failures,
                 "endpoint ejected: failure percentage over the interval");
         }
         let mut warm_ups = Vec::new();
@@ -144,10 +150,7 @@ impl Pool {
         drop(guard);
         for endpoint in warm_ups {
             let Some(pool) = self.me.upgrade() else { return };
-            tokio::spawn(async move {
-                let result = endpoint.warm_up().await;
-                pool.warmed_up(endpoint.address, result);
-            });
+            tokio::spawn(warm_up_after_ejection(pool, endpoint));
         }
     }
 
@@ -160,9 +163,9 @@ impl Pool {
         }
         state.outliers.ejections.readmit(&address);
         match result {
-            Ok(()) => info!(backend = %self.backend, %address, "ejection over; endpoint back in rotation"),
+            Ok(()) => info!("ejection over; endpoint back in rotation"),
             Err(error) if classify(&error).is_evidence() => {
-                debug!(backend = %self.backend, %address, %error, "cannot connect after the ejection");
+                debug!(%error, "cannot connect after the ejection");
                 self.eject_locked(&mut state, address, "still cannot be connected to after its ejection");
             }
             Err(_) => {}
@@ -171,8 +174,17 @@ impl Pool {
     }
 }
 
-/// gRFC A50's interval timer: ends an interval every `interval` until the pool is gone.
-pub(crate) async fn outlier_timer(pool: Weak<Pool>, interval: Duration) {
+/// Connects an endpoint whose ejection time is up before it takes requests again.
+#[instrument(skip_all, fields(endpoint = %endpoint.address))]
+async fn warm_up_after_ejection(pool: Arc<Pool>, endpoint: Arc<Endpoint>) {
+    let result = endpoint.warm_up().await;
+    pool.warmed_up(endpoint.address, result);
+}
+
+/// gRFC A50's interval timer: ends an interval every `interval` until the pool of GrpcBackend
+/// `backend` is gone.
+#[instrument(name = "outlier_detection", skip_all, fields(backend = %backend))]
+pub(crate) async fn outlier_timer(pool: Weak<Pool>, backend: String, interval: Duration) {
     let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -9,7 +9,7 @@ use std::{
     time::SystemTime,
 };
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, instrument, warn};
 
 use super::{
     Pool, PoolState, Rotation, addresses,
@@ -76,7 +76,7 @@ impl Pool {
                             endpoint
                         }
                         Err(error) => {
-                            warn!(backend = %self.backend, %address, %error, "cannot configure a connection; endpoint left out");
+                            warn!(endpoint = %address, %error, "cannot configure a connection; endpoint left out");
                             continue;
                         }
                     }
@@ -109,14 +109,7 @@ impl Pool {
         // be reached at all is ejected before a request is sent to it.
         for endpoint in new_connections {
             if let Some(pool) = self.me.upgrade() {
-                tokio::spawn(async move {
-                    if let Err(error) = endpoint.warm_up().await {
-                        debug!(backend = %pool.backend, address = %endpoint.address, %error, "cannot connect");
-                        if classify(&error).is_evidence() {
-                            pool.eject(endpoint.address, "a new endpoint that cannot be connected to");
-                        }
-                    }
-                });
+                tokio::spawn(connect_new(pool, endpoint));
             }
         }
     }
@@ -126,21 +119,36 @@ impl Pool {
         let built = &mut state.built;
         if plan.panic != built.panic {
             if plan.panic {
-                warn!(backend = %self.backend, usable = plan.usable, ready = plan.kubernetes_ready,
-                    "panic mode: too few usable endpoints; spreading over every Kubernetes-ready endpoint");
+                warn!(
+                    usable = plan.usable,
+                    ready = plan.kubernetes_ready,
+                    "panic mode: too few usable endpoints; spreading over every Kubernetes-ready endpoint"
+                );
             } else {
-                info!(backend = %self.backend, "panic mode over");
+                info!("panic mode over");
             }
             built.panic = plan.panic;
         }
         if plan.zone_fallback != built.zone_fallback {
             let zone = state.zone.as_deref().unwrap_or_default();
             if plan.zone_fallback {
-                warn!(backend = %self.backend, zone, "no usable endpoint for the client's zone; sending to every zone");
+                warn!(zone, "no usable endpoint for the client's zone; sending to every zone");
             } else {
-                info!(backend = %self.backend, zone, "requests stay in the client's zone again");
+                info!(zone, "requests stay in the client's zone again");
             }
             built.zone_fallback = plan.zone_fallback;
+        }
+    }
+}
+
+/// Connects a new endpoint at once; one that cannot be connected to at all is ejected before a
+/// request is sent to it. Its span is a child of the one it was started in (the GrpcBackend's).
+#[instrument(skip_all, fields(endpoint = %endpoint.address))]
+async fn connect_new(pool: Arc<Pool>, endpoint: Arc<Endpoint>) {
+    if let Err(error) = endpoint.warm_up().await {
+        debug!(%error, "cannot connect");
+        if classify(&error).is_evidence() {
+            pool.eject(endpoint.address, "a new endpoint that cannot be connected to");
         }
     }
 }

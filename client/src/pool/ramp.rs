@@ -4,12 +4,12 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::atomic::Ordering,
+    sync::{Weak, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, instrument};
 
 use super::{Pool, PoolState, plan};
 use crate::{
@@ -76,24 +76,13 @@ impl Pool {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            debug!(backend = %self.backend, "no Tokio runtime to ramp slow-starting endpoints on");
+            debug!("no Tokio runtime to ramp slow-starting endpoints on");
             return;
         };
         state.slow_start.timer_running = true;
         self.ramp_timers.fetch_add(1, Ordering::Relaxed);
-        let me = self.me.clone();
-        let mut tick = state.slow_start.settings.tick();
-        runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(tick).await;
-                // The pool is not kept alive by its timer.
-                let Some(pool) = me.upgrade() else { return };
-                match pool.ramp_tick() {
-                    Some(next) => tick = next,
-                    None => return,
-                }
-            }
-        });
+        let tick = state.slow_start.settings.tick();
+        runtime.spawn(ramp_timer(self.me.clone(), self.backend.clone(), tick));
     }
 
     /// One tick of the slow-start timer: a new rotation if a share changed. Returns when to
@@ -109,6 +98,22 @@ impl Pool {
         } else {
             state.slow_start.timer_running = false;
             None
+        }
+    }
+}
+
+/// The slow-start timer of GrpcBackend `backend`'s pool: ticks first after `tick`, then as
+/// [`Pool::ramp_tick`] says, and ends when nothing ramps or the pool is gone (its timer does
+/// not keep it alive). It outlives the span it was started in, so its own has no parent.
+#[instrument(name = "slow_start", parent = None, skip_all, fields(backend = %backend))]
+async fn ramp_timer(pool: Weak<Pool>, backend: String, tick: Duration) {
+    let mut tick = tick;
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(pool) = pool.upgrade() else { return };
+        match pool.ramp_tick() {
+            Some(next) => tick = next,
+            None => return,
         }
     }
 }
