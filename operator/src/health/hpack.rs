@@ -1,6 +1,7 @@
-//! HPACK (RFC 7541) decoding of response header blocks for the prober's connection.
+//! HPACK (RFC 7541) for the prober's connection: decoding response header blocks, and encoding
+//! requests' fields as literals that are never indexed (so nothing enters the server's table).
 //!
-//! Small and bounds-checked: a header block is what a server sends, and a bad one must end the
+//! Decoding is small and bounds-checked: a header block is what a server sends, and a bad one must end the
 //! connection with an error, never panic a prober. Huffman-coded strings are decoded by
 //! `httlib-huffman` (table driven); integers, representations and the tables are here. The
 //! dynamic table is kept (a server may index before it has our SETTINGS) within the size we
@@ -180,6 +181,44 @@ fn string(block: &[u8]) -> Result<(Box<[u8]>, &[u8]), HpackError> {
     Ok((decoded.into(), rest))
 }
 
+// === Encoding ===
+
+/// A header field without indexing whose name is static-table entry `name_index` (RFC 7541
+/// 6.2.2): nothing enters the server's dynamic table.
+pub fn encode_literal(dst: &mut Vec<u8>, name_index: usize, value: &[u8]) {
+    encode_integer(dst, 0x00, 4, name_index);
+    encode_string(dst, value);
+}
+
+/// A header field without indexing with a literal name.
+pub fn encode_literal_new_name(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    dst.push(0x00);
+    encode_string(dst, name);
+    encode_string(dst, value);
+}
+
+/// An integer with an `prefix_bits`-bit prefix after the bits in `first` (RFC 7541 5.1).
+fn encode_integer(dst: &mut Vec<u8>, first: u8, prefix_bits: u8, value: usize) {
+    let max = (1usize << prefix_bits) - 1;
+    if value < max {
+        dst.push(first | value as u8);
+        return;
+    }
+    dst.push(first | max as u8);
+    let mut rest = value - max;
+    while rest >= 128 {
+        dst.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    dst.push(rest as u8);
+}
+
+/// A string literal, not Huffman-coded.
+fn encode_string(dst: &mut Vec<u8>, value: &[u8]) {
+    encode_integer(dst, 0, 7, value.len());
+    dst.extend_from_slice(value);
+}
+
 /// RFC 7541 Appendix A.
 const STATIC_TABLE: [(&str, &str); 61] = [
     (":authority", ""),
@@ -320,11 +359,17 @@ mod tests {
         assert_eq!(decode_all(&mut decoder, &[0xbe]).unwrap(), fields(&[("a", "b")]));
         decode_all(&mut decoder, &[0x20]).unwrap();
         assert_eq!(decoder.table.len(), 0);
-        assert!(decode_all(&mut decoder, &[0xbe]).is_err(), "the entry is gone");
-        assert!(
-            decode_all(&mut decoder, &[0x3f, 0xe2, 0x1f]).is_err(),
-            "4,096 + 1 is over"
+        assert_eq!(
+            decode_all(&mut decoder, &[0xbe]),
+            Err(HpackError("an index past the tables")),
+            "the entry is gone"
         );
+        // 31 + 98 + 31 x 128 = 4,097: one over.
+        assert_eq!(
+            decode_all(&mut decoder, &[0x3f, 0xe2, 0x1f]),
+            Err(HpackError("a dynamic table size over the allowed maximum"))
+        );
+        decode_all(&mut decoder, &[0x3f, 0xe1, 0x1f]).unwrap();
     }
 
     #[test]
@@ -347,10 +392,54 @@ mod tests {
     #[test]
     fn truncated_blocks_are_errors() {
         let mut decoder = Decoder::default();
-        assert!(decode_all(&mut decoder, &[0xff]).is_err());
-        assert!(decode_all(&mut decoder, &[0x00, 5, b'a']).is_err());
-        assert!(decode_all(&mut decoder, &[0x04]).is_err());
-        assert!(decode_all(&mut decoder, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err());
+        let truncated = Err(HpackError("a truncated integer"));
+        // An indexed field whose index needs more bytes than the block has.
+        assert_eq!(decode_all(&mut decoder, &[0xff]), truncated);
+        // A name of 5 bytes, one given.
+        assert_eq!(
+            decode_all(&mut decoder, &[0x00, 5, b'a']),
+            Err(HpackError("a string longer than its block or 8 KiB"))
+        );
+        // A literal named :path (index 4) whose value's length is missing.
+        assert_eq!(decode_all(&mut decoder, &[0x04]), truncated);
+        // Four continuation bytes, all saying more follows.
+        assert_eq!(
+            decode_all(&mut decoder, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            Err(HpackError("an integer over 2^28"))
+        );
+        assert_eq!(decode_all(&mut decoder, &[0x80]), Err(HpackError("index 0")));
+    }
+
+    #[test]
+    fn integers_are_encoded_as_rfc_7541_appendix_c1_shows() {
+        let mut dst = Vec::new();
+        encode_integer(&mut dst, 0, 5, 10);
+        assert_eq!(dst, [0x0a]);
+        dst.clear();
+        encode_integer(&mut dst, 0, 5, 1337);
+        assert_eq!(dst, [0x1f, 0x9a, 0x0a]);
+        dst.clear();
+        encode_integer(&mut dst, 0, 8, 42);
+        assert_eq!(dst, [0x2a]);
+    }
+
+    #[test]
+    fn encoded_literals_decode_to_the_fields_and_index_nothing() {
+        let mut block = Vec::new();
+        encode_literal(&mut block, 4, b"/grpc.health.v1.Health/Watch");
+        encode_literal_new_name(&mut block, b"te", b"trailers");
+        // A value of 200 bytes: its length takes a second byte.
+        encode_literal(&mut block, 58, &[b'x'; 200]);
+        let mut decoder = Decoder::default();
+        assert_eq!(
+            decode_all(&mut decoder, &block),
+            Ok(vec![
+                (":path".into(), "/grpc.health.v1.Health/Watch".into()),
+                ("te".into(), "trailers".into()),
+                ("user-agent".into(), "x".repeat(200)),
+            ])
+        );
+        assert_eq!(decoder.table.len(), 0);
     }
 
     proptest! {
