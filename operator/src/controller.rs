@@ -53,10 +53,11 @@ use crate::{
     Error,
     discovery::{self, SERVICE_NAME_LABEL},
     health::{
-        registry::{BackendKey, ProbeReports, ProberOptions, ProberRegistry},
+        registry::{ProbeReports, ProberOptions, ProberRegistry},
         tracker::HealthVerdict,
     },
-    index::{ByService, ObjectKey, ServiceKey},
+    index::ByService,
+    key::ObjectKey,
     metrics::Metrics,
     pods::{self, PodWeights},
     spec,
@@ -118,7 +119,7 @@ pub struct Context {
     pods: Arc<PodWeights>,
     /// Bad `kubegrpc.io/weight` values already reported by an Event (namespace, Pod, value),
     /// so that each is reported once rather than at every reconcile.
-    bad_annotations: Mutex<std::collections::HashSet<(String, String, String)>>,
+    bad_annotations: Mutex<std::collections::HashSet<pods::ReportedValue>>,
 }
 
 /// The operator's own latest status write of one GrpcBackend.
@@ -150,7 +151,7 @@ pub async fn run(
     }));
     let (triggers, triggered) = mpsc::unbounded_channel::<ObjectRef<Backend>>();
     let (relisted, relists) = mpsc::unbounded_channel::<()>();
-    let (probe_changes, probe_changed) = mpsc::unbounded_channel::<BackendKey>();
+    let (probe_changes, probe_changed) = mpsc::unbounded_channel::<ObjectKey>();
 
     // Services: a store for the reconciler, triggers for the GrpcBackends that name them.
     let (services, services_writer) = reflector::store();
@@ -303,9 +304,7 @@ pub async fn run(
         })
         .applied_objects();
 
-    let probe_triggers = UnboundedReceiverStream::new(probe_changed).map(|key: BackendKey| {
-        ObjectRef::<Backend>::new(&key.name).within(key.namespace.as_deref().unwrap_or_default())
-    });
+    let probe_triggers = UnboundedReceiverStream::new(probe_changed).map(|key: ObjectKey| key.object_ref::<Backend>());
     let concurrency = context.settings.reconcile_concurrency;
     Controller::for_stream(backends_stream, backends_store)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
@@ -366,17 +365,15 @@ where
     }
 }
 
-fn service_key<K: Resource>(object: &K, service: String) -> ServiceKey {
-    ServiceKey {
-        namespace: object.namespace().unwrap_or_default(),
-        name: service,
-    }
+/// The key of Service `service` in `object`'s namespace.
+fn service_key<K: Resource>(object: &K, service: String) -> ObjectKey {
+    ObjectKey::new(object.namespace().unwrap_or_default(), service)
 }
 
 fn trigger_backends_of(
     backends: &ByService<Backend>,
     triggers: &mpsc::UnboundedSender<ObjectRef<Backend>>,
-    service: &ServiceKey,
+    service: &ObjectKey,
 ) {
     for backend in backends.of_service(service) {
         let _ = triggers.send(ObjectRef::from_obj(backend.as_ref()));
@@ -386,22 +383,19 @@ fn trigger_backends_of(
 async fn reconcile(backend: Arc<Backend>, context: Arc<Context>) -> Result<Action, Error> {
     context.metrics.reconciles.inc();
     let _timer = context.metrics.reconcile_timer();
-    let key = ObjectKey {
-        namespace: backend.meta().namespace.clone().unwrap_or_default(),
-        name: backend.meta().name.clone().unwrap_or_default(),
-    };
+    let key = ObjectKey::of(backend.as_ref());
     let result = match &backend.0 {
         Ok(grpc_backend) => reconcile_backend(grpc_backend, &context).await,
         Err(invalid) => match read_ignoring_status(&context.client, &key).await {
             // Only the status is unreadable (an older shape, a hand edit made while the schema
             // was relaxed): reconcile from the spec and write the status anew, once.
             Some(readable) => {
-                warn!(backend = %format!("{}/{}", key.namespace, key.name), error = %invalid.error,
+                warn!(backend = %key, error = %invalid.error,
                     "the status cannot be read; rewriting it from the spec");
                 reconcile_backend(&readable, &context).await
             }
             None => {
-                context.probers.remove(&backend_key(&key));
+                context.probers.remove(&key);
                 let message = format!("the object cannot be read: {}", invalid.error);
                 let resource_version = invalid.metadata.resource_version.clone();
                 write_invalid(&context, &key, invalid.metadata.generation, resource_version, &message).await
@@ -421,7 +415,7 @@ async fn read_ignoring_status(client: &Client, key: &ObjectKey) -> Option<GrpcBa
     let mut object = match api.get(&key.name).await {
         Ok(object) => object,
         Err(error) => {
-            debug!(backend = %format!("{}/{}", key.namespace, key.name), %error, "cannot read the object again");
+            debug!(backend = %key, %error, "cannot read the object again");
             return None;
         }
     };
@@ -435,10 +429,7 @@ async fn read_ignoring_status(client: &Client, key: &ObjectKey) -> Option<GrpcBa
 
 /// A failed reconcile is retried after 1s, doubling per failure in a row, at most 5 minutes.
 fn error_policy(backend: Arc<Backend>, error: &Error, context: Arc<Context>) -> Action {
-    let key = ObjectKey {
-        namespace: backend.meta().namespace.clone().unwrap_or_default(),
-        name: backend.meta().name.clone().unwrap_or_default(),
-    };
+    let key = ObjectKey::of(backend.as_ref());
     let failures = {
         let mut failures = context.failures.lock().unwrap_or_else(|p| p.into_inner());
         let count = failures.entry(key.clone()).or_insert(0);
@@ -446,7 +437,7 @@ fn error_policy(backend: Arc<Backend>, error: &Error, context: Arc<Context>) -> 
         *count
     };
     let retry_in = error_backoff(failures);
-    warn!(backend = %format!("{}/{}", key.namespace, key.name), %error, failures, ?retry_in, "reconcile failed; retrying");
+    warn!(backend = %key, %error, failures, ?retry_in, "reconcile failed; retrying");
     context
         .metrics
         .reconcile_errors
@@ -466,10 +457,6 @@ fn error_backoff(failures: u32) -> Duration {
 
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(300);
 
-fn backend_key(key: &ObjectKey) -> BackendKey {
-    ObjectRef::new(&key.name).within(&key.namespace)
-}
-
 async fn reconcile_backend(backend: &GrpcBackend, context: &Context) -> Result<Action, Error> {
     let key = ObjectKey::of(backend);
     let observed = observe(backend, &key, context);
@@ -479,7 +466,7 @@ async fn reconcile_backend(backend: &GrpcBackend, context: &Context) -> Result<A
         return Ok(Action::requeue(wait));
     }
     if !matches!(observed.observation, Observation::Endpoints(_)) {
-        context.probers.remove(&backend_key(&key));
+        context.probers.remove(&key);
     }
     for notice in observed.notices {
         context.publish_event(backend, notice).await;
@@ -535,14 +522,12 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
         Ok(port) => port,
         Err(missing) => return observed(Observation::PortNotFound(missing)),
     };
-    let service_key = ServiceKey {
-        namespace: key.namespace.clone(),
-        name: backend.spec.service.clone(),
-    };
-    let slices = context.slices.of_service(&service_key);
+    let slices = context
+        .slices
+        .of_service(&ObjectKey::new(&key.namespace, &backend.spec.service));
     let set = discovery::endpoints_from_slices(slices.iter().map(|s| s.as_ref()), &port);
     for skipped in &set.skipped {
-        debug!(backend = %format!("{}/{}", key.namespace, key.name), slice = %skipped.slice,
+        debug!(backend = %key, slice = %skipped.slice,
             address = %skipped.address, why = skipped.why, "endpoint skipped");
     }
 
@@ -567,7 +552,7 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
         .collect();
     let targets: Vec<SocketAddr> = set.endpoints.iter().map(|e| e.address).collect();
     let states: HashMap<SocketAddr, crate::health::prober::ProbeState> =
-        context.probers.sync(&backend_key(key), &settings, &targets, |target| {
+        context.probers.sync(key, &settings, &targets, |target| {
             published
                 .get(&target)
                 .map(|(verdict, _)| verdict.clone())
@@ -610,7 +595,7 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
                 .retain_carried(&mut context.bad_annotations.lock().unwrap_or_else(|p| p.into_inner()));
             for endpoint in &mut probed {
                 let Some(pod) = &endpoint.endpoint.pod else { continue };
-                let annotation = context.pods.annotation(&key.namespace, pod);
+                let annotation = context.pods.annotation(&ObjectKey::new(&key.namespace, pod));
                 endpoint.weight = match weights::static_weight(annotation.as_deref()) {
                     Ok(weight) => weight,
                     Err(why) => {
@@ -619,7 +604,7 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
                             .bad_annotations
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .insert((key.namespace.clone(), pod.clone(), value));
+                            .insert((ObjectKey::new(&key.namespace, pod), value));
                         if first {
                             notices.push(status::Notice {
                                 warning: true,
@@ -725,7 +710,7 @@ async fn write_status(
         .apply_status(key, &desired_json, desired_json.clone(), resource_version)
         .await?;
     context.metrics.published(&key.namespace, &key.name, desired);
-    info!(backend = %format!("{}/{}", key.namespace, key.name), ready = desired.ready_endpoints,
+    info!(backend = %key, ready = desired.ready_endpoints,
         total = desired.total_endpoints, "status written");
     for notice in status::notices(backend.status.as_ref(), desired) {
         context.publish_event(backend, notice).await;
@@ -758,7 +743,7 @@ async fn write_invalid(
     }
     let status = json!({ "observedGeneration": generation, "conditions": [condition] });
     context.apply_status(key, &status, desired, resource_version).await?;
-    warn!(backend = %format!("{}/{}", key.namespace, key.name), %message, "GrpcBackend cannot be read");
+    warn!(backend = %key, %message, "GrpcBackend cannot be read");
     Ok(Action::await_change())
 }
 
@@ -792,7 +777,7 @@ impl Context {
             )
             .await
             .map_err(|source| Error::StatusWrite {
-                backend: format!("{}/{}", key.namespace, key.name),
+                backend: key.to_string(),
                 source,
             })?;
         self.remember_write(key, compared, resource_version, written.resource_version());
@@ -841,11 +826,11 @@ impl Context {
 
     /// A GrpcBackend is gone: stop its probers, drop its series and write record.
     fn forget(&self, key: &ObjectKey) {
-        self.probers.remove(&backend_key(key));
+        self.probers.remove(key);
         self.metrics.forget(&key.namespace, &key.name);
         self.writes.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
-        info!(backend = %format!("{}/{}", key.namespace, key.name), "GrpcBackend gone; its probers stopped");
+        info!(backend = %key, "GrpcBackend gone; its probers stopped");
     }
 
     async fn publish_event(&self, backend: &GrpcBackend, notice: status::Notice) {
@@ -901,7 +886,7 @@ mod tests {
     impl Context {
         /// A context over a mocked API, with `services` in the Service store and no
         /// EndpointSlices. Also returns the receiver of the probers' change notices.
-        fn for_tests(client: Client, services: &[Service]) -> (Self, mpsc::UnboundedReceiver<BackendKey>) {
+        fn for_tests(client: Client, services: &[Service]) -> (Self, mpsc::UnboundedReceiver<ObjectKey>) {
             let (store, mut writer) = reflector::store();
             for service in services {
                 writer.apply_watcher_event(&watcher::Event::Apply(service.clone()));
@@ -952,7 +937,7 @@ mod tests {
     async fn serve(
         mut handle: MockHandle,
         mut answer: impl FnMut(&ApiCall) -> Response<Body>,
-        _probe_changes: mpsc::UnboundedReceiver<BackendKey>,
+        _probe_changes: mpsc::UnboundedReceiver<ObjectKey>,
     ) -> Vec<ApiCall> {
         let mut calls = Vec::new();
         while let Some((request, respond)) = handle.next_request().await {

@@ -9,30 +9,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use kube::{Resource, ResourceExt, runtime::watcher::Event};
+use kube::{Resource, runtime::watcher::Event};
 
-/// A Service, by namespace and name.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-/// An object, by namespace and name.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ObjectKey {
-    pub fn of<K: Resource>(object: &K) -> Self {
-        Self {
-            namespace: object.namespace().unwrap_or_default(),
-            name: object.name_any(),
-        }
-    }
-}
+use crate::key::ObjectKey;
 
 /// Objects of kind `K` grouped by Service.
 pub struct ByService<K> {
@@ -41,8 +20,8 @@ pub struct ByService<K> {
 }
 
 struct State<K> {
-    groups: HashMap<ServiceKey, BTreeMap<String, Arc<K>>>,
-    located: HashMap<ObjectKey, Option<ServiceKey>>,
+    groups: HashMap<ObjectKey, BTreeMap<String, Arc<K>>>,
+    located: HashMap<ObjectKey, Option<ObjectKey>>,
     /// Objects listed since the last `Init`, applied at `InitDone`.
     relist: Option<Vec<Arc<K>>>,
 }
@@ -105,7 +84,7 @@ impl<K: Resource> ByService<K> {
     }
 
     /// The objects that belong to `service`, by name.
-    pub fn of_service(&self, service: &ServiceKey) -> Vec<Arc<K>> {
+    pub fn of_service(&self, service: &ObjectKey) -> Vec<Arc<K>> {
         self.lock()
             .groups
             .get(service)
@@ -131,10 +110,7 @@ impl<K: Resource> ByService<K> {
     fn insert(&self, state: &mut State<K>, object: Arc<K>) {
         let key = ObjectKey::of(object.as_ref());
         Self::remove(state, &key);
-        let service = (self.service_of)(&object).map(|name| ServiceKey {
-            namespace: key.namespace.clone(),
-            name,
-        });
+        let service = (self.service_of)(&object).map(|name| ObjectKey::new(&key.namespace, name));
         if let Some(service) = &service {
             state
                 .groups
@@ -164,6 +140,7 @@ impl<K: Resource> ByService<K> {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{api::core::v1::ConfigMap, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+    use kube::ResourceExt;
 
     use super::*;
 
@@ -184,11 +161,8 @@ mod tests {
         ByService::new(|o| o.data.as_ref()?.get("service").cloned())
     }
 
-    fn service(name: &str) -> ServiceKey {
-        ServiceKey {
-            namespace: "ns".into(),
-            name: name.into(),
-        }
+    fn service(name: &str) -> ObjectKey {
+        ObjectKey::new("ns", name)
     }
 
     fn names(objects: Vec<Arc<ConfigMap>>) -> Vec<String> {
@@ -222,9 +196,6 @@ mod tests {
         gone.sort();
         assert_eq!(gone.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(names(index.of_service(&service("echo"))), ["c"]);
-        assert!(!index.contains(&ObjectKey {
-            namespace: "ns".into(),
-            name: "b".into()
-        }));
+        assert!(!index.contains(&ObjectKey::new("ns", "b")));
     }
 }

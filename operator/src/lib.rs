@@ -13,6 +13,7 @@ pub mod fail_open;
 pub mod health;
 pub mod http;
 pub mod index;
+pub mod key;
 pub mod metrics;
 pub mod pods;
 pub mod spec;

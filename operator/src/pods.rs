@@ -11,11 +11,10 @@ use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectM
 use kube::{core::PartialObjectMeta, runtime::watcher::Event};
 use kubegrpc_crds::WEIGHT_ANNOTATION;
 
-/// A Pod: namespace and name.
-pub type PodKey = (String, String);
+use crate::key::ObjectKey;
 
-/// A bad annotation already reported by an Event: the Pod's namespace and name, and the value.
-pub type ReportedValue = (String, String, String);
+/// A bad annotation already reported by an Event: the Pod, and the value.
+pub type ReportedValue = (ObjectKey, String);
 
 /// The annotation of every annotated Pod.
 #[derive(Default)]
@@ -25,18 +24,15 @@ pub struct PodWeights {
 
 #[derive(Default)]
 struct State {
-    annotations: HashMap<PodKey, String>,
+    annotations: HashMap<ObjectKey, String>,
     /// Annotations listed since the last `Init`, applied at `InitDone`.
-    relist: Option<HashMap<PodKey, String>>,
+    relist: Option<HashMap<ObjectKey, String>>,
 }
 
 impl PodWeights {
-    /// The annotation of Pod `name` in `namespace`, if it carries one.
-    pub fn annotation(&self, namespace: &str, name: &str) -> Option<String> {
-        self.lock()
-            .annotations
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+    /// The annotation of `pod`, if it carries one.
+    pub fn annotation(&self, pod: &ObjectKey) -> Option<String> {
+        self.lock().annotations.get(pod).cloned()
     }
 
     /// Forgets the reported values that their Pod no longer carries (it was deleted, or its
@@ -44,9 +40,7 @@ impl PodWeights {
     /// set again later is reported again.
     pub fn retain_carried(&self, reported: &mut HashSet<ReportedValue>) {
         let state = self.lock();
-        reported.retain(|(namespace, name, value)| {
-            state.annotations.get(&(namespace.clone(), name.clone())) == Some(value)
-        });
+        reported.retain(|(pod, value)| state.annotations.get(pod) == Some(value));
     }
 
     /// Applies a watch event; returns the namespaces where an annotation changed.
@@ -63,7 +57,7 @@ impl PodWeights {
                 if let Some((key, _)) = entry(&meta.metadata)
                     && state.annotations.remove(&key).is_some()
                 {
-                    changed.insert(key.0);
+                    changed.insert(key.namespace);
                 }
             }
             Event::Init => state.relist = Some(HashMap::new()),
@@ -83,12 +77,12 @@ impl PodWeights {
                 let listed = state.relist.take().unwrap_or_default();
                 for (key, value) in &state.annotations {
                     if listed.get(key) != Some(value) {
-                        changed.insert(key.0.clone());
+                        changed.insert(key.namespace.clone());
                     }
                 }
                 for key in listed.keys() {
                     if !state.annotations.contains_key(key) {
-                        changed.insert(key.0.clone());
+                        changed.insert(key.namespace.clone());
                     }
                 }
                 state.annotations = listed;
@@ -103,8 +97,8 @@ impl PodWeights {
 }
 
 /// The Pod's key and its annotation (`None`: it carries none).
-fn entry(meta: &ObjectMeta) -> Option<(PodKey, Option<String>)> {
-    let key = (meta.namespace.clone()?, meta.name.clone()?);
+fn entry(meta: &ObjectMeta) -> Option<(ObjectKey, Option<String>)> {
+    let key = ObjectKey::new(meta.namespace.clone()?, meta.name.clone()?);
     let value = meta
         .annotations
         .as_ref()
@@ -113,13 +107,18 @@ fn entry(meta: &ObjectMeta) -> Option<(PodKey, Option<String>)> {
     Some((key, value))
 }
 
-fn set(annotations: &mut HashMap<PodKey, String>, key: PodKey, value: Option<String>, changed: &mut HashSet<String>) {
+fn set(
+    annotations: &mut HashMap<ObjectKey, String>,
+    key: ObjectKey,
+    value: Option<String>,
+    changed: &mut HashSet<String>,
+) {
     let before = match &value {
         Some(value) => annotations.insert(key.clone(), value.clone()),
         None => annotations.remove(&key),
     };
     if before != value {
-        changed.insert(key.0);
+        changed.insert(key.namespace);
     }
 }
 
@@ -142,6 +141,10 @@ pub fn trim(pod: &mut PartialObjectMeta<Pod>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod_key(name: &str) -> ObjectKey {
+        ObjectKey::new("ns", name)
+    }
 
     fn pod(name: &str, weight: Option<&str>) -> PartialObjectMeta<Pod> {
         PartialObjectMeta::<Pod> {
@@ -169,7 +172,7 @@ mod tests {
             weights.apply(&Event::Apply(pod("a", Some("3")))),
             HashSet::from(["ns".to_string()])
         );
-        assert_eq!(weights.annotation("ns", "a").as_deref(), Some("3"));
+        assert_eq!(weights.annotation(&pod_key("a")).as_deref(), Some("3"));
         assert!(
             weights.apply(&Event::Apply(pod("a", Some("3")))).is_empty(),
             "same value: nothing to do"
@@ -183,10 +186,10 @@ mod tests {
             1,
             "annotation removed"
         );
-        assert_eq!(weights.annotation("ns", "a"), None);
+        assert_eq!(weights.annotation(&pod_key("a")), None);
         weights.apply(&Event::Apply(pod("a", Some("1"))));
         assert_eq!(weights.apply(&Event::Delete(pod("a", Some("1")))).len(), 1);
-        assert_eq!(weights.annotation("ns", "a"), None);
+        assert_eq!(weights.annotation(&pod_key("a")), None);
     }
 
     #[test]
@@ -197,13 +200,13 @@ mod tests {
         weights.apply(&Event::Init);
         weights.apply(&Event::InitApply(pod("kept", Some("2"))));
         assert_eq!(
-            weights.annotation("ns", "gone").as_deref(),
+            weights.annotation(&pod_key("gone")).as_deref(),
             Some("2"),
             "applied at InitDone only"
         );
         assert_eq!(weights.apply(&Event::InitDone), HashSet::from(["ns".to_string()]));
-        assert_eq!(weights.annotation("ns", "gone"), None);
-        assert_eq!(weights.annotation("ns", "kept").as_deref(), Some("2"));
+        assert_eq!(weights.annotation(&pod_key("gone")), None);
+        assert_eq!(weights.annotation(&pod_key("kept")).as_deref(), Some("2"));
         weights.apply(&Event::Init);
         weights.apply(&Event::InitApply(pod("kept", Some("2"))));
         assert!(weights.apply(&Event::InitDone).is_empty(), "nothing changed");
@@ -212,7 +215,7 @@ mod tests {
     #[test]
     fn reported_values_are_forgotten_when_their_pod_no_longer_carries_them() {
         let weights = PodWeights::default();
-        let reported_value = |name: &str, value: &str| ("ns".to_string(), name.to_string(), value.to_string());
+        let reported_value = |name: &str, value: &str| (pod_key(name), value.to_string());
         let mut reported = HashSet::new();
         for (name, value) in [
             ("changed", "heavy"),
@@ -231,7 +234,7 @@ mod tests {
         weights.apply(&Event::Delete(pod("deleted", Some("-1"))));
         weights.apply(&Event::Init);
         for name in ["changed", "deleted", "kept"] {
-            if let Some(value) = weights.annotation("ns", name) {
+            if let Some(value) = weights.annotation(&pod_key(name)) {
                 weights.apply(&Event::InitApply(pod(name, Some(&value))));
             }
         }
@@ -252,9 +255,6 @@ mod tests {
         trim(&mut trimmed);
         assert_eq!(trimmed.metadata.labels, None);
         assert_eq!(trimmed.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
-        assert_eq!(
-            entry(&trimmed.metadata),
-            Some((("ns".into(), "a".into()), Some("3".into())))
-        );
+        assert_eq!(entry(&trimmed.metadata), Some((pod_key("a"), Some("3".into()))));
     }
 }

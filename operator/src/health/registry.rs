@@ -11,24 +11,18 @@ use std::{
     time::Duration,
 };
 
-use kube::runtime::reflector::ObjectRef;
-use kubegrpc_crds::GrpcBackend;
-
 use super::{
     prober::{self, ProbeObserver, ProbeSettings, ProbeState, ProberHandle},
     tracker::{HealthVerdict, ProbeOutcome},
 };
-use crate::metrics::Metrics;
-
-/// A GrpcBackend, by namespace and name.
-pub type BackendKey = ObjectRef<GrpcBackend>;
+use crate::{key::ObjectKey, metrics::Metrics};
 
 /// Where probers report: metrics, and the GrpcBackends to reconcile after a state change
 /// (each GrpcBackend at most once until its next reconcile syncs it: the channel is bounded by
 /// the number of GrpcBackends).
 pub struct ProbeReports {
     pub metrics: Arc<Metrics>,
-    pub changed: tokio::sync::mpsc::UnboundedSender<BackendKey>,
+    pub changed: tokio::sync::mpsc::UnboundedSender<ObjectKey>,
 }
 
 /// Operator-wide prober settings.
@@ -43,7 +37,7 @@ pub struct ProberOptions {
 }
 
 struct Observer {
-    backend: BackendKey,
+    backend: ObjectKey,
     reports: Arc<ProbeReports>,
     /// The backend's key is in the channel, or its reconcile has not read the probers' states
     /// yet: no need to send it again. Shared by the backend's probers, cleared by
@@ -79,7 +73,7 @@ struct BackendProbers {
 
 /// Every running prober, by GrpcBackend and endpoint.
 pub struct ProberRegistry {
-    backends: Mutex<HashMap<BackendKey, BackendProbers>>,
+    backends: Mutex<HashMap<ObjectKey, BackendProbers>>,
     reports: Arc<ProbeReports>,
     shared: prober::Shared,
 }
@@ -104,7 +98,7 @@ impl ProberRegistry {
     /// no longer listed, restarts all when `settings` changed. Returns each target's state.
     pub fn sync(
         &self,
-        backend: &BackendKey,
+        backend: &ObjectKey,
         settings: &ProbeSettings,
         targets: &[SocketAddr],
         seed: impl Fn(SocketAddr) -> HealthVerdict,
@@ -143,18 +137,18 @@ impl ProberRegistry {
     }
 
     /// Stops every prober of `backend` (deleted, or its spec cannot be acted on).
-    pub fn remove(&self, backend: &BackendKey) {
+    pub fn remove(&self, backend: &ObjectKey) {
         let mut backends = self.lock();
         backends.remove(backend);
         self.update_gauge(&backends);
     }
 
-    fn update_gauge(&self, backends: &HashMap<BackendKey, BackendProbers>) {
+    fn update_gauge(&self, backends: &HashMap<ObjectKey, BackendProbers>) {
         let count: usize = backends.values().map(|b| b.probers.len()).sum();
         self.reports.metrics.probers.set(count as i64);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, BackendProbers>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, BackendProbers>> {
         self.backends.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -178,7 +172,7 @@ mod tests {
             },
             ProberOptions::default(),
         );
-        let backend = BackendKey::new("echo").within("default");
+        let backend = ObjectKey::new("default", "echo");
         let settings = ProbeSettings {
             service: String::new(),
             mode: HealthCheckMode::Watch,
