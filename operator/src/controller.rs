@@ -53,6 +53,7 @@ use crate::{
     Error,
     discovery::{self, SERVICE_NAME_LABEL},
     health::{
+        prober::ProbeState,
         registry::{ProbeReports, ProberOptions, ProberRegistry},
         tracker::HealthVerdict,
     },
@@ -514,6 +515,10 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
         Ok(settings) => settings,
         Err(why) => return observed(Observation::InvalidSpec(why)),
     };
+    let policy = match weighting_policy(&backend.spec) {
+        Ok(policy) => policy,
+        Err(why) => return observed(Observation::InvalidSpec(why)),
+    };
     let service_ref = ObjectRef::<Service>::new(&backend.spec.service).within(&key.namespace);
     let Some(service) = context.services.get(&service_ref) else {
         return observed(Observation::ServiceNotFound);
@@ -551,16 +556,15 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
         })
         .collect();
     let targets: Vec<SocketAddr> = set.endpoints.iter().map(|e| e.address).collect();
-    let states: HashMap<SocketAddr, crate::health::prober::ProbeState> =
-        context.probers.sync(key, &settings, &targets, |target| {
-            published
-                .get(&target)
-                .map(|(verdict, _)| verdict.clone())
-                .unwrap_or(HealthVerdict {
-                    health: Health::Unknown,
-                    reason: None,
-                })
-        });
+    let states: HashMap<SocketAddr, ProbeState> = context.probers.sync(key, &settings, &targets, |target| {
+        published
+            .get(&target)
+            .map(|(verdict, _)| verdict.clone())
+            .unwrap_or(HealthVerdict {
+                health: Health::Unknown,
+                reason: None,
+            })
+    });
     let first_probes_due = states
         .iter()
         .filter(|(target, state)| !state.probed && !published.contains_key(target))
@@ -569,117 +573,89 @@ fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observe
         })
         .filter(|wait| !wait.is_zero())
         .max();
-    let mut probed: Vec<ProbedEndpoint> = set
+    let mut probed: Vec<(ProbedEndpoint, &ProbeState)> = set
         .endpoints
         .into_iter()
         .filter_map(|endpoint| {
             let state = states.get(&endpoint.address)?;
-            Some(ProbedEndpoint {
+            let probed = ProbedEndpoint {
                 endpoint,
                 verdict: state.verdict.clone(),
                 connect_failing: state.connect_failing,
                 weight: FULL_WEIGHT,
-            })
+            };
+            Some((probed, state))
         })
         .collect();
 
+    if policy == weights::Policy::Static {
+        // Reported values whose Pod is gone or changed its annotation are forgotten here,
+        // before new ones are added: the set never holds more than the annotated Pods.
+        context
+            .pods
+            .retain_carried(&mut context.bad_annotations.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    let pod_of = |endpoint: &ProbedEndpoint| {
+        let pod = endpoint.endpoint.pod.as_ref()?;
+        Some(ObjectKey::new(&key.namespace, pod))
+    };
+    let facts: Vec<weights::EndpointFacts> = probed
+        .iter()
+        .map(|(endpoint, state)| weights::EndpointFacts {
+            usable: endpoint.endpoint.kubernetes_ready() && endpoint.verdict.health == Health::Serving,
+            annotation: match policy {
+                weights::Policy::Static => pod_of(endpoint).and_then(|pod| context.pods.annotation(&pod)),
+                _ => None,
+            },
+            load: state.load,
+            prober_started: state.started,
+            published: published.get(&endpoint.endpoint.address).map(|(_, weight)| *weight),
+        })
+        .collect();
+    let weighed = weights::weigh(&policy, &facts, Instant::now());
     let mut notices = Vec::new();
-    let mut weights_change_in = None;
-    match backend.spec.weighting.policy {
-        WeightingPolicy::Equal => {}
-        WeightingPolicy::Static => {
-            // Reported values whose Pod is gone or changed its annotation are forgotten here,
-            // before new ones are added: the set never holds more than the annotated Pods.
-            context
-                .pods
-                .retain_carried(&mut context.bad_annotations.lock().unwrap_or_else(|p| p.into_inner()));
-            for endpoint in &mut probed {
-                let Some(pod) = &endpoint.endpoint.pod else { continue };
-                let annotation = context.pods.annotation(&ObjectKey::new(&key.namespace, pod));
-                endpoint.weight = match weights::static_weight(annotation.as_deref()) {
-                    Ok(weight) => weight,
-                    Err(why) => {
-                        let value = annotation.unwrap_or_default();
-                        let first = context
-                            .bad_annotations
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert((ObjectKey::new(&key.namespace, pod), value));
-                        if first {
-                            notices.push(status::Notice {
-                                warning: true,
-                                reason: "InvalidWeightAnnotation".into(),
-                                note: format!(
-                                    "Pod {pod}: {WEIGHT_ANNOTATION} {why}; the endpoint gets the default weight {FULL_WEIGHT}"
-                                ),
-                            });
-                        }
-                        FULL_WEIGHT
-                    }
-                };
-            }
-        }
-        WeightingPolicy::LoadReport => {
-            // Settings were checked by `probe_settings` above.
-            let load = spec::load_settings(&backend.spec).unwrap_or(weights::LoadSettings {
-                blackout_period: Duration::from_secs(10),
-                weight_expiration_period: Duration::from_secs(180),
-                error_utilization_penalty: 1.0,
+    for (index, why) in weighed.invalid_annotations {
+        let Some(pod) = pod_of(&probed[index].0) else { continue };
+        let value = facts[index].annotation.clone().unwrap_or_default();
+        let first = context
+            .bad_annotations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((pod.clone(), value));
+        if first {
+            notices.push(status::Notice {
+                warning: true,
+                reason: "InvalidWeightAnnotation".into(),
+                note: format!(
+                    "Pod {}: {WEIGHT_ANNOTATION} {why}; the endpoint gets the default weight {FULL_WEIGHT}",
+                    pod.name
+                ),
             });
-            let now = Instant::now();
-            let usable: Vec<usize> = (0..probed.len())
-                .filter(|i| probed[*i].endpoint.kubernetes_ready() && probed[*i].verdict.health == Health::Serving)
-                .collect();
-            let current: Vec<Option<f64>> = usable
-                .iter()
-                .map(|i| {
-                    states
-                        .get(&probed[*i].endpoint.address)
-                        .and_then(|s| s.load.current(&load, now))
-                })
-                .collect();
-            let before: Vec<Option<u32>> = usable
-                .iter()
-                .map(|i| {
-                    published
-                        .get(&probed[*i].endpoint.address)
-                        .map(|(_, weight)| *weight)
-                        .filter(|weight| *weight > 0)
-                })
-                .collect();
-            // A prober younger than the expiration period that has no valid weight yet (the
-            // operator restarted, or took over as leader) cannot have seen the published
-            // weight expire: it stands until the prober has its own.
-            let hold: Vec<bool> = usable
-                .iter()
-                .zip(&current)
-                .map(|(i, current)| {
-                    current.is_none()
-                        && states
-                            .get(&probed[*i].endpoint.address)
-                            .is_some_and(|s| now.saturating_duration_since(s.started) < load.weight_expiration_period)
-                })
-                .collect();
-            for (i, weight) in usable
-                .iter()
-                .zip(weights::publish_load_weights(&current, &before, &hold))
-            {
-                probed[*i].weight = weight;
-            }
-            let report_interval = backend.spec.weighting.load_report().report_interval();
-            weights_change_in = states
-                .values()
-                .filter_map(|s| s.load.changes_in(&load, now))
-                .chain([report_interval])
-                .min();
         }
     }
+    for ((endpoint, _), weight) in probed.iter_mut().zip(weighed.weights) {
+        endpoint.weight = weight;
+    }
+    let probed = probed.into_iter().map(|(endpoint, _)| endpoint).collect();
+    let weights_change_in = weighed.change_in;
     Observed {
         observation: Observation::Endpoints(probed),
         first_probes_due,
         weights_change_in,
         notices,
     }
+}
+
+/// The spec's weighting policy with its settings.
+fn weighting_policy(spec: &kubegrpc_crds::GrpcBackendSpec) -> Result<weights::Policy, String> {
+    Ok(match spec.weighting.policy {
+        WeightingPolicy::Equal => weights::Policy::Equal,
+        WeightingPolicy::Static => weights::Policy::Static,
+        WeightingPolicy::LoadReport => weights::Policy::LoadReport {
+            settings: spec::load_settings(spec)?,
+            report_interval: spec.weighting.load_report().report_interval(),
+        },
+    })
 }
 
 /// Beyond the probe timeout, how long a write waits for a new endpoint's first probe.

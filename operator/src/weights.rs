@@ -1,4 +1,5 @@
-//! Weights, as pure functions of what the operator knows about each endpoint.
+//! Weights, as pure functions of what the operator knows about each endpoint: [`weigh`]
+//! applies a GrpcBackend's policy to its endpoints.
 //!
 //! - `Equal`: every usable endpoint gets [`FULL_WEIGHT`].
 //! - `Static`: the Pod annotation `kubegrpc.io/weight` ([`static_weight`]).
@@ -18,6 +19,101 @@ use std::time::Duration;
 use kubegrpc_crds::{FULL_WEIGHT, MAX_STATIC_WEIGHT};
 use kubegrpc_orca::OrcaLoadReport;
 use tokio::time::Instant;
+
+/// A GrpcBackend's weighting policy, its settings read from a valid spec.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Policy {
+    Equal,
+    Static,
+    LoadReport {
+        settings: LoadSettings,
+        /// How often backends are asked for a report: the weights are looked at again at
+        /// least this often.
+        report_interval: Duration,
+    },
+}
+
+/// What the policies know of one endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointFacts {
+    /// Kubernetes-ready and Serving: `LoadReport` weighs these only.
+    pub usable: bool,
+    /// `Static`: the `kubegrpc.io/weight` annotation of the Pod behind the endpoint (`None`:
+    /// no Pod, or no annotation).
+    pub annotation: Option<String>,
+    /// `LoadReport`: the endpoint's load reports so far, and when its prober started.
+    pub load: LoadWeight,
+    pub prober_started: Instant,
+    /// The weight the status lists for the endpoint now, if it lists one above 0.
+    pub published: Option<u32>,
+}
+
+/// The weights of a GrpcBackend's endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weights {
+    /// One per endpoint, in the order given. Endpoints a policy does not weigh get
+    /// [`FULL_WEIGHT`] (what they would get were they usable).
+    pub weights: Vec<u32>,
+    /// `Static`: the endpoints whose annotation cannot be used (they get [`FULL_WEIGHT`]), by
+    /// index, with why.
+    pub invalid_annotations: Vec<(usize, String)>,
+    /// The weights may change by themselves (new load reports, a blackout ending, a weight
+    /// expiring): look again after this long.
+    pub change_in: Option<Duration>,
+}
+
+/// The weights `policy` gives `endpoints` at `now`.
+pub fn weigh(policy: &Policy, endpoints: &[EndpointFacts], now: Instant) -> Weights {
+    let mut weights = Weights {
+        weights: vec![FULL_WEIGHT; endpoints.len()],
+        invalid_annotations: Vec::new(),
+        change_in: None,
+    };
+    match policy {
+        Policy::Equal => {}
+        Policy::Static => {
+            for (i, endpoint) in endpoints.iter().enumerate() {
+                match static_weight(endpoint.annotation.as_deref()) {
+                    Ok(weight) => weights.weights[i] = weight,
+                    Err(why) => weights.invalid_annotations.push((i, why)),
+                }
+            }
+        }
+        Policy::LoadReport {
+            settings,
+            report_interval,
+        } => {
+            let usable: Vec<&EndpointFacts> = endpoints.iter().filter(|e| e.usable).collect();
+            let current: Vec<Option<f64>> = usable.iter().map(|e| e.load.current(settings, now)).collect();
+            let published: Vec<Option<u32>> = usable.iter().map(|e| e.published.filter(|w| *w > 0)).collect();
+            // A prober younger than the expiration period that has no valid weight yet (the
+            // operator restarted, or took over as leader) cannot have seen the published
+            // weight expire: it stands until the prober has its own.
+            let hold: Vec<bool> = usable
+                .iter()
+                .zip(&current)
+                .map(|(e, current)| {
+                    current.is_none()
+                        && now.saturating_duration_since(e.prober_started) < settings.weight_expiration_period
+                })
+                .collect();
+            let mut published_weights = publish_load_weights(&current, &published, &hold).into_iter();
+            for (weight, endpoint) in weights.weights.iter_mut().zip(endpoints) {
+                if endpoint.usable
+                    && let Some(published) = published_weights.next()
+                {
+                    *weight = published;
+                }
+            }
+            weights.change_in = endpoints
+                .iter()
+                .filter_map(|e| e.load.changes_in(settings, now))
+                .chain([*report_interval])
+                .min();
+        }
+    }
+    weights
+}
 
 /// The weight a Pod's `kubegrpc.io/weight` annotation gives (absent: [`FULL_WEIGHT`]), or why
 /// the value cannot be used.
@@ -259,6 +355,95 @@ mod tests {
             let error = static_weight(Some(bad)).unwrap_err();
             assert!(error.contains("whole number from 0 to 10000"), "{error}");
         }
+    }
+
+    fn facts(usable: bool, annotation: Option<&str>) -> EndpointFacts {
+        EndpointFacts {
+            usable,
+            annotation: annotation.map(String::from),
+            load: LoadWeight::default(),
+            prober_started: Instant::now(),
+            published: None,
+        }
+    }
+
+    #[test]
+    fn equal_gives_every_endpoint_the_full_weight_whatever_its_pod_says() {
+        let endpoints = [facts(true, Some("3")), facts(false, Some("heavy")), facts(true, None)];
+        let weights = weigh(&Policy::Equal, &endpoints, Instant::now());
+        assert_eq!(weights.weights, [FULL_WEIGHT; 3]);
+        assert!(weights.invalid_annotations.is_empty());
+        assert_eq!(weights.change_in, None);
+    }
+
+    #[test]
+    fn static_weighs_every_endpoint_by_its_pods_annotation_and_names_the_bad_ones() {
+        let endpoints = [
+            facts(true, Some("1")),
+            facts(false, Some("3")),
+            facts(true, None),
+            facts(true, Some("heavy")),
+        ];
+        let weights = weigh(&Policy::Static, &endpoints, Instant::now());
+        assert_eq!(weights.weights, [1, 3, FULL_WEIGHT, FULL_WEIGHT]);
+        assert_eq!(weights.invalid_annotations.len(), 1);
+        let (index, why) = &weights.invalid_annotations[0];
+        assert_eq!(*index, 3);
+        assert!(why.contains("\"heavy\" is not a whole number"), "{why}");
+        assert_eq!(weights.change_in, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_report_weighs_usable_endpoints_from_their_reports_and_says_when_to_look_again() {
+        let start = Instant::now();
+        let policy = Policy::LoadReport {
+            settings: SETTINGS,
+            report_interval: Duration::from_secs(30),
+        };
+        let reporting = |usable: bool, utilization: f64| {
+            let mut load = LoadWeight::default();
+            load.update(
+                sample(100.0, 0.0, utilization),
+                SETTINGS.weight_expiration_period,
+                start,
+            );
+            EndpointFacts {
+                load,
+                ..facts(usable, Some("7"))
+            }
+        };
+        // Weights 200 and 400 on the usable ones; the third is not usable: not weighed.
+        let endpoints = [reporting(true, 0.5), reporting(true, 0.25), reporting(false, 0.1)];
+
+        let in_blackout = weigh(&policy, &endpoints, start + Duration::from_secs(4));
+        assert_eq!(in_blackout.weights, [FULL_WEIGHT; 3], "no valid weight yet: the mean");
+        assert_eq!(
+            in_blackout.change_in,
+            Some(Duration::from_secs(6)),
+            "when the blackout ends"
+        );
+
+        let after = weigh(&policy, &endpoints, start + Duration::from_secs(10));
+        assert_eq!(after.weights, [67, 133, FULL_WEIGHT]);
+        assert!(after.invalid_annotations.is_empty(), "annotations are Static's only");
+        assert_eq!(after.change_in, Some(Duration::from_secs(30)), "the report interval");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_report_holds_a_published_weight_while_a_young_prober_has_none() {
+        let policy = Policy::LoadReport {
+            settings: SETTINGS,
+            report_interval: Duration::from_secs(10),
+        };
+        let published = |weight| EndpointFacts {
+            published: Some(weight),
+            ..facts(true, None)
+        };
+        let endpoints = [published(50), published(150)];
+        let young = weigh(&policy, &endpoints, Instant::now() + Duration::from_secs(179));
+        assert_eq!(young.weights, [50, 150]);
+        let old = weigh(&policy, &endpoints, Instant::now() + Duration::from_secs(180));
+        assert_eq!(old.weights, [FULL_WEIGHT; 2], "expired: the reports stopped");
     }
 
     const SETTINGS: LoadSettings = LoadSettings {
