@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod scale;
 pub mod scenario;
 pub mod soak;
+pub mod tls;
 pub mod wait;
 pub mod xds;
 
