@@ -4,18 +4,24 @@
 //! Besides the Rust backend's counters they count `too_many_pings`: GOAWAY ENHANCE_YOUR_CALM
 //! frames their keepalive enforcement sent.
 //!
+//! With [`PeerOptions::tls`] they serve TLS, or mutual TLS, with certificates of a
+//! [`TestCa`](crate::tls::TestCa); they log the serial number of each client certificate they
+//! accept ([`PeerServer::client_certificate_serials`]).
+//!
 //! `tests/peers/build.sh` builds them (`make test` does) and prints the directory that
 //! `KUBEGRPC_PEERS_DIR` names.
 
 use std::{fmt, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use kubegrpc_echo::{SetHealthRequest, StatsReply, StatsRequest};
+use kubegrpc_echo::{EchoClient, SetHealthRequest, StatsReply, StatsRequest};
+use tonic::transport::Channel;
 
 use crate::{
     backends::{BACKEND_PORT, echo_client, next_backend_ip},
     netns::assert_private_network,
     process::ManagedProcess,
+    tls::{ClientTls, IssuedCert, TestCa, tls_channel},
 };
 
 /// The environment variable naming the directory `tests/peers/build.sh` printed.
@@ -76,6 +82,59 @@ pub struct PeerOptions {
     /// the slots' busy time over their capacity, at grpc-go's default floor of one report per
     /// 30 s.
     pub orca: bool,
+    /// Serve TLS (or mutual TLS) instead of plaintext.
+    pub tls: Option<PeerTls>,
+}
+
+/// TLS for a peer server: the certificate it serves and, for mutual TLS, the CA its clients'
+/// certificates must be signed by.
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub server_cert: IssuedCert,
+    pub mutual: Option<MutualTls>,
+}
+
+/// Mutual TLS: client certificates are required and verified against `client_ca`.
+#[derive(Clone, Debug)]
+pub struct MutualTls {
+    /// The CA certificate (PEM file).
+    pub client_ca: PathBuf,
+    /// The harness's own client certificate from that CA, for [`PeerServer::stats`] and
+    /// [`PeerServer::set_serving`]; its serial shows in [`PeerServer::client_certificate_serials`]
+    /// like any client's.
+    pub harness_cert: IssuedCert,
+}
+
+impl PeerTls {
+    /// TLS with `server_cert`, any client.
+    pub fn server(server_cert: &IssuedCert) -> Self {
+        Self {
+            server_cert: server_cert.clone(),
+            mutual: None,
+        }
+    }
+
+    /// Mutual TLS: serves `server_cert` and requires client certificates signed by `client_ca`
+    /// (which issues the harness its own, common name `kubegrpc-test-harness`).
+    pub fn mutual(server_cert: &IssuedCert, client_ca: &TestCa) -> Result<Self> {
+        Ok(Self {
+            server_cert: server_cert.clone(),
+            mutual: Some(MutualTls {
+                client_ca: client_ca.cert_path().to_path_buf(),
+                harness_cert: client_ca.client_cert("kubegrpc-test-harness")?,
+            }),
+        })
+    }
+
+    /// How the harness connects for Stats and SetHealth: whatever certificate the peer serves
+    /// (expired, for another name...), with the harness's client certificate for mutual TLS.
+    fn harness_client(&self, address: SocketAddr) -> ClientTls {
+        let client = ClientTls::unverified(address);
+        match &self.mutual {
+            Some(mutual) => client.with_client_cert(&mutual.harness_cert),
+            None => client,
+        }
+    }
 }
 
 impl PeerOptions {
@@ -102,6 +161,16 @@ impl PeerOptions {
         if self.orca {
             args.push("--orca".into());
         }
+        if let Some(tls) = &self.tls {
+            args.push("--tls-cert".into());
+            args.push(tls.server_cert.cert_path.display().to_string());
+            args.push("--tls-key".into());
+            args.push(tls.server_cert.key_path.display().to_string());
+            if let Some(mutual) = &tls.mutual {
+                args.push("--client-ca".into());
+                args.push(mutual.client_ca.display().to_string());
+            }
+        }
         args
     }
 }
@@ -116,7 +185,11 @@ pub struct PeerServer {
     pub language: PeerLanguage,
     pub address: SocketAddr,
     pub process: ManagedProcess,
+    tls: Option<PeerTls>,
 }
+
+/// What a peer logs for each client certificate it accepts, before the serial number.
+const CLIENT_SERIAL_LOG: &str = "client certificate serial ";
 
 impl PeerServer {
     /// Starts one peer server process on `address`, waits (deadline 60 s for Java) until its log
@@ -142,6 +215,7 @@ impl PeerServer {
                     language,
                     address,
                     process,
+                    tls: options.tls.clone(),
                 });
             }
             if let Some(status) = process.try_exit_status() {
@@ -163,7 +237,8 @@ impl PeerServer {
 
     /// Its counters, through a connection of its own (which the connection counters include).
     pub async fn stats(&self) -> Result<StatsReply> {
-        let reply = echo_client(self.address)
+        let reply = self
+            .control_client()
             .await?
             .stats(StatsRequest {})
             .await
@@ -173,7 +248,7 @@ impl PeerServer {
 
     /// Sets the health status of `service` ("" for the whole server).
     pub async fn set_serving(&self, service: &str, serving: bool) -> Result<()> {
-        echo_client(self.address)
+        self.control_client()
             .await?
             .set_health(SetHealthRequest {
                 service: service.into(),
@@ -183,6 +258,36 @@ impl PeerServer {
             .with_context(|| format!("SetHealth on the {} peer {}", self.language, self.address))?;
         Ok(())
     }
+
+    /// The serial numbers (lowercase hexadecimal, as [`IssuedCert::serial_hex`]) of the client
+    /// certificates of the TLS connections it accepted, in order, one per connection: the
+    /// harness's own Stats and SetHealth connections to a mutual-TLS peer included. Read from
+    /// its log, where it writes each before it serves the connection.
+    pub fn client_certificate_serials(&self) -> Result<Vec<String>> {
+        let log = std::fs::read_to_string(self.process.log_path())
+            .with_context(|| format!("cannot read the log of the {} peer {}", self.language, self.address))?;
+        Ok(log
+            .lines()
+            .filter_map(|line| line.split_once(CLIENT_SERIAL_LOG))
+            .filter_map(|(_, rest)| rest.split_whitespace().next())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// An Echo client on a new connection, with TLS when the peer serves it.
+    async fn control_client(&self) -> Result<EchoClient<Channel>> {
+        match &self.tls {
+            None => echo_client(self.address).await,
+            Some(tls) => {
+                let channel = tls_channel(self.address, &tls.harness_client(self.address))
+                    .await
+                    .with_context(|| {
+                        format!("cannot connect to the {} peer {} over TLS", self.language, self.address)
+                    })?;
+                Ok(EchoClient::new(channel))
+            }
+        }
+    }
 }
 
 impl fmt::Debug for PeerServer {
@@ -191,6 +296,7 @@ impl fmt::Debug for PeerServer {
             .field("language", &self.language)
             .field("address", &self.address)
             .field("process", &self.process)
+            .field("tls", &self.tls)
             .finish()
     }
 }

@@ -6,11 +6,16 @@
 //	peer-server --listen IP:PORT [--keepalive-enforcement default|permissive]
 //	            [--max-connection-age D] [--max-connection-age-grace D] [--not-serving]
 //	            [--capacity N] [--work D] [--orca [--orca-min-interval D]]
+//	            [--tls-cert FILE --tls-key FILE [--client-ca FILE]]
 //
 // With --capacity and --work each Echo call holds one of N worker slots for the work's time;
 // with --orca the server also serves grpc-go's out-of-band ORCA service (OpenRcaService), whose
 // application utilization is the slots' busy time over the last ~5 s divided by that time and the
 // capacity, with the Echo calls' QPS and EPS over the same window (see load.go).
+//
+// With --tls-cert and --tls-key it serves TLS (ALPN h2) instead of plaintext; with --client-ca
+// too, mutual TLS: clients must present a certificate signed by that CA. It logs
+// "client certificate serial HEX from IP:PORT" for each client certificate accepted (see tls.go).
 //
 // It prints "listening on IP:PORT" once it accepts connections. On SIGTERM it sets every health
 // status NOT_SERVING, then stops gracefully (at most 5 s, then forcefully: grpc-go's health Watch
@@ -65,13 +70,18 @@ func main() {
 	work := flag.Duration("work", 0, "how long each Echo call works, holding a slot (0: no work)")
 	orcaOn := flag.Bool("orca", false, "serve ORCA out-of-band load reports (xds.service.orca.v3.OpenRcaService)")
 	orcaMinInterval := flag.Duration("orca-min-interval", 30*time.Second, "the ORCA streams' minimum reporting interval (default: grpc-go's own floor, 30 s; lower values need load.go's override)")
+	tlsCert := flag.String("tls-cert", "", "serve TLS with this certificate chain (PEM file; needs --tls-key)")
+	tlsKey := flag.String("tls-key", "", "the private key of --tls-cert (PEM file)")
+	clientCA := flag.String("client-ca", "", "mutual TLS: require client certificates signed by this CA (PEM file; needs --tls-cert)")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.SetPrefix("peer-server-go: ")
-	if *listen == "" || flag.NArg() != 0 || *capacity < 0 || *work < 0 || *orcaMinInterval <= 0 {
+	if *listen == "" || flag.NArg() != 0 || *capacity < 0 || *work < 0 || *orcaMinInterval <= 0 ||
+		(*tlsCert == "") != (*tlsKey == "") || (*clientCA != "" && *tlsCert == "") {
 		flag.Usage()
 		os.Exit(2)
 	}
+	serveTLS := *tlsCert != ""
 
 	var options []grpc.ServerOption
 	switch *enforcement {
@@ -98,6 +108,13 @@ func main() {
 	}
 	address := listener.Addr().String()
 	stats := &counters{}
+	if serveTLS {
+		creds, err := serverTLS(*tlsCert, *tlsKey, *clientCA, stats)
+		if err != nil {
+			log.Fatal(err)
+		}
+		options = append(options, grpc.Creds(creds))
+	}
 	echoLoad := newLoad(*capacity, *work, time.Now())
 
 	healthServer := health.NewServer() // "" starts SERVING
@@ -121,10 +138,12 @@ func main() {
 	}
 
 	served := make(chan error, 1)
-	go func() { served <- server.Serve(&countingListener{Listener: listener, stats: stats}) }()
+	go func() {
+		served <- server.Serve(&countingListener{Listener: listener, stats: stats, watchGoAways: !serveTLS})
+	}()
 	log.Printf("grpc-go server: keepalive enforcement %s, max connection age %v, grace %v, not serving %v, "+
-		"capacity %d, work %v, orca %v (min interval %v)",
-		*enforcement, *maxAge, *maxAgeGrace, *notServing, *capacity, *work, *orcaOn, *orcaMinInterval)
+		"capacity %d, work %v, orca %v (min interval %v), tls %v, client ca %q",
+		*enforcement, *maxAge, *maxAgeGrace, *notServing, *capacity, *work, *orcaOn, *orcaMinInterval, serveTLS, *clientCA)
 	fmt.Printf("listening on %s\n", address)
 	_ = os.Stdout.Sync()
 
@@ -293,9 +312,12 @@ func (s *echoService) setHealth(request []byte) ([]byte, error) {
 
 // === connection counting and the GOAWAY too_many_pings detector ===
 
+// countingListener counts connections; on plaintext connections it also watches for GOAWAY
+// too_many_pings (with TLS, observedTLS does, above the TLS records).
 type countingListener struct {
 	net.Listener
-	stats *counters
+	stats        *counters
+	watchGoAways bool
 }
 
 func (l *countingListener) Accept() (net.Conn, error) {
@@ -305,20 +327,35 @@ func (l *countingListener) Accept() (net.Conn, error) {
 	}
 	l.stats.connectionsAccepted.Add(1)
 	l.stats.connectionsOpen.Add(1)
-	return &countingConn{Conn: conn, stats: l.stats}, nil
+	counted := &countingConn{Conn: conn, stats: l.stats}
+	if !l.watchGoAways {
+		return counted, nil
+	}
+	return &goAwayWatchingConn{Conn: counted, stats: l.stats}, nil
 }
 
-// countingConn counts itself closed once, and watches the server's outgoing HTTP/2 frames for
-// GOAWAY ENHANCE_YOUR_CALM "too_many_pings" (what keepalive enforcement sends).
+// countingConn counts itself closed once.
 type countingConn struct {
 	net.Conn
 	stats     *counters
 	closeOnce sync.Once
-	mu        sync.Mutex
-	frames    frameScanner
 }
 
-func (c *countingConn) Write(b []byte) (int, error) {
+func (c *countingConn) Close() error {
+	c.closeOnce.Do(func() { c.stats.connectionsOpen.Add(-1) })
+	return c.Conn.Close()
+}
+
+// goAwayWatchingConn watches the server's outgoing HTTP/2 frames for GOAWAY ENHANCE_YOUR_CALM
+// "too_many_pings" (what keepalive enforcement sends).
+type goAwayWatchingConn struct {
+	net.Conn
+	stats  *counters
+	mu     sync.Mutex
+	frames frameScanner
+}
+
+func (c *goAwayWatchingConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
 	c.mu.Lock()
 	found := c.frames.scan(b[:n])
@@ -328,11 +365,6 @@ func (c *countingConn) Write(b []byte) (int, error) {
 		log.Printf("sent GOAWAY ENHANCE_YOUR_CALM too_many_pings to %v", c.RemoteAddr())
 	}
 	return n, err
-}
-
-func (c *countingConn) Close() error {
-	c.closeOnce.Do(func() { c.stats.connectionsOpen.Add(-1) })
-	return c.Conn.Close()
 }
 
 const (

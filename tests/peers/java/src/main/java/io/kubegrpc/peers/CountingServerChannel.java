@@ -11,14 +11,17 @@ import java.util.logging.Logger;
 
 /**
  * The server's listening socket: counts the TCP connections it accepts and, until each closes,
- * as open. On each accepted connection it puts a {@link GoAwayWatcher} next to the socket, before
- * grpc-java's own handlers exist, so that it sees every byte the server writes.
+ * as open. On each accepted plaintext connection it puts a {@link GoAwayWatcher} next to the
+ * socket, before grpc-java's own handlers exist, so that it sees every byte the server writes; on
+ * a TLS connection a {@link PeerTls.WatcherPlacer}, which puts the watcher above the TLS records.
  */
 final class CountingServerChannel extends NioServerSocketChannel {
   private final Counters counters;
+  private final boolean tls;
 
-  CountingServerChannel(Counters counters) {
+  CountingServerChannel(Counters counters, boolean tls) {
     this.counters = counters;
+    this.tls = tls;
   }
 
   @Override
@@ -30,15 +33,19 @@ final class CountingServerChannel extends NioServerSocketChannel {
         counters.connectionsAccepted.incrementAndGet();
         counters.connectionsOpen.incrementAndGet();
         connection.closeFuture().addListener(closed -> counters.connectionsOpen.decrementAndGet());
-        connection.pipeline().addFirst("kubegrpc-goaway-watcher", new GoAwayWatcher(counters));
+        connection
+            .pipeline()
+            .addFirst(
+                tls ? "kubegrpc-goaway-watcher-placer" : "kubegrpc-goaway-watcher",
+                tls ? new PeerTls.WatcherPlacer(counters) : new GoAwayWatcher(counters));
       }
     }
     return read;
   }
 
   /**
-   * Follows the HTTP/2 frames the server writes on one connection (plaintext: the bytes are
-   * frames, the server's preface being a SETTINGS frame) and counts GOAWAY ENHANCE_YOUR_CALM
+   * Follows the HTTP/2 frames the server writes on one connection (below TLS or without it: the
+   * bytes are frames, the server's preface being a SETTINGS frame) and counts GOAWAY ENHANCE_YOUR_CALM
    * "too_many_pings" (keepalive enforcement) once the socket write succeeded.
    */
   static final class GoAwayWatcher extends ChannelOutboundHandlerAdapter {

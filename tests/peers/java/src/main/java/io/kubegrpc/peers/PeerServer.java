@@ -1,6 +1,8 @@
 package io.kubegrpc.peers;
 
+import io.grpc.InsecureServerCredentials;
 import io.grpc.Server;
+import io.grpc.ServerCredentials;
 import io.grpc.ServerInterceptors;
 import io.grpc.health.v1.HealthCheckResponse.ServingStatus;
 import io.grpc.netty.shaded.io.grpc.netty.NettyServerBuilder;
@@ -25,7 +27,13 @@ import java.util.regex.Pattern;
  * <pre>
  * peer-server-java --listen IP:PORT [--keepalive-enforcement default|permissive]
  *                  [--max-connection-age D] [--max-connection-age-grace D] [--not-serving]
+ *                  [--tls-cert FILE --tls-key FILE [--client-ca FILE]]
  * </pre>
+ *
+ * <p>With {@code --tls-cert} and {@code --tls-key} it serves TLS instead of plaintext; with
+ * {@code --client-ca} too, mutual TLS: clients must present a certificate signed by that CA. It
+ * logs {@code client certificate serial HEX from IP:PORT} for each client certificate accepted
+ * (see {@link PeerTls}).
  *
  * <p>Prints {@code listening on IP:PORT} once it accepts connections. On SIGTERM it sets every
  * health status NOT_SERVING, shuts down and waits at most 5 s for calls in flight (health Watch
@@ -59,15 +67,23 @@ public final class PeerServer {
     // writes on each (see CountingServerChannel). A custom channel needs its own event loops.
     EventLoopGroup boss = new MultiThreadIoEventLoopGroup(1, NioIoHandler.newFactory());
     EventLoopGroup workers = new MultiThreadIoEventLoopGroup(2, NioIoHandler.newFactory());
+    boolean tls = options.tlsCert != null;
+    ServerCredentials credentials =
+        tls
+            ? PeerTls.credentials(options.tlsCert, options.tlsKey, options.clientCa)
+            : InsecureServerCredentials.create();
     NettyServerBuilder builder =
-        NettyServerBuilder.forAddress(options.listen)
-            .channelFactory(() -> new CountingServerChannel(counters))
+        NettyServerBuilder.forAddress(options.listen, credentials)
+            .channelFactory(() -> new CountingServerChannel(counters, tls))
             .bossEventLoopGroup(boss)
             .workerEventLoopGroup(workers)
             .addService(new EchoService(address, counters, health).definition())
             .addService(
                 ServerInterceptors.intercept(
                     health.getHealthService(), new HealthCountingInterceptor(counters)));
+    if (tls) {
+      builder.addTransportFilter(new PeerTls.ClientCertificateLogger());
+    }
     if (options.keepalivePermissive) {
       builder.permitKeepAliveTime(1, TimeUnit.MILLISECONDS).permitKeepAliveWithoutCalls(true);
     }
@@ -112,7 +128,11 @@ public final class PeerServer {
             + ", grace "
             + options.maxConnectionAgeGrace
             + ", not serving "
-            + options.notServing);
+            + options.notServing
+            + ", tls "
+            + tls
+            + ", client ca "
+            + options.clientCa);
     System.out.println("listening on " + address);
     System.out.flush();
     server.awaitTermination();
@@ -129,13 +149,17 @@ public final class PeerServer {
     static final String USAGE =
         "usage: peer-server-java --listen IP:PORT [--keepalive-enforcement default|permissive]\n"
             + "                        [--max-connection-age DURATION] [--max-connection-age-grace DURATION]\n"
-            + "                        [--not-serving]      (durations like 2s, 500ms, 1m30s)";
+            + "                        [--not-serving]      (durations like 2s, 500ms, 1m30s)\n"
+            + "                        [--tls-cert FILE --tls-key FILE [--client-ca FILE]]";
 
     InetSocketAddress listen;
     boolean keepalivePermissive;
     Duration maxConnectionAge;
     Duration maxConnectionAgeGrace;
     boolean notServing;
+    String tlsCert;
+    String tlsKey;
+    String clientCa;
 
     static Options parse(String[] args) {
       Options options = new Options();
@@ -150,7 +174,7 @@ public final class PeerServer {
         switch (arg) {
           case "--not-serving" -> options.notServing = true;
           case "--listen", "--keepalive-enforcement", "--max-connection-age",
-              "--max-connection-age-grace" -> {
+              "--max-connection-age-grace", "--tls-cert", "--tls-key", "--client-ca" -> {
             if (value == null) {
               if (i + 1 >= args.length) {
                 throw new IllegalArgumentException(arg + " needs a value");
@@ -167,6 +191,9 @@ public final class PeerServer {
                 options.keepalivePermissive = value.equals("permissive");
               }
               case "--max-connection-age" -> options.maxConnectionAge = parseDuration(value);
+              case "--tls-cert" -> options.tlsCert = value;
+              case "--tls-key" -> options.tlsKey = value;
+              case "--client-ca" -> options.clientCa = value;
               default -> options.maxConnectionAgeGrace = parseDuration(value);
             }
           }
@@ -175,6 +202,12 @@ public final class PeerServer {
       }
       if (options.listen == null) {
         throw new IllegalArgumentException("--listen IP:PORT is required");
+      }
+      if ((options.tlsCert == null) != (options.tlsKey == null)) {
+        throw new IllegalArgumentException("--tls-cert and --tls-key go together");
+      }
+      if (options.clientCa != null && options.tlsCert == null) {
+        throw new IllegalArgumentException("--client-ca needs --tls-cert and --tls-key");
       }
       return options;
     }
