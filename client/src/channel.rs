@@ -20,6 +20,7 @@ use tracing::debug;
 
 use crate::{
     Error,
+    connection::Dial,
     endpoint::{EndpointTemplate, ReplayBody},
     failure::Failure,
     outlier::OutlierDetection,
@@ -313,6 +314,7 @@ impl Builder {
                 outlier_detection: self.outlier_detection,
                 panic_threshold: self.panic_threshold,
                 transparent_retry: self.transparent_retry,
+                dial: Dial::Tcp,
             },
         );
         let node = match self.zone {
@@ -449,7 +451,7 @@ mod tests {
     use crate::{
         outlier::OutlierDetection,
         pool::{Pool, PoolConfig},
-        test_support::{BACKEND, answering, apply, config, entry, refusing},
+        test_support::{BACKEND, MemoryNetwork, apply, entry},
     };
 
     use super::*;
@@ -463,13 +465,13 @@ mod tests {
             .expect("a valid request")
     }
 
-    /// A pool without outlier detection, so that a refusing endpoint stays in rotation.
-    fn new_pool(transparent_retry: bool) -> Arc<Pool> {
+    /// A pool on `net` without outlier detection, so that a refusing endpoint stays in rotation.
+    fn new_pool(net: &MemoryNetwork, transparent_retry: bool) -> Arc<Pool> {
         Pool::new(
             BACKEND.into(),
             PoolConfig {
                 transparent_retry,
-                ..config(
+                ..net.config(
                     OutlierDetection {
                         enabled: false,
                         ..OutlierDetection::default()
@@ -488,7 +490,8 @@ mod tests {
 
     #[tokio::test]
     async fn with_no_endpoint_a_request_fails_unavailable_with_the_reason() {
-        let pool = new_pool(true);
+        let net = MemoryNetwork::default();
+        let pool = new_pool(&net, true);
         let error = send(pool, request()).await.expect_err("nowhere to send");
         let status = error.downcast::<Status>().expect("a gRPC status");
         assert_eq!(status.code(), tonic::Code::Unavailable);
@@ -497,8 +500,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_attempt_is_sent_again_to_another_endpoint() {
-        let (up, down) = (answering().await, refusing());
-        let pool = new_pool(true);
+        let net = MemoryNetwork::default();
+        let (up, down) = (net.answering(), net.refusing());
+        let pool = new_pool(&net, true);
         apply(&pool, &[entry(up, 100, "Serving"), entry(down, 100, "Serving")]);
         for _ in 0..20 {
             send(pool.clone(), request()).await.expect("every request is served");
@@ -516,8 +520,9 @@ mod tests {
 
     #[tokio::test]
     async fn without_transparent_retry_a_refused_attempt_fails_as_a_connect_error() {
-        let down = refusing();
-        let pool = new_pool(false);
+        let net = MemoryNetwork::default();
+        let down = net.refusing();
+        let pool = new_pool(&net, false);
         apply(&pool, &[entry(down, 100, "Serving")]);
         let error = send(pool.clone(), request()).await.expect_err("refused");
         assert_eq!(crate::failure::classify(&*error), Failure::Connect, "{error:?}");
@@ -526,8 +531,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_is_attempted_at_most_three_times() {
-        let (first, second) = (refusing(), refusing());
-        let pool = new_pool(true);
+        let net = MemoryNetwork::default();
+        let (first, second) = (net.refusing(), net.refusing());
+        let pool = new_pool(&net, true);
         apply(&pool, &[entry(first, 100, "Serving"), entry(second, 100, "Serving")]);
         let error = send(pool.clone(), request()).await.expect_err("every endpoint refuses");
         assert_eq!(crate::failure::classify(&*error), Failure::Connect, "{error:?}");

@@ -46,11 +46,24 @@ impl Connection {
     }
 }
 
+/// How connections are made: over TCP, or, in the unit tests, over an in-memory network (no
+/// socket and no timer, so that a test can run on a paused clock).
+#[derive(Clone, Default)]
+pub enum Dial {
+    /// TCP to the endpoint's address (plaintext connections are watched for GOAWAY).
+    #[default]
+    Tcp,
+    /// The unit tests' in-memory network.
+    #[cfg(test)]
+    Memory(crate::test_support::MemoryNetwork),
+}
+
 /// The current connection of one endpoint, replaced on GOAWAY.
 pub struct ConnectionSlot {
     address: SocketAddr,
     endpoint: tonic::transport::Endpoint,
     watch_frames: bool,
+    dial: Dial,
     stats: Arc<EndpointStats>,
     current: ArcSwap<Connection>,
 }
@@ -62,14 +75,16 @@ impl ConnectionSlot {
         address: SocketAddr,
         endpoint: tonic::transport::Endpoint,
         watch_frames: bool,
+        dial: Dial,
         stats: Arc<EndpointStats>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me: &Weak<Self>| {
-            let first = open(address, &endpoint, watch_frames, &stats, me.clone());
+            let first = open(address, &endpoint, watch_frames, &dial, &stats, me.clone());
             Self {
                 address,
                 endpoint,
                 watch_frames,
+                dial,
                 stats,
                 current: ArcSwap::from_pointee(first),
             }
@@ -89,6 +104,7 @@ impl ConnectionSlot {
                 self.address,
                 &self.endpoint,
                 self.watch_frames,
+                &self.dial,
                 &self.stats,
                 Arc::downgrade(self),
             );
@@ -103,6 +119,7 @@ fn open(
     address: SocketAddr,
     endpoint: &tonic::transport::Endpoint,
     watch_frames: bool,
+    dial: &Dial,
     stats: &Arc<EndpointStats>,
     slot: Weak<ConnectionSlot>,
 ) -> Connection {
@@ -113,35 +130,57 @@ fn open(
             draining,
         };
     }
-    let nodelay = endpoint.get_tcp_nodelay();
-    let keepalive = endpoint.get_tcp_keepalive();
     let flag = draining.clone();
     let stats = stats.clone();
-    let connector = tower::service_fn(move |_: http::Uri| {
-        let (slot, flag, stats) = (slot.clone(), flag.clone(), stats.clone());
-        async move {
-            let stream = TcpStream::connect(address).await?;
-            let closed = ClosedOnDrop::opened(stats);
-            stream.set_nodelay(nodelay)?;
-            if let Some(time) = keepalive {
-                socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(time))?;
-            }
-            Ok::<_, io::Error>(TokioIo::new(WatchedStream::new(
-                stream,
-                closed,
-                Box::new(move || {
-                    let _ = flag.set(Instant::now());
-                    if let Some(slot) = slot.upgrade() {
-                        slot.replace(&flag);
+    let channel = match dial {
+        Dial::Tcp => {
+            let nodelay = endpoint.get_tcp_nodelay();
+            let keepalive = endpoint.get_tcp_keepalive();
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let (slot, flag, stats) = (slot.clone(), flag.clone(), stats.clone());
+                async move {
+                    let stream = TcpStream::connect(address).await?;
+                    let closed = ClosedOnDrop::opened(stats);
+                    stream.set_nodelay(nodelay)?;
+                    if let Some(time) = keepalive {
+                        let keepalive = socket2::TcpKeepalive::new().with_time(time);
+                        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
                     }
-                }),
-            )))
+                    Ok::<_, io::Error>(watched(stream, closed, flag, slot))
+                }
+            }))
         }
-    });
-    Connection {
-        channel: endpoint.connect_with_connector_lazy(connector),
-        draining,
-    }
+        #[cfg(test)]
+        Dial::Memory(network) => {
+            let network = network.clone();
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let connected = network.connect(address);
+                let (slot, flag, stats) = (slot.clone(), flag.clone(), stats.clone());
+                async move { Ok::<_, io::Error>(watched(connected?, ClosedOnDrop::opened(stats), flag, slot)) }
+            }))
+        }
+    };
+    Connection { channel, draining }
+}
+
+/// A new connection's stream for hyper: counted (`closed`), and watched for GOAWAY on behalf of
+/// `slot`, whose connection it marks `draining` then.
+fn watched<S>(
+    stream: S,
+    closed: ClosedOnDrop,
+    draining: Arc<OnceLock<Instant>>,
+    slot: Weak<ConnectionSlot>,
+) -> TokioIo<WatchedStream<S>> {
+    TokioIo::new(WatchedStream::new(
+        stream,
+        closed,
+        Box::new(move || {
+            let _ = draining.set(Instant::now());
+            if let Some(slot) = slot.upgrade() {
+                slot.replace(&draining);
+            }
+        }),
+    ))
 }
 
 /// Counts a connection opened, and closed when hyper drops its stream: from then on nothing can
@@ -509,7 +548,7 @@ mod tests {
         });
         let stats = Arc::new(EndpointStats::default());
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
-        let slot = ConnectionSlot::new(address, endpoint, true, stats.clone());
+        let slot = ConnectionSlot::new(address, endpoint, true, Dial::Tcp, stats.clone());
         let request = || {
             http::Request::post("/kubegrpc.Test/Call")
                 .header(http::header::CONTENT_TYPE, "application/grpc")

@@ -16,7 +16,7 @@ use tonic::body::Body;
 use tower::ServiceExt;
 
 use crate::{
-    connection::ConnectionSlot,
+    connection::{ConnectionSlot, Dial},
     failure::{Failure, classify},
     outlier::IntervalCounts,
 };
@@ -102,11 +102,12 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    /// A connection to `address`, made on first use.
+    /// A connection to `address`, made on first use (with `dial`).
     pub fn new(
         address: SocketAddr,
         tls: bool,
         template: &EndpointTemplate,
+        dial: &Dial,
         stats: Arc<EndpointStats>,
     ) -> Result<Self, tonic::transport::Error> {
         let scheme = if tls { "https" } else { "http" };
@@ -116,7 +117,7 @@ impl Endpoint {
         let watch_frames = !tls && endpoint.uri().scheme_str() != Some("https");
         Ok(Self {
             address,
-            connection: ConnectionSlot::new(address, endpoint, watch_frames, stats.clone()),
+            connection: ConnectionSlot::new(address, endpoint, watch_frames, dial.clone(), stats.clone()),
             stats,
         })
     }

@@ -1,15 +1,19 @@
-//! Helpers for the client's unit tests: loopback servers and statuses applied to a pool.
+//! Helpers for the client's unit tests: an in-memory network of endpoints, and statuses
+//! applied to a pool.
 
 use std::{
+    collections::HashSet,
+    io,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::io::DuplexStream;
 
 use crate::{
+    connection::Dial,
     outlier::OutlierDetection,
     pool::{Pool, PoolConfig},
     status::parse_status,
@@ -17,48 +21,84 @@ use crate::{
 
 pub const BACKEND: &str = "default/echo";
 
-/// A loopback address where an HTTP/2 server answers every request at once with a
-/// trailers-only gRPC response, so that warm-ups succeed. It serves until the test ends.
-pub async fn answering() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("local address");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((request, mut respond))) = connection.accept().await {
-                    tokio::spawn(async move {
-                        let mut body = request.into_body();
-                        while let Some(Ok(_)) = body.data().await {}
-                        let response = http::Response::builder()
-                            .header(http::header::CONTENT_TYPE, "application/grpc")
-                            .header("grpc-status", "0")
-                            .body(())
-                            .expect("a valid response");
-                        let _ = respond.send_response(response, true);
-                    });
-                }
-            });
+/// Endpoints in memory: each connection to an answering address is a duplex pipe to an HTTP/2
+/// server of its own that answers every request at once with a trailers-only gRPC OK (so that
+/// warm-ups succeed); a connection to any other address is refused. No socket and no timer:
+/// tests on it can run on a paused clock.
+#[derive(Clone, Default)]
+pub struct MemoryNetwork {
+    inner: Arc<Mutex<Addresses>>,
+}
+
+#[derive(Default)]
+struct Addresses {
+    handed_out: u16,
+    answering: HashSet<SocketAddr>,
+}
+
+impl MemoryNetwork {
+    /// A new address where a server answers.
+    pub fn answering(&self) -> SocketAddr {
+        let address = self.next_address();
+        self.lock().answering.insert(address);
+        address
+    }
+
+    /// A new address where nothing listens: connections to it are refused.
+    pub fn refusing(&self) -> SocketAddr {
+        self.next_address()
+    }
+
+    /// Connects to `address` (from a Tokio runtime: the server runs in a task of its own).
+    pub fn connect(&self, address: SocketAddr) -> io::Result<DuplexStream> {
+        if !self.lock().answering.contains(&address) {
+            return Err(io::ErrorKind::ConnectionRefused.into());
         }
-    });
-    address
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(server));
+        Ok(client)
+    }
+
+    /// A pool configuration whose connections go to this network.
+    pub fn config(&self, outlier_detection: OutlierDetection, panic_threshold: u8) -> PoolConfig {
+        PoolConfig {
+            template: Arc::new(|endpoint| Ok(endpoint.connect_timeout(Duration::from_secs(5)))),
+            tls: false,
+            outlier_detection,
+            panic_threshold,
+            transparent_retry: true,
+            dial: Dial::Memory(self.clone()),
+        }
+    }
+
+    fn next_address(&self) -> SocketAddr {
+        let mut addresses = self.lock();
+        addresses.handed_out += 1;
+        let [high, low] = addresses.handed_out.to_be_bytes();
+        SocketAddr::from(([10, 0, high, low], 50051))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Addresses> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
-/// A loopback address where nothing listens: connections to it are refused.
-pub fn refusing() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local address")
-}
-
-pub fn config(outlier_detection: OutlierDetection, panic_threshold: u8) -> PoolConfig {
-    PoolConfig {
-        template: Arc::new(|endpoint| Ok(endpoint.connect_timeout(Duration::from_secs(5)))),
-        tls: false,
-        outlier_detection,
-        panic_threshold,
-        transparent_retry: true,
+/// An HTTP/2 server on one connection: every request answered at once, trailers-only, OK.
+async fn serve(stream: DuplexStream) {
+    let Ok(mut connection) = h2::server::handshake(stream).await else {
+        return;
+    };
+    while let Some(Ok((request, mut respond))) = connection.accept().await {
+        tokio::spawn(async move {
+            let mut body = request.into_body();
+            while let Some(Ok(_)) = body.data().await {}
+            let response = http::Response::builder()
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header("grpc-status", "0")
+                .body(())
+                .expect("a valid response");
+            let _ = respond.send_response(response, true);
+        });
     }
 }
 

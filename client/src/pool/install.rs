@@ -69,7 +69,13 @@ impl Pool {
                 Some(existing) => existing.clone(),
                 None => {
                     let stats = state.connections.stats.get(&address).cloned().unwrap_or_default();
-                    match Endpoint::new(address, self.config.tls, &self.config.template, stats) {
+                    match Endpoint::new(
+                        address,
+                        self.config.tls,
+                        &self.config.template,
+                        &self.config.dial,
+                        stats,
+                    ) {
                         Ok(endpoint) => {
                             let endpoint = Arc::new(endpoint);
                             new_connections.push(endpoint.clone());

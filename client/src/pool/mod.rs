@@ -28,6 +28,7 @@ use arc_swap::ArcSwap;
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
+    connection::Dial,
     endpoint::{Endpoint, EndpointTemplate},
     outlier::OutlierDetection,
     picker::Picker,
@@ -56,6 +57,8 @@ pub(crate) struct PoolConfig {
     /// Kubernetes-ready ones. 0 turns it off.
     pub panic_threshold: u8,
     pub transparent_retry: bool,
+    /// How connections are made (TCP but in the unit tests).
+    pub dial: Dial,
 }
 
 /// What requests are picked from, rebuilt on every change.

@@ -1,5 +1,6 @@
-//! The pool through real connections to loopback servers: rotations, ejections and their
-//! end, slow start's timer, zones. The planning rules alone are tested in `plan/tests.rs`.
+//! The pool with its connections, to endpoints of an in-memory network (no socket): rotations,
+//! ejections and their end, slow start's timer (on a paused clock), zones. The planning rules
+//! alone are tested in `plan/tests.rs`.
 
 use std::{
     collections::HashMap,
@@ -9,8 +10,6 @@ use std::{
 };
 
 use serde_json::json;
-use tokio::time::Instant;
-use tower::ServiceExt;
 
 use super::Pool;
 use crate::{
@@ -19,12 +18,12 @@ use crate::{
     outlier::OutlierDetection,
     slow_start::{ParsedSlowStart, SlowStart},
     snapshot::Snapshot,
-    test_support::{BACKEND, answering, apply, config, entry, refusing, transitioned, zoned},
+    test_support::{BACKEND, MemoryNetwork, apply, entry, transitioned, zoned},
 };
 
-/// A pool with the default outlier detection and no panic mode.
-fn new_pool() -> Arc<Pool> {
-    Pool::new(BACKEND.into(), config(OutlierDetection::default(), 0))
+/// A pool on `net` with the default outlier detection and no panic mode.
+fn new_pool(net: &MemoryNetwork) -> Arc<Pool> {
+    Pool::new(BACKEND.into(), net.config(OutlierDetection::default(), 0))
 }
 
 /// How often each endpoint is picked over one cycle of the rotation.
@@ -62,15 +61,13 @@ async fn wait_until(pool: &Pool, what: &str, condition: impl Fn(&Snapshot) -> bo
     }
 }
 
-/// A real transport error: a request through a tonic channel to an address that refuses.
+/// A real transport error: a connection refused.
 async fn connect_error() -> tonic::transport::Error {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", refusing()))
-        .expect("a valid URI")
-        .connect_lazy();
-    let request = http::Request::post("/grpc.health.v1.Health/Check")
-        .body(tonic::body::Body::empty())
-        .expect("a valid request");
-    channel.oneshot(request).await.expect_err("the connection is refused")
+    let net = MemoryNetwork::default();
+    let config = net.config(OutlierDetection::default(), 0);
+    let endpoint =
+        Endpoint::new(net.refusing(), false, &config.template, &config.dial, Arc::default()).expect("a valid endpoint");
+    endpoint.warm_up().await.expect_err("the connection is refused")
 }
 
 async fn send_error(failure: Failure, consecutive_connect_failures: u32) -> SendError {
@@ -83,16 +80,17 @@ async fn send_error(failure: Failure, consecutive_connect_failures: u32) -> Send
 
 #[tokio::test]
 async fn only_usable_endpoints_are_in_rotation_with_their_weights() {
+    let net = MemoryNetwork::default();
     let [light, heavy, not_serving, unknown, weightless, not_ready, terminating] = [
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
+        net.answering(),
+        net.answering(),
+        net.answering(),
+        net.answering(),
+        net.answering(),
+        net.answering(),
+        net.answering(),
     ];
-    let pool = new_pool();
+    let pool = new_pool(&net);
     let mut not_ready_entry = entry(not_ready, 100, "Serving");
     not_ready_entry["serving"] = json!(false);
     let mut terminating_entry = entry(terminating, 100, "Serving");
@@ -128,7 +126,8 @@ async fn only_usable_endpoints_are_in_rotation_with_their_weights() {
 
 #[tokio::test]
 async fn with_no_usable_endpoint_the_reason_names_the_backend() {
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let pool = new_pool(&net);
     assert_eq!(
         pool.snapshot().unavailable.as_deref(),
         Some("GrpcBackend default/echo: its status has not been read yet")
@@ -140,7 +139,7 @@ async fn with_no_usable_endpoint_the_reason_names_the_backend() {
         Some("GrpcBackend default/echo lists no endpoints")
     );
 
-    let [not_serving, weightless] = [answering().await, answering().await];
+    let [not_serving, weightless] = [net.answering(), net.answering()];
     apply(
         &pool,
         &[entry(not_serving, 100, "NotServing"), entry(weightless, 0, "Serving")],
@@ -154,8 +153,9 @@ async fn with_no_usable_endpoint_the_reason_names_the_backend() {
 
 #[tokio::test]
 async fn a_missing_backend_empties_the_rotation_and_says_not_found() {
-    let pool = new_pool();
-    apply(&pool, &[entry(answering().await, 100, "Serving")]);
+    let net = MemoryNetwork::default();
+    let pool = new_pool(&net);
+    apply(&pool, &[entry(net.answering(), 100, "Serving")]);
     assert!(!pool.rotation().picker.is_empty());
 
     pool.apply_missing();
@@ -170,8 +170,9 @@ async fn a_missing_backend_empties_the_rotation_and_says_not_found() {
 
 #[tokio::test]
 async fn a_weight_change_keeps_the_connection() {
-    let [first, second] = [answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [first, second] = [net.answering(), net.answering()];
+    let pool = new_pool(&net);
     apply(&pool, &[entry(first, 100, "Serving"), entry(second, 100, "Serving")]);
     let before = connection(&pool, first);
 
@@ -183,14 +184,15 @@ async fn a_weight_change_keeps_the_connection() {
 
 #[tokio::test]
 async fn below_the_panic_threshold_every_kubernetes_ready_endpoint_is_in_rotation() {
+    let net = MemoryNetwork::default();
     let [serving, not_serving, unknown, weightless, terminating] = [
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
+        net.answering(),
+        net.answering(),
+        net.answering(),
+        net.answering(),
+        net.answering(),
     ];
-    let pool = Pool::new(BACKEND.into(), config(OutlierDetection::default(), 50));
+    let pool = Pool::new(BACKEND.into(), net.config(OutlierDetection::default(), 50));
     let mut terminating_entry = entry(terminating, 100, "Serving");
     terminating_entry["terminating"] = json!(true);
     // One usable of three Kubernetes-ready: 33% < 50%. The Serving endpoint of weight 0 was
@@ -230,8 +232,9 @@ async fn below_the_panic_threshold_every_kubernetes_ready_endpoint_is_in_rotatio
 
 #[tokio::test]
 async fn consecutive_connect_failures_eject_at_once() {
-    let [failing, other] = [answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [failing, other] = [net.answering(), net.answering()];
+    let pool = new_pool(&net);
     apply(&pool, &[entry(failing, 100, "Serving"), entry(other, 100, "Serving")]);
     let threshold = pool.config.outlier_detection.consecutive_connect_failures;
 
@@ -249,8 +252,9 @@ async fn consecutive_connect_failures_eject_at_once() {
 
 #[tokio::test]
 async fn rotation_failures_never_eject() {
-    let failing = answering().await;
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let failing = net.answering();
+    let pool = new_pool(&net);
     apply(&pool, &[entry(failing, 100, "Serving")]);
     let threshold = pool.config.outlier_detection.consecutive_connect_failures;
 
@@ -263,12 +267,13 @@ async fn rotation_failures_never_eject() {
 
 #[tokio::test]
 async fn an_ejection_whose_time_is_up_comes_back_after_warming_up() {
-    let address = answering().await;
+    let net = MemoryNetwork::default();
+    let address = net.answering();
     let outlier_detection = OutlierDetection {
         base_ejection_time: Duration::ZERO,
         ..OutlierDetection::default()
     };
-    let pool = Pool::new(BACKEND.into(), config(outlier_detection, 0));
+    let pool = Pool::new(BACKEND.into(), net.config(outlier_detection, 0));
     apply(&pool, &[entry(address, 100, "Serving")]);
     let threshold = pool.config.outlier_detection.consecutive_connect_failures;
     pool.report_failure(address, &send_error(Failure::Connect, threshold).await);
@@ -295,8 +300,9 @@ async fn an_ejection_whose_time_is_up_comes_back_after_warming_up() {
 
 #[tokio::test]
 async fn a_new_endpoint_that_refuses_connections_is_ejected() {
-    let [answering, refusing] = [answering().await, refusing()];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [answering, refusing] = [net.answering(), net.refusing()];
+    let pool = new_pool(&net);
     apply(
         &pool,
         &[entry(answering, 100, "Serving"), entry(refusing, 100, "Serving")],
@@ -312,12 +318,13 @@ async fn a_new_endpoint_that_refuses_connections_is_ejected() {
 
 #[tokio::test]
 async fn an_endpoint_still_refusing_after_its_ejection_is_ejected_again() {
-    let refusing = refusing();
+    let net = MemoryNetwork::default();
+    let refusing = net.refusing();
     let outlier_detection = OutlierDetection {
         base_ejection_time: Duration::ZERO,
         ..OutlierDetection::default()
     };
-    let pool = Pool::new(BACKEND.into(), config(outlier_detection, 0));
+    let pool = Pool::new(BACKEND.into(), net.config(outlier_detection, 0));
     apply(&pool, &[entry(refusing, 100, "Serving")]);
     wait_until(&pool, "the refusing endpoint is ejected", |s| {
         s.endpoints[0].ejections == 1
@@ -349,61 +356,53 @@ fn ramp_timers(pool: &Pool) -> u64 {
     pool.ramp_timers.load(Ordering::Relaxed)
 }
 
-/// Polls (the timer's last tick changes no rotation) until `condition`, for at most 10s.
-async fn poll_until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-#[tokio::test]
+/// On a paused clock: the timer ticks at exact instants, and the test sleeps between them.
+#[tokio::test(start_paused = true)]
 async fn a_new_endpoints_share_climbs_to_its_weight_then_the_timer_stops() {
-    let [old, new] = [answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [old, new] = [net.answering(), net.answering()];
+    let pool = new_pool(&net);
+    // A 2 s window: the shares are recomputed every 100 ms (2% of the window, at least 100 ms).
     pool.apply_spec(slow_start(Duration::from_secs(2)));
     let long_ago = SystemTime::now() - Duration::from_secs(600);
-    // The first status read lists `new` as just usable: it is new for every client.
+    // The first status read lists `new` as just usable: it is new for every client. Its
+    // transition time is ahead of the client's clock (skew), which counts as now: the ramp
+    // starts exactly at the read, however long the busy machine takes to get there.
+    let just_now = SystemTime::now() + Duration::from_secs(60);
     let status = [
         transitioned(old, 100, "Serving", long_ago),
-        transitioned(new, 100, "Serving", SystemTime::now()),
+        transitioned(new, 100, "Serving", just_now),
     ];
     apply(&pool, &status);
 
     let first = pool.snapshot();
     let (old_seen, new_seen) = (first.endpoint(&old).unwrap(), first.endpoint(&new).unwrap());
     assert_eq!((old_seen.effective_weight, old_seen.slow_start_percent), (100, None));
-    let first_percent = new_seen.slow_start_percent.expect("ramping");
-    assert!((10..100).contains(&first_percent), "{new_seen:?}");
-    assert_eq!(new_seen.effective_weight, first_percent, "weight 100: the percentage");
+    assert_eq!(new_seen.slow_start_percent, Some(10), "the minimum share first");
+    assert_eq!(new_seen.effective_weight, 10, "weight 100: the percentage");
     assert_eq!(new_seen.weight, 100, "the published weight is kept");
-    let picks = picks_per_cycle(&pool);
-    assert!(picks[&new] < picks[&old], "{picks:?}");
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(old, 10), (new, 1)]));
     assert!(ramp_timer_running(&pool));
     let connection_before = connection(&pool, new);
 
-    let climbing = wait_until(&pool, "the new endpoint's share climbs", |s| {
-        s.endpoint(&new)
-            .unwrap()
-            .slow_start_percent
-            .is_some_and(|p| p > first_percent)
-    })
-    .await;
-    assert!(climbing.endpoint(&new).unwrap().effective_weight > first_percent);
-    let ramped = wait_until(&pool, "the new endpoint has its full weight", |s| {
-        s.endpoint(&new).unwrap().effective_weight == 100
-    })
-    .await;
-    assert_eq!(ramped.endpoint(&new).unwrap().slow_start_percent, None);
+    // Half the window later (the last tick at 1 s): half the weight, the curve being linear.
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    assert_eq!(pool.snapshot().endpoint(&new).unwrap().slow_start_percent, Some(50));
+    assert_eq!(picks_per_cycle(&pool), HashMap::from([(old, 2), (new, 1)]));
+
+    // The tick at 2 s finds the ramp over: the full weight, and the timer ends there.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ramped = pool.snapshot();
+    let new_seen = ramped.endpoint(&new).unwrap();
+    assert_eq!((new_seen.effective_weight, new_seen.slow_start_percent), (100, None));
     assert_eq!(picks_per_cycle(&pool), HashMap::from([(old, 1), (new, 1)]));
     assert!(
         Arc::ptr_eq(&connection_before, &connection(&pool, new)),
         "every step kept the connection"
     );
+    assert!(!ramp_timer_running(&pool));
 
-    // Nothing ramps: the timer ends, and the same status read again starts none.
-    poll_until("the slow-start timer stops", || !ramp_timer_running(&pool)).await;
+    // The same status read again starts no timer.
     let version = *pool.version.borrow();
     apply(&pool, &status);
     assert_eq!(*pool.version.borrow(), version + 1, "one rebuild, for the status read");
@@ -411,18 +410,19 @@ async fn a_new_endpoints_share_climbs_to_its_weight_then_the_timer_stops() {
     assert_eq!(ramp_timers(&pool), 1);
 
     // Another endpoint turning usable starts a timer again.
-    let later = answering().await;
+    let later = net.answering();
     let mut status = status.to_vec();
-    status.push(transitioned(later, 100, "Serving", SystemTime::now()));
+    status.push(transitioned(later, 100, "Serving", just_now));
     apply(&pool, &status);
-    assert!(pool.snapshot().endpoint(&later).unwrap().slow_start_percent.is_some());
+    assert_eq!(pool.snapshot().endpoint(&later).unwrap().slow_start_percent, Some(10));
     assert_eq!(ramp_timers(&pool), 2);
 }
 
 #[tokio::test]
 async fn without_slow_start_or_with_an_old_transition_the_full_weight_applies_at_once() {
-    let [first, second] = [answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [first, second] = [net.answering(), net.answering()];
+    let pool = new_pool(&net);
     let now = SystemTime::now();
     let status = [
         transitioned(first, 100, "Serving", now),
@@ -447,8 +447,9 @@ async fn without_slow_start_or_with_an_old_transition_the_full_weight_applies_at
 
 #[tokio::test]
 async fn a_not_usable_endpoint_does_not_ramp_until_it_is_usable() {
-    let [serving, coming] = [answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [serving, coming] = [net.answering(), net.answering()];
+    let pool = new_pool(&net);
     pool.apply_spec(slow_start(Duration::from_secs(600)));
     let now = SystemTime::now();
     apply(
@@ -480,8 +481,9 @@ async fn a_not_usable_endpoint_does_not_ramp_until_it_is_usable() {
 
 #[tokio::test]
 async fn a_new_zone_or_the_end_of_slow_start_does_not_readmit_an_ejected_endpoint() {
-    let [failing, other] = [answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [failing, other] = [net.answering(), net.answering()];
+    let pool = new_pool(&net);
     let since = SystemTime::now() - Duration::from_secs(5);
     apply(
         &pool,
@@ -511,13 +513,9 @@ async fn a_new_zone_or_the_end_of_slow_start_does_not_readmit_an_ejected_endpoin
 
 #[tokio::test]
 async fn a_client_in_a_zone_stays_in_it_while_it_can_and_comes_back() {
-    let [a1, a2, b1, b2] = [
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
-    ];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [a1, a2, b1, b2] = [net.answering(), net.answering(), net.answering(), net.answering()];
+    let pool = new_pool(&net);
     pool.set_zone(Some("a".into()));
     let status = |a_health: &str| {
         [
@@ -554,8 +552,9 @@ async fn a_client_in_a_zone_stays_in_it_while_it_can_and_comes_back() {
 
 #[tokio::test]
 async fn ejected_local_endpoints_send_requests_to_every_zone() {
-    let [a, b] = [answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [a, b] = [net.answering(), net.answering()];
+    let pool = new_pool(&net);
     pool.set_zone(Some("a".into()));
     apply(&pool, &[zoned(a, "Serving", "a", &[]), zoned(b, "Serving", "b", &[])]);
     assert_eq!(picks_per_cycle(&pool), HashMap::from([(a, 1)]));
@@ -569,8 +568,9 @@ async fn ejected_local_endpoints_send_requests_to_every_zone() {
 
 #[tokio::test]
 async fn hints_decide_over_the_endpoints_own_zone() {
-    let [in_a_for_b, in_b_for_a, in_b] = [answering().await, answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [in_a_for_b, in_b_for_a, in_b] = [net.answering(), net.answering(), net.answering()];
+    let pool = new_pool(&net);
     pool.set_zone(Some("a".into()));
     apply(
         &pool,
@@ -594,8 +594,9 @@ async fn hints_decide_over_the_endpoints_own_zone() {
 
 #[tokio::test]
 async fn without_a_zone_every_zone_is_in_rotation() {
-    let [a, b, none] = [answering().await, answering().await, answering().await];
-    let pool = new_pool();
+    let net = MemoryNetwork::default();
+    let [a, b, none] = [net.answering(), net.answering(), net.answering()];
+    let pool = new_pool(&net);
     let status = [
         zoned(a, "Serving", "a", &[]),
         zoned(b, "Serving", "b", &["b"]),
@@ -620,13 +621,9 @@ async fn without_a_zone_every_zone_is_in_rotation() {
 
 #[tokio::test]
 async fn panic_mode_is_decided_over_every_zone_and_spreads_over_every_zone() {
-    let [a_up, a_down, b_down, c_down] = [
-        answering().await,
-        answering().await,
-        answering().await,
-        answering().await,
-    ];
-    let pool = Pool::new(BACKEND.into(), config(OutlierDetection::default(), 50));
+    let net = MemoryNetwork::default();
+    let [a_up, a_down, b_down, c_down] = [net.answering(), net.answering(), net.answering(), net.answering()];
+    let pool = Pool::new(BACKEND.into(), net.config(OutlierDetection::default(), 50));
     pool.set_zone(Some("a".into()));
     // One usable of four Kubernetes-ready, in every zone together: 25% < 50%.
     apply(
