@@ -1,0 +1,355 @@
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::{
+    api::core::v1::{ServicePort, ServiceSpec},
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{ResourceExt, client::Body, runtime::watcher};
+use kubegrpc_crds::{GrpcBackendSpec, GrpcBackendStatus, PortRef, condition, condition::reason};
+use serde_json::json;
+use tokio::time::timeout;
+
+use super::{watches::index_entries, *};
+use crate::discovery::SERVICE_NAME_LABEL;
+
+type MockHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// The longest a test waits for the reconciler or the mocked API: a bug fails, never hangs.
+const WAIT: Duration = Duration::from_secs(5);
+const NAMESPACE: &str = "ns";
+const STATUS_PATH: &str = "/apis/kubegrpc.io/v1alpha1/namespaces/ns/grpcbackends/echo/status";
+
+/// One request the reconciler sent to the mocked API.
+#[derive(Debug)]
+struct ApiCall {
+    method: Method,
+    path: String,
+    query: String,
+    body: serde_json::Value,
+}
+
+impl ApiCall {
+    fn is_event(&self) -> bool {
+        self.path.starts_with("/apis/events.k8s.io/")
+    }
+}
+
+impl Context {
+    /// A context over a mocked API, with `services` in the Service store and no
+    /// EndpointSlices. Also returns the receiver of the probers' change notices.
+    fn for_tests(client: Client, services: &[Service]) -> (Self, mpsc::UnboundedReceiver<ObjectKey>) {
+        let (store, mut writer) = reflector::store();
+        for service in services {
+            writer.apply_watcher_event(&watcher::Event::Apply(service.clone()));
+        }
+        let slices = ByService::<EndpointSlice>::new(|slice| slice.labels().get(SERVICE_NAME_LABEL).cloned());
+        let metrics = Arc::new(Metrics::default());
+        let (changed, probe_changes) = mpsc::unbounded_channel();
+        let reporter = Reporter {
+            controller: OPERATOR_FIELD_MANAGER.into(),
+            instance: Some("test".into()),
+        };
+        let settings = Settings::default();
+        let context = Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            writer: StatusWriter::new(client, metrics.clone(), settings.status_write_interval),
+            settings,
+            services: store,
+            slices: Arc::new(slices),
+            probers: ProberRegistry::new(
+                ProbeReports {
+                    metrics: metrics.clone(),
+                    changed,
+                },
+                ProberOptions::default(),
+            ),
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+            pods: Arc::new(PodWeights::default()),
+            bad_annotations: Mutex::new(HashSet::new()),
+        };
+        (context, probe_changes)
+    }
+}
+
+/// A context over a mocked API whose every request is recorded and answered by `answer`,
+/// Events with 201 and their own body. The task ends, returning the calls, once the
+/// context (its client) is dropped.
+fn mocked_context(
+    services: &[Service],
+    answer: impl FnMut(&ApiCall) -> Response<Body> + Send + 'static,
+) -> (Arc<Context>, tokio::task::JoinHandle<Vec<ApiCall>>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (context, probe_changes) = Context::for_tests(Client::new(service, NAMESPACE), services);
+    let api = tokio::spawn(serve(handle, answer, probe_changes));
+    (Arc::new(context), api)
+}
+
+async fn serve(
+    mut handle: MockHandle,
+    mut answer: impl FnMut(&ApiCall) -> Response<Body>,
+    _probe_changes: mpsc::UnboundedReceiver<ObjectKey>,
+) -> Vec<ApiCall> {
+    let mut calls = Vec::new();
+    while let Some((request, respond)) = handle.next_request().await {
+        let (parts, body) = request.into_parts();
+        let body = body.collect_bytes().await.expect("a request body");
+        let call = ApiCall {
+            method: parts.method,
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or_default().to_string(),
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        };
+        let response = if call.is_event() {
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Body::from(body.to_vec()))
+                .expect("a response")
+        } else {
+            answer(&call)
+        };
+        respond.send_response(response);
+        calls.push(call);
+    }
+    calls
+}
+
+/// Reconciles `backend` once, bounded by [`WAIT`].
+async fn reconcile_once(backend: &GrpcBackend, context: &Arc<Context>) -> Result<Action, Error> {
+    let guarded = Arc::new(DeserializeGuard(Ok(backend.clone())));
+    timeout(WAIT, reconcile(guarded, context.clone()))
+        .await
+        .expect("the reconcile finished")
+}
+
+/// Drops the context (so the client) and returns every request the reconciler sent but
+/// Events.
+async fn api_calls(context: Arc<Context>, api: tokio::task::JoinHandle<Vec<ApiCall>>) -> Vec<ApiCall> {
+    drop(context);
+    let calls = timeout(WAIT, api)
+        .await
+        .expect("the client was dropped")
+        .expect("the mock API ran");
+    calls.into_iter().filter(|call| !call.is_event()).collect()
+}
+
+/// The API server's answer to a status apply: `backend` with the applied status.
+fn applied(backend: &GrpcBackend, call: &ApiCall) -> Response<Body> {
+    let mut object = serde_json::to_value(backend).expect("a GrpcBackend serializes");
+    object["status"] = call.body["status"].clone();
+    object["metadata"]["resourceVersion"] = "2".into();
+    json_response(StatusCode::OK, &object)
+}
+
+fn internal_error() -> Response<Body> {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500,
+    });
+    json_response(StatusCode::INTERNAL_SERVER_ERROR, &status)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(body).expect("JSON")))
+        .expect("a response")
+}
+
+/// GrpcBackend ns/echo for Service echo, port `port`.
+fn grpc_backend(port: PortRef, status: Option<GrpcBackendStatus>) -> GrpcBackend {
+    let mut backend = GrpcBackend::new(
+        "echo",
+        GrpcBackendSpec {
+            service: "echo".into(),
+            port,
+            health_check: Default::default(),
+            weighting: Default::default(),
+        },
+    );
+    backend.metadata.namespace = Some(NAMESPACE.into());
+    backend.metadata.generation = Some(1);
+    backend.metadata.resource_version = Some("1".into());
+    backend.status = status;
+    backend
+}
+
+/// Service ns/echo with one TCP port `name`/`port`.
+fn service(name: &str, port: i32) -> Service {
+    Service {
+        metadata: kube::api::ObjectMeta {
+            name: Some("echo".into()),
+            namespace: Some(NAMESPACE.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            ports: Some(vec![ServicePort {
+                name: Some(name.into()),
+                port,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Asserts `call` is one server-side apply of the status, as the operator's field manager
+/// taking the fields over; returns the applied status.
+fn assert_status_apply(call: &ApiCall) -> GrpcBackendStatus {
+    assert_eq!(call.method, Method::PATCH);
+    assert_eq!(call.path, STATUS_PATH);
+    let query: Vec<&str> = call.query.split('&').collect();
+    assert!(
+        query.contains(&"fieldManager=kubegrpc-operator"),
+        "query: {}",
+        call.query
+    );
+    assert!(query.contains(&"force=true"), "query: {}", call.query);
+    assert!(query.contains(&"fieldValidation=Ignore"), "query: {}", call.query);
+    assert_eq!(call.body["apiVersion"], "kubegrpc.io/v1alpha1");
+    assert_eq!(call.body["kind"], "GrpcBackend");
+    serde_json::from_value(call.body["status"].clone()).expect("the body carries a GrpcBackendStatus")
+}
+
+fn ready(status: &GrpcBackendStatus) -> &Condition {
+    status.condition(condition::READY).expect("a Ready condition")
+}
+
+/// Reconciles a GrpcBackend whose Service is missing; returns the one status it applied.
+async fn status_of_missing_service(backend: &GrpcBackend) -> GrpcBackendStatus {
+    let answered = backend.clone();
+    let (context, api) = mocked_context(&[], move |call| applied(&answered, call));
+    let result = reconcile_once(backend, &context).await;
+    assert!(result.is_ok(), "reconcile failed: {result:?}");
+    let calls = api_calls(context, api).await;
+    assert_eq!(calls.len(), 1, "exactly one status write: {calls:#?}");
+    assert_status_apply(&calls[0])
+}
+
+#[tokio::test]
+async fn a_missing_service_is_published_as_ready_false_service_not_found() {
+    let backend = grpc_backend(PortRef::Name("grpc".into()), None);
+    let status = status_of_missing_service(&backend).await;
+    let ready = ready(&status);
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, reason::SERVICE_NOT_FOUND);
+    assert_eq!(ready.message, "Service ns/echo not found");
+    assert_eq!(ready.observed_generation, Some(1));
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!((status.ready_endpoints, status.total_endpoints), (0, 0));
+    assert!(status.endpoints.is_empty());
+}
+
+#[tokio::test]
+async fn a_status_already_published_is_not_written_again() {
+    let published = status_of_missing_service(&grpc_backend(PortRef::Name("grpc".into()), None)).await;
+    // A new context, as after an operator restart: nothing remembered of the write.
+    let backend = grpc_backend(PortRef::Name("grpc".into()), Some(published));
+    let (context, api) = mocked_context(&[], |call| panic!("unexpected request {call:?}"));
+    let result = reconcile_once(&backend, &context).await;
+    assert!(result.is_ok(), "reconcile failed: {result:?}");
+    drop(context);
+    let calls = timeout(WAIT, api)
+        .await
+        .expect("the client was dropped")
+        .expect("the mock API ran");
+    assert!(calls.is_empty(), "no request at all, Events included: {calls:#?}");
+}
+
+#[tokio::test]
+async fn a_failed_status_write_is_an_error_retried_with_a_doubling_backoff_reset_by_a_success() {
+    let backend = grpc_backend(PortRef::Name("grpc".into()), None);
+    let answered = backend.clone();
+    let mut writes = 0;
+    let (context, api) = mocked_context(&[], move |call| {
+        writes += 1;
+        if writes <= 3 {
+            internal_error()
+        } else {
+            applied(&answered, call)
+        }
+    });
+    let guarded = Arc::new(DeserializeGuard(Ok(backend.clone())));
+
+    let mut retries = Vec::new();
+    let mut last_error = None;
+    for _ in 0..3 {
+        let error = reconcile_once(&backend, &context).await.expect_err("the write failed");
+        match &error {
+            Error::StatusWrite { backend, source } => {
+                assert_eq!(backend, "ns/echo");
+                assert!(
+                    matches!(source, kube::Error::Api(status) if status.code == 500),
+                    "{source:?}"
+                );
+            }
+            other => panic!("not a status write error: {other:?}"),
+        }
+        retries.push(error_policy(guarded.clone(), &error, context.clone()));
+        last_error = Some(error);
+    }
+    let secs = |n| Action::requeue(Duration::from_secs(n));
+    assert_eq!(retries, [secs(1), secs(2), secs(4)]);
+
+    assert!(
+        reconcile_once(&backend, &context).await.is_ok(),
+        "the fourth write succeeds"
+    );
+    let error = last_error.expect("an error");
+    assert_eq!(
+        error_policy(guarded, &error, context.clone()),
+        secs(1),
+        "a success resets the backoff"
+    );
+
+    let calls = api_calls(context, api).await;
+    assert_eq!(calls.len(), 4, "three failed writes and one success: {calls:#?}");
+    for call in &calls {
+        assert_status_apply(call);
+    }
+}
+
+#[tokio::test]
+async fn a_port_name_the_service_lacks_is_published_as_port_not_found() {
+    let backend = grpc_backend(PortRef::Name("grpc".into()), None);
+    let answered = backend.clone();
+    let (context, api) = mocked_context(&[service("http", 8080)], move |call| applied(&answered, call));
+    let result = reconcile_once(&backend, &context).await;
+    assert!(result.is_ok(), "reconcile failed: {result:?}");
+    let calls = api_calls(context, api).await;
+    assert_eq!(calls.len(), 1, "exactly one status write: {calls:#?}");
+    let status = assert_status_apply(&calls[0]);
+    let ready = ready(&status);
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, reason::PORT_NOT_FOUND);
+    assert_eq!(
+        ready.message,
+        "Service ns/echo: the Service has no TCP port named \"grpc\" (its TCP ports: http/8080)"
+    );
+    assert_eq!(status.total_endpoints, 0);
+}
+
+#[test]
+fn error_backoff_doubles_from_a_second_and_stops_at_five_minutes() {
+    let waits: Vec<u64> = (1..=12).map(|n| error_backoff(n).as_secs()).collect();
+    assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+    assert_eq!(error_backoff(u32::MAX), MAX_ERROR_BACKOFF);
+}
+
+#[test]
+fn the_service_index_keeps_a_backends_name_and_spec_not_its_status() {
+    let status = GrpcBackendStatus {
+        ready_endpoints: 1,
+        ..Default::default()
+    };
+    let full = grpc_backend(PortRef::Name("grpc".into()), Some(status));
+    let event = index_entries(&watcher::Event::Apply(DeserializeGuard(Ok(full.clone()))));
+    let watcher::Event::Apply(DeserializeGuard(Ok(entry))) = event else {
+        panic!("an Apply of a readable backend stays one");
+    };
+    assert_eq!(entry.status, None);
+    assert_eq!(entry.spec, full.spec);
+    assert_eq!(ObjectKey::of(&entry), ObjectKey::of(&full));
+    assert!(entry.metadata.resource_version.is_none());
+}

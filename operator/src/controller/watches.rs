@@ -1,0 +1,267 @@
+//! The watches that feed the reconciler, and their indexes.
+//!
+//! Services and EndpointSlices are watched by tasks of their own that keep a store (Services)
+//! and a by-Service index (EndpointSlices), and map each change to the GrpcBackends naming
+//! that Service through the operator's own Service -> GrpcBackends index, which the
+//! GrpcBackend watch keeps in step ([`backends`]).
+
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    core::{DeserializeGuard, PartialObjectMeta},
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use kubegrpc_crds::{GrpcBackend, WeightingPolicy};
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::warn;
+
+use super::Backend;
+use crate::{
+    Error,
+    discovery::{self, SERVICE_NAME_LABEL},
+    index::ByService,
+    key::ObjectKey,
+    pods::{self, PodWeights},
+};
+
+/// Where watches ask for GrpcBackends to be reconciled.
+pub(super) type Triggers = mpsc::UnboundedSender<ObjectRef<Backend>>;
+
+/// The Service and EndpointSlice watches, their views, and the Service -> GrpcBackends index
+/// their events are mapped through. The watches stop when this is dropped.
+pub(super) struct Watches {
+    pub services: Store<Service>,
+    pub slices: Arc<ByService<EndpointSlice>>,
+    /// Kept by the GrpcBackend watch ([`backends`]).
+    pub backends: Arc<ByService<Backend>>,
+    slices_ready: watch::Receiver<bool>,
+    _tasks: [AbortOnDropHandle<()>; 2],
+}
+
+impl Watches {
+    /// Starts watching the Services and EndpointSlices of `namespace` (all namespaces when
+    /// `None`): each change triggers the GrpcBackends naming its Service, each completed
+    /// (re)list sends on `relisted`.
+    pub fn start(
+        client: &Client,
+        namespace: &Option<String>,
+        triggers: &Triggers,
+        relisted: &mpsc::UnboundedSender<()>,
+    ) -> Self {
+        let backends = Arc::new(ByService::<Backend>::new(|backend| {
+            backend.0.as_ref().ok().map(|b| b.spec.service.clone())
+        }));
+        let slices = Arc::new(ByService::<EndpointSlice>::new(|slice| {
+            slice.labels().get(SERVICE_NAME_LABEL).cloned()
+        }));
+
+        // Services: a store for the reconciler, triggers for the GrpcBackends that name them.
+        let (services, services_writer) = reflector::store();
+        let services_task = AbortOnDropHandle::new(tokio::spawn({
+            let backends = backends.clone();
+            let triggers = triggers.clone();
+            let relisted = relisted.clone();
+            watcher(scoped::<Service>(client, namespace), watcher::Config::default())
+                .default_backoff()
+                .modify(discovery::trim_service)
+                .reflect(services_writer)
+                .for_each(move |event| {
+                    match event {
+                        Ok(watcher::Event::Apply(service) | watcher::Event::Delete(service)) => {
+                            trigger_backends_of(&backends, &triggers, &ObjectKey::of(&service));
+                        }
+                        Ok(watcher::Event::InitDone) => {
+                            let _ = relisted.send(());
+                        }
+                        Ok(_) => {}
+                        Err(error) => warn!(%error, "watching Services failed; retrying"),
+                    }
+                    futures::future::ready(())
+                })
+        }));
+
+        // EndpointSlices: the by-Service index for the reconciler, and triggers.
+        let (slices_ready_tx, slices_ready) = watch::channel(false);
+        let slices_task = AbortOnDropHandle::new(tokio::spawn({
+            let slices = slices.clone();
+            let backends = backends.clone();
+            let triggers = triggers.clone();
+            let relisted = relisted.clone();
+            watcher(
+                scoped::<EndpointSlice>(client, namespace),
+                watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            )
+            .default_backoff()
+            .modify(discovery::trim_slice)
+            .for_each(move |event| {
+                match event {
+                    Ok(event) => {
+                        slices.apply(&event);
+                        match &event {
+                            watcher::Event::Apply(slice) | watcher::Event::Delete(slice) => {
+                                if let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) {
+                                    let service = ObjectKey::new(slice.namespace().unwrap_or_default(), service);
+                                    trigger_backends_of(&backends, &triggers, &service);
+                                }
+                            }
+                            watcher::Event::InitDone => {
+                                let _ = slices_ready_tx.send(true);
+                                let _ = relisted.send(());
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(error) => warn!(%error, "watching EndpointSlices failed; retrying"),
+                }
+                futures::future::ready(())
+            })
+        }));
+
+        Self {
+            services,
+            slices,
+            backends,
+            slices_ready,
+            _tasks: [services_task, slices_task],
+        }
+    }
+
+    /// Waits until the Service and EndpointSlice views hold a complete list: reconciling
+    /// before would publish endpoints as missing.
+    pub async fn ready(&mut self) -> Result<(), Error> {
+        self.services
+            .wait_until_ready()
+            .await
+            .map_err(|_| Error::CacheNeverReady)?;
+        self.slices_ready
+            .wait_for(|ready| *ready)
+            .await
+            .map_err(|_| Error::CacheNeverReady)?;
+        Ok(())
+    }
+}
+
+/// The Pod watch (metadata only) for the Static policy's weight annotations; a change of
+/// annotations triggers the Static GrpcBackends of its namespace. Returns the annotations,
+/// whether the first list is complete, and the watch's task.
+pub(super) fn watch_pods(
+    client: &Client,
+    namespace: &Option<String>,
+    backends: &Arc<ByService<Backend>>,
+    triggers: &Triggers,
+) -> (Arc<PodWeights>, watch::Receiver<bool>, AbortOnDropHandle<()>) {
+    let pod_weights = Arc::new(PodWeights::default());
+    let (ready_tx, ready) = watch::channel(false);
+    let task = AbortOnDropHandle::new(tokio::spawn({
+        let pod_weights = pod_weights.clone();
+        let backends = backends.clone();
+        let triggers = triggers.clone();
+        watcher(
+            scoped::<PartialObjectMeta<Pod>>(client, namespace),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(pods::trim)
+        .for_each(move |event| {
+            match event {
+                Ok(event) => {
+                    for namespace in pod_weights.apply(&event) {
+                        for backend in backends.in_namespace(&namespace) {
+                            let is_static = backend
+                                .0
+                                .as_ref()
+                                .is_ok_and(|b| b.spec.weighting.policy == WeightingPolicy::Static);
+                            if is_static {
+                                let _ = triggers.send(ObjectRef::from_obj(backend.as_ref()));
+                            }
+                        }
+                    }
+                    if matches!(event, watcher::Event::InitDone) {
+                        let _ = ready_tx.send(true);
+                    }
+                }
+                Err(error) => warn!(%error, "watching Pods (metadata) failed; retrying"),
+            }
+            futures::future::ready(())
+        })
+    }));
+    (pod_weights, ready, task)
+}
+
+/// The GrpcBackend watch, for the Controller: fills `store`, keeps `index` in step, and
+/// calls `gone` for each GrpcBackend deleted (or found missing by a relist).
+pub(super) fn backends(
+    api: Api<Backend>,
+    store: reflector::store::Writer<Backend>,
+    index: Arc<ByService<Backend>>,
+    gone: impl Fn(&ObjectKey) + Send + 'static,
+) -> impl Stream<Item = Result<Backend, watcher::Error>> + Send + 'static {
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(store)
+        .inspect_ok(move |event| {
+            for key in index.apply(&index_entries(event)) {
+                gone(&key);
+            }
+        })
+        .applied_objects()
+}
+
+/// What the Service -> GrpcBackends index keeps of a GrpcBackend: its name, namespace and
+/// spec. The status (up to a megabyte) stays in the controller's store only.
+pub(super) fn index_entries(event: &watcher::Event<Backend>) -> watcher::Event<Backend> {
+    let entry = |backend: &Backend| {
+        let metadata = kube::api::ObjectMeta {
+            name: backend.meta().name.clone(),
+            namespace: backend.meta().namespace.clone(),
+            ..Default::default()
+        };
+        DeserializeGuard(match &backend.0 {
+            Ok(backend) => Ok(GrpcBackend {
+                metadata,
+                spec: backend.spec.clone(),
+                status: None,
+            }),
+            Err(invalid) => Err(kube::core::error_boundary::InvalidObject {
+                error: invalid.error.clone(),
+                metadata,
+            }),
+        })
+    };
+    match event {
+        watcher::Event::Apply(backend) => watcher::Event::Apply(entry(backend)),
+        watcher::Event::Delete(backend) => watcher::Event::Delete(entry(backend)),
+        watcher::Event::InitApply(backend) => watcher::Event::InitApply(entry(backend)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// An API for objects of kind `K` in `namespace`, or in all namespaces.
+pub(super) fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn trigger_backends_of(backends: &ByService<Backend>, triggers: &Triggers, service: &ObjectKey) {
+    for backend in backends.of_service(service) {
+        let _ = triggers.send(ObjectRef::from_obj(backend.as_ref()));
+    }
+}
