@@ -39,7 +39,7 @@ pub fn fuzz_server_bytes(bytes: &[u8]) -> (Vec<Event>, Option<ConnectionError>) 
             if let Some(error) = state.take_failure() {
                 return (events, Some(error));
             }
-            let written = state.to_write().len();
+            let written = state.outgoing().len();
             assert!(
                 written <= 4 * (FRAME_HEADER + MAX_FRAME_SIZE),
                 "{written} bytes to write"

@@ -95,7 +95,7 @@ impl HealthConnection {
     /// Writes the queued bytes; cancel safe (what was written is removed from the queue).
     async fn flush(&mut self) -> io::Result<()> {
         loop {
-            let pending = self.state.to_write();
+            let pending = self.state.outgoing();
             if pending.is_empty() {
                 return Ok(());
             }

@@ -164,14 +164,14 @@ impl State {
     }
 
     /// The bytes to write now (the latest PING's acknowledgement queued last).
-    pub(super) fn to_write(&mut self) -> &[u8] {
+    pub(super) fn outgoing(&mut self) -> &[u8] {
         if let Some(ping) = self.ping_ack.take() {
             self.write.frame(kind::PING, flag::ACK, 0, &ping);
         }
         self.write.pending()
     }
 
-    /// The first `written` bytes of [`State::to_write`] were written.
+    /// The first `written` bytes of [`State::outgoing`] were written.
     pub(super) fn written(&mut self, written: usize) {
         self.write.written(written);
     }

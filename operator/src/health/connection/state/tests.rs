@@ -49,7 +49,7 @@ fn feed(state: &mut State, bytes: &[u8]) -> Vec<Event> {
 
 /// What `state` has to write, as frames, the preface stripped; taken as written.
 fn written_frames(state: &mut State) -> Vec<(u8, u8, u32, Vec<u8>)> {
-    let bytes = state.to_write().to_vec();
+    let bytes = state.outgoing().to_vec();
     state.written(bytes.len());
     frames_in(bytes.strip_prefix(frame::PREFACE).unwrap_or(&bytes[..]))
 }
@@ -60,7 +60,7 @@ fn the_preface_and_our_settings_come_first_then_each_call_as_headers_and_one_dat
     let watch = state.start(Method::Watch, "").unwrap();
     let reports = state.start_load_reports(Duration::from_secs(1)).unwrap();
     assert_eq!((watch, reports), (CallId(1), CallId(3)));
-    assert!(state.to_write().starts_with(frame::PREFACE));
+    assert!(state.outgoing().starts_with(frame::PREFACE));
     let request = |path: &[u8]| grpc::request_headers(path, b"10.250.0.7:8080");
     let report_request = OrcaLoadReportRequest {
         report_interval: Some(Duration::from_secs(1).into()),
