@@ -6,7 +6,18 @@ use std::sync::{
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::*;
+use kubegrpc_crds::Health;
+use tonic::Code;
+use tonic_health::pb::HealthCheckResponse;
+
+use super::{
+    task::{Ended, backoff, call_failure, connect_failure, goaway_end},
+    *,
+};
+use crate::health::{
+    connection::{CallEnd, HealthConnection},
+    tracker::Failure,
+};
 
 #[test]
 fn backoff_starts_small_grows_and_never_exceeds_the_interval() {
@@ -236,6 +247,8 @@ async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) 
 /// What a prober reported.
 #[derive(Default)]
 struct Reports {
+    /// The GrpcBackend it names for the prober's span.
+    backend: Option<String>,
     outcomes: Mutex<Vec<ProbeOutcome>>,
     changes: AtomicUsize,
     rotations: AtomicUsize,
@@ -265,6 +278,9 @@ impl ProbeObserver for Reports {
     }
     fn ended_early(&self) {
         self.early_ends.fetch_add(1, Ordering::SeqCst);
+    }
+    fn backend(&self) -> Option<&dyn std::fmt::Display> {
+        self.backend.as_ref().map(|backend| backend as &dyn std::fmt::Display)
     }
 }
 
@@ -471,4 +487,109 @@ async fn a_new_endpoints_first_probe_starts_within_a_timeout_beside_a_thousand_f
     );
     // The silent ones kept retrying meanwhile, on their own turns.
     assert!(silent.retries.available_permits() < MAX_CONCURRENT_RETRIES);
+}
+
+/// What a log subscriber wrote.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl tracing_subscriber::fmt::MakeWriter<'_> for Logs {
+    type Writer = Logs;
+    fn make_writer(&self) -> Logs {
+        self.clone()
+    }
+}
+
+/// Set for [`spans_in_a_process_of_their_own`] by the test that runs it.
+const SPANS_CHILD: &str = "KUBEGRPC_PROBER_SPANS_CHILD";
+
+/// Runs [`spans_in_a_process_of_their_own`] in a process of its own. Tracing caches whether a
+/// log line is enabled per call site, process-wide, and with a single scoped subscriber it asks
+/// the subscriber of the thread that reaches the line first (tracing-core's `has_just_one` fast
+/// path): another test's prober logging first, on another thread, disables the line here.
+#[test]
+fn every_log_line_of_a_prober_is_in_a_span_naming_its_backend_and_endpoint() {
+    let test = module_path!().split_once("::").unwrap().1.to_owned() + "::spans_in_a_process_of_their_own";
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([&test, "--exact", "--ignored", "--nocapture"])
+        .env(SPANS_CHILD, "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "run in a process of its own by every_log_line_of_a_prober_is_in_a_span_naming_its_backend_and_endpoint"]
+async fn spans_in_a_process_of_their_own() {
+    if std::env::var_os(SPANS_CHILD).is_none() {
+        // Run with other tests (--include-ignored): see the test that runs it.
+        return;
+    }
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    // The test's runtime runs the prober's task on this thread.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let (shared, _) = scripted(Script::Silent);
+    let named = Arc::new(Reports {
+        backend: Some("default/echo".into()),
+        ..Reports::default()
+    });
+    let mut handle = spawn(
+        TARGET,
+        settings(HealthCheckMode::Watch, 1),
+        unknown(),
+        named,
+        shared.clone(),
+    );
+    until_not_serving(&mut handle, INTERVAL * 10).await;
+    let unnamed = SocketAddr::from(([10, 250, 0, 10], 8080));
+    let mut handle = spawn(
+        unnamed,
+        settings(HealthCheckMode::Watch, 1),
+        unknown(),
+        Arc::new(Reports::default()),
+        shared,
+    );
+    until_not_serving(&mut handle, INTERVAL * 10).await;
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines = |what: &str| -> Vec<&str> { logs.lines().filter(|line| line.contains(what)).collect() };
+    let changed = lines("endpoint health changed");
+    assert_eq!(changed.len(), 2, "{logs}");
+    assert!(
+        changed[0].contains("prober{backend=default/echo endpoint=10.250.0.9:8080}:"),
+        "{}",
+        changed[0]
+    );
+    assert!(changed[0].contains("health=NotServing"), "{}", changed[0]);
+    // Named once, by the span, not again in the message.
+    assert_eq!(changed[0].matches("endpoint=").count(), 1, "{}", changed[0]);
+    // Without a backend from its observer, the span names the endpoint only.
+    assert!(
+        changed[1].contains("prober{endpoint=10.250.0.10:8080}:"),
+        "{}",
+        changed[1]
+    );
+    let failed = lines("probe failed");
+    assert!(!failed.is_empty(), "{logs}");
+    assert!(failed.iter().all(|line| line.contains(" prober{")), "{logs}");
 }

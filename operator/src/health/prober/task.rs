@@ -1,278 +1,36 @@
-//! One long-lived prober per endpoint, speaking `grpc.health.v1.Health`.
-//!
-//! In `Watch` mode the prober keeps one stream open, so a NOT_SERVING flip arrives as it
-//! happens. A quiet stream proves nothing about a frozen process or a silent network, so every
-//! `interval` without a message on the stream the prober sends one `Check` on the same
-//! connection, bounded by `timeout`: no answer in time is a failed probe, and an answer with an
-//! error status (PERMISSION_DENIED, UNIMPLEMENTED...) is a failed probe too.
-//!
-//! Why a `Check` and not HTTP/2 keepalive PINGs: grpc-go and grpc-java servers police PINGs by
-//! default (one per 5 minutes while no data flows from the server; two strikes and the server
-//! answers GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and closes the connection). A `Check`
-//! is a request the server answers with HEADERS and DATA, which every gRPC server accepts at any
-//! rate, and it proves more than a PING: the server's health service itself answered. The
-//! prober therefore sends no PING at all.
-//!
-//! A server that answers `Watch` with UNIMPLEMENTED is polled with `Check` instead, as is every
-//! endpoint in `Check` mode.
-//!
-//! # Connections that end
-//!
-//! How a connection that answered ends decides what it counts:
-//! - **Always a failure**, whatever the connection's age: a protocol error (bad frames, header
-//!   blocks or messages, HTTP/1 bytes), a message or frame over the limits (`MessageTooLarge`),
-//!   a GOAWAY with an error code (`GoAway(ENHANCE_YOUR_CALM)`...), no answer to the liveness
-//!   `Check` within `timeout` (`Timeout`), an error status to it (`CallFailed(..)`,
-//!   `Unimplemented`).
-//! - **Routine rotation** when it ends gracefully (GOAWAY NO_ERROR, `MaxConnectionAge`, a
-//!   close, a reset or ended stream) at least `interval` after its first answer: nothing is
-//!   counted and the prober reconnects at once.
-//! - **Early end** when it ends that way less than `interval` after its first answer: a failure
-//!   (`GoAway(NO_ERROR)`, `Reset(..)`, or `Unstable` for a close or an ended stream).
-//!
-//! After a connection that had answered fails or ends early, failures count across connections:
-//! a SERVING answer on the next connection neither resets the failure count nor counts toward
-//! `healthyThreshold` until that connection has stayed up for `interval` (its next liveness
-//! tick finds it alive, see [`HealthTracker::confirm`]). A new endpoint with no such history
-//! is Serving on its first answer. So a backend that answers SERVING on every new connection
-//! and then breaks it (GOAWAY or RST_STREAM right after the answer, silence, a byte now and
-//! then, garbage, an oversized frame, HTTP/1 bytes) reaches the unhealthy threshold as one that
-//! refuses connections does.
-//!
-//! # Bounds
-//!
-//! After a failure the prober retries with exponential backoff (from 100ms, jittered, at most
-//! `interval / 2`), so that a blip is retried at once and a dead endpoint is not hammered; a
-//! connection that lived at least `interval` is replaced at once. One attempt (connect, then
-//! the first answer) is bounded by `timeout` as a whole. With `unhealthyThreshold` N, a Serving
-//! endpoint is published NotServing within about N x (`interval` + `timeout`) of when it
-//! stopped answering or started misbehaving in any of the ways above: a silent one fails once
-//! per `interval + timeout` (a quiet interval, then the liveness Check's timeout), one that
-//! breaks its connections after answering fails once per reconnect (at most `interval / 2`
-//! apart), one whose liveness Check fails once per `interval`.
-//!
-//! Under the `LoadReport` policy the prober also opens ORCA's out-of-band load-report stream
-//! (`OpenRcaService/StreamCoreMetrics`) on the same connection once the health service has
-//! answered, and keeps each report in its state (gRFC A58's weight state, see
-//! [`crate::weights::LoadWeight`]). A server without ORCA answers UNIMPLEMENTED: it is not
-//! asked again, and gets the mean weight. A reconnect after a failure restarts the blackout,
-//! as A58 does on a reconnect; a routine rotation does not (the backend did not restart).
-//!
-//! The prober ends when its handle is dropped.
+//! The per-endpoint probe loop: connect (in turn), follow the `Watch` stream with a liveness
+//! `Check` each quiet interval or poll with `Check`, and count how each connection ended (see
+//! the rules in [`super`]).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use kubegrpc_crds::{Health, HealthCheckMode};
-use tokio::{sync::watch, time::Instant};
-use tokio_util::task::AbortOnDropHandle;
+use kubegrpc_crds::HealthCheckMode;
+use tokio::time::Instant;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckResponse, health_check_response::ServingStatus};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use crate::weights::{LoadSample, LoadWeight};
-
-use super::{
-    connection::{CallEnd, CallId, ConnectionError, Event, GoAway, HealthConnection, Message, Method, reason},
-    tracker::{Failure, HealthTracker, HealthVerdict, NotServingAnswer, ProbeOutcome, Thresholds},
+use super::{Connector, ProbeSettings, Shared, limiter::Turn, publish::Publisher};
+use crate::{
+    health::{
+        connection::{CallEnd, CallId, ConnectionError, Event, GoAway, HealthConnection, Message, Method, reason},
+        tracker::{Failure, NotServingAnswer, ProbeOutcome},
+    },
+    weights::LoadSample,
 };
 
-/// How an endpoint is probed: from the GrpcBackend's `spec.healthCheck`. A change restarts the
-/// GrpcBackend's probers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeSettings {
-    pub service: String,
-    pub mode: HealthCheckMode,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub thresholds: Thresholds,
-    /// Under the `LoadReport` policy: the ORCA stream's report interval and when a weight
-    /// expires.
-    pub load_reports: Option<LoadReportSettings>,
-}
-
-/// What the prober needs of `spec.weighting.loadReport`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoadReportSettings {
-    pub interval: Duration,
-    pub weight_expiration_period: Duration,
-}
-
-/// What a prober publishes: the verdict and whether the latest probe failed at connect time.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProbeState {
-    pub verdict: HealthVerdict,
-    pub connect_failing: bool,
-    /// When the prober started, and whether its first probe has ended: a status write may wait
-    /// a moment for a new endpoint's first answer rather than publish it as Unknown first.
-    pub started: Instant,
-    pub probed: bool,
-    /// The endpoint's load reports (`LoadReport` policy only).
-    pub load: LoadWeight,
-    /// The server answered the load-report stream with UNIMPLEMENTED.
-    pub load_reports_unimplemented: bool,
-}
-
-/// Where a prober reports its probes (metrics) and its state changes (a reconcile trigger).
-pub trait ProbeObserver: Send + Sync + 'static {
-    /// A probe ended with `outcome`; `latency` is set when the health service answered.
-    fn probed(&self, outcome: ProbeOutcome, latency: Option<Duration>);
-    /// The prober's [`ProbeState`] changed.
-    fn changed(&self);
-    /// The server rotated the prober's connection (GOAWAY, connection age) after answering on
-    /// it: the prober reconnected without counting a failure.
-    fn rotated(&self) {}
-    /// A connection ended less than an interval after its first answer: counted as a failure.
-    fn ended_early(&self) {}
-}
-
-/// A running prober; dropping it stops the prober and closes its connection.
-pub struct ProberHandle {
-    state: watch::Receiver<ProbeState>,
-    _task: AbortOnDropHandle<()>,
-}
-
-impl ProberHandle {
-    pub fn state(&self) -> ProbeState {
-        self.state.borrow().clone()
-    }
-}
-
-/// At most this many probe connections of new or healthy endpoints are being opened at once,
-/// operator-wide: a restart or a new leader opens one per endpoint, and thousands of handshakes
-/// at once would time out probes of healthy endpoints (a false flap that every client sees).
-/// Waiting for a turn does not count against the probe timeout.
-///
-/// Endpoints retrying after a failure take their turns from a separate, smaller limiter
-/// ([`MAX_CONCURRENT_RETRIES`]), so that however many endpoints are silent or drop SYNs, they
-/// never hold the turns a new or healthy endpoint needs: a new endpoint's first probe starts
-/// within one probe timeout whatever failing endpoints do. And a turn is given back once the
-/// connection answered, failed, or after [`MAX_TURN`], whichever comes first, so that silent
-/// new endpoints pace the others by at most that much each.
-pub const MAX_CONCURRENT_CONNECTS: usize = 64;
-
-/// Turns for endpoints retrying after a failure (see [`MAX_CONCURRENT_CONNECTS`]).
-pub const MAX_CONCURRENT_RETRIES: usize = 16;
-
-/// The longest a connection attempt holds its turn (less when the probe timeout is shorter).
-pub const MAX_TURN: Duration = Duration::from_millis(250);
-
-/// Limits how many probe connections are being opened at once (see
-/// [`MAX_CONCURRENT_CONNECTS`]); shared by every prober of an operator.
-pub type ConnectLimiter = Arc<tokio::sync::Semaphore>;
-
-/// A limiter of [`MAX_CONCURRENT_CONNECTS`].
-pub fn connect_limiter() -> ConnectLimiter {
-    Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CONNECTS))
-}
-
-/// A limiter of [`MAX_CONCURRENT_RETRIES`].
-pub fn retry_limiter() -> ConnectLimiter {
-    Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_RETRIES))
-}
-
-/// What every prober of an operator shares.
-#[derive(Clone, Debug)]
-pub struct Shared {
-    /// Connect turns of new and healthy endpoints (see [`MAX_CONCURRENT_CONNECTS`]).
-    pub connects: ConnectLimiter,
-    /// Connect turns of endpoints retrying after a failure.
-    pub retries: ConnectLimiter,
-    /// The local address probe connections are bound to, if any (see
-    /// [`HealthConnection::connect_from`]).
-    pub source_address: Option<IpAddr>,
-    /// How connections are opened.
-    pub connector: Connector,
-    /// The least time between two status writes of one GrpcBackend: verdict changes are damped
-    /// and notices paced on that scale (see [`HealthTracker`]).
-    pub write_interval: Duration,
-}
-
-/// How probe connections are opened: TCP, or in-memory streams in tests.
-#[derive(Clone, Default)]
-pub enum Connector {
-    #[default]
-    Tcp,
-    /// Each connect calls the function with the target (tests of the prober over in-memory
-    /// streams, on paused time).
-    #[cfg(test)]
-    Memory(Arc<dyn Fn(SocketAddr) -> std::io::Result<tokio::io::DuplexStream> + Send + Sync>),
-}
-
-impl std::fmt::Debug for Connector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Connector::Tcp => f.write_str("Tcp"),
-            #[cfg(test)]
-            Connector::Memory(_) => f.write_str("Memory"),
-        }
-    }
-}
-
-/// Starts probing `target`, starting from `initial` (see [`HealthTracker::new`]).
-pub fn spawn(
+/// One endpoint's prober, run by its task.
+pub(super) struct Prober {
     target: SocketAddr,
     settings: ProbeSettings,
-    initial: HealthVerdict,
-    observer: Arc<dyn ProbeObserver>,
-    shared: Shared,
-) -> ProberHandle {
-    let tracker = HealthTracker::new(
-        initial.clone(),
-        settings.thresholds,
-        settings.interval,
-        shared.write_interval,
-    );
-    let (state_tx, state) = watch::channel(ProbeState {
-        verdict: initial,
-        connect_failing: false,
-        started: Instant::now(),
-        probed: false,
-        load: LoadWeight::default(),
-        load_reports_unimplemented: false,
-    });
-    let prober = Prober {
-        target,
-        backoff: backoff(settings.interval),
-        settings,
-        tracker,
-        state: state_tx,
-        observer,
-        shared,
-        load_call: None,
-        detail: None,
-        last_notice: None,
-        notice_pending: false,
-        turn: None,
-        retrying: false,
-    };
-    ProberHandle {
-        state,
-        _task: AbortOnDropHandle::new(tokio::spawn(prober.run())),
-    }
-}
-
-struct Prober {
-    target: SocketAddr,
-    settings: ProbeSettings,
-    tracker: HealthTracker,
-    state: watch::Sender<ProbeState>,
-    observer: Arc<dyn ProbeObserver>,
+    publisher: Publisher,
     backoff: ExponentialBackoff,
     shared: Shared,
     /// The load-report stream on the current connection, once started.
     load_call: Option<CallId>,
-    /// What the latest failure showed beyond its reason (logged when the verdict changes).
-    detail: Option<String>,
-    /// When the observer was last told of a change, and whether a change awaits telling.
-    last_notice: Option<Instant>,
-    notice_pending: bool,
-    /// The connect turn held by the attempt in progress, and when it must be given back.
-    turn: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
+    /// The connect turn held by the attempt in progress.
+    turn: Option<Turn>,
     /// The latest attempt failed and no answer has counted since: take turns from the retry
     /// limiter.
     retrying: bool,
@@ -289,7 +47,7 @@ struct Link {
 
 /// Why a connection's probing ended.
 #[derive(Debug, PartialEq, Eq)]
-enum Ended {
+pub(super) enum Ended {
     /// The server does not implement `Watch`: poll with `Check` on the same connection.
     WatchUnimplemented,
     /// The connection ended the way a rotation does (graceful GOAWAY, close, stream reset or
@@ -300,8 +58,43 @@ enum Ended {
     Failed(Failure),
 }
 
+/// What one `Check` showed about the connection.
+enum Liveness {
+    /// The health service answered (started at the instant given).
+    Answered(ProbeOutcome, Instant),
+    /// The server answered with an error: it is alive, the call failed.
+    Failed(Failure),
+    /// No answer within the timeout.
+    Silent,
+    /// The connection ended (closed, GOAWAY, the Watch stream ended, a protocol error).
+    Ended(Ended),
+}
+
 impl Prober {
-    async fn run(mut self) {
+    pub(super) fn new(target: SocketAddr, settings: ProbeSettings, publisher: Publisher, shared: Shared) -> Self {
+        Self {
+            target,
+            backoff: backoff(settings.interval),
+            settings,
+            publisher,
+            shared,
+            load_call: None,
+            turn: None,
+            retrying: false,
+        }
+    }
+
+    /// Probes until the task is aborted (its handle dropped). Every log line of the prober is
+    /// in this span, which names the GrpcBackend (when the observer does) and the endpoint.
+    #[tracing::instrument(
+        name = "prober",
+        skip_all,
+        fields(
+            backend = self.publisher.observer().backend().map(tracing::field::display),
+            endpoint = %self.target,
+        )
+    )]
+    pub(super) async fn run(mut self) {
         let mut watch_implemented = self.settings.mode == HealthCheckMode::Watch;
         loop {
             // A turn to connect, held until the connection answered or failed (or MAX_TURN).
@@ -310,10 +103,10 @@ impl Prober {
             } else {
                 self.shared.connects.clone()
             };
-            let Ok(turn) = self.attend(limiter.acquire_owned()).await else {
+            let Ok(permit) = self.attend(limiter.acquire_owned()).await else {
                 return;
             };
-            self.turn = Some((turn, Instant::now() + MAX_TURN.min(self.settings.timeout)));
+            self.turn = Some(Turn::new(permit, self.settings.timeout));
             let attempt_deadline = Instant::now() + self.settings.timeout;
             let mut link = Link {
                 opened: Instant::now(),
@@ -348,12 +141,12 @@ impl Prober {
                 {
                     // Routine rotation: the connection served its interval.
                     self.confirm(now);
-                    self.tracker.connection_ended();
-                    self.observer.rotated();
+                    self.publisher.tracker().connection_ended();
+                    self.publisher.observer().rotated();
                     continue;
                 }
                 (Ended::Closed(failure), Some(_)) => {
-                    self.observer.ended_early();
+                    self.publisher.observer().ended_early();
                     failure
                 }
                 (Ended::Closed(Failure::Unstable), None) => Failure::Closed,
@@ -363,18 +156,17 @@ impl Prober {
             self.turn = None;
             self.retrying = true;
             debug!(
-                endpoint = %self.target,
                 %failure,
                 lived = ?now.saturating_duration_since(link.opened),
                 answered = ?link.answered.map(|at| now.saturating_duration_since(at)),
-                detail = self.detail.as_deref().unwrap_or_default(),
+                detail = self.publisher.detail().unwrap_or_default(),
                 "probe failed"
             );
             if link.answered.is_some() {
-                self.tracker.connection_broke();
+                self.publisher.tracker().connection_broke();
             }
-            self.record(ProbeOutcome::Failed(failure), None);
-            self.state.send_modify(|state| state.load.restart());
+            self.publisher.record(ProbeOutcome::Failed(failure), None);
+            self.publisher.modify_state(|state| state.load.restart());
             // A connection that lived an interval is replaced at once (that is one connection
             // per interval at most); one that did not waits for the backoff.
             let lived = now.saturating_duration_since(link.opened);
@@ -431,7 +223,7 @@ impl Prober {
                 event = connection.next_event() => match event {
                     Ok(Event::Message(call, Message::Health(response))) if call == watch => {
                         heard_since_tick = true;
-                        self.record(answer(&response), None);
+                        self.publisher.record(answer(&response), None);
                     }
                     Ok(event) if self.load_event(&event) => {}
                     // The stream or the connection ended, or the server announced its end
@@ -458,8 +250,8 @@ impl Prober {
                             self.answered(outcome, started);
                         }
                         Liveness::Failed(failure) => {
-                            self.tracker.connection_broke();
-                            self.record(ProbeOutcome::Failed(failure), None);
+                            self.publisher.tracker().connection_broke();
+                            self.publisher.record(ProbeOutcome::Failed(failure), None);
                         }
                         Liveness::Silent => return Ended::Failed(Failure::Timeout),
                         Liveness::Ended(ended) => return ended,
@@ -482,9 +274,10 @@ impl Prober {
                 }
                 Liveness::Failed(failure) => {
                     if link.answered.is_some() {
-                        self.tracker.connection_broke();
+                        self.publisher.tracker().connection_broke();
                     }
-                    self.record(ProbeOutcome::Failed(failure), Some(started.elapsed()));
+                    self.publisher
+                        .record(ProbeOutcome::Failed(failure), Some(started.elapsed()));
                 }
                 Liveness::Silent => return Ended::Failed(Failure::Timeout),
                 Liveness::Ended(ended) => return ended,
@@ -524,7 +317,8 @@ impl Prober {
                             Liveness::Answered(ProbeOutcome::NotServing(NotServingAnswer::NotFound), started)
                         }
                         (CallEnd::Status(Code::Ok, _), None) => {
-                            self.detail = Some("a Check answered OK without a message".into());
+                            self.publisher
+                                .set_detail(Some("a Check answered OK without a message".into()));
                             Liveness::Failed(Failure::ProtocolError)
                         }
                         // Refused by a GOAWAY: the connection is going.
@@ -535,7 +329,7 @@ impl Prober {
                     };
                 }
                 Event::Message(call, Message::Health(response)) if Some(call) == watch => {
-                    self.record(answer(&response), None)
+                    self.publisher.record(answer(&response), None)
                 }
                 ref event if self.load_event(event) => {}
                 Event::Ended(call, ref end) if Some(call) == watch => {
@@ -554,7 +348,7 @@ impl Prober {
         let Some(settings) = self.settings.load_reports else {
             return;
         };
-        if self.load_call.is_some() || self.state.borrow().load_reports_unimplemented {
+        if self.load_call.is_some() || self.publisher.state().load_reports_unimplemented {
             return;
         }
         self.load_call = connection.start_load_reports(settings.interval).ok();
@@ -572,16 +366,17 @@ impl Prober {
                     .settings
                     .load_reports
                     .map_or(Duration::MAX, |s| s.weight_expiration_period);
-                self.state
-                    .send_modify(|state| state.load.update(sample, expiration, Instant::now()));
+                self.publisher
+                    .modify_state(|state| state.load.update(sample, expiration, Instant::now()));
                 true
             }
             Event::Ended(call, end) if *call == load_call => {
                 if matches!(end, CallEnd::Status(Code::Unimplemented, _)) {
-                    debug!(target = %self.target, "no ORCA load reports (UNIMPLEMENTED): the endpoint gets the mean weight");
-                    self.state.send_modify(|state| state.load_reports_unimplemented = true);
+                    debug!("no ORCA load reports (UNIMPLEMENTED): the endpoint gets the mean weight");
+                    self.publisher
+                        .modify_state(|state| state.load_reports_unimplemented = true);
                 } else {
-                    debug!(target = %self.target, ?end, "the load-report stream ended; reopened on the next connection");
+                    debug!(?end, "the load-report stream ended; reopened on the next connection");
                 }
                 true
             }
@@ -591,11 +386,11 @@ impl Prober {
 
     /// The failure of a health call, its detail kept for the log.
     fn call_failure(&mut self, end: &CallEnd) -> Failure {
-        self.detail = match end {
+        self.publisher.set_detail(match end {
             CallEnd::Status(_, message) if !message.is_empty() => Some(format!("grpc-message {message:?}")),
             CallEnd::Malformed(why) => Some((*why).to_string()),
             _ => None,
-        };
+        });
         call_failure(end)
     }
 
@@ -616,7 +411,7 @@ impl Prober {
 
     /// How a connection that can no longer carry calls counts, its detail kept for the log.
     fn connection_gone(&mut self, error: &ConnectionError, link: &Link) -> Ended {
-        self.detail = Some(error.to_string());
+        self.publisher.set_detail(Some(error.to_string()));
         match error {
             ConnectionError::Protocol(_) => Ended::Failed(Failure::ProtocolError),
             ConnectionError::Closed | ConnectionError::Io(_) | ConnectionError::GoingAway => match link.going_away {
@@ -629,7 +424,8 @@ impl Prober {
     fn going_away(&mut self, goaway: &GoAway, link: &mut Link) {
         link.going_away.get_or_insert(goaway.code);
         if !goaway.debug.is_empty() {
-            self.detail = Some(format!("GOAWAY debug data {:?}", goaway.debug));
+            self.publisher
+                .set_detail(Some(format!("GOAWAY debug data {:?}", goaway.debug)));
         }
     }
 
@@ -645,7 +441,7 @@ impl Prober {
         match tokio::time::timeout_at(deadline, connecting).await {
             Ok(Ok(connection)) => Ok(connection),
             Ok(Err(error)) => {
-                self.detail = Some(error.to_string());
+                self.publisher.set_detail(Some(error.to_string()));
                 Err(connect_failure(&error))
             }
             Err(_) => Err(Failure::ConnectTimeout),
@@ -654,95 +450,34 @@ impl Prober {
 
     /// The health service answered a probe that started at `started`.
     fn answered(&mut self, outcome: ProbeOutcome, started: Instant) {
-        self.record(outcome, Some(started.elapsed()));
-        if !self.tracker.on_probation() {
+        self.publisher.record(outcome, Some(started.elapsed()));
+        if !self.publisher.tracker().on_probation() {
             self.backoff = backoff(self.settings.interval);
             self.retrying = false;
         }
     }
 
-    /// The current connection is alive at `now` (see [`HealthTracker::confirm`]).
+    /// The current connection is alive at `now` (see [`crate::health::tracker::HealthTracker::confirm`]).
     fn confirm(&mut self, now: Instant) {
-        let before = self.tracker.verdict().clone();
-        if self.tracker.confirm(now) {
+        if self.publisher.confirm(now) {
             self.backoff = backoff(self.settings.interval);
             self.retrying = false;
-            self.publish(&before, true);
-        }
-    }
-
-    fn record(&mut self, outcome: ProbeOutcome, latency: Option<Duration>) {
-        self.observer.probed(outcome, latency);
-        let before = self.tracker.verdict().clone();
-        let changed = self.tracker.observe(outcome, Instant::now());
-        self.publish(&before, changed);
-    }
-
-    /// Publishes the tracker's state if it `changed` (or on the first probe), and logs a
-    /// change of verdict from `before`, with the detail of what caused it, once.
-    fn publish(&mut self, before: &HealthVerdict, changed: bool) {
-        let detail = self.detail.take();
-        let verdict = self.tracker.verdict();
-        if verdict != before {
-            let (health, reason) = (verdict.health, verdict.reason.as_deref().unwrap_or_default());
-            if health == Health::Serving {
-                info!(endpoint = %self.target, %health, "endpoint health changed");
-            } else {
-                let detail = detail.unwrap_or_default();
-                warn!(endpoint = %self.target, %health, reason, detail, "endpoint health changed");
-            }
-        }
-        let first = !self.state.borrow().probed;
-        if changed || first {
-            let started = self.state.borrow().started;
-            self.state.send_modify(|state| {
-                state.verdict = self.tracker.verdict().clone();
-                state.connect_failing = self.tracker.connect_failing();
-                state.started = started;
-                state.probed = true;
-            });
-            self.notify();
-        }
-    }
-
-    /// Tells the observer the state changed: at once, unless it was told less than a status
-    /// write interval ago (then once that interval has passed), so that a flapping endpoint
-    /// drives at most one notice per write interval.
-    fn notify(&mut self) {
-        let now = Instant::now();
-        let due = self.last_notice.map(|last| last + self.shared.write_interval);
-        if due.is_none_or(|due| now >= due) {
-            self.last_notice = Some(now);
-            self.notice_pending = false;
-            self.observer.changed();
-        } else {
-            self.notice_pending = true;
         }
     }
 
     /// The next instant something is due: a held verdict's release, a deferred notice, giving
     /// back a connect turn.
     fn wake_at(&self) -> Option<Instant> {
-        let notice = self
-            .last_notice
-            .filter(|_| self.notice_pending)
-            .map(|last| last + self.shared.write_interval);
-        let turn = self.turn.as_ref().map(|(_, until)| *until);
-        self.tracker.deadline().into_iter().chain(notice).chain(turn).min()
+        let turn = self.turn.as_ref().map(Turn::until);
+        self.publisher.deadline().into_iter().chain(turn).min()
     }
 
     /// Does what is due now (see [`Prober::wake_at`]).
     fn wake(&mut self) {
-        if self.turn.as_ref().is_some_and(|(_, until)| Instant::now() >= *until) {
+        if self.turn.as_ref().is_some_and(|turn| Instant::now() >= turn.until()) {
             self.turn = None;
         }
-        let before = self.tracker.verdict().clone();
-        if self.tracker.wake(Instant::now()) {
-            self.publish(&before, true);
-        }
-        if self.notice_pending {
-            self.notify();
-        }
+        self.publisher.wake(Instant::now());
     }
 
     /// Awaits `future` (which must not need the prober), doing what falls due meanwhile.
@@ -765,20 +500,8 @@ async fn until(deadline: Option<Instant>) {
     }
 }
 
-/// What one `Check` showed about the connection.
-enum Liveness {
-    /// The health service answered (started at the instant given).
-    Answered(ProbeOutcome, Instant),
-    /// The server answered with an error: it is alive, the call failed.
-    Failed(Failure),
-    /// No answer within the timeout.
-    Silent,
-    /// The connection ended (closed, GOAWAY, the Watch stream ended, a protocol error).
-    Ended(Ended),
-}
-
 /// How a GOAWAY counts: an error code is a failure; NO_ERROR, a graceful end.
-fn goaway_end(code: u32) -> Ended {
+pub(super) fn goaway_end(code: u32) -> Ended {
     if code == reason::NO_ERROR {
         Ended::Closed(Failure::GoAway(code))
     } else {
@@ -796,7 +519,7 @@ fn answer(response: &HealthCheckResponse) -> ProbeOutcome {
 }
 
 /// How a health call that did not answer failed.
-fn call_failure(end: &CallEnd) -> Failure {
+pub(super) fn call_failure(end: &CallEnd) -> Failure {
     match end {
         CallEnd::Reset(code) => Failure::Reset(*code),
         CallEnd::MessageTooLarge => Failure::MessageTooLarge,
@@ -807,7 +530,7 @@ fn call_failure(end: &CallEnd) -> Failure {
 }
 
 /// How opening a connection failed.
-fn connect_failure(error: &std::io::Error) -> Failure {
+pub(super) fn connect_failure(error: &std::io::Error) -> Failure {
     match error.kind() {
         std::io::ErrorKind::TimedOut => Failure::ConnectTimeout,
         std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => Failure::ConnectRefused,
@@ -817,7 +540,7 @@ fn connect_failure(error: &std::io::Error) -> Failure {
 
 /// Reconnect delays: from 100ms, doubling, with jitter (so that the probers of many endpoints
 /// do not retry in lockstep); the caller caps each at the probe interval.
-fn backoff(interval: Duration) -> ExponentialBackoff {
+pub(super) fn backoff(interval: Duration) -> ExponentialBackoff {
     let min = Duration::from_millis(100).min(interval);
     ExponentialBuilder::default()
         .with_min_delay(min)
@@ -826,6 +549,3 @@ fn backoff(interval: Duration) -> ExponentialBackoff {
         .without_max_times()
         .build()
 }
-
-#[cfg(test)]
-mod tests;
