@@ -35,6 +35,8 @@ pub enum Error {
     },
     #[error("cannot serialize a status: {0}")]
     Serialize(#[source] serde_json::Error),
+    /// Start-up waits for these two caches only: the Pod watch runs while a GrpcBackend uses
+    /// the `Static` policy, and its first list holds up only those GrpcBackends' statuses.
     #[error("the Service or EndpointSlice watch stopped before its cache was filled")]
     CacheNeverReady,
 }

@@ -1,6 +1,7 @@
 //! The `Static` policy's weights: the `kubegrpc.io/weight` annotation of the Pods behind
 //! endpoints, followed by a metadata-only Pod watch (names and annotations, no spec or
-//! status), kept only for Pods that carry the annotation.
+//! status), kept only for Pods that carry the annotation. The watch runs only while a
+//! GrpcBackend uses `Static` (see `controller::watches::PodWatch`).
 
 use std::{
     collections::{HashMap, HashSet},

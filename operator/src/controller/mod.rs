@@ -42,7 +42,7 @@ use tracing::{debug, info, instrument, warn};
 
 use self::{
     observe::observe,
-    watches::Watches,
+    watches::{PodWatch, Watches},
     writer::{StatusWriter, WriteOutcome},
 };
 use crate::{
@@ -51,7 +51,7 @@ use crate::{
     index::ByService,
     key::ObjectKey,
     metrics::Metrics,
-    pods::{PodWeights, ReportedValue},
+    pods::ReportedValue,
     status::{self, Observation, StatusContext},
 };
 
@@ -106,7 +106,7 @@ struct Context {
     /// Failed reconciles in a row, per GrpcBackend, for the error backoff.
     failures: Mutex<HashMap<ObjectKey, u32>>,
     /// The `Static` policy's Pod annotations.
-    pods: Arc<PodWeights>,
+    pods: PodWatch,
     /// Bad `kubegrpc.io/weight` values already reported by an Event, so that each is reported
     /// once rather than at every reconcile.
     bad_annotations: Mutex<HashSet<ReportedValue>>,
@@ -124,15 +124,8 @@ pub async fn run(
     let (probe_changes, probe_changed) = mpsc::unbounded_channel::<ObjectKey>();
 
     let mut watches = Watches::start(&client, &settings.namespace, &triggers, &relisted);
-    let (pod_weights, mut pods_ready, _pods_task) =
-        watches::watch_pods(&client, &settings.namespace, &watches.backends, &triggers);
     info!("waiting for the Service and EndpointSlice caches");
     watches.ready().await?;
-    // Static weights published before the Pods are read would be written twice.
-    pods_ready
-        .wait_for(|ready| *ready)
-        .await
-        .map_err(|_| Error::CacheNeverReady)?;
     info!("caches ready; reconciling");
 
     let reporter = Reporter {
@@ -156,7 +149,7 @@ pub async fn run(
         ),
         metrics,
         failures: Mutex::new(HashMap::new()),
-        pods: pod_weights,
+        pods: PodWatch::new(client.clone(), settings.namespace.clone(), triggers.clone()),
         bad_annotations: Mutex::new(HashSet::new()),
         settings,
     });
@@ -203,6 +196,7 @@ async fn reconcile(backend: Arc<Backend>, context: Arc<Context>) -> Result<Actio
             }
             None => {
                 context.probers.remove(&key);
+                context.pods.set_user(&key, false);
                 let message = format!("the object cannot be read: {}", invalid.error);
                 let (generation, resource_version) =
                     (invalid.metadata.generation, invalid.metadata.resource_version.clone());
@@ -229,6 +223,10 @@ async fn reconcile_backend(backend: &GrpcBackend, key: &ObjectKey, context: &Con
         // A new endpoint's first answer is moments away: publish it with its health rather than
         // as Unknown now and again in a moment (every write wakes every client).
         return Ok(Action::requeue(wait));
+    }
+    if observed.awaiting_pods {
+        debug!("Static weights wait for the Pod watch's first list");
+        return Ok(Action::await_change());
     }
     if !matches!(observed.observation, Observation::Endpoints(_)) {
         context.probers.remove(key);
@@ -298,6 +296,7 @@ impl Context {
     /// A GrpcBackend is gone: stop its probers, drop its series and records.
     fn forget(&self, key: &ObjectKey) {
         self.probers.remove(key);
+        self.pods.set_user(key, false);
         self.metrics.forget(&key.namespace, &key.name);
         self.writer.forget(key);
         self.failures().remove(key);

@@ -15,6 +15,7 @@ use crate::{
     discovery,
     health::{prober::ProbeState, tracker::HealthVerdict},
     key::ObjectKey,
+    pods::PodWeights,
     spec,
     status::{Notice, Observation, ProbedEndpoint},
     weights::{self, EndpointFacts, Policy},
@@ -33,6 +34,9 @@ pub(super) struct Observed {
     pub weights_change_in: Option<Duration>,
     /// Events to publish (a bad weight annotation).
     pub notices: Vec<Notice>,
+    /// The weights need the Pods' annotations, and the Pod watch has not listed them all yet:
+    /// the watch triggers a reconcile once it has.
+    pub awaiting_pods: bool,
 }
 
 impl Observed {
@@ -42,18 +46,20 @@ impl Observed {
             first_probes_due: None,
             weights_change_in: None,
             notices: Vec::new(),
+            awaiting_pods: false,
         }
     }
 }
 
 /// Looks at `backend` (named `key`) through `context`'s views, and syncs its probers.
 pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observed {
-    let settings = match spec::probe_settings(&backend.spec) {
-        Ok(settings) => settings,
-        Err(why) => return Observed::only(Observation::InvalidSpec(why)),
-    };
-    let policy = match weighting_policy(&backend.spec) {
-        Ok(policy) => policy,
+    let checked =
+        spec::probe_settings(&backend.spec).and_then(|settings| Ok((settings, weighting_policy(&backend.spec)?)));
+    // Started now, the Pod watch may have listed the Pods by the time the Service has
+    // endpoints.
+    context.pods.set_user(key, matches!(checked, Ok((_, Policy::Static))));
+    let (settings, policy) = match checked {
+        Ok(checked) => checked,
         Err(why) => return Observed::only(Observation::InvalidSpec(why)),
     };
     let service_ref = ObjectRef::<Service>::new(&backend.spec.service).within(&key.namespace);
@@ -106,28 +112,46 @@ pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context)
         })
         .collect();
 
-    let (weights_change_in, notices) = apply_weights(&policy, &mut probed, &published, key, context);
+    let pods = match policy {
+        Policy::Static if probed.iter().any(|(probed, _)| probed.endpoint.pod.is_some()) => {
+            match context.pods.weights() {
+                Some(pods) => Some(pods),
+                None => {
+                    return Observed {
+                        first_probes_due,
+                        awaiting_pods: true,
+                        ..Observed::only(Observation::Endpoints(Vec::new()))
+                    };
+                }
+            }
+        }
+        _ => None,
+    };
+    let (weights_change_in, notices) = apply_weights(&policy, &mut probed, &published, pods.as_deref(), key, context);
     Observed {
         observation: Observation::Endpoints(probed.into_iter().map(|(endpoint, _)| endpoint).collect()),
         first_probes_due,
         weights_change_in,
         notices,
+        awaiting_pods: false,
     }
 }
 
-/// Sets the weights `policy` gives the `probed` endpoints; returns when they may change by
-/// themselves, and the Events for bad weight annotations not reported before.
+/// Sets the weights `policy` gives the `probed` endpoints, reading the annotations of the
+/// Pods behind them in `pods`; returns when the weights may change by themselves, and the
+/// Events for bad weight annotations not reported before.
 fn apply_weights(
     policy: &Policy,
     probed: &mut [(ProbedEndpoint, &ProbeState)],
     published: &HashMap<SocketAddr, (HealthVerdict, u32)>,
+    pods: Option<&PodWeights>,
     key: &ObjectKey,
     context: &Context,
 ) -> (Option<Duration>, Vec<Notice>) {
-    if *policy == Policy::Static {
+    if let Some(pods) = pods {
         // Reported values whose Pod is gone or changed its annotation are forgotten here,
         // before new ones are added: the set never holds more than the annotated Pods.
-        context.pods.retain_carried(&mut context.bad_annotations());
+        pods.retain_carried(&mut context.bad_annotations());
     }
     let pod_of = |endpoint: &ProbedEndpoint| {
         let pod = endpoint.endpoint.pod.as_ref()?;
@@ -137,10 +161,7 @@ fn apply_weights(
         .iter()
         .map(|(endpoint, state)| EndpointFacts {
             usable: endpoint.endpoint.kubernetes_ready() && endpoint.verdict.health == Health::Serving,
-            annotation: match policy {
-                Policy::Static => pod_of(endpoint).and_then(|pod| context.pods.annotation(&pod)),
-                _ => None,
-            },
+            annotation: pods.zip(pod_of(endpoint)).and_then(|(pods, pod)| pods.annotation(&pod)),
             load: state.load,
             prober_started: state.started,
             published: published.get(&endpoint.endpoint.address).map(|(_, weight)| *weight),

@@ -1,12 +1,22 @@
+use std::net::SocketAddr;
+
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::{
     api::core::v1::{ServicePort, ServiceSpec},
     apimachinery::pkg::apis::meta::v1::Condition,
 };
-use kube::{ResourceExt, client::Body, runtime::watcher};
-use kubegrpc_crds::{GrpcBackendSpec, GrpcBackendStatus, PortRef, condition, condition::reason};
+use kube::{
+    ResourceExt,
+    client::Body,
+    runtime::{reflector::ObjectRef, watcher},
+};
+use kubegrpc_crds::{
+    EndpointStatus, FULL_WEIGHT, GrpcBackendSpec, GrpcBackendStatus, Health, PortRef, WEIGHT_ANNOTATION,
+    WeightingPolicy, condition, condition::reason,
+};
 use serde_json::json;
 use tokio::time::timeout;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{watches::index_entries, *};
 use crate::discovery::SERVICE_NAME_LABEL;
@@ -24,6 +34,8 @@ struct ApiCall {
     method: Method,
     path: String,
     query: String,
+    /// The `Accept` header.
+    accept: String,
     body: serde_json::Value,
 }
 
@@ -31,30 +43,44 @@ impl ApiCall {
     fn is_event(&self) -> bool {
         self.path.starts_with("/apis/events.k8s.io/")
     }
+
+    fn is_watch(&self) -> bool {
+        self.query.split('&').any(|pair| pair == "watch=true")
+    }
+}
+
+/// The receivers of what a test context sends.
+struct Sent {
+    /// Reconciles the watches ask for.
+    triggered: mpsc::UnboundedReceiver<ObjectRef<Backend>>,
 }
 
 impl Context {
-    /// A context over a mocked API, with `services` in the Service store and no
-    /// EndpointSlices. Also returns the receiver of the probers' change notices.
-    fn for_tests(client: Client, services: &[Service]) -> (Self, mpsc::UnboundedReceiver<ObjectKey>) {
+    /// A context over a mocked API, with `services` in the Service store and `slices` in
+    /// the EndpointSlice index.
+    fn for_tests(client: Client, settings: Settings, services: &[Service], slices: &[EndpointSlice]) -> (Self, Sent) {
         let (store, mut writer) = reflector::store();
         for service in services {
             writer.apply_watcher_event(&watcher::Event::Apply(service.clone()));
         }
-        let slices = ByService::<EndpointSlice>::new(|slice| slice.labels().get(SERVICE_NAME_LABEL).cloned());
+        let slice_index = ByService::<EndpointSlice>::new(|slice| slice.labels().get(SERVICE_NAME_LABEL).cloned());
+        for slice in slices {
+            slice_index.apply(&watcher::Event::Apply(slice.clone()));
+        }
+        let (triggers, triggered) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::default());
-        let (changed, probe_changes) = mpsc::unbounded_channel();
+        let (changed, _) = mpsc::unbounded_channel();
         let reporter = Reporter {
             controller: OPERATOR_FIELD_MANAGER.into(),
             instance: Some("test".into()),
         };
-        let settings = Settings::default();
         let context = Context {
             recorder: Recorder::new(client.clone(), reporter),
-            writer: StatusWriter::new(client, metrics.clone(), settings.status_write_interval),
+            writer: StatusWriter::new(client.clone(), metrics.clone(), settings.status_write_interval),
+            pods: PodWatch::new(client, Some(NAMESPACE.into()), triggers),
             settings,
             services: store,
-            slices: Arc::new(slices),
+            slices: Arc::new(slice_index),
             probers: ProberRegistry::new(
                 ProbeReports {
                     metrics: metrics.clone(),
@@ -64,10 +90,9 @@ impl Context {
             ),
             metrics,
             failures: Mutex::new(HashMap::new()),
-            pods: Arc::new(PodWeights::default()),
             bad_annotations: Mutex::new(HashSet::new()),
         };
-        (context, probe_changes)
+        (context, Sent { triggered })
     }
 }
 
@@ -78,18 +103,28 @@ fn mocked_context(
     services: &[Service],
     answer: impl FnMut(&ApiCall) -> Response<Body> + Send + 'static,
 ) -> (Arc<Context>, tokio::task::JoinHandle<Vec<ApiCall>>) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let (context, probe_changes) = Context::for_tests(Client::new(service, NAMESPACE), services);
-    let api = tokio::spawn(serve(handle, answer, probe_changes));
-    (Arc::new(context), api)
+    let (context, api, _) = mocked_context_with(Settings::default(), services, &[], answer);
+    (context, api)
 }
 
-async fn serve(
-    mut handle: MockHandle,
-    mut answer: impl FnMut(&ApiCall) -> Response<Body>,
-    _probe_changes: mpsc::UnboundedReceiver<ObjectKey>,
-) -> Vec<ApiCall> {
+/// [`mocked_context`] with `settings` and EndpointSlices; also returns what it sends.
+fn mocked_context_with(
+    settings: Settings,
+    services: &[Service],
+    slices: &[EndpointSlice],
+    answer: impl FnMut(&ApiCall) -> Response<Body> + Send + 'static,
+) -> (Arc<Context>, tokio::task::JoinHandle<Vec<ApiCall>>, Sent) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (context, sent) = Context::for_tests(Client::new(service, NAMESPACE), settings, services, slices);
+    let api = tokio::spawn(serve(handle, answer));
+    (Arc::new(context), api, sent)
+}
+
+/// Answers each request with `answer` (Events with 201 and their own body; watches never,
+/// as an apiserver with nothing to tell), until every client is gone; returns the requests.
+async fn serve(mut handle: MockHandle, mut answer: impl FnMut(&ApiCall) -> Response<Body>) -> Vec<ApiCall> {
     let mut calls = Vec::new();
+    let mut watches = Vec::new();
     while let Some((request, respond)) = handle.next_request().await {
         let (parts, body) = request.into_parts();
         let body = body.collect_bytes().await.expect("a request body");
@@ -97,8 +132,19 @@ async fn serve(
             method: parts.method,
             path: parts.uri.path().to_string(),
             query: parts.uri.query().unwrap_or_default().to_string(),
+            accept: parts
+                .headers
+                .get(http::header::ACCEPT)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
             body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         };
+        if call.is_watch() {
+            watches.push(respond);
+            calls.push(call);
+            continue;
+        }
         let response = if call.is_event() {
             Response::builder()
                 .status(StatusCode::CREATED)
@@ -352,4 +398,214 @@ fn the_service_index_keeps_a_backends_name_and_spec_not_its_status() {
     assert_eq!(entry.spec, full.spec);
     assert_eq!(ObjectKey::of(&entry), ObjectKey::of(&full));
     assert!(entry.metadata.resource_version.is_none());
+}
+
+/// A tonic health server on loopback, Serving.
+async fn health_server() -> (SocketAddr, AbortOnDropHandle<()>) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let address = listener.local_addr().expect("an address");
+    let server = AbortOnDropHandle::new(tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    }));
+    (address, server)
+}
+
+/// The EndpointSlice of Service ns/echo, port `grpc`: `address`, ready, of Pod `pod`.
+fn endpoint_slice(address: SocketAddr, pod: &str) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "echo-1", "namespace": NAMESPACE, "labels": {SERVICE_NAME_LABEL: "echo"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "grpc", "port": address.port(), "protocol": "TCP"}],
+        "endpoints": [{
+            "addresses": [address.ip().to_string()],
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+            "targetRef": {"kind": "Pod", "name": pod, "namespace": NAMESPACE},
+        }],
+    }))
+    .expect("an EndpointSlice")
+}
+
+/// A status listing `address` (Pod `pod`) as Serving, so that its prober starts from that.
+fn serving_status(address: SocketAddr, pod: &str) -> GrpcBackendStatus {
+    GrpcBackendStatus {
+        endpoints: vec![EndpointStatus {
+            address: address.ip().to_string(),
+            port: i32::from(address.port()),
+            weight: FULL_WEIGHT,
+            health: Health::Serving,
+            serving: true,
+            terminating: false,
+            zone: None,
+            for_zones: Vec::new(),
+            pod: Some(pod.into()),
+            target_ref: None,
+            reason: None,
+            last_transition_time: None,
+            fail_open: false,
+        }],
+        ..Default::default()
+    }
+}
+
+/// The answer to a list of Pods' metadata in ns: `pods` with their weight annotation.
+fn pod_list(pods: &[(&str, &str)]) -> Response<Body> {
+    let items: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|(name, weight)| {
+            json!({
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadata",
+                "metadata": {"name": name, "namespace": NAMESPACE, "annotations": {WEIGHT_ANNOTATION: weight}},
+            })
+        })
+        .collect();
+    let list = json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadataList",
+        "metadata": {"resourceVersion": "10"},
+        "items": items,
+    });
+    json_response(StatusCode::OK, &list)
+}
+
+const PODS_PATH: &str = "/api/v1/namespaces/ns/pods";
+
+#[tokio::test]
+async fn the_pod_watch_runs_only_while_a_grpc_backend_is_static_and_its_first_list_gates_static_weights() {
+    let (address, _server) = health_server().await;
+    let (pod_lists_tx, mut pod_lists) = mpsc::unbounded_channel();
+    let mut backend = grpc_backend(PortRef::Name("grpc".into()), Some(serving_status(address, "echo-0")));
+    let answered = backend.clone();
+    let settings = Settings {
+        status_write_interval: Duration::ZERO,
+        ..Settings::default()
+    };
+    let (context, api, mut sent) = mocked_context_with(
+        settings,
+        &[service("grpc", 80)],
+        &[endpoint_slice(address, "echo-0")],
+        move |call| {
+            if call.path == PODS_PATH {
+                let _ = pod_lists_tx.send(call.accept.clone());
+                return pod_list(&[("echo-0", "3")]);
+            }
+            applied(&answered, call)
+        },
+    );
+
+    let reconciled = reconcile_once(&backend, &context).await.expect("reconciled");
+    assert_eq!(reconciled, Action::await_change());
+    assert!(!context.pods.is_running(), "Equal needs no Pods");
+
+    backend.spec.weighting.policy = WeightingPolicy::Static;
+    let reconciled = reconcile_once(&backend, &context).await.expect("reconciled");
+    assert_eq!(
+        reconciled,
+        Action::await_change(),
+        "waits for the Pods' list, written after"
+    );
+    assert!(
+        context.pods.is_running(),
+        "the first Static GrpcBackend starts the watch"
+    );
+    let accept = timeout(WAIT, pod_lists.recv())
+        .await
+        .expect("the Pods were listed")
+        .expect("an Accept header");
+    assert!(
+        accept.contains("as=PartialObjectMetadataList"),
+        "metadata only: {accept}"
+    );
+    let triggered = timeout(WAIT, sent.triggered.recv())
+        .await
+        .expect("the complete list triggers the Static GrpcBackends")
+        .expect("a trigger");
+    assert_eq!(triggered, ObjectRef::new("echo").within(NAMESPACE));
+    assert!(context.pods.weights().is_some(), "listed");
+    let reconciled = reconcile_once(&backend, &context).await.expect("reconciled");
+    assert_eq!(reconciled, Action::await_change());
+
+    backend.spec.weighting.policy = WeightingPolicy::Equal;
+    reconcile_once(&backend, &context).await.expect("reconciled");
+    assert!(!context.pods.is_running(), "stopped after the last Static GrpcBackend");
+
+    let calls = api_calls(context, api).await;
+    let pod_lists: Vec<&ApiCall> = calls.iter().filter(|c| c.path == PODS_PATH && !c.is_watch()).collect();
+    assert_eq!(pod_lists.len(), 1, "one list: {calls:#?}");
+    let weights: Vec<u32> = calls
+        .iter()
+        .filter(|call| call.method == Method::PATCH)
+        .map(|call| assert_status_apply(call).endpoints[0].weight)
+        .collect();
+    assert_eq!(
+        weights,
+        [FULL_WEIGHT, 3, FULL_WEIGHT],
+        "Equal, Static from the annotation (nothing written before the list), Equal"
+    );
+}
+
+#[tokio::test]
+async fn the_reconciler_starts_without_listing_pods_when_no_grpc_backend_is_static() {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (paths_tx, mut paths) = mpsc::unbounded_channel();
+    let api = tokio::spawn(serve(handle, move |call| {
+        let _ = paths_tx.send(call.path.clone());
+        let (api_version, kind) = match call.path.as_str() {
+            "/api/v1/namespaces/ns/services" => ("v1", "ServiceList"),
+            "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices" => ("discovery.k8s.io/v1", "EndpointSliceList"),
+            "/apis/kubegrpc.io/v1alpha1/namespaces/ns/grpcbackends" => ("kubegrpc.io/v1alpha1", "GrpcBackendList"),
+            _ => {
+                let status = json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": "not served by this test", "reason": "NotFound", "code": 404,
+                });
+                return json_response(StatusCode::NOT_FOUND, &status);
+            }
+        };
+        let list = json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": []});
+        json_response(StatusCode::OK, &list)
+    }));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = Settings {
+        namespace: Some(NAMESPACE.into()),
+        ..Settings::default()
+    };
+    let operator = tokio::spawn(run(
+        Client::new(service, NAMESPACE),
+        settings,
+        Arc::new(Metrics::default()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // The GrpcBackend watch starts once the caches the reconciler waits for are complete.
+    timeout(WAIT, async {
+        while let Some(path) = paths.recv().await {
+            if path.ends_with("/grpcbackends") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the GrpcBackends were listed");
+    let _ = stop.send(());
+    let ran = timeout(WAIT, operator).await.expect("the reconciler stopped");
+    assert!(matches!(ran, Ok(Ok(()))), "{ran:?}");
+    let calls = timeout(WAIT, api)
+        .await
+        .expect("every client was dropped")
+        .expect("the mock API ran");
+    let pods: Vec<&ApiCall> = calls.iter().filter(|call| call.path.contains("/pods")).collect();
+    assert!(pods.is_empty(), "no GrpcBackend uses Static: no Pod request {pods:#?}");
 }

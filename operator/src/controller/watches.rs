@@ -3,9 +3,16 @@
 //! Services and EndpointSlices are watched by tasks of their own that keep a store (Services)
 //! and a by-Service index (EndpointSlices), and map each change to the GrpcBackends naming
 //! that Service through the operator's own Service -> GrpcBackends index, which the
-//! GrpcBackend watch keeps in step ([`backends`]).
+//! GrpcBackend watch keeps in step ([`backends`]). Pods are watched only while a GrpcBackend
+//! uses the `Static` policy ([`PodWatch`]).
 
-use std::sync::Arc;
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::{
@@ -21,10 +28,10 @@ use kube::{
         watcher,
     },
 };
-use kubegrpc_crds::{GrpcBackend, WeightingPolicy};
+use kubegrpc_crds::GrpcBackend;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::AbortOnDropHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Backend;
 use crate::{
@@ -152,51 +159,126 @@ impl Watches {
     }
 }
 
-/// The Pod watch (metadata only) for the Static policy's weight annotations; a change of
-/// annotations triggers the Static GrpcBackends of its namespace. Returns the annotations,
-/// whether the first list is complete, and the watch's task.
-pub(super) fn watch_pods(
-    client: &Client,
-    namespace: &Option<String>,
-    backends: &Arc<ByService<Backend>>,
-    triggers: &Triggers,
-) -> (Arc<PodWeights>, watch::Receiver<bool>, AbortOnDropHandle<()>) {
-    let pod_weights = Arc::new(PodWeights::default());
-    let (ready_tx, ready) = watch::channel(false);
-    let task = AbortOnDropHandle::new(tokio::spawn({
-        let pod_weights = pod_weights.clone();
-        let backends = backends.clone();
-        let triggers = triggers.clone();
-        watcher(
-            scoped::<PartialObjectMeta<Pod>>(client, namespace),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .modify(pods::trim)
-        .for_each(move |event| {
-            match event {
-                Ok(event) => {
-                    for namespace in pod_weights.apply(&event) {
-                        for backend in backends.in_namespace(&namespace) {
-                            let is_static = backend
-                                .0
-                                .as_ref()
-                                .is_ok_and(|b| b.spec.weighting.policy == WeightingPolicy::Static);
-                            if is_static {
-                                let _ = triggers.send(ObjectRef::from_obj(backend.as_ref()));
+/// The metadata-only Pod watch the `Static` policy reads weight annotations from.
+///
+/// It runs only while some GrpcBackend uses `Static`: a cluster-wide cache of Pods that nobody
+/// reads costs memory and an apiserver watch, and its first list would hold up every
+/// GrpcBackend's first status. The first reconcile of a `Static` GrpcBackend starts it; after
+/// the last one leaves (deleted, or another policy) it stops. Its first complete list, and
+/// later each change of annotations, triggers the `Static` GrpcBackends concerned.
+pub(super) struct PodWatch {
+    client: Client,
+    namespace: Option<String>,
+    triggers: Triggers,
+    /// The GrpcBackends using `Static`. Shared with the running watch's task, which triggers
+    /// them; locked after `running` when both are.
+    users: Arc<Mutex<BTreeSet<ObjectKey>>>,
+    running: Mutex<Option<RunningPodWatch>>,
+}
+
+struct RunningPodWatch {
+    weights: Arc<PodWeights>,
+    /// The first list is complete.
+    listed: Arc<AtomicBool>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl PodWatch {
+    /// Watches the Pods of `namespace` (all namespaces when `None`) once it has users.
+    pub fn new(client: Client, namespace: Option<String>, triggers: Triggers) -> Self {
+        Self {
+            client,
+            namespace,
+            triggers,
+            users: Arc::new(Mutex::new(BTreeSet::new())),
+            running: Mutex::new(None),
+        }
+    }
+
+    /// Records whether `backend` uses the Pods' annotations: the first user starts the watch,
+    /// the last one leaving stops it.
+    pub fn set_user(&self, backend: &ObjectKey, uses: bool) {
+        let mut running = lock(&self.running);
+        let no_users = {
+            let mut users = lock(&self.users);
+            if uses {
+                users.insert(backend.clone());
+            } else {
+                users.remove(backend);
+            }
+            users.is_empty()
+        };
+        match (no_users, running.is_some()) {
+            (false, false) => {
+                info!("a GrpcBackend uses the Static policy: watching Pods (metadata)");
+                *running = Some(self.start());
+            }
+            (true, true) => {
+                info!("no GrpcBackend uses the Static policy: Pods no longer watched");
+                *running = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The Pods' annotations, once the watch has listed every Pod: `None` before (a `Static`
+    /// weight published from a partial list would be written again moments later) and while
+    /// the watch does not run.
+    pub fn weights(&self) -> Option<Arc<PodWeights>> {
+        let running = lock(&self.running);
+        let running = running.as_ref()?;
+        running.listed.load(Ordering::Acquire).then(|| running.weights.clone())
+    }
+
+    /// Whether the watch runs.
+    #[cfg(test)]
+    pub fn is_running(&self) -> bool {
+        lock(&self.running).is_some()
+    }
+
+    fn start(&self) -> RunningPodWatch {
+        let weights = Arc::new(PodWeights::default());
+        let listed = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let weights = weights.clone();
+            let listed = listed.clone();
+            let users = self.users.clone();
+            let triggers = self.triggers.clone();
+            watcher(
+                scoped::<PartialObjectMeta<Pod>>(&self.client, &self.namespace),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .modify(pods::trim)
+            .for_each(move |event| {
+                match event {
+                    Ok(event) => {
+                        let changed = weights.apply(&event);
+                        let first_list =
+                            matches!(event, watcher::Event::InitDone) && !listed.swap(true, Ordering::AcqRel);
+                        // Users waited for the first list; later, those of the namespaces where
+                        // an annotation changed.
+                        for user in lock(&users).iter() {
+                            if first_list || changed.contains(&user.namespace) {
+                                let _ = triggers.send(user.object_ref());
                             }
                         }
                     }
-                    if matches!(event, watcher::Event::InitDone) {
-                        let _ = ready_tx.send(true);
-                    }
+                    Err(error) => warn!(%error, "watching Pods (metadata) failed; retrying"),
                 }
-                Err(error) => warn!(%error, "watching Pods (metadata) failed; retrying"),
-            }
-            futures::future::ready(())
-        })
-    }));
-    (pod_weights, ready, task)
+                futures::future::ready(())
+            })
+        });
+        RunningPodWatch {
+            weights,
+            listed,
+            _task: AbortOnDropHandle::new(task),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The GrpcBackend watch, for the Controller: fills `store`, keeps `index` in step, and
