@@ -4,11 +4,12 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DiscoveryRequest, DiscoveryResponse, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
+use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kubegrpc_echo::ServingStatus;
 use kubegrpc_tests::{
@@ -392,6 +393,22 @@ async fn the_operator_ramps_a_new_endpoint_for_xds_clients_in_pushed_steps() -> 
     let client = XdsClient::start(&name, xds.address, RATE).await?;
     client.wait_for(u64::from(RATE), DEADLINE).await?;
     let writes_before = operator.status_writes(&s.namespace, "echo");
+    // Every status write from here on, to read what each one changed.
+    let version = s
+        .backends()
+        .get("echo")
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let mut status_events = s
+        .backends()
+        .watch(
+            &kube::api::WatchParams::default().fields("metadata.name=echo"),
+            &version,
+        )
+        .await?
+        .boxed();
 
     s.echo_slice(&addresses).await?;
     s.wait_status("echo", "3 ready endpoints", DEADLINE, |status| {
@@ -444,10 +461,36 @@ async fn the_operator_ramps_a_new_endpoint_for_xds_clients_in_pushed_steps() -> 
     assert!(first < 0.2, "the ramp starts low: {shares:?}");
     assert!((settled - 1.0 / 3.0).abs() < 0.05, "then a full third: {counts:?}");
     assert_eq!(counts.failures(), 0, "{counts:?}");
+    // The ramp is in the pushes, not in the status: every write lists the new endpoint at its
+    // full weight. One write adds it; a second one only if its first probe had not answered
+    // within the write's wait for it (the probe timeout and a margin, which a loaded machine can
+    // pass), listing it Unknown first.
+    let written = operator.status_writes(&s.namespace, "echo") - writes_before;
+    let mut new_entries = Vec::new();
+    while (new_entries.len() as u64) < written {
+        let event = tokio::time::timeout(DEADLINE, status_events.next())
+            .await?
+            .context("the status watch ended")??;
+        if let kube::api::WatchEvent::Modified(object) = event {
+            let status = object.status.unwrap_or_default();
+            new_entries.push(endpoint(&status, &addresses[2]).map(|e| (e.health, e.weight)));
+        }
+    }
+    println!("status writes during the ramp, the new endpoint in each: {new_entries:?}");
+    assert!(
+        (1..=2).contains(&written),
+        "one status write for the new endpoint, not one per step: {new_entries:?}"
+    );
+    assert!(
+        new_entries
+            .iter()
+            .all(|entry| entry.is_some_and(|(_, weight)| weight == FULL_WEIGHT)),
+        "every write lists the new endpoint at its full weight: {new_entries:?}"
+    );
     assert_eq!(
-        operator.status_writes(&s.namespace, "echo") - writes_before,
-        1,
-        "one status write for the new endpoint, not one per step"
+        new_entries.last().copied().flatten().map(|(health, _)| health),
+        Some(kubegrpc_crds::Health::Serving),
+        "{new_entries:?}"
     );
     Ok(())
 }
