@@ -92,17 +92,8 @@ impl<K: Resource> ByService<K> {
             .unwrap_or_default()
     }
 
-    /// Every object of `namespace`.
-    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<K>> {
-        self.lock()
-            .groups
-            .iter()
-            .filter(|(service, _)| service.namespace == namespace)
-            .flat_map(|(_, group)| group.values().cloned())
-            .collect()
-    }
-
     /// Whether `key` is currently known.
+    #[cfg(test)]
     pub fn contains(&self, key: &ObjectKey) -> bool {
         self.lock().located.contains_key(key)
     }
