@@ -46,6 +46,10 @@ struct Observer {
 }
 
 impl ProbeObserver for Observer {
+    fn backend(&self) -> Option<&dyn std::fmt::Display> {
+        Some(&self.backend)
+    }
+
     fn probed(&self, outcome: ProbeOutcome, latency: Option<std::time::Duration>) {
         self.reports.metrics.probed(outcome, latency);
     }
