@@ -2,6 +2,8 @@
 //! block and one length-prefixed message; a response's length-prefixed messages decoded as
 //! their bytes arrive; its headers and trailers turned into how the call ended.
 
+use std::ops::ControlFlow;
+
 use kubegrpc_orca::OrcaLoadReport;
 use prost::Message as _;
 use tonic::Code;
@@ -102,12 +104,19 @@ impl Messages {
     }
 
     /// Takes `data` (DATA payload without padding), handing each whole message to `message`
-    /// in order; how the call must end if the bytes break gRPC's framing.
-    pub(super) fn receive(&mut self, data: &[u8], mut message: impl FnMut(Message)) -> Result<(), CallEnd> {
+    /// in order until it breaks; how the call must end if the bytes break gRPC's framing.
+    pub(super) fn receive(
+        &mut self,
+        data: &[u8],
+        mut message: impl FnMut(Message) -> ControlFlow<()>,
+    ) -> Result<(), CallEnd> {
         self.partial.extend_from_slice(data);
         let mut result = Ok(());
-        while self.partial.len() >= PREFIX {
-            let partial = &self.partial;
+        // Whole messages are taken from the front by moving this offset; the bytes are moved
+        // once at the end (a DATA frame can pack thousands of messages).
+        let mut taken = 0;
+        while self.partial.len() - taken >= PREFIX {
+            let partial = &self.partial[taken..];
             let length = u32::from_be_bytes([partial[1], partial[2], partial[3], partial[4]]) as usize;
             if partial[0] != 0 {
                 result = Err(CallEnd::Malformed("a compressed message, which was not asked for"));
@@ -125,8 +134,13 @@ impl Messages {
                 Answers::Health => HealthCheckResponse::decode(bytes).map(Message::Health),
                 Answers::LoadReports => OrcaLoadReport::decode(bytes).map(Message::LoadReport),
             };
+            taken += PREFIX + length;
             match decoded {
-                Ok(decoded) => message(decoded),
+                Ok(decoded) => {
+                    if message(decoded).is_break() {
+                        break;
+                    }
+                }
                 Err(_) => {
                     result = Err(CallEnd::Malformed(
                         "a message that does not decode as the method's response",
@@ -134,8 +148,8 @@ impl Messages {
                     break;
                 }
             }
-            self.partial.drain(..PREFIX + length);
         }
+        self.partial.drain(..taken);
         if self.partial.is_empty() {
             self.partial = Vec::new();
         }
@@ -278,6 +292,14 @@ mod tests {
         bytes
     }
 
+    /// A message callback that keeps every message in `out`.
+    fn collect(out: &mut Vec<Message>) -> impl FnMut(Message) -> ControlFlow<()> + '_ {
+        |message| {
+            out.push(message);
+            ControlFlow::Continue(())
+        }
+    }
+
     fn serving(status: i32) -> Message {
         Message::Health(HealthCheckResponse { status })
     }
@@ -293,10 +315,10 @@ mod tests {
         .concat();
         // Byte by byte: nothing until the first message is whole.
         for byte in &two[..6] {
-            messages.receive(&[*byte], |m| out.push(m)).unwrap();
+            messages.receive(&[*byte], collect(&mut out)).unwrap();
         }
         assert_eq!(out, []);
-        messages.receive(&two[6..], |m| out.push(m)).unwrap();
+        messages.receive(&two[6..], collect(&mut out)).unwrap();
         assert_eq!(out, [serving(1), serving(2)]);
         // Nothing held once everything was taken.
         assert_eq!(messages.partial.capacity(), 0);
@@ -308,14 +330,14 @@ mod tests {
         };
         let mut out = Vec::new();
         reports
-            .receive(&prefixed(&report.encode_to_vec()), |m| out.push(m))
+            .receive(&prefixed(&report.encode_to_vec()), collect(&mut out))
             .unwrap();
         assert_eq!(out, [Message::LoadReport(report)]);
     }
 
     #[test]
     fn messages_that_break_grpc_framing_end_the_call_with_the_reason() {
-        let receive = |bytes: &[u8]| Messages::new(Answers::Health).receive(bytes, |_| {});
+        let receive = |bytes: &[u8]| Messages::new(Answers::Health).receive(bytes, |_| ControlFlow::Continue(()));
         assert_eq!(
             receive(&[1, 0, 0, 0, 0]),
             Err(CallEnd::Malformed("a compressed message, which was not asked for"))

@@ -4,7 +4,7 @@
 //! RST_STREAMs), queued for the I/O part to write. Fed received bytes, it never waits: it is
 //! tested here without a socket.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, ops::ControlFlow};
 
 use kubegrpc_orca::{OrcaLoadReportRequest, STREAM_CORE_METRICS_PATH};
 use tokio::time::Instant;
@@ -26,10 +26,11 @@ const WINDOW_UPDATE_BATCH: u32 = 16_384;
 /// prober takes some. With a message per call superseding the one before it (see
 /// `queue_message`), a valid peer never gets near it.
 pub(super) const MAX_QUEUED_EVENTS: usize = 8;
-/// Frames a server may send in a burst, and per second after it: a health service sends a few
-/// per answer; a flood of PING, SETTINGS, RST_STREAM, WINDOW_UPDATE or tiny frames past this
-/// ends the connection (HTTP/2's ENHANCE_YOUR_CALM case), so that it costs the prober a small
-/// multiple of a healthy peer's CPU.
+/// Frames and gRPC messages a server may send in a burst, and per second after it: a health
+/// service sends a few per answer; a flood of PING, SETTINGS, RST_STREAM, WINDOW_UPDATE or tiny
+/// frames, or of messages packed thousands to a DATA frame, past this ends the connection
+/// (HTTP/2's ENHANCE_YOUR_CALM case), so that it costs the prober a small multiple of a healthy
+/// peer's CPU.
 const FRAME_BURST: u32 = 1_024;
 const FRAMES_PER_SECOND: u32 = 256;
 /// The most bytes of a GOAWAY's debug data kept (for the log).
@@ -54,9 +55,40 @@ pub(super) struct State {
     failed: Option<ConnectionError>,
     /// The latest PING to acknowledge (a burst of PINGs is acknowledged once, with the last).
     ping_ack: Option<[u8; 8]>,
-    /// Frames the server may still send now, and when that was last topped up.
-    frame_tokens: u32,
-    tokens_at: Instant,
+    /// Frames and messages the server may still send now.
+    budget: FloodBudget,
+}
+
+/// A token bucket of [`FRAME_BURST`] tokens, topped up at [`FRAMES_PER_SECOND`]: a token per
+/// frame, and one per response message after the first of a DATA frame.
+#[derive(Debug)]
+struct FloodBudget {
+    tokens: u32,
+    topped_up_at: Instant,
+}
+
+impl FloodBudget {
+    fn new() -> Self {
+        Self {
+            tokens: FRAME_BURST,
+            topped_up_at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.tokens == 0 {
+            let now = Instant::now();
+            let elapsed = now.saturating_duration_since(self.topped_up_at);
+            let earned = elapsed.as_millis().saturating_mul(u128::from(FRAMES_PER_SECOND)) / 1_000;
+            if earned == 0 {
+                return false;
+            }
+            self.tokens = u32::try_from(earned).unwrap_or(u32::MAX).min(FRAME_BURST);
+            self.topped_up_at = now;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -85,8 +117,7 @@ impl State {
             events: VecDeque::new(),
             failed: None,
             ping_ack: None,
-            frame_tokens: FRAME_BURST,
-            tokens_at: Instant::now(),
+            budget: FloodBudget::new(),
         };
         state.write.raw(frame::PREFACE);
         let settings = [
@@ -207,7 +238,7 @@ impl State {
                 Ok(None) => break Ok(()),
                 Err(why) => break Err(ConnectionError::Protocol(why)),
             };
-            if !self.take_frame_token() {
+            if !self.budget.take() {
                 break Err(ConnectionError::Protocol("a flood of frames"));
             }
             let size = frame.wire_len();
@@ -341,11 +372,23 @@ impl State {
         call.unacknowledged += received;
         let window_update = (!end_stream && call.unacknowledged >= WINDOW_UPDATE_BATCH)
             .then(|| std::mem::take(&mut call.unacknowledged));
-        let events = &mut self.events;
+        let (events, budget) = (&mut self.events, &mut self.budget);
+        let (mut flooded, mut first) = (false, true);
         let failure = call
             .messages
-            .receive(data, |message| queue_message(events, CallId(stream), message))
+            .receive(data, |message| {
+                // The frame's token pays for its first message.
+                if !std::mem::take(&mut first) && !budget.take() {
+                    flooded = true;
+                    return ControlFlow::Break(());
+                }
+                queue_message(events, CallId(stream), message);
+                ControlFlow::Continue(())
+            })
             .err();
+        if flooded {
+            return Err(ConnectionError::Protocol("a flood of messages"));
+        }
         if let Some(increment) = window_update {
             self.write
                 .frame(kind::WINDOW_UPDATE, 0, stream, &increment.to_be_bytes());
@@ -396,20 +439,6 @@ impl State {
     }
 
     /// Spends one of the frames the server may send; false when it has sent too many.
-    fn take_frame_token(&mut self) -> bool {
-        if self.frame_tokens == 0 {
-            let now = Instant::now();
-            let elapsed = now.saturating_duration_since(self.tokens_at);
-            let earned = elapsed.as_millis().saturating_mul(u128::from(FRAMES_PER_SECOND)) / 1_000;
-            if earned == 0 {
-                return false;
-            }
-            self.frame_tokens = u32::try_from(earned).unwrap_or(u32::MAX).min(FRAME_BURST);
-            self.tokens_at = now;
-        }
-        self.frame_tokens -= 1;
-        true
-    }
 
     /// The call on `stream`, if it is ours and open, ends with `end`.
     fn end(&mut self, stream: u32, end: CallEnd) {
@@ -451,4 +480,4 @@ pub(super) fn frames_in(mut bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
