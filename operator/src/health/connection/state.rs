@@ -438,8 +438,6 @@ impl State {
         Ok(())
     }
 
-    /// Spends one of the frames the server may send; false when it has sent too many.
-
     /// The call on `stream`, if it is ours and open, ends with `end`.
     fn end(&mut self, stream: u32, end: CallEnd) {
         if let Some(index) = self.calls.iter().position(|c| c.id == stream) {
