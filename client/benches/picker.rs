@@ -39,6 +39,8 @@
 //!
 //! `black_box` is `std::hint::black_box`.
 
+#![forbid(unsafe_code)]
+
 use std::{
     convert::Infallible,
     future::{Ready, ready},
@@ -161,22 +163,22 @@ fn bench(c: &mut Criterion) {
         for (weighting, weights) in [("equal", equal_weights(n)), ("unequal", unequal_weights(n))] {
             let picker = Picker::new(items(n), &weights, START);
             group.bench_function(BenchmarkId::new("kubegrpc", format!("{weighting}/1t")), |b| {
-                b.iter(|| black_box(picker.pick()))
+                b.iter(|| black_box(picker.pick()));
             });
             group.bench_function(BenchmarkId::new("kubegrpc", format!("{weighting}/2t")), |b| {
-                b.iter_custom(|iters| two_threads(iters, &picker, &picker, picks))
+                b.iter_custom(|iters| two_threads(iters, &picker, &picker, picks));
             });
         }
 
         let mine = Picker::new(items(n), &equal_weights(n), START);
         let theirs = Picker::new(items(n), &equal_weights(n), START + 1);
         group.bench_function(BenchmarkId::new("kubegrpc", "equal/2t-private"), |b| {
-            b.iter_custom(|iters| two_threads(iters, &mine, &theirs, picks))
+            b.iter_custom(|iters| two_threads(iters, &mine, &theirs, picks));
         });
 
         let round_robin = RoundRobin::new(items(n));
         group.bench_function(BenchmarkId::new("atomic_rr", "1t"), |b| {
-            b.iter(|| black_box(round_robin.pick()))
+            b.iter(|| black_box(round_robin.pick()));
         });
         group.bench_function(BenchmarkId::new("atomic_rr", "2t"), |b| {
             b.iter_custom(|iters| {
@@ -185,13 +187,13 @@ fn bench(c: &mut Criterion) {
                         black_box(r.pick());
                     }
                 })
-            })
+            });
         });
 
         let mut balance = p2c(n);
         let mut cx = Context::from_waker(Waker::noop());
         group.bench_function(BenchmarkId::new("p2c", "1t"), |b| {
-            b.iter(|| p2c_request(&mut balance, &mut cx))
+            b.iter(|| p2c_request(&mut balance, &mut cx));
         });
         let mut other = p2c(n);
         group.bench_function(BenchmarkId::new("p2c", "2t"), |b| {
@@ -203,7 +205,7 @@ fn bench(c: &mut Criterion) {
                     }
                 };
                 two_threads(iters, &mut balance, &mut other, work)
-            })
+            });
         });
 
         group.finish();

@@ -260,7 +260,7 @@ impl ReplayBody {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -270,12 +270,16 @@ pub struct Replay(Arc<Mutex<ReplayState>>);
 impl Replay {
     /// The body, if the transport never read any of it.
     pub fn unread(self) -> Option<Body> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).untouched.take()
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .untouched
+            .take()
     }
 
     /// The body if it was never read, else its copy if it was read whole and fitted the limit.
     pub fn replayable(self) -> Option<Body> {
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(body) = state.untouched.take() {
             return Some(body);
         }
@@ -337,7 +341,11 @@ impl HttpBody for ReplayBody {
     fn is_end_stream(&self) -> bool {
         match &self.reading {
             Some(body) => body.is_end_stream(),
-            None => self.lock().untouched.as_ref().is_none_or(|b| b.is_end_stream()),
+            None => self
+                .lock()
+                .untouched
+                .as_ref()
+                .is_none_or(http_body::Body::is_end_stream),
         }
     }
 
@@ -348,7 +356,7 @@ impl HttpBody for ReplayBody {
                 .lock()
                 .untouched
                 .as_ref()
-                .map(|b| b.size_hint())
+                .map(http_body::Body::size_hint)
                 .unwrap_or_default(),
         }
     }

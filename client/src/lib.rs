@@ -79,6 +79,7 @@
 //! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace,
 //! and, for [`Builder::zone_from_node`] only, `get` on `nodes` (a ClusterRole).
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 // The GrpcBackend read: one object watched (discovery), its status and its slow-start

@@ -87,7 +87,7 @@ fn schedule(weights: &[u32]) -> Vec<u32> {
     let total: u64 = reduced.iter().sum();
     if total > MAX_SCHEDULE as u64 {
         for w in reduced.iter_mut().filter(|w| **w > 0) {
-            *w = ((*w as u128 * MAX_SCHEDULE as u128 / total as u128) as u64).max(1);
+            *w = ((u128::from(*w) * MAX_SCHEDULE as u128 / u128::from(total)) as u64).max(1);
         }
     }
     let total: u64 = reduced.iter().sum();

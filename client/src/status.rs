@@ -566,14 +566,14 @@ mod tests {
                     parsed.warnings.push(format!(
                         "status.endpoints[{index}]: {} listed twice; the first kept",
                         endpoint.address
-                    ))
+                    ));
                 }
                 Ok((endpoint, ignored)) => {
                     let fields = ignored
                         .into_iter()
                         .map(|why| format!("status.endpoints[{index}].{why}"));
                     parsed.warnings.extend(fields);
-                    parsed.endpoints.push(endpoint)
+                    parsed.endpoints.push(endpoint);
                 }
                 Err(why) => parsed
                     .warnings

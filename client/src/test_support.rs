@@ -79,7 +79,7 @@ impl MemoryNetwork {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Addresses> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

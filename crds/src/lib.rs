@@ -10,6 +10,7 @@
 //!
 //! This crate enables no `k8s-openapi` version feature: the binary that links it chooses one.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod condition;

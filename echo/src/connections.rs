@@ -35,7 +35,10 @@ pub(crate) struct KillSwitch {
 impl KillSwitch {
     pub(crate) fn kill(&self) {
         self.killed.store(true, Ordering::SeqCst);
-        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for waker in connections.values() {
             waker.wake();
         }
@@ -48,17 +51,26 @@ impl KillSwitch {
     pub(crate) fn register(&self) -> (u64, Arc<AtomicWaker>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let waker = Arc::new(AtomicWaker::new());
-        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         connections.insert(id, waker.clone());
         (id, waker)
     }
 
     pub(crate) fn unregister(&self, id: u64) {
-        self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
     }
 
     pub(crate) fn open_connections(&self) -> usize {
-        self.connections.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 }
 

@@ -34,7 +34,7 @@ impl HealthState {
 
     /// Sets `service`'s status; open `Watch` streams see it at once.
     pub fn set(&self, service: &str, status: ServingStatus) {
-        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         statuses
             .entry(service.to_string())
             .or_insert_with(|| watch::channel(status).0)
@@ -43,15 +43,15 @@ impl HealthState {
 
     /// Sets every known service's status (what a server does when it starts draining).
     pub fn set_all(&self, status: ServingStatus) {
-        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for sender in statuses.values() {
             sender.send_replace(status);
         }
     }
 
     fn subscribe(&self, service: &str) -> Option<watch::Receiver<ServingStatus>> {
-        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-        statuses.get(service).map(|sender| sender.subscribe())
+        let statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        statuses.get(service).map(tokio::sync::watch::Sender::subscribe)
     }
 }
 

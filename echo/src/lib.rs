@@ -12,6 +12,8 @@
 //! one of a fixed number of worker slots while it works (sleeps), and with
 //! [`BackendOptions::orca`] the backend serves `xds.service.orca.v3.OpenRcaService`, whose
 //! application utilization is the slots' busy time over their capacity.
+
+#![forbid(unsafe_code)]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 mod backend;

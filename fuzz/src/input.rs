@@ -7,6 +7,7 @@
 //! reads as 0. [`Writer`] writes the layout for the seeds.
 
 use std::{
+    fmt::Write as _,
     panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
     path::Path,
     time::Instant,
@@ -150,7 +151,10 @@ pub fn replay(target: &Target, corpus_root: &Path, mutations: usize, seed: u64) 
 
 fn run_one(target: &Target, input: &[u8]) {
     if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (target.run)(input))) {
-        let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = input.iter().fold(String::new(), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        });
         eprintln!(
             "fuzz target {} panicked on this input ({} bytes; `xxd -r -p` makes it a file for \
              `cargo fuzz run {} FILE`):\n{hex}",
@@ -190,7 +194,7 @@ impl Mutator {
         } else {
             inputs[self.below(inputs.len())].clone()
         };
-        for _ in 0..1 + self.below(4) {
+        for _ in 0..=self.below(4) {
             let at = self.below(data.len() + 1);
             match self.below(8) {
                 0 if !data.is_empty() => {

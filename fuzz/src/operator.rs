@@ -453,7 +453,7 @@ fn check_resources(response: &DiscoveryResponse) {
                     assert!(weight > 0, "a locality of weight 0 (grpc-go NACKs the response)");
                     total += u64::from(weight);
                 }
-                assert!(total <= u64::from(u32::MAX), "locality weights add up to {total}");
+                assert!(u32::try_from(total).is_ok(), "locality weights add up to {total}");
                 assignment.cluster_name
             }
         };
@@ -507,7 +507,7 @@ fn xds_requests_seeds() -> Vec<(&'static str, Vec<u8>)> {
         DiscoveryRequest {
             version_info: version.into(),
             node: node.clone(),
-            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            resource_names: names.iter().map(std::string::ToString::to_string).collect(),
             type_url: type_url.into(),
             response_nonce: nonce.into(),
             error_detail: nack.then(|| Status {

@@ -241,7 +241,7 @@ where
     info!(%lease, "standing by for the leader Lease");
     let acquired = tokio::select! {
         held = leading.wait_for(|held| *held) => held.map(|_| true).map_err(|_| ()),
-        _ = shutdown() => Ok(false),
+        () = shutdown() => Ok(false),
     };
     match acquired {
         Ok(true) => {}
@@ -258,7 +258,7 @@ where
     let shutting_down = shutdown();
     let stop = async move {
         tokio::select! {
-            _ = shutting_down => {}
+            () = shutting_down => {}
             _ = losing.wait_for(|held| !*held) => {}
         }
     };
@@ -280,8 +280,7 @@ where
 /// The pod's namespace, as the service-account mount tells it.
 fn pod_namespace() -> String {
     std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-        .map(|n| n.trim().to_string())
-        .unwrap_or_else(|_| "kubegrpc-system".into())
+        .map_or_else(|_| "kubegrpc-system".into(), |n| n.trim().to_string())
 }
 
 async fn client(options: &Options, identity: &str) -> anyhow::Result<Client> {
@@ -302,8 +301,7 @@ async fn client(options: &Options, identity: &str) -> anyhow::Result<Client> {
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "kubegrpc-operator".into())
+        .map_or_else(|_| "kubegrpc-operator".into(), |h| h.trim().to_string())
 }
 
 async fn wait_for_signal() {

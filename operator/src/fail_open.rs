@@ -37,7 +37,7 @@ pub struct Checked {
 }
 
 impl Checked {
-    fn counts(&self) -> bool {
+    fn counts(self) -> bool {
         self.kubernetes_ready && self.weighted && self.concluded
     }
 
@@ -75,7 +75,7 @@ impl FailOpen {
 pub fn decide(endpoints: impl IntoIterator<Item = Checked>, threshold: u32) -> FailOpen {
     let threshold = threshold.min(100);
     let (mut candidates, mut passing, mut connect_failing) = (0usize, 0usize, 0usize);
-    for endpoint in endpoints.into_iter().filter(Checked::counts) {
+    for endpoint in endpoints.into_iter().filter(|endpoint| endpoint.counts()) {
         candidates += 1;
         passing += usize::from(endpoint.passing);
         connect_failing += usize::from(endpoint.connect_failing);

@@ -6,6 +6,8 @@
 //! reconciler in [`controller`]. Discovery, weights and status are pure functions over plain
 //! data; the I/O stays at the edges.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod controller;
 pub mod discovery;

@@ -1,5 +1,7 @@
 //! The kubegrpc operator binary: parses flags, sets up logging, and runs [`kubegrpc_operator::app`].
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 
 #[tokio::main]

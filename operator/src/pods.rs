@@ -93,7 +93,7 @@ impl PodWeights {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -255,7 +255,14 @@ mod tests {
         let mut trimmed = pod("a", Some("3"));
         trim(&mut trimmed);
         assert_eq!(trimmed.metadata.labels, None);
-        assert_eq!(trimmed.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
+        assert_eq!(
+            trimmed
+                .metadata
+                .annotations
+                .as_ref()
+                .map(std::collections::BTreeMap::len),
+            Some(1)
+        );
         assert_eq!(entry(&trimmed.metadata), Some((pod_key("a"), Some("3".into()))));
     }
 }

@@ -252,8 +252,7 @@ impl Candidate {
         let last_transition_time = previous
             .iter()
             .find(|c| c.type_ == self.type_ && c.status == self.status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or(Time(now));
+            .map_or(Time(now), |c| c.last_transition_time.clone());
         Condition {
             type_: self.type_.to_string(),
             status: self.status.to_string(),

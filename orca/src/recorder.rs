@@ -158,11 +158,21 @@ impl LoadRecorder {
     }
 
     pub(crate) fn set_metrics(&self) -> SetMetrics {
-        self.shared.set.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared
+            .set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn set(&self, change: impl FnOnce(&mut SetMetrics)) {
-        change(&mut self.shared.set.lock().unwrap_or_else(|p| p.into_inner()));
+        change(
+            &mut self
+                .shared
+                .set
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
     }
 }
 

@@ -84,7 +84,7 @@ impl OrcaService {
     pub fn report_interval(&self, request: &OrcaLoadReportRequest) -> Duration {
         let asked = request
             .report_interval
-            .map_or(Self::DEFAULT_INTERVAL, |interval| interval.to_std());
+            .map_or(Self::DEFAULT_INTERVAL, super::ProtoDuration::to_std);
         asked.max(self.min_interval).max(Self::FLOOR)
     }
 }

@@ -12,8 +12,7 @@ pub fn setting(name: &str, default: u64) -> u64 {
 pub fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// Nanoseconds as milliseconds.

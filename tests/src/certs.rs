@@ -43,9 +43,13 @@ impl CertificateAuthority {
     /// A serving certificate for the given DNS names and IP addresses.
     pub fn serving(&self, common_name: &str, subject_alt_names: &[&str]) -> Result<CertifiedKey> {
         let mut params = base_params(common_name, None)?;
-        params.subject_alt_names =
-            CertificateParams::new(subject_alt_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?
-                .subject_alt_names;
+        params.subject_alt_names = CertificateParams::new(
+            subject_alt_names
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>(),
+        )?
+        .subject_alt_names;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)

@@ -166,7 +166,13 @@ impl ControlPlane {
             .join()
             .unwrap_or_else(|_| Err("starting the control plane panicked".into()));
             // SAFETY: registering a plain extern "C" function.
-            unsafe { libc::atexit(stop_shared) };
+            #[allow(
+                unsafe_code,
+                reason = "libc::atexit stops the shared control plane when the test binary exits"
+            )]
+            unsafe {
+                libc::atexit(stop_shared)
+            };
             started
         });
         match shared {
@@ -266,7 +272,12 @@ impl ControlPlane {
 
     /// Stops kube-apiserver (SIGTERM), leaving etcd running.
     pub fn stop_apiserver(&self) {
-        if let Some(apiserver) = self.apiserver.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(apiserver) = self
+            .apiserver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             apiserver.stop(Duration::from_secs(20));
         }
     }
@@ -277,7 +288,7 @@ impl ControlPlane {
         let mut command = Command::new(self.bin.join("kube-apiserver"));
         command.args(&self.apiserver_args);
         let apiserver = ManagedProcess::start("kube-apiserver", command, &log)?;
-        *self.apiserver.lock().unwrap_or_else(|p| p.into_inner()) = Some(apiserver);
+        *self.apiserver.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(apiserver);
         self.wait_until_ready().await
     }
 
@@ -291,7 +302,7 @@ impl ControlPlane {
                 .lock()
                 .unwrap()
                 .as_ref()
-                .and_then(|p| p.try_exit_status())
+                .and_then(super::process::ManagedProcess::try_exit_status)
             {
                 bail!(
                     "kube-apiserver exited ({status}) during startup; its log ends with:\n{}",
@@ -377,11 +388,16 @@ impl ControlPlane {
     /// Stops every process and removes the directory. Idempotent.
     pub fn shutdown(&self) {
         for slot in [&self.controller_manager, &self.apiserver, &self.etcd] {
-            if let Some(process) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(process) = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                 process.stop(Duration::from_secs(10));
             }
         }
-        drop(self.dir.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(
+            self.dir
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
     }
 }
 

@@ -434,7 +434,7 @@ fn huge_orca_report(size: usize) -> Vec<u8> {
         entry.push(0x0a); // key: field 1, length-delimited
         varint(&mut entry, key.len());
         entry.extend_from_slice(key.as_bytes());
-        double_field(&mut entry, 2, n as f64);
+        double_field(&mut entry, 2, f64::from(n));
         report.push(0x42); // named_metrics: field 8, length-delimited
         varint(&mut report, entry.len());
         report.extend_from_slice(&entry);
@@ -505,7 +505,7 @@ impl Default for WindowState {
 
 impl Windows {
     fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn update(&self, stream: u32, increment: u32) {
@@ -785,8 +785,8 @@ impl Script<'_> {
                     }
                 }
                 _ = orca_tick.tick(), if reporting => self.send_load_report(),
-                _ = self.windows.updated.notified(), if flooding && !can_flood => {}
-                _ = std::future::ready(()), if can_flood => self.flood(),
+                () = self.windows.updated.notified(), if flooding && !can_flood => {}
+                () = std::future::ready(()), if can_flood => self.flood(),
             }
             self.out.flush().await?;
         }

@@ -138,7 +138,7 @@ impl Kubelet {
         self.shared
             .served
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .map(|(pod, served)| (pod.clone(), served.counters.snapshot().requests))
             .collect()
@@ -149,7 +149,7 @@ impl Kubelet {
         self.shared
             .served
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .map(|(pod, served)| (pod.clone(), served.address))
             .collect()
@@ -165,7 +165,7 @@ impl Kubelet {
             .shared
             .kills
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(pod)
             .ok_or_else(|| anyhow!("pod {}/{pod} has no running backend to kill", self.shared.namespace))?;
         let (answer, dead) = oneshot::channel();
@@ -321,21 +321,29 @@ async fn pod_life(shared: &Shared, name: &str, uid: &str, latest: &mut watch::Re
     // Start the container: a real backend at the Pod's own address.
     let backend = start_backend(BackendOptions::default()).await?;
     let address = backend.address;
-    shared.served.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        name.to_string(),
-        Served {
-            address,
-            counters: backend.counters.clone(),
-        },
-    );
+    shared
+        .served
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(
+            name.to_string(),
+            Served {
+                address,
+                counters: backend.counters.clone(),
+            },
+        );
     let (kill, mut killed) = oneshot::channel();
     shared
         .kills
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(name.to_string(), kill);
     let result = serve(shared, name, uid, latest, backend, address, &mut killed).await;
-    shared.kills.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    shared
+        .kills
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(name);
     result
 }
 
@@ -393,7 +401,7 @@ async fn serve(
     if let Err(error) = mark_not_ready(shared, name).await {
         shared.log(name, format_args!("cannot mark not Ready: {error:#}"));
     }
-    let gone = latest.wait_for(|pod| pod.is_none());
+    let gone = latest.wait_for(std::option::Option::is_none);
     let _ = tokio::time::timeout(shared.options.drain, gone).await;
     let served = backend.counters.snapshot().requests;
     backend.stop().await;

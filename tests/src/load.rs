@@ -38,7 +38,10 @@ impl LoadCounts {
     }
 
     pub fn failures(&self) -> Vec<tonic::Status> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -77,7 +80,10 @@ impl Load {
                             Err(status) => {
                                 counts.failed.fetch_add(1, Ordering::SeqCst);
                                 {
-                                    let mut failures = counts.failures.lock().unwrap_or_else(|p| p.into_inner());
+                                    let mut failures = counts
+                                        .failures
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                                     if failures.len() < 10 {
                                         failures.push(status);
                                     }
@@ -135,7 +141,7 @@ struct RateShared {
 
 impl RateShared {
     fn report(&self) -> std::sync::MutexGuard<'_, RateLoadReport> {
-        self.report.lock().unwrap_or_else(|p| p.into_inner())
+        self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -222,7 +228,7 @@ async fn send_at_rate<S>(
     while sent < max_requests && !shared.stop.load(Ordering::SeqCst) {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = tokio::time::sleep_until(end) => break,
+            () = tokio::time::sleep_until(end) => break,
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;

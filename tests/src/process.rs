@@ -33,6 +33,10 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
 }
 
 /// Spawns `command` so that it is killed (SIGKILL) when this process dies, however it dies.
+#[allow(
+    unsafe_code,
+    reason = "pre_exec and prctl(PR_SET_PDEATHSIG): std has no safe way to tie a child to its parent"
+)]
 pub fn spawn_tied(mut command: Command) -> io::Result<Child> {
     // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
     unsafe {
@@ -50,7 +54,7 @@ pub fn spawn_tied(mut command: Command) -> io::Result<Child> {
     let (reply, answer) = mpsc::channel();
     spawner()
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .send((command, reply))
         .map_err(|_| io::Error::other("the spawner thread is gone"))?;
     answer
@@ -96,6 +100,7 @@ impl ManagedProcess {
     }
 
     /// Sends `signal` (e.g. `libc::SIGSTOP`) to the process.
+    #[allow(unsafe_code, reason = "kill(2): std sends only SIGKILL")]
     pub fn signal(&self, signal: i32) -> io::Result<()> {
         // SAFETY: kill(2) with a pid we spawned and have not reaped.
         if unsafe { libc::kill(self.pid, signal) } != 0 {
@@ -106,13 +111,14 @@ impl ManagedProcess {
 
     /// The exit status if the process has exited.
     pub fn try_exit_status(&self) -> Option<ExitStatus> {
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         child.as_mut().and_then(|child| child.try_wait().ok().flatten())
     }
 
     /// SIGTERM, then SIGKILL if the process has not exited within `grace`; reaps it.
+    #[allow(unsafe_code, reason = "kill(2): std sends only SIGKILL")]
     pub fn stop(&self, grace: Duration) -> Option<ExitStatus> {
-        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut child = guard.take()?;
         if let Ok(Some(status)) = child.try_wait() {
             return Some(status);
@@ -136,7 +142,7 @@ impl ManagedProcess {
 
     /// SIGKILL and reap.
     pub fn kill(&self) -> Option<ExitStatus> {
-        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut child = guard.take()?;
         let _ = child.kill();
         child.wait().ok()

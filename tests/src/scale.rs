@@ -475,6 +475,7 @@ pub fn cpu_ticks(pid: i32) -> Result<u64> {
     Ok(utime + stime)
 }
 
+#[allow(unsafe_code, reason = "sysconf(3): /proc CPU times are in clock ticks")]
 pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64

@@ -130,7 +130,7 @@ impl TestCa {
     fn server_cert_with(&self, names: &[&str], validity: Validity) -> Result<IssuedCert> {
         let first = names.first().context("a server certificate needs at least one name")?;
         let mut params = params_for(first, validity)?;
-        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let names: Vec<String> = names.iter().map(std::string::ToString::to_string).collect();
         // CertificateParams::new tells IP addresses from DNS names.
         params.subject_alt_names = CertificateParams::new(names.clone())
             .with_context(|| format!("bad server names {names:?}"))?
@@ -452,7 +452,7 @@ pub async fn tls_channel_with(
     let connector = tower::service_fn(move |_: http::Uri| {
         let stream = connection
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
         async move {
             stream

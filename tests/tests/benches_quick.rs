@@ -15,7 +15,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// succeeded and printed every one of `expected`.
 fn run_quick(name: &str, settings: &[(&str, &str)], expected: &[&str]) -> Result<String> {
     assert_private_network();
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let output = Command::new(built_binary(name)?)
         .envs(settings.iter().copied())
         .output()

@@ -240,7 +240,7 @@ async fn a_partition_between_the_operator_and_healthy_backends_fails_no_call_of_
     );
     for status in &seen {
         ensure!(
-            status.ready_endpoints > 0 && status.endpoints.iter().any(|e| e.is_usable()),
+            status.ready_endpoints > 0 && status.endpoints.iter().any(kubegrpc_crds::EndpointStatus::is_usable),
             "a status left clients nothing: {status:?}"
         );
     }

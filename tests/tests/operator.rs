@@ -724,7 +724,7 @@ async fn the_status_size_ceiling_is_above_the_default_budget() -> Result<()> {
         terminating: false,
         zone: Some("us-central1-a".into()),
         for_zones: Vec::new(),
-        pod: Some(format!("checkout-api-7d9f8c6b5d-{:05x}", i)),
+        pod: Some(format!("checkout-api-7d9f8c6b5d-{i:05x}")),
         target_ref: None,
         reason: None,
         last_transition_time: None,

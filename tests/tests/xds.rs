@@ -70,7 +70,7 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
     })
     .await?;
     // The push reaches the client within moments; count from a window that starts after it.
-    client.wait_for(RATE as u64, DEADLINE).await?;
+    client.wait_for(u64::from(RATE), DEADLINE).await?;
     let counts = client.window(1000, DEADLINE).await?;
     println!("xDS, backend 2 NotServing: {:?}", counts.ok);
     assert_eq!(
@@ -92,7 +92,7 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
             && endpoint(status, &addresses[1]).is_some_and(|e| e.weight == 3)
     })
     .await?;
-    client.wait_for(RATE as u64, DEADLINE).await?;
+    client.wait_for(u64::from(RATE), DEADLINE).await?;
     let counts = client.window(4000, DEADLINE).await?;
     println!("xDS, Static 1:3: {:?}", counts.ok);
     assert!((counts.share(addresses[0]) - 0.25).abs() <= 0.05, "{counts:?}");
@@ -106,7 +106,7 @@ async fn a_grpc_go_xds_client_follows_spread_flips_weights_and_endpoint_changes(
         endpoint(status, &addresses[0]).is_none() && endpoint(status, &addresses[3]).is_some_and(|e| e.weight == 3)
     })
     .await?;
-    client.wait_for(RATE as u64, DEADLINE).await?;
+    client.wait_for(u64::from(RATE), DEADLINE).await?;
     let counts = client.window(1500, DEADLINE).await?;
     println!("xDS, endpoint 0 removed, endpoint 3 added: {:?}", counts.ok);
     assert_eq!(
@@ -240,7 +240,7 @@ async fn bad_xds_clients_are_bounded_and_others_keep_their_updates() -> Result<(
     backends[1].health.set("", ServingStatus::NotServing);
     s.wait_status("echo", "1 ready", DEADLINE, |status| status.ready_endpoints == 1)
         .await?;
-    client.wait_for(RATE as u64, DEADLINE).await?;
+    client.wait_for(u64::from(RATE), DEADLINE).await?;
     let counts = client.window(500, DEADLINE).await?;
     println!(
         "xDS with a 20,000-name, a rejecting and an idle client beside it: {:?}",

@@ -4,6 +4,8 @@
 //!
 //! The kube client comes from --kubeconfig, $KUBECONFIG, ~/.kube/config or the in-cluster config.
 
+#![forbid(unsafe_code)]
+
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;

@@ -11,6 +11,8 @@
 //! Prints `listening on ADDRESS` once it accepts connections. On SIGTERM it drains as a
 //! well-behaved backend does: NOT_SERVING first, then `--drain` later it stops.
 
+#![forbid(unsafe_code)]
+
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;

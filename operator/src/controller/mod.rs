@@ -321,11 +321,13 @@ impl Context {
     }
 
     fn failures(&self) -> MutexGuard<'_, HashMap<ObjectKey, u32>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn bad_annotations(&self) -> MutexGuard<'_, HashSet<ReportedValue>> {
-        self.bad_annotations.lock().unwrap_or_else(|p| p.into_inner())
+        self.bad_annotations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

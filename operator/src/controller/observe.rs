@@ -73,7 +73,7 @@ pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context)
     let slices = context
         .slices
         .of_service(&ObjectKey::new(&key.namespace, &backend.spec.service));
-    let set = discovery::endpoints_from_slices(slices.iter().map(|s| s.as_ref()), &port);
+    let set = discovery::endpoints_from_slices(slices.iter().map(std::convert::AsRef::as_ref), &port);
     for skipped in &set.skipped {
         debug!(slice = %skipped.slice, address = %skipped.address, why = skipped.why, "endpoint skipped");
     }
@@ -81,13 +81,13 @@ pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context)
     let published = published_endpoints(backend);
     let targets: Vec<SocketAddr> = set.endpoints.iter().map(|e| e.address).collect();
     let states: HashMap<SocketAddr, ProbeState> = context.probers.sync(key, &settings, &targets, |target| {
-        published
-            .get(&target)
-            .map(|(verdict, _)| verdict.clone())
-            .unwrap_or(HealthVerdict {
+        published.get(&target).map_or(
+            HealthVerdict {
                 health: Health::Unknown,
                 reason: None,
-            })
+            },
+            |(verdict, _)| verdict.clone(),
+        )
     });
     let first_probes_due = states
         .iter()

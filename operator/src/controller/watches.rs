@@ -278,7 +278,7 @@ impl PodWatch {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The GrpcBackend watch, for the Controller: fills `store`, keeps `index` in step, and

@@ -205,10 +205,10 @@ impl StatusWriter {
             return Some(WriteOutcome::Unchanged);
         }
         let since = last.at.elapsed();
-        (since < self.interval).then(|| WriteOutcome::Deferred(self.interval - since))
+        (since < self.interval).then(|| WriteOutcome::Deferred(self.interval.checked_sub(since).unwrap()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, LastWrite>> {
-        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+        self.writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

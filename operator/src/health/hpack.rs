@@ -296,7 +296,7 @@ mod tests {
             fields.push((
                 String::from_utf8_lossy(name).into_owned(),
                 String::from_utf8_lossy(value).into_owned(),
-            ))
+            ));
         })?;
         Ok(fields)
     }

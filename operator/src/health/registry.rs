@@ -153,7 +153,7 @@ impl ProberRegistry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, BackendProbers>> {
-        self.backends.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.backends.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -198,7 +198,11 @@ mod tests {
         let states = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let backends = registry.lock();
-            let states: Vec<ProbeState> = backends[&backend].probers.values().map(|p| p.state()).collect();
+            let states: Vec<ProbeState> = backends[&backend]
+                .probers
+                .values()
+                .map(super::super::prober::ProberHandle::state)
+                .collect();
             if states.iter().all(|s| s.probed) {
                 break states;
             }

@@ -449,7 +449,7 @@ mod tests {
         assert!(!ramping(Some(&status), &linear_10s, at(9.5)));
         // Distinct steps over the window: at most ten pushes per ramp.
         let steps: BTreeSet<Vec<u32>> = (0..=1000)
-            .map(|ms| locality_weights(&status, &linear_10s, at(ms as f64 / 100.0)))
+            .map(|ms| locality_weights(&status, &linear_10s, at(f64::from(ms) / 100.0)))
             .collect();
         assert!(steps.len() <= 10, "{} distinct weight sets", steps.len());
     }
@@ -461,7 +461,7 @@ mod tests {
         weights.push(0);
         fit_in_u32_total(&mut weights);
         let total: u64 = weights.iter().sum();
-        assert!(total <= u64::from(u32::MAX), "{total}");
+        assert!(u32::try_from(total).is_ok(), "{total}");
         assert!(weights[0] > 1000 * weights[5000], "the ratio is kept");
         assert_eq!(
             (weights[5000] >= 1, weights[5001]),

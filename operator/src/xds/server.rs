@@ -156,7 +156,7 @@ impl ClientStream {
                     }
                 },
                 changed = generation.changed() => if changed.is_err() { break },
-                _ = responses.closed() => break,
+                () = responses.closed() => break,
                 _ = closing.wait_for(|closing| *closing) => break,
             }
             if !self.cache.is_synced() {

@@ -51,7 +51,7 @@ pub async fn follow(client: Client, namespace: Option<String>, cache: Arc<XdsCac
                     ),
                     // Unreadable: serve nothing for it rather than something wrong.
                     Err(invalid) => {
-                        cache.remove_backend(&namespace, &invalid.metadata.name.clone().unwrap_or_default())
+                        cache.remove_backend(&namespace, &invalid.metadata.name.clone().unwrap_or_default());
                     }
                 }
             }

@@ -40,6 +40,7 @@ struct CountingAllocator;
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
+#[allow(unsafe_code, reason = "counting allocations needs a GlobalAlloc, an unsafe trait")]
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
@@ -100,10 +101,11 @@ struct Round {
 }
 
 /// User + system CPU time of this process so far.
+#[allow(unsafe_code, reason = "getrusage(2): std has no process CPU time")]
 fn process_cpu() -> Duration {
     // SAFETY: getrusage writes into the struct we pass.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
     let time = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
     time(usage.ru_utime) + time(usage.ru_stime)
 }
@@ -155,7 +157,7 @@ where
                         })
                         .await
                     {
-                        Ok(_) => latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32),
+                        Ok(_) => latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32),
                         Err(_) => failures += 1,
                     }
                 }

@@ -394,13 +394,14 @@ fn print_table(results: &[Phase], window: Duration) {
 
 /// Raises this process's open-file limit to its hard limit: a phase holds a listener and a
 /// connection per endpoint.
+#[allow(unsafe_code, reason = "getrlimit/setrlimit: std cannot raise the open-file limit")]
 fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit read and write the struct we pass.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
         }
     }
 }

@@ -242,8 +242,7 @@ async fn main() -> Result<()> {
 
     println!();
     println!(
-        "3 backends, {:?} of work per request, slots {SLOTS:?} (capacity {capacity:.0} req/s); {rounds} rounds of {length:?} per variant and load",
-        work
+        "3 backends, {work:?} of work per request, slots {SLOTS:?} (capacity {capacity:.0} req/s); {rounds} rounds of {length:?} per variant and load"
     );
     println!(
         "| load | variant | p50 ms | p99 ms | p99.9 ms | shares (slots {}) | failures |",

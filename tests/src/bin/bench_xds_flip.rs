@@ -137,7 +137,7 @@ fn follow_b(api: Api<GrpcBackend>, b: SocketAddr) -> (watch::Receiver<(bool, i64
                 .status
                 .as_ref()
                 .and_then(|s| endpoint(s, &b))
-                .is_some_and(|e| e.is_usable());
+                .is_some_and(kubegrpc_crds::EndpointStatus::is_usable);
             let seen = now_ns();
             sender.send_if_modified(|state| {
                 let changed = state.0 != usable;

@@ -261,7 +261,7 @@ impl Verb {
         })
     }
 
-    fn body(&self, published: &GrpcBackendStatus, desired: &GrpcBackendStatus, version: &str) -> Result<Vec<u8>> {
+    fn body(self, published: &GrpcBackendStatus, desired: &GrpcBackendStatus, version: &str) -> Result<Vec<u8>> {
         Ok(match self {
             Verb::Apply | Verb::ApplyWarn => serde_json::to_vec(&apply_body(desired))?,
             Verb::Put => serde_json::to_vec(&json!({

@@ -252,7 +252,7 @@ mod tests {
                 decoded.push((
                     String::from_utf8(n.to_vec()).unwrap(),
                     String::from_utf8(v.to_vec()).unwrap(),
-                ))
+                ));
             })
             .unwrap();
         decoded

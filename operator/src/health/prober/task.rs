@@ -208,7 +208,7 @@ impl Prober {
         };
         self.turn = None;
         link.answered = Some(Instant::now());
-        self.answered(answer(&first), started);
+        self.answered(answer(first), started);
         if let Some(code) = link.going_away {
             // The server announced the connection's end before it answered.
             return goaway_end(code);
@@ -223,7 +223,7 @@ impl Prober {
                 event = connection.next_event() => match event {
                     Ok(Event::Message(call, Message::Health(response))) if call == watch => {
                         heard_since_tick = true;
-                        self.publisher.record(answer(&response), None);
+                        self.publisher.record(answer(response), None);
                     }
                     Ok(event) if self.load_event(&event) => {}
                     // The stream or the connection ended, or the server announced its end
@@ -309,9 +309,7 @@ impl Prober {
                 Event::Message(call, Message::Health(response)) if call == check => answer_received = Some(response),
                 Event::Ended(call, end) if call == check => {
                     return match (end, answer_received) {
-                        (CallEnd::Status(Code::Ok, _), Some(response)) => {
-                            Liveness::Answered(answer(&response), started)
-                        }
+                        (CallEnd::Status(Code::Ok, _), Some(response)) => Liveness::Answered(answer(response), started),
                         // The protocol: Check on an unknown service answers NOT_FOUND.
                         (CallEnd::Status(Code::NotFound, _), _) => {
                             Liveness::Answered(ProbeOutcome::NotServing(NotServingAnswer::NotFound), started)
@@ -329,7 +327,7 @@ impl Prober {
                     };
                 }
                 Event::Message(call, Message::Health(response)) if Some(call) == watch => {
-                    self.publisher.record(answer(&response), None)
+                    self.publisher.record(answer(response), None);
                 }
                 ref event if self.load_event(event) => {}
                 Event::Ended(call, ref end) if Some(call) == watch => {
@@ -509,7 +507,7 @@ pub(super) fn goaway_end(code: u32) -> Ended {
     }
 }
 
-fn answer(response: &HealthCheckResponse) -> ProbeOutcome {
+fn answer(response: HealthCheckResponse) -> ProbeOutcome {
     match ServingStatus::try_from(response.status) {
         Ok(ServingStatus::Serving) => ProbeOutcome::Serving,
         Ok(ServingStatus::NotServing) => ProbeOutcome::NotServing(NotServingAnswer::NotServing),

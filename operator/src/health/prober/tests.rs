@@ -195,12 +195,12 @@ async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) 
                     answered = true;
                     match script {
                         Script::GoAwayAfterAnswer => {
-                            reply.extend(frame(0x7, 0, 0, &[0, 0, 0, stream as u8, 0, 0, 0, 0]))
+                            reply.extend(frame(0x7, 0, 0, &[0, 0, 0, stream as u8, 0, 0, 0, 0]));
                         }
                         Script::ResetAfterAnswer => reply.extend(frame(0x3, 0, stream, &2u32.to_be_bytes())),
                         Script::HugeFrameAfterAnswer => reply.extend_from_slice(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]),
                         Script::HugeMessageAfterAnswer => {
-                            reply.extend(frame(0x0, 0, stream, &[0, 0xff, 0xff, 0xff, 0xff]))
+                            reply.extend(frame(0x0, 0, stream, &[0, 0xff, 0xff, 0xff, 0xff]));
                         }
                         Script::Http1AfterAnswer => reply.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
                         _ => {}
@@ -234,7 +234,7 @@ async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) 
                 Ok(0) | Err(_) => return,
                 Ok(n) => buffer.extend_from_slice(&chunk[..n]),
             },
-            _ = async { rotate.as_mut().unwrap().await }, if rotate.is_some() => {
+            () = async { rotate.as_mut().unwrap().await }, if rotate.is_some() => {
                 let _ = io.write_all(&frame(0x7, 0, 0, &[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0])).await;
                 // The grace period: calls may finish, then the server closes.
                 tokio::time::sleep(Duration::from_millis(100)).await;
