@@ -3,7 +3,7 @@
 use super::{
     ConnectionError, Event,
     frame::{FRAME_HEADER, MAX_FRAME_SIZE, ReadBuffer},
-    grpc::Method,
+    grpc::{Method, Scheme},
     state::{MAX_QUEUED_EVENTS, State},
 };
 
@@ -14,7 +14,7 @@ use super::{
 /// the connection's memory does not hold (queued events, read and write buffers).
 #[doc(hidden)]
 pub fn fuzz_server_bytes(bytes: &[u8]) -> (Vec<Event>, Option<ConnectionError>) {
-    let mut state = State::new("fuzz");
+    let mut state = State::new(Scheme::Http, "fuzz");
     let mut read = ReadBuffer::default();
     let calls = [
         state.start(Method::Watch, ""),

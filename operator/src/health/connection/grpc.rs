@@ -61,11 +61,21 @@ pub enum CallEnd {
     Malformed(&'static str),
 }
 
+/// The `:scheme` of a connection's requests: `https` over TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
 /// A request's header block, every field a literal that is never indexed.
-pub(super) fn request_headers(path: &[u8], authority: &[u8]) -> Vec<u8> {
+pub(super) fn request_headers(scheme: Scheme, path: &[u8], authority: &[u8]) -> Vec<u8> {
     let mut block = Vec::with_capacity(128);
     block.push(0x80 | 3); // :method POST (static table 3)
-    block.push(0x80 | 6); // :scheme http (static table 6)
+    block.push(match scheme {
+        Scheme::Http => 0x80 | 6,  // :scheme http (static table 6)
+        Scheme::Https => 0x80 | 7, // :scheme https (static table 7)
+    });
     hpack::encode_literal(&mut block, 4, path); // :path
     hpack::encode_literal(&mut block, 1, authority); // :authority
     hpack::encode_literal(&mut block, 31, b"application/grpc"); // content-type
@@ -260,7 +270,7 @@ mod tests {
 
     #[test]
     fn the_request_header_block_decodes_to_a_grpc_request() {
-        let block = request_headers(Method::Watch.path(), b"10.250.0.7:8080");
+        let block = request_headers(Scheme::Http, Method::Watch.path(), b"10.250.0.7:8080");
         let user_agent = concat!("kubegrpc-operator/", env!("CARGO_PKG_VERSION"));
         let expected = [
             (":method", "POST"),
@@ -273,6 +283,12 @@ mod tests {
         ];
         let expected: Vec<(String, String)> = expected.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
         assert_eq!(fields(&block), expected);
+
+        // Over TLS: `:scheme https` and the verified name as `:authority`.
+        let block = request_headers(Scheme::Https, Method::Check.path(), b"echo.demo.svc");
+        let fields = fields(&block);
+        assert_eq!(fields[1], (":scheme".into(), "https".into()));
+        assert_eq!(fields[3], (":authority".into(), "echo.demo.svc".into()));
     }
 
     #[test]

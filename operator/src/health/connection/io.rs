@@ -12,7 +12,12 @@ use tokio::{
     net::TcpSocket,
 };
 
-use super::{CallId, ConnectionError, Event, frame::ReadBuffer, grpc::Method, state::State};
+use super::{
+    CallId, ConnectionError, Event,
+    frame::ReadBuffer,
+    grpc::{Method, Scheme},
+    state::State,
+};
 
 /// What a connection runs over: a TCP stream, or any in-memory stream in tests and fuzzing.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -48,16 +53,17 @@ impl HealthConnection {
         }
         let io = socket.connect(target).await?;
         io.set_nodelay(true)?;
-        Ok(Self::handshake(io, &target.to_string()))
+        Ok(Self::handshake(io, Scheme::Http, &target.to_string()))
     }
 
-    /// A connection over `io` (already open), with `authority` as every request's
-    /// `:authority`: queues the HTTP/2 preface and our SETTINGS, sent with the first call.
-    pub fn handshake(io: impl Transport + 'static, authority: &str) -> Self {
+    /// A connection over `io` (already open, and its TLS handshake done when `scheme` is
+    /// `https`), with `authority` as every request's `:authority`: queues the HTTP/2 preface and
+    /// our SETTINGS, sent with the first call.
+    pub fn handshake(io: impl Transport + 'static, scheme: Scheme, authority: &str) -> Self {
         Self {
             io: Box::new(io),
             read: ReadBuffer::default(),
-            state: State::new(authority),
+            state: State::new(scheme, authority),
         }
     }
 

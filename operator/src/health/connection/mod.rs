@@ -46,7 +46,7 @@ mod state;
 pub use self::{
     frame::reason,
     fuzz::fuzz_server_bytes,
-    grpc::{CallEnd, Message, Method},
+    grpc::{CallEnd, Message, Method, Scheme},
     io::{HealthConnection, Transport},
 };
 

@@ -13,7 +13,7 @@ use tonic_health::pb::HealthCheckRequest;
 use super::{
     CallId, ConnectionError, Event, GoAway,
     frame::{self, Frame, ReadBuffer, WriteBuffer, flag, kind, reason, setting},
-    grpc::{self, Answers, CallEnd, Message, Messages, Method, ResponseHead},
+    grpc::{self, Answers, CallEnd, Message, Messages, Method, ResponseHead, Scheme},
 };
 use crate::health::hpack;
 
@@ -39,7 +39,8 @@ const MAX_GOAWAY_DEBUG: usize = 128;
 /// See the module docs.
 #[derive(Debug)]
 pub(super) struct State {
-    /// The `:authority` of every request (the endpoint's address).
+    /// The `:scheme` and `:authority` of every request.
+    scheme: Scheme,
     authority: Box<str>,
     write: WriteBuffer,
     hpack: hpack::Decoder,
@@ -104,8 +105,9 @@ struct Call {
 impl State {
     /// A new connection's state, with the HTTP/2 preface and our SETTINGS queued (no round
     /// trip is awaited: they go out with the first call).
-    pub(super) fn new(authority: &str) -> Self {
+    pub(super) fn new(scheme: Scheme, authority: &str) -> Self {
         let mut state = Self {
+            scheme,
             authority: authority.into(),
             write: WriteBuffer::default(),
             hpack: hpack::Decoder::default(),
@@ -163,7 +165,7 @@ impl State {
         }
         let id = self.next_stream_id;
         self.next_stream_id += 2;
-        let headers = grpc::request_headers(path, self.authority.as_bytes());
+        let headers = grpc::request_headers(self.scheme, path, self.authority.as_bytes());
         self.write.frame(kind::HEADERS, flag::END_HEADERS, id, &headers);
         self.write
             .frame(kind::DATA, flag::END_STREAM, id, &grpc::request_message(request));

@@ -45,7 +45,7 @@ fn frame_bytes(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn nothing_is_written_until_the_connection_is_driven_then_all_that_was_queued() {
     let (client, mut server) = tokio::io::duplex(1 << 16);
-    let mut connection = HealthConnection::handshake(client, "10.250.0.7:8080");
+    let mut connection = HealthConnection::handshake(client, Scheme::Http, "10.250.0.7:8080");
     let watch = connection.start(Method::Watch, "").unwrap();
     let check = connection.start(Method::Check, "echo").unwrap();
     assert_eq!(readable_now(&mut server), [0u8; 0], "starting calls writes nothing");
@@ -53,7 +53,7 @@ async fn nothing_is_written_until_the_connection_is_driven_then_all_that_was_que
     assert!(drive(&mut connection).is_none(), "the server said nothing");
     let wire = readable_now(&mut server);
     let frames = frames_in(wire.strip_prefix(PREFACE).expect("the preface first"));
-    let headers = |method: Method| grpc::request_headers(method.path(), b"10.250.0.7:8080");
+    let headers = |method: Method| grpc::request_headers(Scheme::Http, method.path(), b"10.250.0.7:8080");
     let settings = [
         0, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 6, 0, 0, 0x40, 0,
     ];
@@ -227,7 +227,7 @@ async fn read_until(socket: &mut DuplexStream, buffer: &mut Vec<u8>, kind: u8, f
 #[tokio::test]
 async fn scripted_server_frames_are_answered_and_decoded_as_the_protocol_says() {
     let (client, mut socket) = tokio::io::duplex(1 << 16);
-    let mut connection = HealthConnection::handshake(client, "test");
+    let mut connection = HealthConnection::handshake(client, Scheme::Http, "test");
     let first = connection.start(Method::Watch, "").unwrap();
     let second = connection.start(Method::Check, "").unwrap();
     let third = connection.start(Method::Check, "").unwrap();
@@ -331,7 +331,7 @@ async fn scripted_server_frames_are_answered_and_decoded_as_the_protocol_says() 
 #[tokio::test]
 async fn received_data_is_given_back_to_both_flow_control_windows() {
     let (client, mut server) = tokio::io::duplex(1 << 16);
-    let mut connection = HealthConnection::handshake(client, "test");
+    let mut connection = HealthConnection::handshake(client, Scheme::Http, "test");
     let watch = connection.start(Method::Watch, "").unwrap();
 
     // 300 messages of 70 bytes each, one to a frame: 21,000 bytes, more than one batch of 16 KiB.
@@ -378,7 +378,7 @@ async fn received_data_is_given_back_to_both_flow_control_windows() {
 #[tokio::test]
 async fn a_huge_frame_header_is_refused_without_reserving_its_length() {
     let (client, mut server) = tokio::io::duplex(1 << 16);
-    let mut connection = HealthConnection::handshake(client, "test");
+    let mut connection = HealthConnection::handshake(client, Scheme::Http, "test");
     // Three bytes of a 16 MiB length first, the rest of the header later.
     server.write_all(&[0xff, 0xff, 0xff]).await.unwrap();
     assert!(drive(&mut connection).is_none(), "no event from part of a header");

@@ -66,12 +66,12 @@ fn written_frames(state: &mut State) -> Vec<(u8, u8, u32, Vec<u8>)> {
 
 #[test]
 fn the_preface_and_our_settings_come_first_then_each_call_as_headers_and_one_data_frame() {
-    let mut state = State::new("10.250.0.7:8080");
+    let mut state = State::new(Scheme::Http, "10.250.0.7:8080");
     let watch = state.start(Method::Watch, "").unwrap();
     let reports = state.start_load_reports(Duration::from_secs(1)).unwrap();
     assert_eq!((watch, reports), (CallId(1), CallId(3)));
     assert!(state.outgoing().starts_with(frame::PREFACE));
-    let request = |path: &[u8]| grpc::request_headers(path, b"10.250.0.7:8080");
+    let request = |path: &[u8]| grpc::request_headers(Scheme::Http, path, b"10.250.0.7:8080");
     let report_request = OrcaLoadReportRequest {
         report_interval: Some(Duration::from_secs(1).into()),
         request_cost_names: Vec::new(),
@@ -107,7 +107,7 @@ fn the_preface_and_our_settings_come_first_then_each_call_as_headers_and_one_dat
 
 #[test]
 fn received_data_is_given_back_to_both_flow_control_windows_in_batches() {
-    let mut state = State::new("test");
+    let mut state = State::new(Scheme::Http, "test");
     let watch = state.start(Method::Watch, "").unwrap();
     written_frames(&mut state);
     // 300 DATA frames of a 70-byte message: 21,000 bytes. The 235th frame brings the count to
@@ -145,7 +145,7 @@ fn received_data_is_given_back_to_both_flow_control_windows_in_batches() {
 
 #[test]
 fn pings_read_together_are_acknowledged_once_with_the_last_and_settings_each() {
-    let mut state = State::new("test");
+    let mut state = State::new(Scheme::Http, "test");
     written_frames(&mut state);
     let mut script = frame_bytes(kind::SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0]);
     for ping in [b"11111111", b"22222222", b"33333333"] {
