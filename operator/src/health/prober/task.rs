@@ -14,9 +14,7 @@ use tracing::debug;
 use super::{Connector, ProbeSettings, Shared, limiter::Turn, publish::Publisher};
 use crate::{
     health::{
-        connection::{
-            CallEnd, CallId, ConnectionError, Event, GoAway, HealthConnection, Message, Method, Scheme, reason,
-        },
+        connection::{CallEnd, CallId, ConnectionError, Event, GoAway, HealthConnection, Message, Method, reason},
         tracker::{Failure, NotServingAnswer, ProbeOutcome},
     },
     weights::LoadSample,
@@ -435,9 +433,8 @@ impl Prober {
             match &self.shared.connector {
                 Connector::Tcp => HealthConnection::connect_from(self.target, self.shared.source_address).await,
                 #[cfg(test)]
-                Connector::Memory(open) => {
-                    open(self.target).map(|io| HealthConnection::handshake(io, Scheme::Http, "test"))
-                }
+                Connector::Memory(open) => open(self.target)
+                    .map(|io| HealthConnection::handshake(io, crate::health::connection::Scheme::Http, "test")),
             }
         };
         match tokio::time::timeout_at(deadline, connecting).await {
