@@ -112,6 +112,78 @@ pub struct GrpcBackendSpec {
     /// How the operator weights the endpoints that pass their health checks.
     #[serde(default)]
     pub weighting: Weighting,
+
+    /// The backends serve TLS: the operator's health checks (and the clients that follow this
+    /// GrpcBackend) connect with TLS, verifying each endpoint's certificate against `caBundle`
+    /// for `serverName`. Unset: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS to the backends (`spec.tls`).
+///
+/// Mutual TLS needs nothing here: when a backend asks for a client certificate, the operator
+/// presents the one mounted into its Pod (`--tls-client-cert` and `--tls-client-key`, reloaded
+/// when the files change); the operator reads no Secrets.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendTls {
+    /// The name every endpoint's certificate must be valid for, also sent as SNI and as the
+    /// requests' `:authority`. Pod IPs are rarely in certificates, so by default it is the
+    /// Service's cluster name, `SERVICE.NAMESPACE.svc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')"
+    ).message(
+        "spec.tls.serverName must be a DNS name of lowercase letters, digits, '-' and '.', such as \"echo.demo.svc\""
+    ))]
+    pub server_name: Option<String>,
+
+    /// The certificate authorities trusted to sign the backends' certificates: PEM
+    /// certificates in a key of a ConfigMap in the GrpcBackend's namespace (cert-manager's
+    /// trust-manager writes such bundles). Unset: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundleRef>,
+}
+
+/// A PEM bundle of CA certificates in a ConfigMap of the GrpcBackend's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaBundleRef {
+    /// The ConfigMap's name.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')"
+    ).message("spec.tls.caBundle.configMap must be the name of a ConfigMap (a lowercase DNS subdomain)"))]
+    pub config_map: String,
+
+    /// The key holding the PEM certificates.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')")
+        .message("spec.tls.caBundle.key must be a ConfigMap key: letters, digits, '-', '_' and '.'"))]
+    pub key: String,
+}
+
+/// The ConfigMap key read when `spec.tls.caBundle.key` is unset (cert-manager's name).
+pub const DEFAULT_CA_KEY: &str = "ca.crt";
+
+fn default_ca_key() -> String {
+    DEFAULT_CA_KEY.into()
+}
+
+impl GrpcBackendSpec {
+    /// The name TLS verifies in the endpoints' certificates: `spec.tls.serverName`, or
+    /// `SERVICE.NAMESPACE.svc` (`None` without `spec.tls`).
+    pub fn tls_server_name(&self, namespace: &str) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        Some(
+            tls.server_name
+                .clone()
+                .unwrap_or_else(|| format!("{}.{namespace}.svc", self.service)),
+        )
+    }
 }
 
 /// A Service port, by number or by name (`x-kubernetes-int-or-string`).

@@ -241,6 +241,21 @@ fn boundaries() -> Vec<Boundary> {
                 json!({"weighting": {"policy": "LoadReport", "loadReport": {"errorUtilizationPenalty": 100}}}),
             ),
         },
+        Boundary {
+            field: "spec.tls.serverName",
+            rejected: with(json!({"tls": {"serverName": "Echo.demo.svc"}})),
+            accepted: with(json!({"tls": {"serverName": "echo.demo.svc"}})),
+        },
+        Boundary {
+            field: "spec.tls.caBundle.configMap",
+            rejected: with(json!({"tls": {"caBundle": {"configMap": "CA_bundle"}}})),
+            accepted: with(json!({"tls": {"caBundle": {"configMap": "ca-bundle"}}})),
+        },
+        Boundary {
+            field: "spec.tls.caBundle.key",
+            rejected: with(json!({"tls": {"caBundle": {"configMap": "ca", "key": "ca/crt"}}})),
+            accepted: with(json!({"tls": {"caBundle": {"configMap": "ca", "key": "ca.crt"}}})),
+        },
     ]
 }
 

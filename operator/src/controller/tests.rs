@@ -211,6 +211,7 @@ fn grpc_backend(port: PortRef, status: Option<GrpcBackendStatus>) -> GrpcBackend
             port,
             health_check: Default::default(),
             weighting: Default::default(),
+            tls: None,
         },
     );
     backend.metadata.namespace = Some(NAMESPACE.into());
