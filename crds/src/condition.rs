@@ -28,6 +28,9 @@ pub mod reason {
     pub const PORT_NOT_FOUND: &str = "PortNotFound";
     /// `Ready=False`: the spec passed admission but cannot be used (the message says why).
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// `Ready=False`: `spec.tls` cannot be used (its CA bundle is missing or invalid and no
+    /// earlier one was read): the endpoints cannot be probed.
+    pub const TLS_UNAVAILABLE: &str = "TlsUnavailable";
     /// `Degraded=True`: every probe fails at connect time.
     pub const ALL_PROBES_FAILING: &str = "AllProbesFailingToConnect";
     /// `Degraded=False`: probes connect.

@@ -16,7 +16,7 @@ use kube::{
 };
 use tracing::info;
 
-use crate::{Metrics, Settings, http, status::DEFAULT_ENDPOINTS_BUDGET};
+use crate::{Metrics, Settings, health::tls::ClientIdentity, http, status::DEFAULT_ENDPOINTS_BUDGET};
 
 /// Health-checks the endpoints of GrpcBackends' Services and publishes weighted endpoint lists
 /// in their status.
@@ -53,6 +53,17 @@ pub struct Options {
     /// other address family are connected from the system's choice.
     #[arg(long)]
     pub probe_source_address: Option<std::net::IpAddr>,
+
+    /// The certificate chain (PEM) the health checks present to TLS backends that ask for a
+    /// client certificate (mutual TLS; with --tls-client-key). Mount it from a Secret: the
+    /// operator reads no Secrets itself. The files are read again when they change, so a
+    /// rotation (cert-manager) needs no restart.
+    #[arg(long, env = "TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-client-cert.
+    #[arg(long, env = "TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
 
     /// This replica's name, in Events and the user agent (default: the host name).
     #[arg(long, env = "POD_NAME")]
@@ -191,6 +202,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         identity: identity.clone(),
         reconcile_concurrency: options.reconcile_concurrency,
         probe_source_address: options.probe_source_address,
+        probe_client_identity: match (&options.tls_client_cert, &options.tls_client_key) {
+            (Some(certificate), Some(key)) => Some(Arc::new(
+                ClientIdentity::load(certificate, key)
+                    .map_err(anyhow::Error::msg)
+                    .context("cannot read the probes' client certificate")?,
+            )),
+            _ => None,
+        },
     };
     info!(%identity, namespace = options.namespace.as_deref().unwrap_or("(all)"), "starting");
     client

@@ -98,6 +98,8 @@ pub fn probe_settings(spec: &GrpcBackendSpec) -> Result<ProbeSettings, String> {
         timeout: check.timeout(),
         thresholds,
         load_reports,
+        // Set by the reconciler, which reads the CA bundle (see crate::controller).
+        tls: None,
     })
 }
 

@@ -38,6 +38,8 @@ pub struct ProbedEndpoint {
 pub enum Observation {
     /// The spec cannot be acted on (the message says why).
     InvalidSpec(String),
+    /// `spec.tls` cannot be used (the message says why).
+    TlsUnavailable(String),
     ServiceNotFound,
     PortNotFound(PortNotFound),
     /// The endpoints carrying the port, sorted by address, with their health.
@@ -281,6 +283,7 @@ fn ready_condition(
     };
     match observation {
         Observation::InvalidSpec(why) => not_ready(reason::INVALID_SPEC, why.clone()),
+        Observation::TlsUnavailable(why) => not_ready(reason::TLS_UNAVAILABLE, why.clone()),
         Observation::ServiceNotFound => not_ready(reason::SERVICE_NOT_FOUND, format!("{service} not found")),
         Observation::PortNotFound(missing) => not_ready(reason::PORT_NOT_FOUND, format!("{service}: {missing}")),
         Observation::Endpoints(_) if total == 0 => not_ready(

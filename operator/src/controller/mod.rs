@@ -10,6 +10,7 @@
 //! what gets written then.
 
 mod observe;
+mod tls;
 mod watches;
 mod writer;
 
@@ -42,12 +43,16 @@ use tracing::{debug, info, instrument, warn};
 
 use self::{
     observe::observe,
+    tls::{CA_BUNDLE_REFRESH, Resolved, TlsSettings},
     watches::{PodWatch, Watches},
     writer::{StatusWriter, WriteOutcome},
 };
 use crate::{
     Error,
-    health::registry::{ProbeReports, ProberOptions, ProberRegistry},
+    health::{
+        registry::{ProbeReports, ProberOptions, ProberRegistry},
+        tls::ClientIdentity,
+    },
     index::ByService,
     key::ObjectKey,
     metrics::Metrics,
@@ -76,6 +81,8 @@ pub struct Settings {
     /// tell the operator's traffic apart from clients'. Applies to endpoints of its address
     /// family; others are connected from the system's choice.
     pub probe_source_address: Option<std::net::IpAddr>,
+    /// The certificate the probers present to TLS backends that ask for one (mutual TLS).
+    pub probe_client_identity: Option<Arc<ClientIdentity>>,
 }
 
 impl Default for Settings {
@@ -87,6 +94,7 @@ impl Default for Settings {
             identity: "kubegrpc-operator".into(),
             reconcile_concurrency: DEFAULT_RECONCILE_CONCURRENCY,
             probe_source_address: None,
+            probe_client_identity: None,
         }
     }
 }
@@ -110,6 +118,8 @@ struct Context {
     /// Bad `kubegrpc.io/weight` values already reported by an Event, so that each is reported
     /// once rather than at every reconcile.
     bad_annotations: Mutex<HashSet<ReportedValue>>,
+    /// `spec.tls` of each GrpcBackend, with its CA bundle.
+    tls: TlsSettings,
 }
 
 /// Runs the reconciler until `shutdown` resolves.
@@ -151,6 +161,7 @@ pub async fn run(
         failures: Mutex::new(HashMap::new()),
         pods: PodWatch::new(client.clone(), settings.namespace.clone(), triggers.clone()),
         bad_annotations: Mutex::new(HashSet::new()),
+        tls: TlsSettings::new(client.clone(), settings.probe_client_identity.clone()),
         settings,
     });
 
@@ -218,7 +229,25 @@ async fn reconcile(backend: Arc<Backend>, context: Arc<Context>) -> Result<Actio
 }
 
 async fn reconcile_backend(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Result<Action, Error> {
-    let observed = observe(backend, key, context);
+    let (tls, new_failure) = context.tls.resolve(key, &backend.spec).await;
+    if let Resolved::Stale(_, why) = &tls
+        && new_failure
+    {
+        let notice = status::Notice {
+            warning: true,
+            reason: "CaBundleUnavailable".into(),
+            note: format!("{why}; the CA bundle read before stays in use"),
+        };
+        context.publish_event(backend, notice).await;
+    }
+    // A CA bundle is read again every refresh: reconcile that often to pick up a rotation.
+    let refresh = backend
+        .spec
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.ca_bundle.as_ref())
+        .map(|_| CA_BUNDLE_REFRESH);
+    let observed = observe(backend, key, context, tls);
     if let Some(wait) = observed.first_probes_due {
         // A new endpoint's first answer is moments away: publish it with its health rather than
         // as Unknown now and again in a moment (every write wakes every client).
@@ -251,7 +280,11 @@ async fn reconcile_backend(backend: &GrpcBackend, key: &ObjectKey, context: &Con
             context.publish_event(backend, notice).await;
         }
     }
-    Ok(match (written, observed.weights_change_in) {
+    let weights_change_in = match (observed.weights_change_in, refresh) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(match (written, weights_change_in) {
         (WriteOutcome::Deferred(wait), Some(next)) => Action::requeue(wait.min(next)),
         (WriteOutcome::Deferred(wait), None) => Action::requeue(wait),
         (_, Some(next)) => Action::requeue(next),
@@ -299,6 +332,7 @@ impl Context {
         self.pods.set_user(key, false);
         self.metrics.forget(&key.namespace, &key.name);
         self.writer.forget(key);
+        self.tls.forget(key);
         self.failures().remove(key);
         info!(backend = %key, "GrpcBackend gone; its probers stopped");
     }

@@ -10,7 +10,7 @@ use kubegrpc_crds::{FULL_WEIGHT, GrpcBackend, GrpcBackendSpec, Health, WEIGHT_AN
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::Context;
+use super::{Context, tls::Resolved};
 use crate::{
     discovery,
     health::{prober::ProbeState, tracker::HealthVerdict},
@@ -52,15 +52,20 @@ impl Observed {
 }
 
 /// Looks at `backend` (named `key`) through `context`'s views, and syncs its probers.
-pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context) -> Observed {
+pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context, tls: Resolved) -> Observed {
     let checked =
         spec::probe_settings(&backend.spec).and_then(|settings| Ok((settings, weighting_policy(&backend.spec)?)));
     // Started now, the Pod watch may have listed the Pods by the time the Service has
     // endpoints.
     context.pods.set_user(key, matches!(checked, Ok((_, Policy::Static))));
-    let (settings, policy) = match checked {
+    let (mut settings, policy) = match checked {
         Ok(checked) => checked,
         Err(why) => return Observed::only(Observation::InvalidSpec(why)),
+    };
+    settings.tls = match tls {
+        Resolved::Plaintext => None,
+        Resolved::Tls(tls) | Resolved::Stale(tls, _) => Some(tls),
+        Resolved::Unavailable(why) => return Observed::only(Observation::TlsUnavailable(why)),
     };
     let service_ref = ObjectRef::<Service>::new(&backend.spec.service).within(&key.namespace);
     let Some(service) = context.services.get(&service_ref) else {

@@ -77,6 +77,7 @@ impl Context {
         let context = Context {
             recorder: Recorder::new(client.clone(), reporter),
             writer: StatusWriter::new(client.clone(), metrics.clone(), settings.status_write_interval),
+            tls: TlsSettings::new(client.clone(), None),
             pods: PodWatch::new(client, Some(NAMESPACE.into()), triggers),
             settings,
             services: store,

@@ -4,4 +4,5 @@ pub mod connection;
 pub mod hpack;
 pub mod prober;
 pub mod registry;
+pub mod tls;
 pub mod tracker;

@@ -187,6 +187,7 @@ mod tests {
                 unhealthy: 1,
             },
             load_reports: None,
+            tls: None,
         };
         let unknown = |_| HealthVerdict {
             health: Health::Unknown,

@@ -78,6 +78,8 @@ pub enum Failure {
     CallFailed(tonic::Code),
     /// The connection ended too soon after answering (see the prober's early-end rule).
     Unstable,
+    /// The TLS handshake failed (a certificate the roots or the name do not accept, ...).
+    Tls(crate::health::tls::TlsFailure),
 }
 
 impl Failure {
@@ -106,6 +108,7 @@ impl std::fmt::Display for Failure {
             Failure::Unimplemented => f.write_str("Unimplemented"),
             Failure::CallFailed(code) => write!(f, "CallFailed({})", grpc_code_name(*code)),
             Failure::Unstable => f.write_str("Unstable"),
+            Failure::Tls(failure) => failure.fmt(f),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpSocket,
+    net::{TcpSocket, TcpStream},
 };
 
 use super::{
@@ -43,16 +43,7 @@ impl HealthConnection {
     /// family; a target of the other family is connected from the system's choice, as a bind
     /// across families could only fail.
     pub async fn connect_from(target: SocketAddr, source: Option<IpAddr>) -> io::Result<Self> {
-        let socket = if target.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(source) = source.filter(|source| source.is_ipv4() == target.is_ipv4()) {
-            socket.bind(SocketAddr::new(source, 0))?;
-        }
-        let io = socket.connect(target).await?;
-        io.set_nodelay(true)?;
+        let io = open_tcp(target, source).await?;
         Ok(Self::handshake(io, Scheme::Http, &target.to_string()))
     }
 
@@ -120,6 +111,22 @@ impl HealthConnection {
         }
         Ok(())
     }
+}
+
+/// A TCP connection to `target` from `source` (any port) when it is of `target`'s address
+/// family, with Nagle off (requests are single small writes).
+pub async fn open_tcp(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source.filter(|source| source.is_ipv4() == target.is_ipv4()) {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let io = socket.connect(target).await?;
+    io.set_nodelay(true)?;
+    Ok(io)
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub use self::{
     frame::reason,
     fuzz::fuzz_server_bytes,
     grpc::{CallEnd, Message, Method, Scheme},
-    io::{HealthConnection, Transport},
+    io::{HealthConnection, Transport, open_tcp},
 };
 
 /// A call on a connection (its HTTP/2 stream id).

@@ -74,7 +74,10 @@ pub use self::limiter::{
     ConnectLimiter, MAX_CONCURRENT_CONNECTS, MAX_CONCURRENT_RETRIES, MAX_TURN, connect_limiter, retry_limiter,
 };
 use self::{publish::Publisher, task::Prober};
-use super::tracker::{HealthTracker, HealthVerdict, ProbeOutcome, Thresholds};
+use super::{
+    tls::ProbeTls,
+    tracker::{HealthTracker, HealthVerdict, ProbeOutcome, Thresholds},
+};
 use crate::weights::LoadWeight;
 
 mod limiter;
@@ -93,6 +96,8 @@ pub struct ProbeSettings {
     /// Under the `LoadReport` policy: the ORCA stream's report interval and when a weight
     /// expires.
     pub load_reports: Option<LoadReportSettings>,
+    /// TLS to the endpoints (`spec.tls`); plaintext when `None`.
+    pub tls: Option<ProbeTls>,
 }
 
 /// What the prober needs of `spec.weighting.loadReport`.

@@ -14,7 +14,11 @@ use tracing::debug;
 use super::{Connector, ProbeSettings, Shared, limiter::Turn, publish::Publisher};
 use crate::{
     health::{
-        connection::{CallEnd, CallId, ConnectionError, Event, GoAway, HealthConnection, Message, Method, reason},
+        connection::{
+            CallEnd, CallId, ConnectionError, Event, GoAway, HealthConnection, Message, Method, Scheme, open_tcp,
+            reason,
+        },
+        tls::tls_failure,
         tracker::{Failure, NotServingAnswer, ProbeOutcome},
     },
     weights::LoadSample,
@@ -429,19 +433,39 @@ impl Prober {
 
     /// A new connection (no HTTP/2 keepalive: see the module docs), by `deadline`.
     async fn connect(&mut self, deadline: Instant) -> Result<HealthConnection, Failure> {
+        let (target, source, tls) = (self.target, self.shared.source_address, self.settings.tls.as_ref());
         let connecting = async {
-            match &self.shared.connector {
-                Connector::Tcp => HealthConnection::connect_from(self.target, self.shared.source_address).await,
+            let tcp = match &self.shared.connector {
+                Connector::Tcp => open_tcp(target, source).await,
                 #[cfg(test)]
-                Connector::Memory(open) => open(self.target)
-                    .map(|io| HealthConnection::handshake(io, crate::health::connection::Scheme::Http, "test")),
+                Connector::Memory(open) => {
+                    return open(target)
+                        .map(|io| HealthConnection::handshake(io, Scheme::Http, "test"))
+                        .map_err(|error| (connect_failure(&error), error));
+                }
             }
+            .map_err(|error| (connect_failure(&error), error))?;
+            let Some(tls) = tls else {
+                return Ok(HealthConnection::handshake(tcp, Scheme::Http, &target.to_string()));
+            };
+            // The handshake is part of connecting: bounded by the same deadline.
+            let stream = tls
+                .connector()
+                .connect(tls.server_name().clone(), tcp)
+                .await
+                .map_err(|error| {
+                    (
+                        tls_failure(&error).map_or_else(|| connect_failure(&error), Failure::Tls),
+                        error,
+                    )
+                })?;
+            Ok(HealthConnection::handshake(stream, Scheme::Https, &tls.authority()))
         };
         match tokio::time::timeout_at(deadline, connecting).await {
             Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => {
+            Ok(Err((failure, error))) => {
                 self.publisher.set_detail(Some(error.to_string()));
-                Err(connect_failure(&error))
+                Err(failure)
             }
             Err(_) => Err(Failure::ConnectTimeout),
         }

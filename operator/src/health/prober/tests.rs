@@ -296,6 +296,7 @@ fn settings(mode: HealthCheckMode, unhealthy: u32) -> ProbeSettings {
         timeout: TIMEOUT,
         thresholds: Thresholds { healthy: 1, unhealthy },
         load_reports: None,
+        tls: None,
     }
 }
 
