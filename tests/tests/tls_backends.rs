@@ -1,5 +1,5 @@
 //! Backends that serve TLS and mutual TLS (issue 20), probed by the operator against the real
-//! apiserver: grpc-go and grpc-java peer servers with certificates of the test's own CA.
+//! apiserver: tonic, grpc-go and grpc-java servers with certificates of the test's own CA.
 //!
 //! - `spec.tls` with the CA bundle in a ConfigMap and the default server name
 //!   (`echo.NAMESPACE.svc`): valid servers are Serving, a NOT_SERVING flip reaches the status,
@@ -19,8 +19,10 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kubegrpc_crds::{GrpcBackendStatus, Health, condition};
+use kubegrpc_echo::BackendOptions;
 use kubegrpc_operator::{Settings, health::tls::ClientIdentity};
 use kubegrpc_tests::{
+    backends::start_backend,
     backends::{BACKEND_PORT, next_backend_ip},
     operator::InProcessOperator,
     peers::{PeerLanguage, PeerOptions, PeerServer, PeerTls},
@@ -85,14 +87,27 @@ async fn tls_backends_are_probed_and_each_broken_certificate_is_named() -> Resul
         start(PeerLanguage::Java, PeerTls::server(&certs.wrong_name), &plain),
         start(PeerLanguage::Go, PeerTls::server(&certs.other_ca), &plain),
     )?;
+    let tonic = start_backend(BackendOptions {
+        tls: Some((certs.valid.cert_pem.clone(), certs.valid.key_pem.clone())),
+        ..BackendOptions::default()
+    })
+    .await?;
     ca_config_map(&scenario, &ca).await?;
     scenario
-        .echo_service(&[go.address, java.address, expired.address, wrong_name.address, other_ca.address])
+        .echo_service(&[
+            tonic.address,
+            go.address,
+            java.address,
+            expired.address,
+            wrong_name.address,
+            other_ca.address,
+        ])
         .await?;
     scenario.grpc_backend("echo", tls_spec()).await?;
     let operator = InProcessOperator::start(scenario.client.clone(), &scenario.namespace);
 
     let expected = [
+        (tonic.address, Health::Serving, None),
         (go.address, Health::Serving, None),
         (java.address, Health::Serving, None),
         (
@@ -100,8 +115,16 @@ async fn tls_backends_are_probed_and_each_broken_certificate_is_named() -> Resul
             Health::NotServing,
             Some("TlsHandshake: certificate expired"),
         ),
-        (wrong_name.address, Health::NotServing, Some("TlsHandshake: name mismatch")),
-        (other_ca.address, Health::NotServing, Some("TlsHandshake: unknown authority")),
+        (
+            wrong_name.address,
+            Health::NotServing,
+            Some("TlsHandshake: name mismatch"),
+        ),
+        (
+            other_ca.address,
+            Health::NotServing,
+            Some("TlsHandshake: unknown authority"),
+        ),
     ];
     scenario
         .wait_status("echo", "each endpoint's health and reason", DEADLINE, |status| {
@@ -119,6 +142,11 @@ async fn tls_backends_are_probed_and_each_broken_certificate_is_named() -> Resul
             peer.language
         );
     }
+    let checks = tonic.counters.snapshot();
+    ensure!(
+        checks.health_checks + checks.health_watches_open > 0,
+        "tonic: no health call reached the server: {checks:?}"
+    );
     // A broken certificate ends the handshake: no call ever reaches those servers.
     for peer in [&expired, &wrong_name, &other_ca] {
         let checks = peer.stats().await?;
@@ -131,10 +159,18 @@ async fn tls_backends_are_probed_and_each_broken_certificate_is_named() -> Resul
 
     // A NOT_SERVING flip of a TLS backend reaches the status; the others are unaffected.
     java.set_serving("", false).await?;
+    tonic.health.set("", kubegrpc_echo::ServingStatus::NotServing);
     let flipped = scenario
-        .wait_status("echo", "the grpc-java backend NotServing", DEADLINE, |status| {
-            reason_of(status, java.address).is_some_and(|(health, _)| health == Health::NotServing)
-        })
+        .wait_status(
+            "echo",
+            "the grpc-java and tonic backends NotServing",
+            DEADLINE,
+            |status| {
+                [java.address, tonic.address]
+                    .iter()
+                    .all(|address| reason_of(status, *address).is_some_and(|(health, _)| health == Health::NotServing))
+            },
+        )
         .await?;
     let status = flipped.status.as_ref().context("no status")?;
     ensure!(
@@ -161,7 +197,11 @@ async fn mutual_tls_backends_accept_the_operators_certificate_and_its_replacemen
     };
     let (go, java) = tokio::try_join!(
         start(PeerLanguage::Go, PeerTls::mutual(&server_cert, &client_ca)?, &rotating),
-        start(PeerLanguage::Java, PeerTls::mutual(&server_cert, &client_ca)?, &rotating),
+        start(
+            PeerLanguage::Java,
+            PeerTls::mutual(&server_cert, &client_ca)?,
+            &rotating
+        ),
     )?;
 
     // The operator's certificate, as a Secret mounted into its Pod: two files in a directory.
@@ -209,7 +249,12 @@ async fn mutual_tls_backends_accept_the_operators_certificate_and_its_replacemen
         wait::until(
             &format!("{}: the replaced certificate presented", peer.language),
             DEADLINE,
-            || async { Ok(peer.client_certificate_serials()?.contains(&second.serial_hex()).then_some(())) },
+            || async {
+                Ok(peer
+                    .client_certificate_serials()?
+                    .contains(&second.serial_hex())
+                    .then_some(()))
+            },
         )
         .await?;
     }
