@@ -17,7 +17,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use kube::{Api, Client, api::ListParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Client,
+    api::{ListParams, ObjectMeta, PostParams},
+};
 use kubegrpc_crds::{EndpointStatus, FULL_WEIGHT, GrpcBackend, Health};
 use kubegrpc_echo::BackendOptions;
 use serde_json::json;
@@ -29,17 +33,35 @@ use crate::{
     netns::assert_private_network,
     objects::{SliceEndpoint, apply_slice, create_grpc_backend, create_service},
     process::ManagedProcess,
+    tls::TestCa,
     wait,
 };
 
-/// What to build: `backends` GrpcBackends of `endpoints_each` endpoints.
+/// What to build: `backends` GrpcBackends of `endpoints_each` endpoints, served over TLS
+/// (`spec.tls` with a CA bundle) when `tls`.
 #[derive(Clone, Debug)]
 pub struct Shape {
     pub backends: usize,
     pub endpoints_each: usize,
+    pub tls: bool,
 }
 
 impl Shape {
+    /// `BACKENDSxENDPOINTS`, with a `tls` suffix for the TLS shape (e.g. `1x5000tls`).
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim();
+        let (text, tls) = match text.strip_suffix("tls") {
+            Some(plain) => (plain, true),
+            None => (text, false),
+        };
+        let (backends, each) = text.split_once('x').context("a shape is BACKENDSxENDPOINTS[tls]")?;
+        Ok(Self {
+            backends: backends.trim().parse()?,
+            endpoints_each: each.trim().parse()?,
+            tls,
+        })
+    }
+
     pub fn total(&self) -> usize {
         self.backends * self.endpoints_each
     }
@@ -89,12 +111,13 @@ pub struct ScaleReport {
 impl ScaleReport {
     pub fn print(&self) {
         println!(
-            "scale {} x {} = {} endpoints: first complete status after {:.1?}; RSS {:.1} MiB (peak {:.1} MiB, \
+            "scale {} x {}{} = {} endpoints: first complete status after {:.1?}; RSS {:.1} MiB (peak {:.1} MiB, \
              {:.1} KiB per endpoint); idle CPU {:.1}% of a core, {} status writes while idle; restarts: writes {:?}, \
              all answered after {:?}; largest object {} bytes; one change seen after {:?} (median {:?}), \
              reconcile {:?}",
             self.shape.backends,
             self.shape.endpoints_each,
+            if self.shape.tls { " (TLS)" } else { "" },
             self.shape.total(),
             self.first_complete,
             self.rss_kib as f64 / 1024.0,
@@ -167,12 +190,25 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
     assert_private_network();
     let client = control_plane.client().await?;
     let namespace = control_plane.create_namespace(&client, "scale").await?;
+    let shape = &options.shape;
+    // TLS: one certificate for the name every GrpcBackend verifies, its CA in ConfigMap `ca`.
+    let ca = shape.tls.then(|| TestCa::new("kubegrpc scale CA")).transpose()?;
+    let tls = match &ca {
+        Some(ca) => {
+            let cert = ca.server_cert(&[SCALE_SERVER_NAME])?;
+            create_ca_config_map(&client, &namespace, ca).await?;
+            Some((cert.cert_pem, cert.key_pem))
+        }
+        None => None,
+    };
     let _server = kubegrpc_echo::Backend::start(
         SocketAddr::from(([0, 0, 0, 0], options.port)),
-        BackendOptions::default(),
+        BackendOptions {
+            tls,
+            ..BackendOptions::default()
+        },
     )
     .await?;
-    let shape = &options.shape;
     let first_slice = create_objects(&client, &namespace, shape, options.port).await?;
     let api = Api::<GrpcBackend>::namespaced(client.clone(), &namespace);
 
@@ -359,6 +395,24 @@ async fn reconcile_time(metrics: SocketAddr) -> Result<(f64, f64)> {
 
 /// Services of `endpoints_each` endpoints in slices of at most 100, each with a GrpcBackend,
 /// with what a real EndpointSlice carries (zone, node, Pod). Returns `svc-0`'s first slice.
+/// The name the TLS shape's certificate is for and its GrpcBackends verify.
+const SCALE_SERVER_NAME: &str = "echo.scale.svc";
+
+async fn create_ca_config_map(client: &Client, namespace: &str, ca: &TestCa) -> Result<()> {
+    let config_map = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("ca".into()),
+            ..Default::default()
+        },
+        data: Some([("ca.crt".to_string(), ca.cert_pem().to_string())].into()),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &config_map)
+        .await?;
+    Ok(())
+}
+
 async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u16) -> Result<Vec<SliceEndpoint>> {
     let mut first_slice = Vec::new();
     let mut pod = 0usize;
@@ -385,13 +439,13 @@ async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u
                 first_slice = chunk.to_vec();
             }
         }
-        create_grpc_backend(
-            client,
-            namespace,
-            &format!("gb-{backend}"),
-            json!({"service": service, "port": "grpc"}),
-        )
-        .await?;
+        let spec = if shape.tls {
+            json!({"service": service, "port": "grpc",
+                   "tls": {"serverName": SCALE_SERVER_NAME, "caBundle": {"configMap": "ca"}}})
+        } else {
+            json!({"service": service, "port": "grpc"})
+        };
+        create_grpc_backend(client, namespace, &format!("gb-{backend}"), spec).await?;
     }
     Ok(first_slice)
 }

@@ -46,6 +46,7 @@ async fn two_thousand_endpoints_in_one_grpc_backend_stay_bounded_and_quiet() -> 
         Shape {
             backends: 1,
             endpoints_each: 2000,
+            tls: false,
         },
         30910,
     )
@@ -58,8 +59,25 @@ async fn a_hundred_grpc_backends_of_twenty_stay_bounded_and_quiet() -> Result<()
         Shape {
             backends: 100,
             endpoints_each: 20,
+            tls: false,
         },
         30911,
+    )
+    .await
+}
+
+/// The same over TLS (`spec.tls` with a CA bundle): a handshake per endpoint, a TLS session per
+/// connection, and still within the limit and quiet (a restart re-reads the bundle and
+/// re-handshakes without a write).
+#[tokio::test(flavor = "multi_thread")]
+async fn five_hundred_tls_endpoints_stay_bounded_and_quiet() -> Result<()> {
+    check(
+        Shape {
+            backends: 1,
+            endpoints_each: 500,
+            tls: true,
+        },
+        30912,
     )
     .await
 }

@@ -6,12 +6,13 @@
 //!
 //!   make scale        (release build, inside the private network namespace)
 //!
-//! Options (environment): SCALE_SHAPES ("1x10000,500x20"), SCALE_IDLE_SECONDS (60),
+//! Options (environment): SCALE_SHAPES ("1x10000,500x20"; a `tls` suffix serves the shape over
+//! TLS, e.g. "1x5000tls"), SCALE_IDLE_SECONDS (60),
 //! SCALE_RESTARTS (5), SCALE_OPERATOR (the operator binary; default: beside this one).
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use kubegrpc_tests::{
     ControlPlane, ControlPlaneOptions,
     backends::built_binary,
@@ -37,12 +38,8 @@ async fn main() -> Result<()> {
     let control_plane = ControlPlane::start(ControlPlaneOptions::default()).await?;
     let mut failures = Vec::new();
     for (index, shape) in shapes.split(',').enumerate() {
-        let (backends, each) = shape.split_once('x').context("a shape is BACKENDSxENDPOINTS")?;
         let options = ScaleOptions {
-            shape: Shape {
-                backends: backends.trim().parse()?,
-                endpoints_each: each.trim().parse()?,
-            },
+            shape: Shape::parse(shape)?,
             operator: operator.clone(),
             idle: Duration::from_secs(idle),
             restarts,
