@@ -16,7 +16,7 @@ use envoy_types::pb::google::protobuf::Any;
 use kubegrpc_crds::{GrpcBackendStatus, slow_start::SlowStart};
 use tokio::sync::watch;
 
-use super::resources::{self, type_url};
+use super::resources::{self, BackendSettings, type_url};
 
 /// A resource and its version (a hash of its encoding: equal content, equal version).
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +29,8 @@ pub struct Versioned {
 pub struct XdsCache {
     state: Mutex<State>,
     generation: watch::Sender<u64>,
+    /// TLS Clusters name the client identity instance (mutual TLS to the backends).
+    upstream_client_identity: bool,
 }
 
 #[derive(Default)]
@@ -44,7 +46,7 @@ struct State {
 
 struct Ramping {
     status: Option<GrpcBackendStatus>,
-    slow_start: SlowStart,
+    settings: BackendSettings,
 }
 
 impl Default for XdsCache {
@@ -52,12 +54,28 @@ impl Default for XdsCache {
         Self {
             state: Mutex::new(State::default()),
             generation: watch::channel(0).0,
+            upstream_client_identity: false,
         }
     }
 }
 
 impl XdsCache {
-    /// Sets GrpcBackend `namespace/name`'s resources from its status and slow-start settings.
+    /// TLS Clusters also name [`resources::IDENTITY_INSTANCE`], the client certificate xDS
+    /// clients present to backends that require one (mutual TLS). Off by default: a client
+    /// whose bootstrap has no such instance would fail every TLS Cluster.
+    #[must_use]
+    pub fn with_upstream_client_identity(mut self, present: bool) -> Self {
+        self.upstream_client_identity = present;
+        self
+    }
+
+    /// Whether TLS Clusters name the client identity instance.
+    pub fn upstream_client_identity(&self) -> bool {
+        self.upstream_client_identity
+    }
+
+    /// Sets GrpcBackend `namespace/name`'s resources from its status and slow-start settings
+    /// (plaintext backends).
     pub fn set_backend(&self, namespace: &str, name: &str, status: Option<&GrpcBackendStatus>, slow_start: SlowStart) {
         self.set_backend_at(namespace, name, status, slow_start, SystemTime::now());
     }
@@ -71,20 +89,35 @@ impl XdsCache {
         slow_start: SlowStart,
         now: SystemTime,
     ) {
+        let settings = BackendSettings { slow_start, tls: None };
+        self.set_backend_with(namespace, name, status, settings, now);
+    }
+
+    /// Sets GrpcBackend `namespace/name`'s resources from its status and its settings (slow
+    /// start, TLS), at wall time `now`.
+    pub fn set_backend_with(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: Option<&GrpcBackendStatus>,
+        settings: BackendSettings,
+        now: SystemTime,
+    ) {
         let resource_name = resources::resource_name(namespace, name);
         let mut state = self.lock();
         if let Some(relist) = state.relist.as_mut() {
             relist.insert((namespace.to_string(), name.to_string()));
         }
-        if resources::ramping(status, &slow_start, now) {
+        let changed = Self::store(&mut state, &resource_name, status, &settings, now);
+        if resources::ramping(status, &settings.slow_start, now) {
             let status = status.cloned();
             state
                 .ramping
-                .insert(resource_name.clone(), Ramping { status, slow_start });
+                .insert(resource_name.clone(), Ramping { status, settings });
         } else {
             state.ramping.remove(&resource_name);
         }
-        if Self::store(&mut state, &resource_name, status, &slow_start, now) {
+        if changed {
             self.bump(&state);
         }
     }
@@ -96,8 +129,8 @@ impl XdsCache {
         let ramping = std::mem::take(&mut state.ramping);
         let mut changed = false;
         for (resource_name, ramp) in ramping {
-            changed |= Self::store(&mut state, &resource_name, ramp.status.as_ref(), &ramp.slow_start, now);
-            if resources::ramping(ramp.status.as_ref(), &ramp.slow_start, now) {
+            changed |= Self::store(&mut state, &resource_name, ramp.status.as_ref(), &ramp.settings, now);
+            if resources::ramping(ramp.status.as_ref(), &ramp.settings.slow_start, now) {
                 state.ramping.insert(resource_name, ramp);
             }
         }
@@ -108,7 +141,7 @@ impl XdsCache {
 
     /// How soon [`XdsCache::refresh_ramps`] should run again: `None` while nothing ramps.
     pub fn ramp_tick(&self) -> Option<Duration> {
-        self.lock().ramping.values().map(|r| r.slow_start.tick()).min()
+        self.lock().ramping.values().map(|r| r.settings.slow_start.tick()).min()
     }
 
     /// Stores a backend's resources; whether any changed.
@@ -116,11 +149,11 @@ impl XdsCache {
         state: &mut State,
         resource_name: &str,
         status: Option<&GrpcBackendStatus>,
-        slow_start: &SlowStart,
+        settings: &BackendSettings,
         now: SystemTime,
     ) -> bool {
         let mut changed = false;
-        for (type_url, resource) in resources::backend_resources(resource_name, status, slow_start, now) {
+        for (type_url, resource) in resources::backend_resources(resource_name, status, settings, now) {
             let versioned = Versioned {
                 version: version_of(&resource),
                 resource,
@@ -257,6 +290,35 @@ mod tests {
         cache.remove_backend("shop", "echo");
         assert!(*generation.borrow() > after_sync);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn turning_tls_on_changes_the_cluster_alone_and_pushes() {
+        use resources::ClusterTls;
+
+        let cache = XdsCache::default();
+        cache.relist_started();
+        cache.set_backend("shop", "echo", None, SlowStart::default());
+        cache.relist_done();
+        let before: Vec<_> = type_url::ALL.iter().map(|t| cache.get(t, None)).collect();
+        let generation = *cache.subscribe().borrow();
+        let tls = BackendSettings {
+            slow_start: SlowStart::default(),
+            tls: Some(ClusterTls {
+                server_name: "echo.shop.svc".into(),
+                client_identity: cache.upstream_client_identity(),
+            }),
+        };
+        cache.set_backend_with("shop", "echo", None, tls, SystemTime::now());
+        assert!(*cache.subscribe().borrow() > generation, "a push");
+        let after: Vec<_> = type_url::ALL.iter().map(|t| cache.get(t, None)).collect();
+        let changed: Vec<&str> = type_url::ALL
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| b != a)
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(changed, [type_url::CLUSTER]);
     }
 
     #[test]

@@ -12,6 +12,17 @@
 //! weight is the endpoint's; endpoints of weight 0 are left out; a terminating endpoint that
 //! still answers is listed DRAINING (no new requests) with weight 1.
 //!
+//! TLS (gRFC A29): the Cluster of a GrpcBackend with `spec.tls` carries a `transport_socket`
+//! with an `UpstreamTlsContext`. Its roots are the certificate provider instance
+//! [`ROOTS_INSTANCE`] of the client's bootstrap (a `file_watcher` plugin holding the same CA
+//! bundle as the GrpcBackend's ConfigMap: the xDS server hands out names, never keys or
+//! certificates), its identity for mutual TLS the instance [`IDENTITY_INSTANCE`] when the
+//! server is told to name one (a client whose bootstrap lacks a named instance fails the
+//! Cluster, so naming it is opt-in), and the server certificates must carry the GrpcBackend's
+//! server name (`spec.tls.serverName`, default `SERVICE.NAMESPACE.svc`) as a DNS SAN: matched
+//! exactly, since Pod IPs are rarely in certificates. The name also goes in `sni` (grpc-go uses
+//! it with `GRPC_EXPERIMENTAL_XDS_SNI=true`, gRFC A101).
+//!
 //! Slow start: xDS clients cannot ramp a new endpoint themselves (their weights are the
 //! locality weights they are given), so the server ramps for them. While an endpoint is within
 //! `slowStartWindow` of its `lastTransitionTime`, its locality weight is its weight times the
@@ -29,7 +40,8 @@ use envoy_types::pb::{
             },
             core::v3::{
                 AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, SocketAddress,
-                address::Address as AddressKind, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
+                TransportSocket, address::Address as AddressKind, config_source::ConfigSourceSpecifier,
+                socket_address::PortSpecifier, transport_socket,
             },
             endpoint::v3::{
                 ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
@@ -40,13 +52,21 @@ use envoy_types::pb::{
                 route_action::ClusterSpecifier, route_match::PathSpecifier,
             },
         },
-        extensions::filters::{
-            http::router::v3::Router,
-            network::http_connection_manager::v3::{
-                HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
-                http_filter::ConfigType,
+        extensions::{
+            filters::{
+                http::router::v3::Router,
+                network::http_connection_manager::v3::{
+                    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+                    http_filter::ConfigType,
+                },
+            },
+            transport_sockets::tls::v3::{
+                CertificateProviderPluginInstance, CertificateValidationContext, CommonTlsContext,
+                SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context::ValidationContextType,
+                subject_alt_name_matcher::SanType,
             },
         },
+        r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern},
     },
     google::protobuf::{Any, UInt32Value},
 };
@@ -62,6 +82,33 @@ pub mod type_url {
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
     pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const ALL: [&str; 4] = [LISTENER, ROUTE, CLUSTER, ENDPOINTS];
+}
+
+/// The certificate provider instance, in the client's bootstrap, that holds the roots the
+/// backends' certificates are verified against.
+pub const ROOTS_INSTANCE: &str = "kubegrpc-backends";
+/// The certificate provider instance, in the client's bootstrap, that holds the client's own
+/// certificate for backends that require one (named only when [`ClusterTls::client_identity`]).
+pub const IDENTITY_INSTANCE: &str = "kubegrpc-identity";
+/// The transport socket name gRPC clients require for an `UpstreamTlsContext`.
+const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
+
+/// TLS to a GrpcBackend's backends, as its Cluster tells xDS clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterTls {
+    /// The name every backend certificate must carry as a DNS SAN (the GrpcBackend's
+    /// `tls_server_name`).
+    pub server_name: String,
+    /// Name [`IDENTITY_INSTANCE`] for the client's certificate (mutual TLS).
+    pub client_identity: bool,
+}
+
+/// What a GrpcBackend's resources are made from besides its status.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BackendSettings {
+    pub slow_start: SlowStart,
+    /// `None`: plaintext.
+    pub tls: Option<ClusterTls>,
 }
 
 /// Scales `weights` down together, keeping each above 0 at 1 or more, until their sum fits in
@@ -96,16 +143,19 @@ pub fn resource_name(namespace: &str, name: &str) -> String {
 pub fn backend_resources(
     resource_name: &str,
     status: Option<&GrpcBackendStatus>,
-    slow_start: &SlowStart,
+    settings: &BackendSettings,
     now: SystemTime,
 ) -> [(&'static str, Any); 4] {
     [
         (type_url::LISTENER, pack_any(listener(resource_name))),
         (type_url::ROUTE, pack_any(route(resource_name))),
-        (type_url::CLUSTER, pack_any(cluster(resource_name))),
+        (
+            type_url::CLUSTER,
+            pack_any(cluster(resource_name, settings.tls.as_ref())),
+        ),
         (
             type_url::ENDPOINTS,
-            pack_any(endpoints(resource_name, status, slow_start, now)),
+            pack_any(endpoints(resource_name, status, &settings.slow_start, now)),
         ),
     ]
 }
@@ -186,8 +236,14 @@ fn route(name: &str) -> RouteConfiguration {
     }
 }
 
-fn cluster(name: &str) -> Cluster {
+fn cluster(name: &str, tls: Option<&ClusterTls>) -> Cluster {
     Cluster {
+        transport_socket: tls.map(|tls| TransportSocket {
+            name: TLS_TRANSPORT_SOCKET.into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(
+                upstream_tls_context(tls),
+            ))),
+        }),
         name: name.into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(EdsClusterConfig {
@@ -197,6 +253,43 @@ fn cluster(name: &str) -> Cluster {
         // gRPC clients turn ROUND_ROBIN into xds_wrr_locality over round_robin: locality
         // weights steer them.
         lb_policy: LbPolicy::RoundRobin as i32,
+        ..Default::default()
+    }
+}
+
+/// The `UpstreamTlsContext` of gRFC A29 in its current fields (gRPC reads the
+/// `ca_certificate_provider_instance` of a `validation_context`): roots and identity by
+/// certificate provider instance, the server name matched exactly among the DNS SANs.
+fn upstream_tls_context(tls: &ClusterTls) -> UpstreamTlsContext {
+    let instance = |name: &str| CertificateProviderPluginInstance {
+        instance_name: name.into(),
+        certificate_name: String::new(),
+    };
+    let exact = StringMatcher {
+        match_pattern: Some(MatchPattern::Exact(tls.server_name.clone())),
+        ..Default::default()
+    };
+    // grpc-go reads the older `match_subject_alt_names` only, Envoy prefers the typed one when
+    // both are set: both say the same.
+    #[allow(deprecated)]
+    let validation = CertificateValidationContext {
+        ca_certificate_provider_instance: Some(instance(ROOTS_INSTANCE)),
+        match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+            san_type: SanType::Dns as i32,
+            matcher: Some(exact.clone()),
+            ..Default::default()
+        }],
+        match_subject_alt_names: vec![exact],
+        ..Default::default()
+    };
+    UpstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_provider_instance: tls.client_identity.then(|| instance(IDENTITY_INSTANCE)),
+            validation_context_type: Some(ValidationContextType::ValidationContext(validation)),
+            alpn_protocols: vec!["h2".into()],
+            ..Default::default()
+        }),
+        sni: tls.server_name.clone(),
         ..Default::default()
     }
 }
@@ -306,7 +399,7 @@ mod tests {
         let name = resource_name("shop", "echo");
         assert_eq!(name, "echo.shop");
         let [(l, listener), (r, route), (c, cluster), (e, endpoints)] =
-            backend_resources(&name, None, &SlowStart::default(), SystemTime::now());
+            backend_resources(&name, None, &BackendSettings::default(), SystemTime::now());
         assert_eq!([l, r, c, e], type_url::ALL);
         let listener: Listener = decode(&listener);
         assert_eq!(listener.name, name);
@@ -343,8 +436,12 @@ mod tests {
             ],
             ..Default::default()
         };
-        let [.., (_, endpoints)] =
-            backend_resources("echo.shop", Some(&status), &SlowStart::default(), SystemTime::now());
+        let [.., (_, endpoints)] = backend_resources(
+            "echo.shop",
+            Some(&status),
+            &BackendSettings::default(),
+            SystemTime::now(),
+        );
         let endpoints: ClusterLoadAssignment = decode(&endpoints);
         let listed: Vec<(String, u32, i32)> = endpoints
             .endpoints
@@ -384,8 +481,12 @@ mod tests {
             endpoints: vec![failed_open("10.0.0.1"), failed_open("10.0.0.2")],
             ..Default::default()
         };
-        let [.., (_, endpoints)] =
-            backend_resources("echo.shop", Some(&status), &SlowStart::default(), SystemTime::now());
+        let [.., (_, endpoints)] = backend_resources(
+            "echo.shop",
+            Some(&status),
+            &BackendSettings::default(),
+            SystemTime::now(),
+        );
         let endpoints: ClusterLoadAssignment = decode(&endpoints);
         let listed: Vec<(u32, i32)> = endpoints
             .endpoints
@@ -403,7 +504,11 @@ mod tests {
     }
 
     fn locality_weights(status: &GrpcBackendStatus, slow_start: &SlowStart, now: SystemTime) -> Vec<u32> {
-        let [.., (_, endpoints)] = backend_resources("echo.shop", Some(status), slow_start, now);
+        let settings = BackendSettings {
+            slow_start: *slow_start,
+            tls: None,
+        };
+        let [.., (_, endpoints)] = backend_resources("echo.shop", Some(status), &settings, now);
         decode::<ClusterLoadAssignment>(&endpoints)
             .endpoints
             .iter()
@@ -452,6 +557,89 @@ mod tests {
             .map(|ms| locality_weights(&status, &linear_10s, at(f64::from(ms) / 100.0)))
             .collect();
         assert!(steps.len() <= 10, "{} distinct weight sets", steps.len());
+    }
+
+    fn cluster_of(settings: &BackendSettings) -> Cluster {
+        let [_, _, (_, cluster), _] = backend_resources("echo.shop", None, settings, SystemTime::now());
+        decode(&cluster)
+    }
+
+    fn tls_settings(client_identity: bool) -> BackendSettings {
+        BackendSettings {
+            slow_start: SlowStart::default(),
+            tls: Some(ClusterTls {
+                server_name: "echo.shop.svc".into(),
+                client_identity,
+            }),
+        }
+    }
+
+    /// The UpstreamTlsContext of a Cluster, as gRPC clients find it (gRFC A29).
+    fn upstream_tls_of(cluster: &Cluster) -> UpstreamTlsContext {
+        let socket = cluster.transport_socket.as_ref().expect("a transport socket");
+        assert_eq!(socket.name, "envoy.transport_sockets.tls", "the name gRPC requires");
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+            panic!("a typed config expected")
+        };
+        assert_eq!(
+            any.type_url,
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+        );
+        decode(any)
+    }
+
+    #[test]
+    fn a_plaintext_backends_cluster_has_no_transport_socket() {
+        let cluster = cluster_of(&BackendSettings::default());
+        assert_eq!(cluster.transport_socket, None);
+        assert!(cluster.transport_socket_matches.is_empty(), "gRPC NACKs these");
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn a_tls_backends_cluster_names_the_roots_instance_and_matches_the_server_name_exactly() {
+        let cluster = cluster_of(&tls_settings(false));
+        let upstream = upstream_tls_of(&cluster);
+        assert_eq!(upstream.sni, "echo.shop.svc");
+        let common = upstream.common_tls_context.expect("a common TLS context");
+        assert_eq!(common.tls_certificate_provider_instance, None, "no client certificate");
+        assert!(common.tls_certificates.is_empty() && common.tls_params.is_none());
+        let Some(ValidationContextType::ValidationContext(validation)) = common.validation_context_type else {
+            panic!("a validation context expected")
+        };
+        let roots = validation.ca_certificate_provider_instance.expect("the roots instance");
+        assert_eq!(roots.instance_name, ROOTS_INSTANCE);
+        assert_eq!(
+            roots.instance_name, "kubegrpc-backends",
+            "the name the README documents"
+        );
+        let exact = Some(MatchPattern::Exact("echo.shop.svc".into()));
+        assert_eq!(
+            validation
+                .match_subject_alt_names
+                .iter()
+                .map(|m| (m.match_pattern.clone(), m.ignore_case))
+                .collect::<Vec<_>>(),
+            [(exact.clone(), false)],
+            "what grpc-go reads"
+        );
+        assert_eq!(validation.match_typed_subject_alt_names.len(), 1);
+        let typed = &validation.match_typed_subject_alt_names[0];
+        assert_eq!(typed.san_type, SanType::Dns as i32);
+        assert_eq!(typed.matcher.as_ref().map(|m| m.match_pattern.clone()), Some(exact));
+        // Discovery is unchanged by TLS.
+        assert_eq!(cluster.eds_cluster_config.unwrap().service_name, "echo.shop");
+    }
+
+    #[test]
+    fn with_client_identity_a_tls_cluster_names_the_identity_instance() {
+        let upstream = upstream_tls_of(&cluster_of(&tls_settings(true)));
+        let identity = upstream
+            .common_tls_context
+            .and_then(|c| c.tls_certificate_provider_instance)
+            .expect("the identity instance");
+        assert_eq!(identity.instance_name, IDENTITY_INSTANCE);
+        assert_eq!(identity.instance_name, "kubegrpc-identity");
     }
 
     #[test]

@@ -12,7 +12,10 @@ use kubegrpc_crds::GrpcBackend;
 use tokio::time::{Instant, sleep_until};
 use tracing::warn;
 
-use super::XdsCache;
+use super::{
+    XdsCache,
+    resources::{BackendSettings, ClusterTls},
+};
 
 /// Follows every GrpcBackend in scope (all namespaces, or `namespace`) until dropped.
 pub async fn follow(client: Client, namespace: Option<String>, cache: Arc<XdsCache>) {
@@ -43,12 +46,23 @@ pub async fn follow(client: Client, namespace: Option<String>, cache: Arc<XdsCac
             Ok(watcher::Event::Apply(backend) | watcher::Event::InitApply(backend)) => {
                 let namespace = backend.namespace().unwrap_or_default();
                 match &backend.0 {
-                    Ok(backend) => cache.set_backend(
-                        &namespace,
-                        &backend.name_any(),
-                        backend.status.as_ref(),
-                        backend.spec.weighting.slow_start(),
-                    ),
+                    Ok(backend) => {
+                        let tls = backend.spec.tls_server_name(&namespace).map(|server_name| ClusterTls {
+                            server_name,
+                            client_identity: cache.upstream_client_identity(),
+                        });
+                        let settings = BackendSettings {
+                            slow_start: backend.spec.weighting.slow_start(),
+                            tls,
+                        };
+                        cache.set_backend_with(
+                            &namespace,
+                            &backend.name_any(),
+                            backend.status.as_ref(),
+                            settings,
+                            SystemTime::now(),
+                        );
+                    }
                     // Unreadable: serve nothing for it rather than something wrong.
                     Err(invalid) => {
                         cache.remove_backend(&namespace, &invalid.metadata.name.clone().unwrap_or_default());
