@@ -35,17 +35,19 @@ pub mod flag {
     pub const PRIORITY: u8 = 0x20;
 }
 
-/// SETTINGS parameters we send (RFC 9113 6.5.2).
+/// SETTINGS parameters we send or heed (RFC 9113 6.5.2).
 pub mod setting {
     pub const HEADER_TABLE_SIZE: u16 = 0x1;
     pub const ENABLE_PUSH: u16 = 0x2;
     pub const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    pub const INITIAL_WINDOW_SIZE: u16 = 0x4;
     pub const MAX_HEADER_LIST_SIZE: u16 = 0x6;
 }
 
 /// HTTP/2 error codes we send or give meaning to.
 pub mod reason {
     pub const NO_ERROR: u32 = 0x0;
+    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
     pub const CANCEL: u32 = 0x8;
     pub const REFUSED_STREAM: u32 = 0x7;
 }

@@ -69,6 +69,19 @@ impl HealthConnection {
         self.state.start_load_reports(interval)
     }
 
+    /// How many more calls may start now, within the server's SETTINGS_MAX_CONCURRENT_STREAMS
+    /// (unlimited until its SETTINGS arrive) and our own bound of three. A call started
+    /// without room is refused with [`ConnectionError::NoRoom`].
+    pub fn call_room(&self) -> usize {
+        self.state.call_room()
+    }
+
+    /// Ends `call` from our side (RST_STREAM CANCEL, written when the connection is next
+    /// driven), freeing its room; it gets no further event.
+    pub fn cancel(&mut self, call: CallId) {
+        self.state.cancel(call);
+    }
+
     /// Sends what is queued and returns the server's next [`Event`]. Cancel safe.
     pub async fn next_event(&mut self) -> Result<Event, ConnectionError> {
         loop {

@@ -15,8 +15,12 @@
 //! HEADERS (HPACK literals, never indexed) and one DATA frame, responses as HEADERS,
 //! CONTINUATION and DATA with padding and priority fields, trailers and trailers-only
 //! responses, RST_STREAM, SETTINGS and PING acknowledgements, GOAWAY (calls the server will not
-//! process end as refused), and flow control for what it receives (WINDOW_UPDATE as received
-//! bytes are consumed). It never sends a PING: gRPC servers police client PINGs (see the prober).
+//! process end as refused), and flow control both ways: for what it receives (WINDOW_UPDATE as
+//! received bytes are consumed), and for what it sends (the server's
+//! SETTINGS_INITIAL_WINDOW_SIZE and WINDOW_UPDATEs: a request's DATA waits, bounded, until the
+//! windows let it go). No call starts beyond the server's SETTINGS_MAX_CONCURRENT_STREAMS
+//! ([`HealthConnection::call_room`]). It never sends a PING: gRPC servers police client PINGs
+//! (see the prober).
 //!
 //! Bounded whatever the server sends: a frame's length is checked against
 //! SETTINGS_MAX_FRAME_SIZE before any room is reserved for it (16 KiB and a header at most);
@@ -74,7 +78,8 @@ pub struct GoAway {
     pub debug: String,
 }
 
-/// The connection cannot carry calls any more.
+/// The connection cannot carry calls any more (or, [`ConnectionError::NoRoom`], a call
+/// cannot start on it now).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
     #[error("the server closed the connection")]
@@ -85,4 +90,9 @@ pub enum ConnectionError {
     Protocol(&'static str),
     #[error("the server sent GOAWAY: no new calls on this connection")]
     GoingAway,
+    /// Not an end of the connection: a call was not started because the server's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS leaves no room for it (see
+    /// [`HealthConnection::call_room`]).
+    #[error("no room for another call: the server's SETTINGS_MAX_CONCURRENT_STREAMS is reached")]
+    NoRoom,
 }

@@ -35,6 +35,16 @@ const FRAME_BURST: u32 = 1_024;
 const FRAMES_PER_SECOND: u32 = 256;
 /// The most bytes of a GOAWAY's debug data kept (for the log).
 const MAX_GOAWAY_DEBUG: usize = 128;
+/// The most calls open at once on one connection, whatever the server allows: the prober's
+/// `Watch`, load-report stream and liveness `Check`. With the request each call holds until
+/// flow control lets it go (see [`Call::request`]), this bounds what a server that never opens
+/// its windows can make us hold.
+pub(super) const MAX_CALLS: usize = 3;
+/// SETTINGS_INITIAL_WINDOW_SIZE's initial value: both send windows until the server says
+/// otherwise (RFC 9113 6.9.2).
+const DEFAULT_WINDOW: i64 = 65_535;
+/// The largest flow-control window (RFC 9113 6.9.1).
+const MAX_WINDOW: i64 = (1 << 31) - 1;
 
 /// See the module docs.
 #[derive(Debug)]
@@ -58,6 +68,13 @@ pub(super) struct State {
     ping_ack: Option<[u8; 8]>,
     /// Frames and messages the server may still send now.
     budget: FloodBudget,
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS: no call starts beyond it (none until the
+    /// server says, RFC 9113 6.5.2).
+    peer_max_streams: u32,
+    /// The server's SETTINGS_INITIAL_WINDOW_SIZE: a new call's send window.
+    peer_initial_window: i64,
+    /// How many DATA bytes the connection's send window lets us send now.
+    send_window: i64,
 }
 
 /// A token bucket of [`FRAME_BURST`] tokens, topped up at [`FRAMES_PER_SECOND`]: a token per
@@ -100,6 +117,13 @@ struct Call {
     messages: Messages,
     /// Received DATA bytes not yet given back to the stream's window.
     unacknowledged: u32,
+    /// The request message (gRPC-framed) not yet sent: held until both send windows let it
+    /// go, then sent in as many DATA frames as they allow, the last with END_STREAM. A few
+    /// hundred bytes made from our settings, never from what the server sends.
+    request: Vec<u8>,
+    /// How many DATA bytes the stream's send window lets us send now (negative after the
+    /// server shrinks SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 6.9.2).
+    send_window: i64,
 }
 
 impl State {
@@ -120,6 +144,9 @@ impl State {
             failed: None,
             ping_ack: None,
             budget: FloodBudget::new(),
+            peer_max_streams: u32::MAX,
+            peer_initial_window: DEFAULT_WINDOW,
+            send_window: DEFAULT_WINDOW,
         };
         state.write.raw(frame::PREFACE);
         let settings = [
@@ -163,19 +190,80 @@ impl State {
         if self.going_away || self.next_stream_id > i32::MAX as u32 {
             return Err(ConnectionError::GoingAway);
         }
+        if self.call_room() == 0 {
+            return Err(ConnectionError::NoRoom);
+        }
         let id = self.next_stream_id;
         self.next_stream_id += 2;
         let headers = grpc::request_headers(self.scheme, path, self.authority.as_bytes());
         self.write.frame(kind::HEADERS, flag::END_HEADERS, id, &headers);
-        self.write
-            .frame(kind::DATA, flag::END_STREAM, id, &grpc::request_message(request));
         self.calls.push(Call {
             id,
             responded: false,
             messages: Messages::new(answers),
             unacknowledged: 0,
+            request: grpc::request_message(request),
+            send_window: self.peer_initial_window,
         });
+        self.send_requests();
         Ok(CallId(id))
+    }
+
+    /// How many more calls may start now: the server's SETTINGS_MAX_CONCURRENT_STREAMS (and
+    /// [`MAX_CALLS`]) less the calls open. A call counts until its end is received, as the
+    /// server counts it until it sends that end.
+    pub(super) fn call_room(&self) -> usize {
+        let limit = usize::try_from(self.peer_max_streams)
+            .unwrap_or(usize::MAX)
+            .min(MAX_CALLS);
+        limit.saturating_sub(self.calls.len())
+    }
+
+    /// Ends `call` from our side (RST_STREAM CANCEL), freeing its room; it gets no further
+    /// event. Nothing happens if it has ended already.
+    pub(super) fn cancel(&mut self, call: CallId) {
+        if let Some(index) = self.calls.iter().position(|c| c.id == call.0) {
+            self.calls.swap_remove(index);
+            self.write
+                .frame(kind::RST_STREAM, 0, call.0, &reason::CANCEL.to_be_bytes());
+            self.events.retain(|event| match event {
+                Event::Message(id, _) | Event::Ended(id, _) => *id != call,
+                Event::GoAway(_) => true,
+            });
+        }
+    }
+
+    /// Queues as much of each call's held request as both send windows allow: the whole rest
+    /// with END_STREAM, or a part of it (never an empty frame before the last).
+    fn send_requests(&mut self) {
+        for call in &mut self.calls {
+            while !call.request.is_empty() {
+                let allowed = self.send_window.min(call.send_window).min(frame::MAX_FRAME_SIZE as i64);
+                let Ok(allowed) = usize::try_from(allowed) else {
+                    break;
+                };
+                if allowed >= call.request.len() {
+                    self.write.frame(kind::DATA, flag::END_STREAM, call.id, &call.request);
+                    let sent = call.request.len() as i64;
+                    self.send_window -= sent;
+                    call.send_window -= sent;
+                    call.request = Vec::new();
+                } else if allowed > 0 {
+                    self.write.frame(kind::DATA, 0, call.id, &call.request[..allowed]);
+                    self.send_window -= allowed as i64;
+                    call.send_window -= allowed as i64;
+                    call.request.drain(..allowed);
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The request bytes held for flow control, all calls together.
+    #[cfg(test)]
+    pub(super) fn held_request_bytes(&self) -> usize {
+        self.calls.iter().map(|c| c.request.len()).sum()
     }
 
     /// The next event for the prober, if one is queued.
@@ -310,9 +398,8 @@ impl State {
                 if !payload.len().is_multiple_of(6) {
                     return Err(ConnectionError::Protocol("SETTINGS of the wrong size"));
                 }
-                // The server's settings bound what we send: a few hundred bytes per call, within
-                // every limit a server may set. They are acknowledged, as the protocol requires.
                 if flags & flag::ACK == 0 {
+                    self.settings(payload)?;
                     self.write.frame(kind::SETTINGS, flag::ACK, 0, &[]);
                 }
                 Ok(())
@@ -349,10 +436,74 @@ impl State {
                 Ok(())
             }
             kind::PUSH_PROMISE => Err(ConnectionError::Protocol("PUSH_PROMISE with push disabled")),
-            // WINDOW_UPDATE: a call sends one message of a few bytes, within any initial window.
+            kind::WINDOW_UPDATE => self.window_update(stream, payload),
             // PRIORITY and unknown types: nothing to do (RFC 9113 5.5).
             _ => Ok(()),
         }
+    }
+
+    /// The server's SETTINGS (not an acknowledgement): those that bound what we send. Our
+    /// frames are within every SETTINGS_MAX_FRAME_SIZE and header list size a server may set
+    /// (16 KiB at least; our header blocks are a few hundred bytes).
+    fn settings(&mut self, payload: &[u8]) -> Result<(), ConnectionError> {
+        for entry in payload.chunks_exact(6) {
+            let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+            match u16::from_be_bytes([entry[0], entry[1]]) {
+                setting::MAX_CONCURRENT_STREAMS => self.peer_max_streams = value,
+                setting::INITIAL_WINDOW_SIZE => {
+                    let value = i64::from(value);
+                    if value > MAX_WINDOW {
+                        return Err(ConnectionError::Protocol("SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1"));
+                    }
+                    // Open streams' windows move by the difference (RFC 9113 6.9.2).
+                    let delta = value - self.peer_initial_window;
+                    self.peer_initial_window = value;
+                    for call in &mut self.calls {
+                        call.send_window += delta;
+                        if call.send_window > MAX_WINDOW {
+                            return Err(ConnectionError::Protocol("a stream's send window over 2^31-1"));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.send_requests();
+        Ok(())
+    }
+
+    /// A WINDOW_UPDATE: more room in the connection's send window or a call's.
+    fn window_update(&mut self, stream: u32, payload: &[u8]) -> Result<(), ConnectionError> {
+        let increment = payload
+            .try_into()
+            .map(|b: [u8; 4]| i64::from(u32::from_be_bytes(b) & 0x7fff_ffff))
+            .map_err(|_| ConnectionError::Protocol("WINDOW_UPDATE of the wrong size"))?;
+        if stream == 0 {
+            if increment == 0 {
+                return Err(ConnectionError::Protocol("a WINDOW_UPDATE of 0"));
+            }
+            self.send_window += increment;
+            if self.send_window > MAX_WINDOW {
+                return Err(ConnectionError::Protocol("the connection's send window over 2^31-1"));
+            }
+        } else if let Some(call) = self.calls.iter_mut().find(|c| c.id == stream) {
+            call.send_window += increment;
+            // Stream errors (RFC 9113 6.9, 6.9.1): that call ends, the connection goes on.
+            let broken = if increment == 0 {
+                Some("a WINDOW_UPDATE of 0")
+            } else if call.send_window > MAX_WINDOW {
+                Some("a stream's send window over 2^31-1")
+            } else {
+                None
+            };
+            if let Some(why) = broken {
+                self.write
+                    .frame(kind::RST_STREAM, 0, stream, &reason::FLOW_CONTROL_ERROR.to_be_bytes());
+                self.end(stream, CallEnd::Malformed(why));
+            }
+        }
+        self.send_requests();
+        Ok(())
     }
 
     fn data(&mut self, flags: u8, stream: u32, payload: &[u8]) -> Result<(), ConnectionError> {

@@ -416,6 +416,9 @@ impl Prober {
         self.publisher.set_detail(Some(error.to_string()));
         match error {
             ConnectionError::Protocol(_) => Ended::Failed(Failure::ProtocolError),
+            // A server whose SETTINGS_MAX_CONCURRENT_STREAMS leaves no room for a probe: what it
+            // would answer to one sent anyway.
+            ConnectionError::NoRoom => Ended::Failed(Failure::Reset(reason::REFUSED_STREAM)),
             ConnectionError::Closed | ConnectionError::Io(_) | ConnectionError::GoingAway => match link.going_away {
                 Some(code) => goaway_end(code),
                 None => Ended::Closed(Failure::Unstable),

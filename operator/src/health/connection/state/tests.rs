@@ -143,6 +143,187 @@ fn received_data_is_given_back_to_both_flow_control_windows_in_batches() {
     assert_eq!(updates, [(0, 16_450), (1, 16_450)]);
 }
 
+/// A SETTINGS frame of `(id, value)` pairs.
+fn settings_frame(settings: &[(u16, u32)]) -> Vec<u8> {
+    let payload: Vec<u8> = settings
+        .iter()
+        .flat_map(|(id, value)| [&id.to_be_bytes()[..], &value.to_be_bytes()[..]].concat())
+        .collect();
+    frame_bytes(kind::SETTINGS, 0, 0, &payload)
+}
+
+fn window_update(stream: u32, increment: u32) -> Vec<u8> {
+    frame_bytes(kind::WINDOW_UPDATE, 0, stream, &increment.to_be_bytes())
+}
+
+#[test]
+fn a_request_waits_for_the_servers_send_windows_and_goes_in_the_parts_they_allow() {
+    let mut state = State::new(Scheme::Http, "test");
+    written_frames(&mut state);
+    // A server that opens no stream window until it has seen the request's headers.
+    assert_eq!(
+        feed(&mut state, &settings_frame(&[(setting::INITIAL_WINDOW_SIZE, 0)])),
+        []
+    );
+    assert_eq!(written_frames(&mut state), [(kind::SETTINGS, flag::ACK, 0, vec![])]);
+    let check = state.start(Method::Check, "echo").unwrap();
+    // HealthCheckRequest { service: "echo" }, length-prefixed: 11 bytes, held.
+    let request = vec![0, 0, 0, 0, 6, 0x0a, 4, b'e', b'c', b'h', b'o'];
+    let frames = written_frames(&mut state);
+    assert_eq!(
+        frames.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>(),
+        [(kind::HEADERS, check.0)]
+    );
+    assert_eq!(state.held_request_bytes(), 11);
+    // Driven again without a window: still nothing.
+    assert_eq!(written_frames(&mut state), []);
+    // 4 bytes of window: 4 bytes of the request, without END_STREAM.
+    assert_eq!(feed(&mut state, &window_update(check.0, 4)), []);
+    assert_eq!(
+        written_frames(&mut state),
+        [(kind::DATA, 0, check.0, request[..4].to_vec())]
+    );
+    // A WINDOW_UPDATE of another stream or of the connection alone lets nothing more go.
+    assert_eq!(feed(&mut state, &window_update(99, 100)), []);
+    assert_eq!(feed(&mut state, &window_update(0, 100)), []);
+    assert_eq!(written_frames(&mut state), []);
+    // The rest, with END_STREAM, once the stream's window has room for it.
+    assert_eq!(feed(&mut state, &window_update(check.0, 100)), []);
+    assert_eq!(
+        written_frames(&mut state),
+        [(kind::DATA, flag::END_STREAM, check.0, request[4..].to_vec())]
+    );
+    assert_eq!(state.held_request_bytes(), 0);
+
+    // A window the server shrinks below zero (SETTINGS after the call started) holds the
+    // request until WINDOW_UPDATEs bring it back above zero; then the SETTINGS that open it.
+    let mut state = State::new(Scheme::Http, "test");
+    feed(&mut state, &settings_frame(&[(setting::INITIAL_WINDOW_SIZE, 5)]));
+    written_frames(&mut state);
+    let watch = state.start(Method::Watch, "").unwrap();
+    // The empty request (5 bytes) fits in the 5-byte window.
+    assert_eq!(
+        written_frames(&mut state).last(),
+        Some(&(kind::DATA, flag::END_STREAM, watch.0, vec![0; 5]))
+    );
+    let check = state.start(Method::Check, "echo").unwrap();
+    written_frames(&mut state);
+    assert_eq!(state.held_request_bytes(), 11 - 5);
+    feed(&mut state, &settings_frame(&[(setting::INITIAL_WINDOW_SIZE, 0)]));
+    feed(&mut state, &window_update(check.0, 3));
+    assert_eq!(written_frames(&mut state), [(kind::SETTINGS, flag::ACK, 0, vec![])]);
+    feed(&mut state, &settings_frame(&[(setting::INITIAL_WINDOW_SIZE, 65_535)]));
+    assert_eq!(
+        written_frames(&mut state),
+        [
+            (kind::DATA, flag::END_STREAM, check.0, request[5..].to_vec()),
+            (kind::SETTINGS, flag::ACK, 0, vec![]),
+        ]
+    );
+}
+
+#[test]
+fn windows_beyond_the_protocols_bounds_are_errors_of_the_connection_or_the_call() {
+    let mut state = State::new(Scheme::Http, "test");
+    let check = state.start(Method::Check, "").unwrap();
+    written_frames(&mut state);
+    // A stream's window over 2^31-1: that call ends, the connection goes on.
+    let events = feed(&mut state, &window_update(check.0, 0x7fff_ffff));
+    assert_eq!(
+        events,
+        [Event::Ended(
+            check,
+            CallEnd::Malformed("a stream's send window over 2^31-1")
+        )]
+    );
+    assert_eq!(
+        written_frames(&mut state),
+        [(
+            kind::RST_STREAM,
+            0,
+            check.0,
+            reason::FLOW_CONTROL_ERROR.to_be_bytes().to_vec()
+        )]
+    );
+    for (bytes, why) in [
+        (
+            window_update(0, 0x7fff_ffff),
+            "the connection's send window over 2^31-1",
+        ),
+        (window_update(0, 0), "a WINDOW_UPDATE of 0"),
+        (
+            frame_bytes(kind::WINDOW_UPDATE, 0, 0, &[0, 1]),
+            "WINDOW_UPDATE of the wrong size",
+        ),
+        (
+            settings_frame(&[(setting::INITIAL_WINDOW_SIZE, 0x8000_0000)]),
+            "SETTINGS_INITIAL_WINDOW_SIZE over 2^31-1",
+        ),
+    ] {
+        let (_, error) = fuzz_server_bytes(&bytes);
+        assert!(
+            matches!(error, Some(ConnectionError::Protocol(said)) if said == why),
+            "{why}: {error:?}"
+        );
+    }
+}
+
+#[test]
+fn no_call_starts_beyond_the_servers_max_concurrent_streams() {
+    let mut state = State::new(Scheme::Http, "test");
+    // Before the server's SETTINGS: our own bound only.
+    assert_eq!(state.call_room(), MAX_CALLS);
+    feed(&mut state, &settings_frame(&[(setting::MAX_CONCURRENT_STREAMS, 2)]));
+    assert_eq!(state.call_room(), 2);
+    let watch = state.start(Method::Watch, "").unwrap();
+    let reports = state.start_load_reports(Duration::from_secs(1)).unwrap();
+    assert_eq!(state.call_room(), 0);
+    written_frames(&mut state);
+    assert!(matches!(state.start(Method::Check, ""), Err(ConnectionError::NoRoom)));
+    assert_eq!(written_frames(&mut state), [], "nothing sent for it");
+    // A call counts until its end arrives.
+    let mut trailers = vec![0x88];
+    hpack::encode_literal_new_name(&mut trailers, b"grpc-status", b"12");
+    let events = feed(
+        &mut state,
+        &frame_bytes(
+            kind::HEADERS,
+            flag::END_HEADERS | flag::END_STREAM,
+            reports.0,
+            &trailers,
+        ),
+    );
+    assert_eq!(
+        events,
+        [Event::Ended(
+            reports,
+            CallEnd::Status(Code::Unimplemented, String::new())
+        )]
+    );
+    assert_eq!(state.call_room(), 1);
+    let check = state.start(Method::Check, "").unwrap();
+    // Cancelling a call frees its room at once, tells the server, and drops its events.
+    let serving = prefixed(&HealthCheckResponse { status: 1 }.encode_to_vec());
+    let mut read = ReadBuffer::default();
+    read.extend(&answered_then(watch.0, [frame_bytes(kind::DATA, 0, watch.0, &serving)]));
+    assert!(state.receive(&mut read).unwrap());
+    written_frames(&mut state);
+    state.cancel(watch);
+    assert_eq!(state.take_event(), None, "the cancelled call's message is dropped");
+    assert_eq!(state.call_room(), 1);
+    assert_eq!(
+        written_frames(&mut state),
+        [(kind::RST_STREAM, 0, watch.0, reason::CANCEL.to_be_bytes().to_vec())]
+    );
+    state.cancel(watch);
+    assert_eq!(written_frames(&mut state), [], "cancelled once");
+    // A server lowering its limit below the calls open: those go on, no new one starts.
+    feed(&mut state, &settings_frame(&[(setting::MAX_CONCURRENT_STREAMS, 0)]));
+    assert_eq!(state.call_room(), 0);
+    assert!(matches!(state.start(Method::Watch, ""), Err(ConnectionError::NoRoom)));
+    let _ = check;
+}
+
 #[test]
 fn pings_read_together_are_acknowledged_once_with_the_last_and_settings_each() {
     let mut state = State::new(Scheme::Http, "test");
