@@ -26,6 +26,7 @@ use crate::{
     outlier::OutlierDetection,
     pool::{Pool, PoolConfig, outlier_timer},
     snapshot::{DiscoveryState, Snapshot},
+    tls::TlsResolver,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -179,7 +180,15 @@ impl Builder {
         self
     }
 
-    /// TLS to every endpoint (`https`), with tonic's client TLS settings.
+    /// TLS to every endpoint (`https`), with tonic's client TLS settings, whatever the
+    /// GrpcBackend's `spec.tls` says: these settings win, and the spec's CA bundle is not read.
+    /// Give the config the name the certificates carry (`domain_name`, e.g. the GrpcBackend's
+    /// `spec.tls.serverName` or `SERVICE.NAMESPACE.svc`): otherwise tonic verifies the
+    /// endpoint's IP address, which certificates rarely name.
+    ///
+    /// Without this call a GrpcBackend with `spec.tls` is connected to with TLS built from the
+    /// spec (the server name, and the roots from its CA bundle ConfigMap, which the workload
+    /// then needs RBAC `get` on, or the system's roots); see the crate docs.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, config: tonic::transport::ClientTlsConfig) -> Self {
         let previous = self.template.clone();
@@ -325,9 +334,12 @@ impl Builder {
             Some(ZoneSource::Node(node)) => Some((self.client.clone(), node)),
             None => None,
         };
+        // The user's own TLS settings win: then the spec's are not read.
+        let tls =
+            (!self.tls).then(|| TlsResolver::new(self.client.clone(), self.namespace.clone(), pool.backend.clone()));
         let resource = ApiResource::erase::<GrpcBackend>(&());
         let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
-        let discovery = tokio::spawn(crate::discovery::run(api, self.name, pool.clone(), node, first));
+        let discovery = tokio::spawn(crate::discovery::run(api, self.name, pool.clone(), node, tls, first));
         let interval = pool.config.outlier_detection.interval.max(Duration::from_millis(10));
         let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&pool), pool.backend.clone(), interval));
         Channel {

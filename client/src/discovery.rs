@@ -19,7 +19,13 @@ use kube::{
 use tokio::sync::oneshot;
 use tracing::{debug, info, instrument, warn};
 
-use crate::{pool::Pool, slow_start::parse_slow_start, snapshot::DiscoveryState, status::parse_status};
+use crate::{
+    pool::Pool,
+    slow_start::parse_slow_start,
+    snapshot::DiscoveryState,
+    status::parse_status,
+    tls::{SpecTls, TlsResolver, parse_spec_tls},
+};
 
 /// The Node label that names its zone (set by the cloud provider or the installer).
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -29,19 +35,21 @@ const NODE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The channel's discovery task: reads the zone of Node `node` first if given (so that the
 /// first rotation, and `connect`'s return, already have it), then follows GrpcBackend `name`
-/// until the task is aborted. `first` learns how the first read went.
+/// until the task is aborted. `first` learns how the first read went. With `tls`, the spec's
+/// `tls` decides how the endpoints are connected to (without, the user's settings do).
 #[instrument(name = "discovery", skip_all, fields(backend = %pool.backend))]
 pub async fn run(
     api: Api<DynamicObject>,
     name: String,
     pool: Arc<Pool>,
     node: Option<(Client, String)>,
+    tls: Option<TlsResolver>,
     first: Option<oneshot::Sender<Result<(), watcher::Error>>>,
 ) {
     if let Some((client, node)) = node {
         pool.set_zone(node_zone(client, &node).await);
     }
-    follow(api, name, pool, first).await;
+    follow(api, name, pool, tls, first).await;
 }
 
 /// Follows GrpcBackend `name` until the task is aborted. `first` learns how the first read went.
@@ -49,16 +57,37 @@ async fn follow(
     api: Api<DynamicObject>,
     name: String,
     pool: Arc<Pool>,
+    mut tls: Option<TlsResolver>,
     mut first: Option<oneshot::Sender<Result<(), watcher::Error>>>,
 ) {
+    let namespace = api.namespace().unwrap_or_default().to_string();
+    // The last spec.tls read, for the CA bundle's periodic read.
+    let mut spec_tls: Result<Option<SpecTls>, String> = Ok(None);
     // kube-runtime's single-object watch: `Some` on every read of the object (the first list
     // included), `None` when it is deleted or absent from a (re)list.
     let mut reads = watcher::watch_object(api, &name).default_backoff().boxed();
-    while let Some(read) = reads.next().await {
+    loop {
+        let refresh = tls.as_ref().and_then(TlsResolver::refresh_due);
+        let read = tokio::select! {
+            read = reads.next() => read,
+            () = tokio::time::sleep_until(refresh.unwrap_or_else(tokio::time::Instant::now)), if refresh.is_some() => {
+                if let Some(tls) = tls.as_mut() {
+                    pool.apply_transport(tls.resolve(&spec_tls).await);
+                }
+                continue;
+            }
+        };
+        let Some(read) = read else { break };
         match read {
             Ok(Some(object)) => {
                 debug!("status changed");
-                pool.apply_spec(parse_slow_start(object.data.get("spec")));
+                let spec = object.data.get("spec");
+                pool.apply_spec(parse_slow_start(spec));
+                // Before the status: no endpoint is connected to before the client knows how.
+                if let Some(tls) = tls.as_mut() {
+                    spec_tls = parse_spec_tls(spec, &namespace);
+                    pool.apply_transport(tls.resolve(&spec_tls).await);
+                }
                 pool.apply_status(parse_status(object.data.get("status")));
                 pool.set_discovery(DiscoveryState::Synced);
             }

@@ -76,8 +76,27 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace,
-//! and, for [`Builder::zone_from_node`] only, `get` on `nodes` (a ClusterRole).
+//! ## TLS backends
+//!
+//! When the GrpcBackend has `spec.tls`, its endpoints are connected to with TLS (the crate's
+//! `tls` feature) verifying what the operator verifies: the server name
+//! (`spec.tls.serverName`, default `SERVICE.NAMESPACE.svc`) against the roots in the CA bundle
+//! ConfigMap (`spec.tls.caBundle`, read by the client with one GET and again every 5 minutes;
+//! once read, a bundle that cannot be read again stays in use), or the system's roots without
+//! one. A change of `spec.tls` or of the bundle reconnects every endpoint. Your own
+//! `ClientTlsConfig` ([`Builder::tls`]) wins over the spec, and then no ConfigMap is read.
+//!
+//! A GrpcBackend that says TLS is never dialed in plaintext: if the client cannot connect with
+//! TLS (built without the `tls` feature, a bundle it may not read or that holds no
+//! certificate), no endpoint is used and every request fails at once with `Unavailable` and
+//! the reason (also in [`Snapshot::unavailable`]).
+//!
+//! ## RBAC
+//!
+//! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace;
+//! for a GrpcBackend with a CA bundle, `get` on that ConfigMap (a Role rule with
+//! `resourceNames: [the ConfigMap]`; not needed with [`Builder::tls`]); and, for
+//! [`Builder::zone_from_node`] only, `get` on `nodes` (a ClusterRole).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -95,10 +114,12 @@ mod outlier;
 mod picker;
 mod pool;
 
-// Requests: the channel picks an endpoint and sends on its connection.
+// Requests: the channel picks an endpoint and sends on its connection (TLS when the
+// GrpcBackend says so).
 mod channel;
 mod connection;
 mod endpoint;
+mod tls;
 
 // Introspection.
 #[cfg(feature = "prometheus")]

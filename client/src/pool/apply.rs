@@ -11,6 +11,7 @@ use super::Pool;
 use crate::{
     slow_start::ParsedSlowStart,
     status::{ParsedStatus, StatusEndpoint},
+    tls::Transport,
 };
 
 /// Whether the GrpcBackend object exists, as far as the watch knows.
@@ -58,6 +59,23 @@ impl Pool {
                 min_weight_percent = settings.min_weight_percent, "slow start settings");
             state.slow_start.settings = parsed.settings;
         }
+    }
+
+    /// How to connect to the endpoints, from the spec's `tls` (discovery applies it before the
+    /// status it came with). A change reconnects every endpoint (requests in flight finish on
+    /// the old connections); an unavailable transport takes every endpoint out of rotation.
+    pub fn apply_transport(&self, transport: Transport) {
+        let mut state = self.lock();
+        if state.transport.same(&transport) {
+            return;
+        }
+        match &transport {
+            Transport::Unavailable(why) => warn!("{why}; no endpoint is used"),
+            transport => info!(transport = transport.describe(), "connections to the endpoints"),
+        }
+        state.transport = transport;
+        state.connections.by_address.clear();
+        self.rebuild(&mut state);
     }
 
     /// A new status was read.

@@ -20,6 +20,7 @@ use crate::{
     failure::classify,
     picker::Picker,
     slow_start::picker_weights,
+    tls::Transport,
 };
 
 /// The connections of the endpoints in the current rotation (ejected ones included), and the
@@ -64,18 +65,17 @@ impl Pool {
         let mut items = Vec::new();
         let mut weights = Vec::new();
         let mut new_connections = Vec::new();
+        let (tls, template) = match &state.transport {
+            #[cfg(feature = "tls")]
+            Transport::Tls(spec_tls) if !self.config.tls => (true, spec_tls.template(&self.config.template)),
+            _ => (self.config.tls, self.config.template.clone()),
+        };
         for (address, weight) in chosen.chain(plan.ejected.iter().map(|address| (*address, 0))) {
             let endpoint = match state.connections.by_address.get(&address) {
                 Some(existing) => existing.clone(),
                 None => {
                     let stats = state.connections.stats.get(&address).cloned().unwrap_or_default();
-                    match Endpoint::new(
-                        address,
-                        self.config.tls,
-                        &self.config.template,
-                        &self.config.dial,
-                        stats,
-                    ) {
+                    match Endpoint::new(address, tls, &template, &self.config.dial, stats) {
                         Ok(endpoint) => {
                             let endpoint = Arc::new(endpoint);
                             new_connections.push(endpoint.clone());
@@ -100,7 +100,10 @@ impl Pool {
         state.built.chosen = plan.chosen;
 
         let view = &state.view;
-        let unavailable = why_unavailable(&self.backend, view.presence, &view.endpoints, &state.outliers.ejections);
+        let unavailable = match &state.transport {
+            Transport::Unavailable(why) => why.clone(),
+            _ => why_unavailable(&self.backend, view.presence, &view.endpoints, &state.outliers.ejections),
+        };
         let start = RandomState::new().hash_one(SystemTime::now()) as usize;
         self.rotation.store(Arc::new(Rotation {
             picker: Picker::new(items, &weights, start),

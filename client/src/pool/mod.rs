@@ -34,6 +34,7 @@ use crate::{
     picker::Picker,
     snapshot::DiscoveryState,
     status::StatusEndpoint,
+    tls::Transport,
 };
 
 mod apply;
@@ -102,6 +103,9 @@ struct PoolState {
     connections: install::Connections,
     /// What the current rotation was built from ([`install`]).
     built: install::Built,
+    /// TLS or not, as the GrpcBackend's spec says ([`apply`]); unused when the user gave TLS
+    /// settings.
+    transport: Transport,
 }
 
 impl PoolState {
@@ -174,7 +178,15 @@ impl Pool {
 
     /// Plans and swaps in the rotation for the current state.
     fn rebuild(&self, state: &mut PoolState) {
-        let plan = plan::plan(&state.plan_input(self.config.panic_threshold, Instant::now()));
+        let mut plan = plan::plan(&state.plan_input(self.config.panic_threshold, Instant::now()));
+        if let Transport::Unavailable(_) = state.transport {
+            // The endpoints serve TLS and this client cannot connect so: none is used (never in
+            // plaintext); requests fail with the reason.
+            plan.chosen.clear();
+            plan.ejected.clear();
+            plan.panic = false;
+            plan.zone_fallback = false;
+        }
         self.install(state, plan);
     }
 

@@ -19,6 +19,7 @@ use crate::{
     slow_start::{ParsedSlowStart, SlowStart},
     snapshot::Snapshot,
     test_support::{BACKEND, MemoryNetwork, apply, entry, transitioned, zoned},
+    tls::Transport,
 };
 
 /// A pool on `net` with the default outlier detection and no panic mode.
@@ -654,4 +655,25 @@ async fn panic_mode_is_decided_over_every_zone_and_spreads_over_every_zone() {
     );
     assert!(!pool.snapshot().panic);
     assert_eq!(picks_per_cycle(&pool), HashMap::from([(a_up, 1)]));
+}
+
+#[tokio::test]
+async fn a_tls_backend_the_client_cannot_connect_to_uses_no_endpoint_and_says_why() {
+    let net = MemoryNetwork::default();
+    let (a, b) = (net.answering(), net.answering());
+    let pool = new_pool(&net);
+    let why = "GrpcBackend default/echo: its backends serve TLS (spec.tls, server name echo.default.svc), but this \
+               program was built without the kubegrpc crate's `tls` feature";
+    pool.apply_transport(Transport::Unavailable(why.into()));
+    apply(&pool, &[entry(a, 100, "Serving"), entry(b, 100, "Serving")]);
+    assert!(pool.rotation().picker.is_empty(), "never plaintext to a TLS backend");
+    let snapshot = pool.snapshot();
+    assert_eq!(snapshot.unavailable.as_deref(), Some(why));
+    let opened: u64 = snapshot.endpoints.iter().map(|e| e.connections_opened).sum();
+    assert_eq!((snapshot.endpoints.len(), opened), (2, 0), "listed, never connected to");
+
+    // spec.tls removed: plaintext again, both in rotation.
+    pool.apply_transport(Transport::Plaintext);
+    assert_eq!(picks_per_cycle(&pool).len(), 2);
+    assert_eq!(pool.snapshot().unavailable, None);
 }
