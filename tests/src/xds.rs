@@ -164,6 +164,8 @@ pub struct XdsClientOptions {
     /// The bootstrap's `channel_creds` (default `[{"type": "insecure"}]`; grpc-go also takes
     /// `tls` with certificate files).
     pub channel_creds: Option<serde_json::Value>,
+    /// The bootstrap's `certificate_providers` (gRFC A29), for Clusters of TLS backends.
+    pub certificate_providers: Option<serde_json::Value>,
 }
 
 impl XdsClientOptions {
@@ -175,6 +177,7 @@ impl XdsClientOptions {
             xds_server,
             rate,
             channel_creds: None,
+            certificate_providers: None,
         }
     }
 }
@@ -209,23 +212,25 @@ impl XdsClient {
             xds_server,
             rate,
             channel_creds,
+            certificate_providers,
         } = options;
         let executable = peer_executable(peer.executable())?;
         let names = targets.join("+");
         let dir = std::env::temp_dir();
         let tag = format!("{}-{names}-{}", peer.executable(), xds_server.port());
         let bootstrap = dir.join(format!("xds-bootstrap-{tag}.json"));
-        std::fs::write(
-            &bootstrap,
-            serde_json::to_vec_pretty(&serde_json::json!({
-                "xds_servers": [{
-                    "server_uri": xds_server.to_string(),
-                    "channel_creds": channel_creds.unwrap_or_else(|| serde_json::json!([{"type": "insecure"}])),
-                    "server_features": ["xds_v3", "ignore_resource_deletion"],
-                }],
-                "node": {"id": format!("kubegrpc-test-{tag}"), "locality": {"zone": "zone-a"}},
-            }))?,
-        )?;
+        let mut contents = serde_json::json!({
+            "xds_servers": [{
+                "server_uri": xds_server.to_string(),
+                "channel_creds": channel_creds.unwrap_or_else(|| serde_json::json!([{"type": "insecure"}])),
+                "server_features": ["xds_v3", "ignore_resource_deletion"],
+            }],
+            "node": {"id": format!("kubegrpc-test-{tag}"), "locality": {"zone": "zone-a"}},
+        });
+        if let Some(providers) = certificate_providers {
+            contents["certificate_providers"] = providers;
+        }
+        std::fs::write(&bootstrap, serde_json::to_vec_pretty(&contents)?)?;
         let log = dir.join(format!("{tag}.log"));
         let mut command = Command::new(&executable);
         for target in &targets {

@@ -18,6 +18,10 @@
 //	  "server_features":["xds_v3","ignore_resource_deletion"]}],
 //	 "node":{"id":"kubegrpc-test","locality":{"zone":"zone-a"}}}
 //
+// Channel credentials are grpc-go's xDS credentials with plaintext as the fallback: a Cluster with
+// an UpstreamTlsContext is dialed over TLS with the bootstrap's certificate_providers (gRFC A29),
+// any other in plaintext.
+//
 // The control server (HTTP/1.1) is package control's: /counts, /reset, /last, /first and
 // /failures (per-window counts; see its docs).
 //
@@ -45,6 +49,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	xdscreds "google.golang.org/grpc/credentials/xds"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/xds" // registers the xds resolver, balancers and HTTP filters
 
@@ -76,7 +81,15 @@ func main() {
 		os.Exit(2)
 	}
 
-	options := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	// xDS credentials (gRFC A29): TLS to a cluster whose Cluster resource carries an
+	// UpstreamTlsContext, with the roots (and, for mutual TLS, the identity) from the bootstrap's
+	// certificate_providers; plaintext to the others (the fallback). With plain insecure
+	// credentials grpc-go ignores the Cluster's transport_socket and speaks plaintext.
+	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		log.Fatalf("cannot make the xDS credentials: %v", err)
+	}
+	options := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
 	if *bootstrapFile != "" {
 		contents, err := os.ReadFile(*bootstrapFile)
 		if err != nil {
