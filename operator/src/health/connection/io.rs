@@ -30,6 +30,9 @@ pub struct HealthConnection {
     /// Received bytes not yet processed (at most a partial frame between reads).
     read: ReadBuffer,
     state: State,
+    /// A write failed: the server may have closed the connection right after its last frames
+    /// (an answer, then a close), which are still read and told; nothing more is written.
+    write_failed: bool,
 }
 
 impl HealthConnection {
@@ -55,6 +58,7 @@ impl HealthConnection {
             io: Box::new(io),
             read: ReadBuffer::default(),
             state: State::new(scheme, authority),
+            write_failed: false,
         }
     }
 
@@ -85,16 +89,18 @@ impl HealthConnection {
     /// Sends what is queued and returns the server's next [`Event`]. Cancel safe.
     pub async fn next_event(&mut self) -> Result<Event, ConnectionError> {
         loop {
+            // Written before an event is taken, so that a cancelled write loses no event.
+            if !self.write_failed && !self.state.has_failed() && self.flush().await.is_err() {
+                // What the server sent before it closed still counts: read on, until the
+                // read side ends too.
+                self.write_failed = true;
+            }
             if let Some(event) = self.state.take_event() {
-                if !self.state.has_failed() {
-                    self.flush().await?;
-                }
                 return Ok(event);
             }
             if let Some(error) = self.state.take_failure() {
                 return Err(error);
             }
-            self.flush().await?;
             if self.state.receive(&mut self.read)? {
                 continue;
             }

@@ -14,7 +14,11 @@
 //! prober therefore sends no PING at all.
 //!
 //! A server that answers `Watch` with UNIMPLEMENTED is polled with `Check` instead, as is every
-//! endpoint in `Check` mode.
+//! endpoint in `Check` mode; `Watch` is asked for again on each new connection and every 30
+//! polls, so that a backend that gains it gets it. Between polls the connection is still read
+//! (PINGs answered, GOAWAY seen when it comes). The server's SETTINGS_MAX_CONCURRENT_STREAMS is
+//! honoured: the liveness `Check` has room first, so a server allowing 2 streams gets `Watch`
+//! and `Check` without the ORCA stream, and one allowing 1 is polled.
 //!
 //! # Connections that end
 //!

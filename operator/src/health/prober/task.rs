@@ -24,6 +24,10 @@ use crate::{
     weights::LoadSample,
 };
 
+/// How many polls a connection polled with `Check` for want of `Watch` makes before it tries
+/// `Watch` again (see [`Prober::probe`]).
+pub(super) const WATCH_RETRY_POLLS: u32 = 30;
+
 /// One endpoint's prober, run by its task.
 pub(super) struct Prober {
     target: SocketAddr,
@@ -52,8 +56,13 @@ struct Link {
 /// Why a connection's probing ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Ended {
-    /// The server does not implement `Watch`: poll with `Check` on the same connection.
-    WatchUnimplemented,
+    /// `Watch` is not to be had on this connection (the server answered UNIMPLEMENTED, or its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS leaves no room for it beside the liveness `Check`):
+    /// poll with `Check` on the same connection.
+    PollInstead,
+    /// Polling has gone on for [`WATCH_RETRY_POLLS`] polls: try `Watch` again on the same
+    /// connection.
+    RetryWatch,
     /// The connection ended the way a rotation does (graceful GOAWAY, close, stream reset or
     /// ended): a rotation if it answered at least an interval ago, else an early end, counted
     /// as this failure (or as [`Failure::Closed`] for [`Failure::Unstable`] before any answer).
@@ -99,7 +108,6 @@ impl Prober {
         )
     )]
     pub(super) async fn run(mut self) {
-        let mut watch_implemented = self.settings.mode == HealthCheckMode::Watch;
         loop {
             // A turn to connect, held until the connection answered or failed (or MAX_TURN).
             let limiter = if self.retrying {
@@ -124,18 +132,7 @@ impl Prober {
                 }
                 Ok(mut connection) => {
                     self.load_call = None;
-                    let ended = if watch_implemented {
-                        self.watch(&mut connection, &mut link, attempt_deadline).await
-                    } else {
-                        self.turn = None;
-                        Ended::WatchUnimplemented
-                    };
-                    if ended == Ended::WatchUnimplemented {
-                        watch_implemented = false;
-                        self.poll(&mut connection, &mut link).await
-                    } else {
-                        ended
-                    }
+                    self.probe(&mut connection, &mut link, attempt_deadline).await
                 }
             };
             let now = Instant::now();
@@ -155,7 +152,7 @@ impl Prober {
                 }
                 (Ended::Closed(Failure::Unstable), None) => Failure::Closed,
                 (Ended::Closed(failure) | Ended::Failed(failure), _) => failure,
-                (Ended::WatchUnimplemented, _) => unreachable!("handled above"),
+                (Ended::PollInstead | Ended::RetryWatch, _) => unreachable!("handled by probe"),
             };
             self.turn = None;
             self.retrying = true;
@@ -181,11 +178,56 @@ impl Prober {
         }
     }
 
+    /// Probes on one connection until it ends. In `Watch` mode every connection tries `Watch`
+    /// first, and a connection polled with `Check` for want of it tries it again every
+    /// [`WATCH_RETRY_POLLS`] polls: a backend that gains `Watch` (a rolling upgrade, in place or
+    /// behind the same address) gets it on its next connection or within those polls, at the
+    /// cost of one UNIMPLEMENTED answer per connection or per that many polls while it lacks it.
+    async fn probe(&mut self, connection: &mut HealthConnection, link: &mut Link, deadline: Instant) -> Ended {
+        if self.settings.mode != HealthCheckMode::Watch {
+            self.turn = None;
+            return self.poll(connection, link, None).await;
+        }
+        let mut deadline = deadline;
+        loop {
+            match self.watch(connection, link, deadline).await {
+                Ended::PollInstead => self.turn = None,
+                ended => return ended,
+            }
+            loop {
+                match self.poll(connection, link, Some(WATCH_RETRY_POLLS)).await {
+                    // Room for the Watch and the liveness Check beside it, or no Watch now.
+                    Ended::RetryWatch if self.make_room(connection, 2) => break,
+                    Ended::RetryWatch => {}
+                    ended => return ended,
+                }
+            }
+            deadline = Instant::now() + self.settings.timeout;
+        }
+    }
+
+    /// Leaves room on `connection` for `needed` more calls if it can: the load-report stream
+    /// gives way to health calls (it is reopened on a later connection, or after the next poll
+    /// if there is room then). Whether there is room.
+    fn make_room(&mut self, connection: &mut HealthConnection, needed: usize) -> bool {
+        if connection.call_room() < needed
+            && let Some(load_call) = self.load_call.take()
+        {
+            debug!(
+                "the server's SETTINGS_MAX_CONCURRENT_STREAMS leaves no room for a health call: the load-report stream gives way"
+            );
+            connection.cancel(load_call);
+        }
+        connection.call_room() >= needed
+    }
+
     /// Follows one `Watch` stream, with a liveness `Check` each quiet interval, until it ends.
     async fn watch(&mut self, connection: &mut HealthConnection, link: &mut Link, deadline: Instant) -> Ended {
         let started = Instant::now();
-        let Ok(watch) = connection.start(Method::Watch, &self.settings.service) else {
-            return Ended::Failed(Failure::GoAway(reason::NO_ERROR));
+        let watch = match connection.start(Method::Watch, &self.settings.service) {
+            Ok(watch) => watch,
+            Err(ConnectionError::GoingAway) => return goaway_end(link.going_away.unwrap_or(reason::NO_ERROR)),
+            Err(error) => return self.connection_gone(&error, link),
         };
         let first = loop {
             match self
@@ -196,8 +238,10 @@ impl Prober {
                 Ok(Err(error)) => return self.connection_gone(&error, link),
                 Ok(Ok(Event::Message(call, Message::Health(response)))) if call == watch => break response,
                 Ok(Ok(Event::Ended(call, CallEnd::Status(Code::Unimplemented, _)))) if call == watch => {
-                    return Ended::WatchUnimplemented;
+                    return Ended::PollInstead;
                 }
+                // A Watch tried again after polling: the load-report stream may be open.
+                Ok(Ok(event)) if self.load_event(&event) => {}
                 Ok(Ok(Event::Ended(call, end))) if call == watch => {
                     return match link.going_away {
                         // Refused by the GOAWAY: the GOAWAY is the reason.
@@ -211,11 +255,17 @@ impl Prober {
             }
         };
         self.turn = None;
-        link.answered = Some(Instant::now());
+        link.answered.get_or_insert_with(Instant::now);
         self.answered(answer(first), started);
         if let Some(code) = link.going_away {
             // The server announced the connection's end before it answered.
             return goaway_end(code);
+        }
+        if !self.make_room(connection, 1) {
+            // A server allowing one stream: the Watch would leave no room for the liveness
+            // Check, which is what proves a quiet endpoint alive.
+            connection.cancel(watch);
+            return Ended::PollInstead;
         }
         self.start_load_reports(connection);
 
@@ -265,8 +315,17 @@ impl Prober {
         }
     }
 
-    /// Polls with `Check` every interval until the connection stops answering.
-    async fn poll(&mut self, connection: &mut HealthConnection, link: &mut Link) -> Ended {
+    /// Polls with `Check` every interval until the connection stops answering, or until
+    /// `retry_watch_after` polls (then [`Ended::RetryWatch`]). Between polls the connection is
+    /// driven: the server's PINGs and SETTINGS are answered as they come, load reports are
+    /// taken (and stamped) when they arrive, and a GOAWAY or a close is seen at once.
+    async fn poll(
+        &mut self,
+        connection: &mut HealthConnection,
+        link: &mut Link,
+        retry_watch_after: Option<u32>,
+    ) -> Ended {
+        let mut polls = 0;
         loop {
             let started = Instant::now();
             match self.check(connection, link, None).await {
@@ -286,8 +345,29 @@ impl Prober {
                 Liveness::Silent => return Ended::Failed(Failure::Timeout),
                 Liveness::Ended(ended) => return ended,
             }
-            self.attend(tokio::time::sleep_until(started + self.settings.interval))
-                .await;
+            polls += 1;
+            if retry_watch_after.is_some_and(|after| polls >= after) {
+                return Ended::RetryWatch;
+            }
+            let next_poll = tokio::time::sleep_until(started + self.settings.interval);
+            let mut next_poll = std::pin::pin!(next_poll);
+            loop {
+                tokio::select! {
+                    event = connection.next_event() => match event {
+                        Ok(event) if self.load_event(&event) => {}
+                        // The server announced the connection's end (graceful shutdown,
+                        // connection age): a rotation or an early end, by the connection's age.
+                        Ok(Event::GoAway(goaway)) => {
+                            self.going_away(&goaway, link);
+                            return goaway_end(goaway.code);
+                        }
+                        Err(error) => return self.connection_gone(&error, link),
+                        Ok(_) => {}
+                    },
+                    () = until(self.wake_at()) => self.wake(),
+                    () = &mut next_poll => break,
+                }
+            }
         }
     }
 
@@ -295,8 +375,15 @@ impl Prober {
     /// meanwhile are recorded; its end means the connection is going.
     async fn check(&mut self, connection: &mut HealthConnection, link: &mut Link, watch: Option<CallId>) -> Liveness {
         let started = Instant::now();
-        let Ok(check) = connection.start(Method::Check, &self.settings.service) else {
-            return Liveness::Ended(goaway_end(link.going_away.unwrap_or(reason::NO_ERROR)));
+        // A server that lowered SETTINGS_MAX_CONCURRENT_STREAMS since the load-report stream
+        // opened: the Check comes first.
+        self.make_room(connection, 1);
+        let check = match connection.start(Method::Check, &self.settings.service) {
+            Ok(check) => check,
+            Err(ConnectionError::GoingAway) => {
+                return Liveness::Ended(goaway_end(link.going_away.unwrap_or(reason::NO_ERROR)));
+            }
+            Err(error) => return Liveness::Ended(self.connection_gone(&error, link)),
         };
         let deadline = started + self.settings.timeout;
         let mut answer_received = None;
@@ -351,6 +438,12 @@ impl Prober {
             return;
         };
         if self.load_call.is_some() || self.publisher.state().load_reports_unimplemented {
+            return;
+        }
+        // Only beside room for the liveness Check (and the Watch, open already or not wanted):
+        // the Check proves the endpoint alive, a load report only weighs it. A server allowing
+        // 2 streams gets Watch and Check, and its endpoint the mean weight, as one without ORCA.
+        if connection.call_room() < 2 {
             return;
         }
         self.load_call = connection.start_load_reports(settings.interval).ok();

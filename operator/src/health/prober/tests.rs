@@ -1,6 +1,6 @@
 use std::sync::{
     Mutex,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
 use prost::Message as _;
@@ -11,7 +11,7 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckResponse;
 
 use super::{
-    task::{Ended, backoff, call_failure, connect_failure, goaway_end},
+    task::{Ended, WATCH_RETRY_POLLS, backoff, call_failure, connect_failure, goaway_end},
     *,
 };
 use crate::health::{
@@ -95,6 +95,9 @@ enum Script {
     Silent,
     /// GOAWAY NO_ERROR right after the answer.
     GoAwayAfterAnswer,
+    /// GOAWAY ENHANCE_YOUR_CALM "too_many_pings" right after the answer (grpc-go's keepalive
+    /// enforcement).
+    CalmDownAfterAnswer,
     /// RST_STREAM INTERNAL_ERROR on the Watch right after the answer.
     ResetAfterAnswer,
     /// Closes the connection right after the answer.
@@ -111,13 +114,41 @@ enum Script {
     CheckFails(Code),
     /// GOAWAY NO_ERROR once the connection is this old (MaxConnectionAge).
     RotateAfter(Duration),
+    /// Healthy, with SETTINGS_MAX_CONCURRENT_STREAMS of this many: a call beyond it is refused
+    /// (RST_STREAM REFUSED_STREAM). Serves the ORCA stream (it stays open).
+    MaxStreams(u32),
+    /// Healthy, with SETTINGS_INITIAL_WINDOW_SIZE 0: each call's window is opened by 3 bytes
+    /// once its HEADERS arrive, then by 1,000; the connection's by what each DATA took.
+    WindowZero,
+    /// Healthy, and PINGs the client this often; a PING not acknowledged by the next one
+    /// closes the connection (a server's keepalive timeout).
+    Pings(Duration),
 }
 
 /// What every connection of a scripted server saw.
 #[derive(Default)]
 struct ServerCounts {
     connections: AtomicUsize,
+    /// When each connection was accepted.
+    opened_at: Mutex<Vec<Instant>>,
     checks: AtomicUsize,
+    /// `Watch` calls, and those answered SERVING.
+    watches: AtomicUsize,
+    watches_served: AtomicUsize,
+    /// When set, `Watch` is answered UNIMPLEMENTED.
+    watch_unimplemented: AtomicBool,
+    /// Load-report streams opened.
+    load_streams: AtomicUsize,
+    /// Calls refused for being beyond SETTINGS_MAX_CONCURRENT_STREAMS.
+    refused: AtomicUsize,
+    /// DATA frames received beyond a flow-control window.
+    overruns: AtomicUsize,
+    /// DATA frames received (requests, in parts when windows are small).
+    data_frames: AtomicUsize,
+    pings: AtomicUsize,
+    ping_acks: AtomicUsize,
+    /// Connections closed for a PING not acknowledged in time.
+    keepalive_closes: AtomicUsize,
 }
 
 const SERVING: i32 = 1;
@@ -156,19 +187,65 @@ fn trailers(stream: u32, code: Code, headers: bool) -> Vec<u8> {
     frame(0x1, 0x5, stream, &block)
 }
 
-/// Serves one connection by `script`.
+/// The calls a scripted server tells apart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Call {
+    Watch,
+    Check,
+    LoadReports,
+    Other,
+}
+
+/// A call open at a scripted server: what it is, its flow-control window for what the client
+/// sends.
+struct OpenCall {
+    call: Call,
+    window: i64,
+}
+
+/// Serves one connection by `script`: answers each call once its request is whole (its DATA
+/// with END_STREAM), counts what the client does at this end.
 async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) {
     counts.connections.fetch_add(1, Ordering::SeqCst);
     let opened = Instant::now();
+    counts.opened_at.lock().unwrap().push(opened);
     let mut preface = [0u8; 24];
     if io.read_exact(&mut preface).await.is_err() {
         return;
     }
+    let (max_streams, initial_window) = match script {
+        Script::MaxStreams(n) => (n as usize, 65_535),
+        Script::WindowZero => (usize::MAX, 0),
+        _ => (usize::MAX, 65_535),
+    };
+    if script != Script::Silent {
+        let settings = match script {
+            Script::MaxStreams(n) => [&[0, 3][..], &n.to_be_bytes()].concat(),
+            Script::WindowZero => vec![0, 4, 0, 0, 0, 0],
+            _ => Vec::new(),
+        };
+        if io.write_all(&frame(0x4, 0, 0, &settings)).await.is_err() {
+            return;
+        }
+    }
+    let mut connection_window: i64 = 65_535;
+    let mut calls: std::collections::HashMap<u32, OpenCall> = std::collections::HashMap::new();
     let mut buffer = Vec::new();
     let mut rotate = match script {
         Script::RotateAfter(age) => Some(Box::pin(tokio::time::sleep_until(opened + age))),
         _ => None,
     };
+    let mut pings = match script {
+        Script::Pings(every) => Some(tokio::time::interval_at(opened + every, every)),
+        _ => None,
+    };
+    let mut ping_unacknowledged = false;
+    // Our SETTINGS apply once acknowledged (RFC 9113 6.5.3): streams opened before get the
+    // default window.
+    let mut settings_acknowledged = false;
+    // WINDOW_UPDATEs sent in answer to this read's frames: what the client read them can only
+    // send in a later read, so they count from then on.
+    let mut credits: Vec<(u32, i64)> = Vec::new();
     let mut answered = false;
     loop {
         // Whole frames first.
@@ -178,54 +255,88 @@ async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) 
                 break;
             }
             let frame_bytes: Vec<u8> = buffer.drain(..9 + length).collect();
-            let (kind, stream) = (
+            let (kind, flags, stream) = (
                 frame_bytes[3],
+                frame_bytes[4],
                 u32::from_be_bytes(frame_bytes[5..9].try_into().unwrap()),
             );
-            if kind != 0x1 {
-                continue;
+            let payload = &frame_bytes[9..];
+            let mut reply = Vec::new();
+            match kind {
+                0x1 if script != Script::Silent => {
+                    let contains = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+                    let call = if contains(b"/Watch") {
+                        Call::Watch
+                    } else if contains(b"/Check") {
+                        Call::Check
+                    } else if contains(b"StreamCoreMetrics") {
+                        Call::LoadReports
+                    } else {
+                        Call::Other
+                    };
+                    if calls.len() >= max_streams {
+                        counts.refused.fetch_add(1, Ordering::SeqCst);
+                        reply.extend(frame(0x3, 0, stream, &7u32.to_be_bytes()));
+                    } else {
+                        let window = if settings_acknowledged { initial_window } else { 65_535 };
+                        if script == Script::WindowZero {
+                            for increment in [3u32, 1_000] {
+                                reply.extend(frame(0x8, 0, stream, &increment.to_be_bytes()));
+                                credits.push((stream, i64::from(increment)));
+                            }
+                        }
+                        calls.insert(stream, OpenCall { call, window });
+                    }
+                }
+                0x0 => {
+                    counts.data_frames.fetch_add(1, Ordering::SeqCst);
+                    let length = payload.len() as i64;
+                    connection_window -= length;
+                    let Some(open) = calls.get_mut(&stream) else {
+                        continue;
+                    };
+                    open.window -= length;
+                    if open.window < 0 || connection_window < 0 {
+                        counts.overruns.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if script == Script::WindowZero && length > 0 {
+                        reply.extend(frame(0x8, 0, 0, &(length as u32).to_be_bytes()));
+                        connection_window += length;
+                    }
+                    if flags & 0x1 != 0 {
+                        let call = open.call;
+                        let (answer, ends) = respond(script, call, stream, &mut answered, &counts);
+                        reply.extend(answer);
+                        if ends {
+                            calls.remove(&stream);
+                        }
+                    }
+                }
+                0x3 => {
+                    calls.remove(&stream);
+                }
+                0x4 if flags & 0x1 != 0 && !settings_acknowledged => {
+                    settings_acknowledged = true;
+                    for open in calls.values_mut() {
+                        open.window += initial_window - 65_535;
+                    }
+                }
+                0x6 if flags & 0x1 != 0 => {
+                    counts.ping_acks.fetch_add(1, Ordering::SeqCst);
+                    ping_unacknowledged = false;
+                }
+                _ => {}
             }
-            let block = &frame_bytes[9..];
-            let contains = |needle: &[u8]| block.windows(needle.len()).any(|w| w == needle);
-            let reply = if script == Script::Silent {
-                Vec::new()
-            } else if contains(b"/Watch") {
-                let mut reply = answer_frames(stream, SERVING);
-                if !answered {
-                    answered = true;
-                    match script {
-                        Script::GoAwayAfterAnswer => {
-                            reply.extend(frame(0x7, 0, 0, &[0, 0, 0, stream as u8, 0, 0, 0, 0]));
-                        }
-                        Script::ResetAfterAnswer => reply.extend(frame(0x3, 0, stream, &2u32.to_be_bytes())),
-                        Script::HugeFrameAfterAnswer => reply.extend_from_slice(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]),
-                        Script::HugeMessageAfterAnswer => {
-                            reply.extend(frame(0x0, 0, stream, &[0, 0xff, 0xff, 0xff, 0xff]));
-                        }
-                        Script::Http1AfterAnswer => reply.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
-                        _ => {}
-                    }
-                }
-                reply
-            } else if contains(b"/Check") {
-                counts.checks.fetch_add(1, Ordering::SeqCst);
-                match script {
-                    Script::CheckFails(code) => trailers(stream, code, false),
-                    Script::SilentAfterAnswer => Vec::new(),
-                    _ => {
-                        let mut reply = answer_frames(stream, SERVING);
-                        reply.extend(trailers(stream, Code::Ok, true));
-                        reply
-                    }
-                }
-            } else {
-                trailers(stream, Code::Unimplemented, false)
-            };
             if io.write_all(&reply).await.is_err() {
                 return;
             }
             if answered && script == Script::CloseAfterAnswer {
                 return;
+            }
+        }
+        for (stream, increment) in credits.drain(..) {
+            if let Some(open) = calls.get_mut(&stream) {
+                open.window += increment;
             }
         }
         let mut chunk = [0u8; 4096];
@@ -240,7 +351,73 @@ async fn serve(mut io: DuplexStream, script: Script, counts: Arc<ServerCounts>) 
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return;
             }
+            _ = async { pings.as_mut().unwrap().tick().await }, if pings.is_some() => {
+                if std::mem::replace(&mut ping_unacknowledged, true) {
+                    counts.keepalive_closes.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                counts.pings.fetch_add(1, Ordering::SeqCst);
+                if io.write_all(&frame(0x6, 0, 0, b"keepaliv")).await.is_err() {
+                    return;
+                }
+            }
         }
+    }
+}
+
+/// A scripted server's answer to a whole request of `call` on `stream`; whether it ends the
+/// call.
+fn respond(script: Script, call: Call, stream: u32, answered: &mut bool, counts: &ServerCounts) -> (Vec<u8>, bool) {
+    if script == Script::Silent {
+        return (Vec::new(), false);
+    }
+    match call {
+        Call::Watch => {
+            counts.watches.fetch_add(1, Ordering::SeqCst);
+            if counts.watch_unimplemented.load(Ordering::SeqCst) {
+                return (trailers(stream, Code::Unimplemented, false), true);
+            }
+            counts.watches_served.fetch_add(1, Ordering::SeqCst);
+            let mut reply = answer_frames(stream, SERVING);
+            if !std::mem::replace(answered, true) {
+                match script {
+                    Script::GoAwayAfterAnswer => {
+                        reply.extend(frame(0x7, 0, 0, &[0, 0, 0, stream as u8, 0, 0, 0, 0]));
+                    }
+                    Script::CalmDownAfterAnswer => {
+                        let mut goaway = vec![0, 0, 0, stream as u8, 0, 0, 0, 0xb];
+                        goaway.extend_from_slice(b"too_many_pings");
+                        reply.extend(frame(0x7, 0, 0, &goaway));
+                    }
+                    Script::ResetAfterAnswer => reply.extend(frame(0x3, 0, stream, &2u32.to_be_bytes())),
+                    Script::HugeFrameAfterAnswer => reply.extend_from_slice(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]),
+                    Script::HugeMessageAfterAnswer => {
+                        reply.extend(frame(0x0, 0, stream, &[0, 0xff, 0xff, 0xff, 0xff]));
+                    }
+                    Script::Http1AfterAnswer => reply.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+                    _ => {}
+                }
+            }
+            (reply, false)
+        }
+        Call::Check => {
+            counts.checks.fetch_add(1, Ordering::SeqCst);
+            *answered = true;
+            match script {
+                Script::CheckFails(code) => (trailers(stream, code, false), true),
+                Script::SilentAfterAnswer => (Vec::new(), false),
+                _ => {
+                    let mut reply = answer_frames(stream, SERVING);
+                    reply.extend(trailers(stream, Code::Ok, true));
+                    (reply, true)
+                }
+            }
+        }
+        Call::LoadReports if matches!(script, Script::MaxStreams(_)) => {
+            counts.load_streams.fetch_add(1, Ordering::SeqCst);
+            (frame(0x1, 0x4, stream, &[0x88]), false)
+        }
+        Call::LoadReports | Call::Other => (trailers(stream, Code::Unimplemented, false), true),
     }
 }
 
@@ -365,6 +542,8 @@ async fn a_backend_that_breaks_every_connection_after_answering_is_not_serving_w
     let bound = (INTERVAL + TIMEOUT) * N;
     let cases = [
         (Script::GoAwayAfterAnswer, "GoAway(NO_ERROR)"),
+        // The GOAWAY's error code reaches the status (its debug data, the log).
+        (Script::CalmDownAfterAnswer, "GoAway(ENHANCE_YOUR_CALM)"),
         (Script::ResetAfterAnswer, "Reset(INTERNAL_ERROR)"),
         (Script::CloseAfterAnswer, "Unstable"),
         (Script::SilentAfterAnswer, "Timeout"),
@@ -437,6 +616,174 @@ async fn a_healthy_backend_keeps_one_connection_and_answers_its_liveness_checks(
         "one liveness Check per quiet interval: {checks}"
     );
     assert_eq!(reports.failures(), []);
+}
+
+fn with_load_reports(mut settings: ProbeSettings) -> ProbeSettings {
+    settings.load_reports = Some(LoadReportSettings {
+        interval: INTERVAL,
+        weight_expiration_period: Duration::from_secs(180),
+    });
+    settings
+}
+
+/// Asserts that a prober kept one connection to a healthy server for 30 quiet intervals and
+/// made its liveness Check (or poll) each of them, without a failure.
+async fn kept_one_connection_for_30_intervals(script: Script, settings: ProbeSettings) -> Arc<ServerCounts> {
+    let (handle, reports, counts) = serving_prober(script, settings.clone()).await;
+    tokio::time::sleep(INTERVAL * 30).await;
+    let label = format!("{script:?} in {:?} mode", settings.mode);
+    assert_eq!(handle.state().verdict.health, Health::Serving, "{label}");
+    assert_eq!(reports.failures(), [], "{label}");
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 1, "{label}: one connection");
+    let checks = counts.checks.load(Ordering::SeqCst);
+    assert!((29..=31).contains(&checks), "{label}: a Check per interval: {checks}");
+    counts
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_allowing_two_streams_gets_watch_and_its_liveness_check_and_no_load_reports() {
+    // Watch, the load-report stream and the liveness Check would be three: the Check, which
+    // proves the endpoint alive, wins over the load reports.
+    let counts = kept_one_connection_for_30_intervals(
+        Script::MaxStreams(2),
+        with_load_reports(settings(HealthCheckMode::Watch, 1)),
+    )
+    .await;
+    assert_eq!(counts.refused.load(Ordering::SeqCst), 0, "no call beyond the limit");
+    assert_eq!(counts.watches_served.load(Ordering::SeqCst), 1);
+    assert_eq!(counts.load_streams.load(Ordering::SeqCst), 0);
+    // With room for all three, the load reports come too.
+    let counts = kept_one_connection_for_30_intervals(
+        Script::MaxStreams(3),
+        with_load_reports(settings(HealthCheckMode::Watch, 1)),
+    )
+    .await;
+    assert_eq!(counts.refused.load(Ordering::SeqCst), 0);
+    assert_eq!(counts.load_streams.load(Ordering::SeqCst), 1);
+    // Polling, two streams are the Check and the load reports.
+    let counts = kept_one_connection_for_30_intervals(
+        Script::MaxStreams(2),
+        with_load_reports(settings(HealthCheckMode::Check, 1)),
+    )
+    .await;
+    assert_eq!(counts.refused.load(Ordering::SeqCst), 0);
+    assert_eq!(counts.load_streams.load(Ordering::SeqCst), 1);
+    // One stream: the Watch gives way to polling with Check on the same connection.
+    let counts = kept_one_connection_for_30_intervals(
+        Script::MaxStreams(1),
+        with_load_reports(settings(HealthCheckMode::Watch, 1)),
+    )
+    .await;
+    assert_eq!(counts.refused.load(Ordering::SeqCst), 0);
+    assert_eq!(counts.load_streams.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_wait_for_a_server_that_opens_its_windows_after_advertising_zero() {
+    for mode in [HealthCheckMode::Watch, HealthCheckMode::Check] {
+        let counts = kept_one_connection_for_30_intervals(Script::WindowZero, settings(mode, 1)).await;
+        assert_eq!(
+            counts.overruns.load(Ordering::SeqCst),
+            0,
+            "{mode:?}: no DATA beyond a window"
+        );
+        // Each request went in two parts, the 3 bytes first opened then the rest, but the
+        // first, sent before the server's SETTINGS arrived.
+        let (data, calls) = (
+            counts.data_frames.load(Ordering::SeqCst),
+            counts.checks.load(Ordering::SeqCst) + counts.watches.load(Ordering::SeqCst),
+        );
+        assert_eq!(data, 2 * calls - 1, "{mode:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_check_mode_the_connection_is_driven_between_polls() {
+    // A server PINGing every 300 ms, closing when a PING is not acknowledged by the next:
+    // answered between polls 1 s apart, it keeps the connection.
+    let counts = kept_one_connection_for_30_intervals(
+        Script::Pings(Duration::from_millis(300)),
+        settings(HealthCheckMode::Check, 1),
+    )
+    .await;
+    assert_eq!(counts.keepalive_closes.load(Ordering::SeqCst), 0);
+    let (pings, acks) = (
+        counts.pings.load(Ordering::SeqCst),
+        counts.ping_acks.load(Ordering::SeqCst),
+    );
+    assert!(pings >= 99, "{pings} PINGs in 30 s");
+    assert_eq!(acks, pings, "every PING acknowledged when it came");
+
+    // A GOAWAY between polls is seen when it comes: the next connection opens at once, not
+    // at the next poll.
+    let age = INTERVAL * 5 / 2;
+    let (_handle, reports, counts) =
+        serving_prober(Script::RotateAfter(age), settings(HealthCheckMode::Check, 1)).await;
+    tokio::time::sleep(INTERVAL * 4).await;
+    let opened = counts.opened_at.lock().unwrap().clone();
+    assert!(opened.len() >= 2, "{opened:?}");
+    let reconnected = opened[1] - opened[0];
+    assert!(
+        reconnected < age + Duration::from_millis(50),
+        "reconnected {reconnected:?} after the first connection (GOAWAY at {age:?})"
+    );
+    assert_eq!(reports.failures(), [], "a rotation");
+}
+
+#[tokio::test(start_paused = true)]
+async fn watch_is_tried_again_after_a_reconnect_and_after_a_number_of_polls() {
+    // A backend without Watch, upgraded in place after 2 s; its connections live 5 s.
+    let (shared, counts) = scripted(Script::RotateAfter(INTERVAL * 5));
+    counts.watch_unimplemented.store(true, Ordering::SeqCst);
+    let mut handle = spawn(
+        TARGET,
+        settings(HealthCheckMode::Watch, 1),
+        unknown(),
+        Arc::new(Reports::default()),
+        shared,
+    );
+    handle
+        .state
+        .wait_for(|s| s.verdict.health == Health::Serving)
+        .await
+        .unwrap();
+    tokio::time::sleep(INTERVAL * 2).await;
+    assert_eq!(counts.watches_served.load(Ordering::SeqCst), 0);
+    assert!(counts.checks.load(Ordering::SeqCst) >= 2, "polled meanwhile");
+    counts.watch_unimplemented.store(false, Ordering::SeqCst);
+    // The next connection (at 5 s) asks for Watch first, and gets it.
+    tokio::time::sleep(INTERVAL * 4).await;
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(counts.watches_served.load(Ordering::SeqCst), 1);
+    drop(handle);
+
+    // On one connection that lives on: Watch again after WATCH_RETRY_POLLS polls.
+    let (shared, counts) = scripted(Script::Healthy);
+    counts.watch_unimplemented.store(true, Ordering::SeqCst);
+    let _handle = spawn(
+        TARGET,
+        settings(HealthCheckMode::Watch, 1),
+        unknown(),
+        Arc::new(Reports::default()),
+        shared,
+    );
+    tokio::time::sleep(INTERVAL * 2).await;
+    counts.watch_unimplemented.store(false, Ordering::SeqCst);
+    tokio::time::sleep(INTERVAL * (WATCH_RETRY_POLLS - 4)).await;
+    assert_eq!(
+        counts.watches.load(Ordering::SeqCst),
+        1,
+        "not before {WATCH_RETRY_POLLS} polls"
+    );
+    tokio::time::sleep(INTERVAL * 4).await;
+    assert_eq!(counts.watches.load(Ordering::SeqCst), 2);
+    assert_eq!(counts.watches_served.load(Ordering::SeqCst), 1);
+    assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
+    // Then it follows the Watch: a liveness Check per quiet interval, as polling did.
+    let checks = counts.checks.load(Ordering::SeqCst);
+    tokio::time::sleep(INTERVAL * 10).await;
+    let more = counts.checks.load(Ordering::SeqCst) - checks;
+    assert!((9..=11).contains(&more), "{more}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -398,3 +398,25 @@ async fn a_huge_frame_header_is_refused_without_reserving_its_length() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_is_told_when_the_server_closed_right_after_it_and_our_writes_fail() {
+    let (client, mut server) = tokio::io::duplex(1 << 16);
+    let mut connection = HealthConnection::handshake(client, Scheme::Http, "test");
+    let watch = connection.start(Method::Watch, "").unwrap();
+    // The server's SETTINGS (owed an acknowledgement), its answer, and the close, all before
+    // the client wrote a byte: every write of the client fails.
+    let mut bytes = frame_bytes(kind::SETTINGS, 0, 0, &[]);
+    bytes.extend(frame_bytes(kind::HEADERS, flag::END_HEADERS, watch.0, &[0x88]));
+    bytes.extend(frame_bytes(kind::DATA, 0, watch.0, &[0, 0, 0, 0, 2, 0x08, 1]));
+    server.write_all(&bytes).await.unwrap();
+    drop(server);
+    assert_eq!(
+        next(&mut connection).await,
+        Event::Message(watch, Message::Health(HealthCheckResponse { status: 1 }))
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), connection.next_event())
+        .await
+        .expect("the end within 5 s");
+    assert!(matches!(end, Err(ConnectionError::Closed)), "{end:?}");
+}
