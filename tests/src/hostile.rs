@@ -98,6 +98,17 @@ pub enum Behaviour {
     OrcaMalformed,
     /// Healthy, but its ORCA report is a valid message of 48 KiB (thousands of named metrics).
     OrcaHuge,
+    /// Healthy and strict: SETTINGS_MAX_CONCURRENT_STREAMS 2; a call beyond it is refused
+    /// (RST_STREAM REFUSED_STREAM, counted).
+    MaxStreamsTwo,
+    /// Healthy and strict: SETTINGS_INITIAL_WINDOW_SIZE 0 (from its acknowledgement on); each
+    /// call's window is opened by WINDOW_UPDATEs of 3 then 1,000 bytes once its HEADERS
+    /// arrive. DATA beyond a window is counted.
+    WindowZeroThenUpdate,
+    /// Healthy and strict: PINGs the client every [`KEEPALIVE_PING_INTERVAL`] and closes the
+    /// connection when one stays unacknowledged for [`KEEPALIVE_TIMEOUT`] (a server's
+    /// keepalive).
+    KeepalivePings,
 }
 
 impl Behaviour {
@@ -128,6 +139,14 @@ impl Behaviour {
         Behaviour::OrcaHuge,
     ];
 
+    /// Well-behaved servers that hold the client to the protocol: a correct client keeps one
+    /// connection to each.
+    pub const STRICT: [Behaviour; 3] = [
+        Behaviour::MaxStreamsTwo,
+        Behaviour::WindowZeroThenUpdate,
+        Behaviour::KeepalivePings,
+    ];
+
     /// The behaviour's name, as written in this enum.
     pub fn name(self) -> String {
         format!("{self:?}")
@@ -137,6 +156,7 @@ impl Behaviour {
     pub fn parse(name: &str) -> Option<Self> {
         std::iter::once(Behaviour::Healthy)
             .chain(Behaviour::HOSTILE)
+            .chain(Behaviour::STRICT)
             .find(|b| b.name().eq_ignore_ascii_case(name.trim()))
     }
 
@@ -152,12 +172,16 @@ impl Behaviour {
     /// Whether the ORCA stream is served (with reports of this behaviour's kind); other
     /// behaviours answer it UNIMPLEMENTED, as a server without ORCA does.
     fn reports_load(self) -> bool {
-        matches!(self, Behaviour::Healthy) || self.lies_about_load()
+        matches!(self, Behaviour::Healthy) || self.lies_about_load() || Behaviour::STRICT.contains(&self)
     }
 }
 
 /// How often [`Behaviour::Slow`] and [`Behaviour::ServingThenTrickle`] send a byte.
 pub const TRICKLE_INTERVAL: Duration = Duration::from_secs(2);
+/// How often [`Behaviour::KeepalivePings`] PINGs the client.
+pub const KEEPALIVE_PING_INTERVAL: Duration = Duration::from_millis(100);
+/// How long [`Behaviour::KeepalivePings`] waits for a PING's acknowledgement.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often [`Behaviour::FlappingWatch`] changes its answer.
 pub const FLAP_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the ORCA stream sends a report (the shortest `reportInterval` a GrpcBackend can
@@ -179,6 +203,16 @@ pub struct HostileCounters {
     pub bytes_written: AtomicU64,
     /// ORCA load reports queued for the client.
     pub load_reports: AtomicU64,
+    /// `Check` calls received.
+    pub checks: AtomicU64,
+    /// Calls refused for being beyond SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub refused_streams: AtomicU64,
+    /// DATA frames received beyond a flow-control window this server advertised.
+    pub flow_control_overruns: AtomicU64,
+    pub pings: AtomicU64,
+    pub ping_acks: AtomicU64,
+    /// Connections closed for a PING not acknowledged within [`KEEPALIVE_TIMEOUT`].
+    pub keepalive_closes: AtomicU64,
 }
 
 /// A copy of [`HostileCounters`] at one moment.
@@ -190,6 +224,12 @@ pub struct CountersSnapshot {
     pub frames_written: u64,
     pub bytes_written: u64,
     pub load_reports: u64,
+    pub checks: u64,
+    pub refused_streams: u64,
+    pub flow_control_overruns: u64,
+    pub pings: u64,
+    pub ping_acks: u64,
+    pub keepalive_closes: u64,
 }
 
 impl HostileCounters {
@@ -201,6 +241,12 @@ impl HostileCounters {
             frames_written: self.frames_written.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
             load_reports: self.load_reports.load(Ordering::Relaxed),
+            checks: self.checks.load(Ordering::Relaxed),
+            refused_streams: self.refused_streams.load(Ordering::Relaxed),
+            flow_control_overruns: self.flow_control_overruns.load(Ordering::Relaxed),
+            pings: self.pings.load(Ordering::Relaxed),
+            ping_acks: self.ping_acks.load(Ordering::Relaxed),
+            keepalive_closes: self.keepalive_closes.load(Ordering::Relaxed),
         }
     }
 }
@@ -309,6 +355,7 @@ mod flag {
 mod code {
     pub const NO_ERROR: u32 = 0x0;
     pub const INTERNAL_ERROR: u32 = 0x2;
+    pub const REFUSED_STREAM: u32 = 0x7;
     pub const CANCEL: u32 = 0x8;
 }
 
@@ -477,6 +524,8 @@ enum Incoming {
     Call { stream: u32, path: String },
     /// The client reset `stream`.
     Reset(u32),
+    /// The client acknowledged a PING.
+    PingAck,
 }
 
 /// The peer's flow-control windows for what this server sends (connection and streams).
@@ -553,11 +602,78 @@ impl Windows {
     }
 }
 
+/// The flow-control windows this server advertises for what the client sends
+/// ([`Behaviour::WindowZeroThenUpdate`]): a WINDOW_UPDATE is credited before it is written,
+/// so that a correct client never appears to overrun.
+struct ReceiveWindows {
+    state: Mutex<ReceiveState>,
+}
+
+struct ReceiveState {
+    connection: i64,
+    /// A new stream's window: the default until the client acknowledges our SETTINGS, then 0.
+    initial: i64,
+    streams: HashMap<u32, i64>,
+}
+
+impl ReceiveWindows {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(ReceiveState {
+                connection: INITIAL_WINDOW,
+                initial: INITIAL_WINDOW,
+                streams: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReceiveState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Our SETTINGS_INITIAL_WINDOW_SIZE 0 applies from the client's acknowledgement on.
+    fn settings_acknowledged(&self) {
+        let mut state = self.lock();
+        let delta = -state.initial;
+        state.initial = 0;
+        for window in state.streams.values_mut() {
+            *window += delta;
+        }
+    }
+
+    fn opened(&self, stream: u32) {
+        let mut state = self.lock();
+        let initial = state.initial;
+        state.streams.entry(stream).or_insert(initial);
+    }
+
+    fn credit(&self, stream: u32, increment: u32) {
+        let mut state = self.lock();
+        if stream == 0 {
+            state.connection += i64::from(increment);
+        } else if let Some(window) = state.streams.get_mut(&stream) {
+            *window += i64::from(increment);
+        }
+    }
+
+    /// `length` DATA bytes on `stream`: whether they were within both windows.
+    fn received(&self, stream: u32, length: usize) -> bool {
+        let mut state = self.lock();
+        let length = length as i64;
+        state.connection -= length;
+        let initial = state.initial;
+        let window = state.streams.entry(stream).or_insert(initial);
+        *window -= length;
+        *window >= 0 && state.connection >= 0
+    }
+}
+
 /// Reads the client's preface and frames until it closes; forwards what the script acts on.
 async fn read_frames(
     mut read: OwnedReadHalf,
     incoming: mpsc::Sender<Incoming>,
     windows: Arc<Windows>,
+    receive_windows: Option<Arc<ReceiveWindows>>,
     counters: &HostileCounters,
 ) -> io::Result<()> {
     let mut preface = [0u8; PREFACE.len()];
@@ -591,6 +707,21 @@ async fn read_frames(
                 }
                 Some(Incoming::Settings)
             }
+            frame::SETTINGS => {
+                if let Some(receive_windows) = &receive_windows {
+                    receive_windows.settings_acknowledged();
+                }
+                None
+            }
+            frame::DATA => {
+                if let Some(receive_windows) = &receive_windows
+                    && !receive_windows.received(stream, length)
+                {
+                    counters.flow_control_overruns.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            frame::PING if flags & flag::ACK != 0 => Some(Incoming::PingAck),
             frame::HEADERS => {
                 counters.calls.fetch_add(1, Ordering::Relaxed);
                 let mut block = payload.as_slice();
@@ -610,7 +741,7 @@ async fn read_frames(
                 windows.update(stream, increment);
                 None
             }
-            // DATA (the request message), PING ACKs, SETTINGS ACKs, GOAWAY: nothing to do.
+            // PINGs, GOAWAY: nothing to do.
             _ => None,
         };
         if let Some(forward) = forward {
@@ -677,6 +808,7 @@ async fn serve(stream: TcpStream, behaviour: Behaviour, counters: &HostileCounte
     let (read, write) = stream.into_split();
     let (incoming_tx, incoming) = mpsc::channel(256);
     let windows = Arc::new(Windows::default());
+    let receive_windows = (behaviour == Behaviour::WindowZeroThenUpdate).then(|| Arc::new(ReceiveWindows::new()));
     let mut script = Script {
         out: Out {
             write,
@@ -694,10 +826,13 @@ async fn serve(stream: TcpStream, behaviour: Behaviour, counters: &HostileCounte
         orca_reports_sent: 0,
         trickle: VecDeque::new(),
         flooded: 0,
+        receive_windows: receive_windows.clone(),
+        open_calls: Vec::new(),
+        ping_unacknowledged_since: None,
     };
     // Whichever ends first ends the connection: the client closed it, or the script did.
     tokio::select! {
-        result = read_frames(read, incoming_tx, windows, counters) => result,
+        result = read_frames(read, incoming_tx, windows, receive_windows, counters) => result,
         result = script.run() => result,
     }
 }
@@ -719,6 +854,13 @@ struct Script<'a> {
     trickle: VecDeque<u8>,
     /// Frames sent by the flood so far (stream ids and PING payloads vary with it).
     flooded: u64,
+    /// The windows advertised for what the client sends ([`Behaviour::WindowZeroThenUpdate`]).
+    receive_windows: Option<Arc<ReceiveWindows>>,
+    /// Calls open (counted against [`Behaviour::MaxStreamsTwo`]'s limit): from their HEADERS
+    /// until this server ends them or the client resets them.
+    open_calls: Vec<u32>,
+    /// When the oldest PING not yet acknowledged was sent ([`Behaviour::KeepalivePings`]).
+    ping_unacknowledged_since: Option<tokio::time::Instant>,
 }
 
 impl Script<'_> {
@@ -746,14 +888,20 @@ impl Script<'_> {
                 return self.out.flush().await;
             }
             _ => {
-                self.out.frame(frame::SETTINGS, 0, 0, &[]);
+                let settings: &[u8] = match self.behaviour {
+                    Behaviour::MaxStreamsTwo => &[0, 3, 0, 0, 0, 2],
+                    Behaviour::WindowZeroThenUpdate => &[0, 4, 0, 0, 0, 0],
+                    _ => &[],
+                };
+                self.out.frame(frame::SETTINGS, 0, 0, settings);
                 self.out.flush().await?;
             }
         }
+        let mut ping_tick = tokio::time::interval(KEEPALIVE_PING_INTERVAL);
         let mut orca_tick = tokio::time::interval(ORCA_INTERVAL);
         let mut flap_tick = tokio::time::interval(FLAP_INTERVAL);
         let mut trickle_tick = tokio::time::interval(TRICKLE_INTERVAL);
-        for tick in [&mut orca_tick, &mut flap_tick, &mut trickle_tick] {
+        for tick in [&mut orca_tick, &mut flap_tick, &mut trickle_tick, &mut ping_tick] {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         loop {
@@ -765,6 +913,7 @@ impl Script<'_> {
             let flapping =
                 self.behaviour == Behaviour::FlappingWatch && self.watch.is_some() && self.mode == Mode::Normal;
             let reporting = self.orca.is_some() && self.mode == Mode::Normal;
+            let pinging = self.behaviour == Behaviour::KeepalivePings && self.mode == Mode::Normal;
             tokio::select! {
                 biased;
                 incoming = self.incoming.recv() => match incoming {
@@ -785,6 +934,7 @@ impl Script<'_> {
                     }
                 }
                 _ = orca_tick.tick(), if reporting => self.send_load_report(),
+                _ = ping_tick.tick(), if pinging => self.keepalive_ping(),
                 () = self.windows.updated.notified(), if flooding && !can_flood => {}
                 () = std::future::ready(()), if can_flood => self.flood(),
             }
@@ -797,7 +947,12 @@ impl Script<'_> {
         match incoming {
             Incoming::Settings if responsive => self.out.frame(frame::SETTINGS, flag::ACK, 0, &[]),
             Incoming::Call { stream, path } if responsive => self.on_call(stream, &path).await?,
+            Incoming::PingAck => {
+                self.out.counters.ping_acks.fetch_add(1, Ordering::Relaxed);
+                self.ping_unacknowledged_since = None;
+            }
             Incoming::Reset(stream) => {
+                self.open_calls.retain(|open| *open != stream);
                 self.windows.forget(stream);
                 if self.watch == Some(stream) {
                     self.watch = None;
@@ -815,6 +970,24 @@ impl Script<'_> {
     }
 
     async fn on_call(&mut self, stream: u32, path: &str) -> io::Result<()> {
+        if self.behaviour == Behaviour::MaxStreamsTwo && self.open_calls.len() >= 2 {
+            self.out.counters.refused_streams.fetch_add(1, Ordering::Relaxed);
+            self.out
+                .frame(frame::RST_STREAM, 0, stream, &code::REFUSED_STREAM.to_be_bytes());
+            return Ok(());
+        }
+        self.open_calls.push(stream);
+        if let Some(receive_windows) = &self.receive_windows {
+            receive_windows.opened(stream);
+            for (window, increment) in [(stream, 3), (stream, 1_000), (0, 1_003)] {
+                receive_windows.credit(window, increment);
+                self.out
+                    .frame(frame::WINDOW_UPDATE, 0, window, &increment.to_be_bytes());
+            }
+        }
+        if path == CHECK_PATH {
+            self.out.counters.checks.fetch_add(1, Ordering::Relaxed);
+        }
         match path {
             WATCH_PATH => {
                 self.out
@@ -839,6 +1012,7 @@ impl Script<'_> {
                 trailer_fields(&mut trailers, GRPC_OK, "");
                 self.out
                     .frame(frame::HEADERS, flag::END_HEADERS | flag::END_STREAM, stream, &trailers);
+                self.open_calls.retain(|open| *open != stream);
             }
             ORCA_PATH if self.behaviour.reports_load() => {
                 self.out
@@ -994,6 +1168,24 @@ impl Script<'_> {
         trailer_fields(&mut block, status, message);
         self.out
             .frame(frame::HEADERS, flag::END_HEADERS | flag::END_STREAM, stream, &block);
+        self.open_calls.retain(|open| *open != stream);
+    }
+
+    /// A keepalive PING, or the connection's end if the last one went unacknowledged for
+    /// [`KEEPALIVE_TIMEOUT`].
+    fn keepalive_ping(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self
+            .ping_unacknowledged_since
+            .is_some_and(|since| now.duration_since(since) >= KEEPALIVE_TIMEOUT)
+        {
+            self.out.counters.keepalive_closes.fetch_add(1, Ordering::Relaxed);
+            self.mode = Mode::Close;
+            return;
+        }
+        self.ping_unacknowledged_since.get_or_insert(now);
+        self.out.counters.pings.fetch_add(1, Ordering::Relaxed);
+        self.out.frame(frame::PING, 0, 0, b"keepaliv");
     }
 
     fn goaway(&mut self, last_stream: u32, error: u32) {
@@ -1158,7 +1350,10 @@ mod tests {
 
     #[test]
     fn behaviours_parse_from_their_names() {
-        for behaviour in std::iter::once(Behaviour::Healthy).chain(Behaviour::HOSTILE) {
+        for behaviour in std::iter::once(Behaviour::Healthy)
+            .chain(Behaviour::HOSTILE)
+            .chain(Behaviour::STRICT)
+        {
             assert_eq!(Behaviour::parse(&behaviour.name()), Some(behaviour));
         }
         assert_eq!(Behaviour::parse("nope"), None);

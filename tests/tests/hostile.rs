@@ -26,7 +26,7 @@ use kubegrpc_echo::{Backend, BackendOptions, ServingStatus};
 use kubegrpc_operator::weights::{HYSTERESIS_PERCENT, MAX_TIMES_MEDIAN};
 use kubegrpc_tests::{
     backends::start_backend,
-    hostile::{Behaviour, HostileBackend, descriptor_census, memory_kib},
+    hostile::{Behaviour, CountersSnapshot, HostileBackend, KEEPALIVE_TIMEOUT, descriptor_census, memory_kib},
     operator::InProcessOperator,
     scenario::{Scenario, brief, endpoint},
     wait,
@@ -98,7 +98,13 @@ fn expected_reason(behaviour: Behaviour) -> &'static str {
         Behaviour::FlappingWatch => "Flapping",
         Behaviour::CheckAlwaysFails => "CallFailed(PERMISSION_DENIED)",
         Behaviour::TinyMessagesPacked => "HealthUnknown",
-        Behaviour::Healthy | Behaviour::OrcaLiar | Behaviour::OrcaMalformed | Behaviour::OrcaHuge => "",
+        Behaviour::Healthy
+        | Behaviour::OrcaLiar
+        | Behaviour::OrcaMalformed
+        | Behaviour::OrcaHuge
+        | Behaviour::MaxStreamsTwo
+        | Behaviour::WindowZeroThenUpdate
+        | Behaviour::KeepalivePings => "",
     }
 }
 
@@ -610,6 +616,101 @@ fn check_load_weights(
 
 /// The hand-made HTTP/2 is what a strict implementation (h2, through tonic) accepts: frames,
 /// HPACK, trailers, flow control; and each behaviour is counted at the server.
+/// Servers that hold the prober to HTTP/2 (issue 20): each is kept on one connection for a
+/// minute's worth of probes (at a 1 s interval), counted at the server, in less than a minute
+/// (the shortest intervals whose timeouts a busy machine still meets).
+/// - SETTINGS_MAX_CONCURRENT_STREAMS 2, and SETTINGS_INITIAL_WINDOW_SIZE 0 with WINDOW_UPDATEs
+///   after each call's HEADERS: followed with `Watch`, ORCA wanted, a liveness `Check` every
+///   quiet 500 ms interval; 60 Checks on one connection, none refused, no DATA beyond a window.
+/// - PINGs every 100 ms, the connection closed when one stays unacknowledged for 500 ms:
+///   polled with `Check` every 1 s (longer than that timeout, so that a prober that reads only
+///   while it polls loses the connection); 120 PINGs, all acknowledged, on one connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn servers_that_hold_the_prober_to_http2_keep_one_connection() -> Result<()> {
+    let _turn = ONE_HEAVY_TEST.lock().await;
+    const CHECKS: u64 = 60;
+    const PINGS: u64 = 120;
+    async fn serving_on_one_connection(
+        s: &Scenario,
+        spec: serde_json::Value,
+        backends: &[HostileBackend],
+        done: impl Fn(&CountersSnapshot) -> bool,
+    ) -> Result<()> {
+        let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.address).collect();
+        s.echo_service(&addresses).await?;
+        s.grpc_backend("echo", spec).await?;
+        s.wait_status("echo", "every strict endpoint Serving", DEADLINE, |st| {
+            addresses
+                .iter()
+                .all(|a| endpoint(st, a).is_some_and(|e| e.health == Health::Serving))
+        })
+        .await?;
+        for backend in backends {
+            let what = format!("{:?}: a minute's worth of probes", backend.behaviour);
+            wait::until(&what, DEADLINE, || async {
+                let counters = backend.counters.snapshot();
+                ensure!(
+                    counters.connections_accepted == 1,
+                    "{:?}: {counters:?}",
+                    backend.behaviour
+                );
+                Ok(done(&counters).then_some(()))
+            })
+            .await?;
+            let counters = backend.counters.snapshot();
+            println!("{:?}: {counters:?}", backend.behaviour);
+            assert_eq!(counters.connections_accepted, 1, "{:?}", backend.behaviour);
+            assert_eq!(counters.refused_streams, 0, "{:?}", backend.behaviour);
+            assert_eq!(counters.flow_control_overruns, 0, "{:?}", backend.behaviour);
+            assert_eq!(counters.keepalive_closes, 0, "{:?}", backend.behaviour);
+        }
+        let status = s.backends().get("echo").await?.status;
+        let status = status.as_ref().context("a status")?;
+        for address in &addresses {
+            assert_eq!(
+                endpoint(status, address).map(|e| e.health),
+                Some(Health::Serving),
+                "{address}: {}",
+                brief(Some(status))
+            );
+        }
+        Ok(())
+    }
+
+    let s = Scenario::new("strict-watch").await?;
+    let operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backends = vec![
+        HostileBackend::start(Behaviour::MaxStreamsTwo).await?,
+        HostileBackend::start(Behaviour::WindowZeroThenUpdate).await?,
+    ];
+    let spec = json!({
+        "service": "echo",
+        "port": "grpc",
+        "healthCheck": {"mode": "Watch", "interval": "500ms", "timeout": "450ms", "unhealthyThreshold": 2},
+        "weighting": {"policy": "LoadReport", "loadReport": {"reportInterval": "1s"}},
+    });
+    serving_on_one_connection(&s, spec, &backends, |c| c.checks >= CHECKS).await?;
+    // With 2 streams, Watch and the liveness Check: no load-report stream beside them.
+    assert_eq!(backends[0].counters.snapshot().load_reports, 0);
+    drop((backends, operator));
+
+    let s = Scenario::new("strict-check").await?;
+    let _operator = InProcessOperator::start(s.client.clone(), &s.namespace);
+    let backends = vec![HostileBackend::start(Behaviour::KeepalivePings).await?];
+    let spec = json!({
+        "service": "echo",
+        "port": "grpc",
+        "healthCheck": {"mode": "Check", "interval": "1s", "timeout": "900ms", "unhealthyThreshold": 2},
+    });
+    assert!(KEEPALIVE_TIMEOUT < Duration::from_secs(1));
+    serving_on_one_connection(&s, spec, &backends, |c| c.ping_acks >= PINGS).await?;
+    let counters = backends[0].counters.snapshot();
+    // Each PING acknowledged before the next (at most the one in flight is not yet).
+    assert!(counters.pings - counters.ping_acks <= 1, "{counters:?}");
+    assert!(counters.checks >= PINGS / 10 - 2, "{counters:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_hand_made_server_speaks_http2_that_h2_accepts() -> Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
