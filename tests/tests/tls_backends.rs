@@ -195,11 +195,18 @@ async fn mutual_tls_backends_accept_the_operators_certificate_and_its_replacemen
         max_connection_age: Some(Duration::from_secs(3)),
         ..PeerOptions::default()
     };
-    let (go, java) = tokio::try_join!(
+    // A server that trusts another CA for client certificates refuses the operator's.
+    let stranger_ca = TestCa::new("kubegrpc another client CA")?;
+    let (go, java, refusing) = tokio::try_join!(
         start(PeerLanguage::Go, PeerTls::mutual(&server_cert, &client_ca)?, &rotating),
         start(
             PeerLanguage::Java,
             PeerTls::mutual(&server_cert, &client_ca)?,
+            &rotating
+        ),
+        start(
+            PeerLanguage::Go,
+            PeerTls::mutual(&server_cert, &stranger_ca)?,
             &rotating
         ),
     )?;
@@ -213,7 +220,9 @@ async fn mutual_tls_backends_accept_the_operators_certificate_and_its_replacemen
     let identity = ClientIdentity::load(&cert_file, &key_file).map_err(anyhow::Error::msg)?;
 
     ca_config_map(&scenario, &server_ca).await?;
-    scenario.echo_service(&[go.address, java.address]).await?;
+    scenario
+        .echo_service(&[go.address, java.address, refusing.address])
+        .await?;
     scenario.grpc_backend("echo", tls_spec()).await?;
     let operator = InProcessOperator::start_with(
         scenario.client.clone(),
@@ -225,11 +234,21 @@ async fn mutual_tls_backends_accept_the_operators_certificate_and_its_replacemen
         },
     );
     scenario
-        .wait_status("echo", "both mutual-TLS backends Serving", DEADLINE, |status| {
-            [go.address, java.address]
-                .iter()
-                .all(|address| reason_of(status, *address) == Some((Health::Serving, None)))
-        })
+        .wait_status(
+            "echo",
+            "both mutual-TLS backends Serving, the refusing one NotServing",
+            DEADLINE,
+            |status| {
+                [go.address, java.address]
+                    .iter()
+                    .all(|address| reason_of(status, *address) == Some((Health::Serving, None)))
+                    && reason_of(status, refusing.address)
+                        == Some((
+                            Health::NotServing,
+                            Some("TlsHandshake: client certificate rejected".into()),
+                        ))
+            },
+        )
         .await?;
     for peer in [&go, &java] {
         let serials = peer.client_certificate_serials()?;

@@ -7,6 +7,8 @@
 //!   files mounted into its Pod ([`ClientIdentity`]): the operator reads no Secrets. The files
 //!   are read again when they change (cert-manager rotates them), checked at most once a second
 //!   at a handshake, so the next connections present the new certificate without a restart.
+//!   (Checked at a handshake rather than watched: no task or inotify watch to keep, and a
+//!   handshake is rare next to a second.)
 //! - ALPN offers `h2` only: a backend that does not select it is not a gRPC server.
 //! - A handshake that fails says why in the endpoint's reason ([`TlsFailure`]).
 
@@ -220,27 +222,34 @@ pub fn tls_failure(error: &std::io::Error) -> Option<TlsFailure> {
 pub struct ClientIdentity {
     certificate: PathBuf,
     key: PathBuf,
+    /// How often, at most, the files are looked at ([`IDENTITY_RECHECK`]; tests use zero).
+    recheck: Duration,
     state: Mutex<IdentityState>,
 }
 
 #[derive(Debug)]
 struct IdentityState {
     current: Arc<CertifiedKey>,
-    /// The files' modification times when `current` was read.
-    read_from: (Option<SystemTime>, Option<SystemTime>),
+    /// The files as they were when `current` was read.
+    read_from: (Option<FileStamp>, Option<FileStamp>),
     checked_at: Instant,
 }
 
 impl ClientIdentity {
     /// Reads the PEM certificate chain and private key; an error says which file is wrong.
     pub fn load(certificate: &Path, key: &Path) -> Result<Self, String> {
+        Self::load_rechecking(certificate, key, IDENTITY_RECHECK)
+    }
+
+    fn load_rechecking(certificate: &Path, key: &Path, recheck: Duration) -> Result<Self, String> {
         let current = certified_key(certificate, key)?;
         Ok(Self {
             certificate: certificate.into(),
             key: key.into(),
+            recheck,
             state: Mutex::new(IdentityState {
                 current,
-                read_from: (modified(certificate), modified(key)),
+                read_from: (FileStamp::of(certificate), FileStamp::of(key)),
                 checked_at: Instant::now(),
             }),
         })
@@ -249,9 +258,9 @@ impl ClientIdentity {
     /// The certificate to present now, read again if its files changed since.
     fn current(&self) -> Arc<CertifiedKey> {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.checked_at.elapsed() >= IDENTITY_RECHECK {
+        if state.checked_at.elapsed() >= self.recheck {
             state.checked_at = Instant::now();
-            let now = (modified(&self.certificate), modified(&self.key));
+            let now = (FileStamp::of(&self.certificate), FileStamp::of(&self.key));
             if now != state.read_from {
                 // A rotation writes two files: read both, and keep the old pair until they
                 // match (a key that does not fit the certificate is an error).
@@ -283,8 +292,26 @@ impl ResolvesClientCert for ClientIdentity {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What tells a file's versions apart: a rewrite changes its modification time or size, and
+/// a swap (the kubelet renames a new directory over a Secret's mount) its inode, even within
+/// the file system's clock tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Self {
+            modified: metadata.modified().ok(),
+            len: metadata.len(),
+            inode: metadata.ino(),
+        })
+    }
 }
 
 fn certified_key(certificate: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
@@ -309,3 +336,6 @@ fn certified_key(certificate: &Path, key: &Path) -> Result<Arc<CertifiedKey>, St
     })?;
     Ok(Arc::new(certified))
 }
+
+#[cfg(test)]
+mod tests;

@@ -507,6 +507,13 @@ impl Prober {
     /// How a connection that can no longer carry calls counts, its detail kept for the log.
     fn connection_gone(&mut self, error: &ConnectionError, link: &Link) -> Ended {
         self.publisher.set_detail(Some(error.to_string()));
+        // A TLS 1.3 server judges the client's certificate after the client's side of the
+        // handshake is done: its refusal is an alert on the first read.
+        if let ConnectionError::Io(io) = error
+            && let Some(tls) = tls_failure(io)
+        {
+            return Ended::Failed(Failure::Tls(tls));
+        }
         match error {
             ConnectionError::Protocol(_) => Ended::Failed(Failure::ProtocolError),
             // A server whose SETTINGS_MAX_CONCURRENT_STREAMS leaves no room for a probe: what it
