@@ -93,7 +93,6 @@ impl<K: Resource> ByService<K> {
     }
 
     /// Whether `key` is currently known.
-    #[cfg(test)]
     pub fn contains(&self, key: &ObjectKey) -> bool {
         self.lock().located.contains_key(key)
     }

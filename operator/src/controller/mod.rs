@@ -107,6 +107,8 @@ struct Context {
     settings: Settings,
     services: Store<Service>,
     slices: Arc<ByService<EndpointSlice>>,
+    /// The GrpcBackends that exist, as the GrpcBackend watch keeps them (see `reconcile_backend`).
+    backends: Arc<ByService<Backend>>,
     probers: ProberRegistry,
     metrics: Arc<Metrics>,
     recorder: Recorder,
@@ -147,6 +149,7 @@ pub async fn run(
         writer: StatusWriter::new(client.clone(), metrics.clone(), settings.status_write_interval),
         services: watches.services.clone(),
         slices: watches.slices.clone(),
+        backends: watches.backends.clone(),
         probers: ProberRegistry::new(
             ProbeReports {
                 metrics: metrics.clone(),
@@ -248,6 +251,15 @@ async fn reconcile_backend(backend: &GrpcBackend, key: &ObjectKey, context: &Con
         .and_then(|tls| tls.ca_bundle.as_ref())
         .map(|_| CA_BUNDLE_REFRESH);
     let observed = observe(backend, key, context, tls);
+    // Reconciles run as tasks of their own, beside the watch that handles deletions: one that
+    // took the object before it was deleted may start probers or the Pod watch for it after
+    // it was forgotten. The watch removes a deleted GrpcBackend from the index before it calls
+    // `forget`, so either this sees it gone (no await since `observe`) or `forget` comes after.
+    if !context.backends.contains(key) {
+        debug!("deleted while reconciled; forgotten again");
+        context.forget(key);
+        return Ok(Action::await_change());
+    }
     if let Some(wait) = observed.first_probes_due {
         // A new endpoint's first answer is moments away: publish it with its health rather than
         // as Unknown now and again in a moment (every write wakes every client).

@@ -117,10 +117,24 @@ pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context,
         })
         .collect();
 
+    let mut pods_notice = None;
     let pods = match policy {
         Policy::Static if probed.iter().any(|(probed, _)| probed.endpoint.pod.is_some()) => {
             match context.pods.weights() {
                 Some(pods) => Some(pods),
+                // The Pods cannot be listed: the default weight rather than no status at all;
+                // the watch's first list, whenever it comes, triggers the real weights.
+                None if let Some((why, first)) = context.pods.unavailable(key) => {
+                    pods_notice = first.then(|| Notice {
+                        warning: true,
+                        reason: "PodAnnotationsUnavailable".into(),
+                        note: format!(
+                            "the Pods' {WEIGHT_ANNOTATION} annotations cannot be read ({why}); every endpoint gets \
+                             the default weight {FULL_WEIGHT} until they can"
+                        ),
+                    });
+                    None
+                }
                 None => {
                     return Observed {
                         first_probes_due,
@@ -132,7 +146,9 @@ pub(super) fn observe(backend: &GrpcBackend, key: &ObjectKey, context: &Context,
         }
         _ => None,
     };
-    let (weights_change_in, notices) = apply_weights(&policy, &mut probed, &published, pods.as_deref(), key, context);
+    let (weights_change_in, mut notices) =
+        apply_weights(&policy, &mut probed, &published, pods.as_deref(), key, context);
+    notices.extend(pods_notice);
     Observed {
         observation: Observation::Endpoints(probed.into_iter().map(|(endpoint, _)| endpoint).collect()),
         first_probes_due,

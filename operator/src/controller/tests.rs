@@ -82,6 +82,9 @@ impl Context {
             settings,
             services: store,
             slices: Arc::new(slice_index),
+            backends: Arc::new(ByService::<Backend>::new(|backend| {
+                backend.0.as_ref().ok().map(|b| b.spec.service.clone())
+            })),
             probers: ProberRegistry::new(
                 ProbeReports {
                     metrics: metrics.clone(),
@@ -163,6 +166,8 @@ async fn serve(mut handle: MockHandle, mut answer: impl FnMut(&ApiCall) -> Respo
 /// Reconciles `backend` once, bounded by [`WAIT`].
 async fn reconcile_once(backend: &GrpcBackend, context: &Arc<Context>) -> Result<Action, Error> {
     let guarded = Arc::new(DeserializeGuard(Ok(backend.clone())));
+    // As the GrpcBackend watch does before the controller sees the object.
+    context.backends.apply(&watcher::Event::Apply((*guarded).clone()));
     timeout(WAIT, reconcile(guarded, context.clone()))
         .await
         .expect("the reconcile finished")
@@ -483,6 +488,109 @@ fn pod_list(pods: &[(&str, &str)]) -> Response<Body> {
 
 const PODS_PATH: &str = "/api/v1/namespaces/ns/pods";
 
+/// A Static GrpcBackend whose Pods the operator cannot list (no RBAC for Pods) gets a status
+/// with the default weight and a Warning Event saying why, instead of waiting forever for a
+/// list that never comes.
+#[tokio::test]
+async fn static_weights_fall_back_to_the_default_when_the_pods_cannot_be_listed() {
+    let (address, _server) = health_server().await;
+    let mut backend = grpc_backend(PortRef::Name("grpc".into()), Some(serving_status(address, "echo-0")));
+    backend.spec.weighting.policy = WeightingPolicy::Static;
+    // Published with weight 3 before, so that the default weight is a change to write.
+    if let Some(status) = backend.status.as_mut() {
+        status.endpoints[0].weight = 3;
+    }
+    let answered = backend.clone();
+    let (context, api, mut sent) = mocked_context_with(
+        Settings {
+            status_write_interval: Duration::ZERO,
+            ..Settings::default()
+        },
+        &[service("grpc", 80)],
+        &[endpoint_slice(address, "echo-0")],
+        move |call| {
+            if call.path == PODS_PATH {
+                let forbidden = json!({
+                    "apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+                    "message": "pods is forbidden: User \"system:serviceaccount:kubegrpc-system:kubegrpc-operator\" cannot list resource \"pods\"",
+                });
+                return json_response(StatusCode::FORBIDDEN, &forbidden);
+            }
+            applied(&answered, call)
+        },
+    );
+    let reconciled = reconcile_once(&backend, &context).await.expect("reconciled");
+    assert_eq!(reconciled, Action::await_change(), "waits for the Pods' list first");
+    let triggered = timeout(WAIT, sent.triggered.recv())
+        .await
+        .expect("the failing watch wakes its users")
+        .expect("a trigger");
+    assert_eq!(triggered, ObjectRef::new("echo").within(NAMESPACE));
+    reconcile_once(&backend, &context).await.expect("reconciled");
+
+    drop(context);
+    let calls = timeout(WAIT, api)
+        .await
+        .expect("the client was dropped")
+        .expect("the mock API ran");
+    let weights: Vec<u32> = calls
+        .iter()
+        .filter(|call| call.method == Method::PATCH && !call.is_event())
+        .map(|call| assert_status_apply(call).endpoints[0].weight)
+        .collect();
+    assert_eq!(weights, [FULL_WEIGHT], "the default weight, once: {calls:#?}");
+    let warned = calls
+        .iter()
+        .filter(|call| call.is_event() && call.body["reason"] == "PodAnnotationsUnavailable")
+        .count();
+    assert_eq!(warned, 1, "one Warning Event: {calls:#?}");
+}
+
+/// A reconcile that took a GrpcBackend before its deletion and reaches `observe` after the
+/// watch forgot it starts neither probers nor the Pod watch for it (the watch would otherwise
+/// run for the process's life: nothing reconciles a deleted object again).
+#[tokio::test]
+async fn a_reconcile_of_a_grpc_backend_deleted_meanwhile_forgets_it_again() {
+    let (address, _server) = health_server().await;
+    let mut backend = grpc_backend(PortRef::Name("grpc".into()), Some(serving_status(address, "echo-0")));
+    backend.spec.weighting.policy = WeightingPolicy::Static;
+    let answered = backend.clone();
+    let (context, api, _sent) = mocked_context_with(
+        Settings::default(),
+        &[service("grpc", 80)],
+        &[endpoint_slice(address, "echo-0")],
+        move |call| {
+            if call.path == PODS_PATH {
+                return pod_list(&[("echo-0", "3")]);
+            }
+            applied(&answered, call)
+        },
+    );
+    let key = ObjectKey::of(&backend);
+    // Known, then deleted: the watch takes it out of the index and forgets it, while a
+    // reconcile that already holds the object goes on.
+    context
+        .backends
+        .apply(&watcher::Event::Apply(DeserializeGuard(Ok(backend.clone()))));
+    context
+        .backends
+        .apply(&watcher::Event::Delete(DeserializeGuard(Ok(backend.clone()))));
+    context.forget(&key);
+    let guarded = Arc::new(DeserializeGuard(Ok(backend.clone())));
+    let reconciled = timeout(WAIT, reconcile(guarded, context.clone()))
+        .await
+        .expect("the reconcile finished")
+        .expect("reconciled");
+    assert_eq!(reconciled, Action::await_change());
+    assert!(!context.pods.is_running(), "no Pod watch for a deleted GrpcBackend");
+    assert_eq!(context.probers.count(&key), 0, "no probers for a deleted GrpcBackend");
+    let calls = api_calls(context, api).await;
+    assert!(
+        calls.iter().all(|call| call.method != Method::PATCH),
+        "nothing written for it: {calls:#?}"
+    );
+}
+
 #[tokio::test]
 async fn the_pod_watch_runs_only_while_a_grpc_backend_is_static_and_its_first_list_gates_static_weights() {
     let (address, _server) = health_server().await;
@@ -506,10 +614,9 @@ async fn the_pod_watch_runs_only_while_a_grpc_backend_is_static_and_its_first_li
         },
     );
 
-    let reconciled = reconcile_once(&backend, &context).await.expect("reconciled");
-    assert_eq!(reconciled, Action::await_change());
-    assert!(!context.pods.is_running(), "Equal needs no Pods");
-
+    // Static from the first reconcile: had it written with the default weight before the Pods'
+    // list (no gate), the PATCHes would start with 100.
+    assert!(!context.pods.is_running());
     backend.spec.weighting.policy = WeightingPolicy::Static;
     let reconciled = reconcile_once(&backend, &context).await.expect("reconciled");
     assert_eq!(
@@ -552,8 +659,8 @@ async fn the_pod_watch_runs_only_while_a_grpc_backend_is_static_and_its_first_li
         .collect();
     assert_eq!(
         weights,
-        [FULL_WEIGHT, 3, FULL_WEIGHT],
-        "Equal, Static from the annotation (nothing written before the list), Equal"
+        [3, FULL_WEIGHT],
+        "Static from the annotation (nothing written before the list), then Equal"
     );
 }
 

@@ -180,7 +180,15 @@ struct RunningPodWatch {
     weights: Arc<PodWeights>,
     /// The first list is complete.
     listed: Arc<AtomicBool>,
+    /// The watch's latest error while it has not listed, and the users already told of it.
+    failing: Arc<Mutex<Failing>>,
     _task: AbortOnDropHandle<()>,
+}
+
+#[derive(Default)]
+struct Failing {
+    error: Option<String>,
+    told: BTreeSet<ObjectKey>,
 }
 
 impl PodWatch {
@@ -230,6 +238,21 @@ impl PodWatch {
         running.listed.load(Ordering::Acquire).then(|| running.weights.clone())
     }
 
+    /// Why the Pods cannot be listed (the watch fails before its first list: no RBAC for
+    /// Pods, a namespaced install), and whether `backend` is told of it for the first time.
+    /// Its `Static` weights are then published as the default rather than never.
+    pub fn unavailable(&self, backend: &ObjectKey) -> Option<(String, bool)> {
+        let running = lock(&self.running);
+        let running = running.as_ref()?;
+        if running.listed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut failing = lock(&running.failing);
+        let error = failing.error.clone()?;
+        let first = failing.told.insert(backend.clone());
+        Some((error, first))
+    }
+
     /// Whether the watch runs.
     #[cfg(test)]
     pub fn is_running(&self) -> bool {
@@ -239,9 +262,11 @@ impl PodWatch {
     fn start(&self) -> RunningPodWatch {
         let weights = Arc::new(PodWeights::default());
         let listed = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(Mutex::new(Failing::default()));
         let task = tokio::spawn({
             let weights = weights.clone();
             let listed = listed.clone();
+            let failing = failing.clone();
             let users = self.users.clone();
             let triggers = self.triggers.clone();
             watcher(
@@ -253,6 +278,7 @@ impl PodWatch {
             .for_each(move |event| {
                 match event {
                     Ok(event) => {
+                        lock(&failing).error = None;
                         let changed = weights.apply(&event);
                         let first_list =
                             matches!(event, watcher::Event::InitDone) && !listed.swap(true, Ordering::AcqRel);
@@ -264,7 +290,20 @@ impl PodWatch {
                             }
                         }
                     }
-                    Err(error) => warn!(%error, "watching Pods (metadata) failed; retrying"),
+                    Err(error) => {
+                        warn!(%error, "watching Pods (metadata) failed; retrying");
+                        // Before the first list the Static users wait for it: wake them to
+                        // publish the default weight, once per new error.
+                        let error = error.to_string();
+                        let mut failing = lock(&failing);
+                        if !listed.load(Ordering::Acquire) && failing.error.as_ref() != Some(&error) {
+                            failing.error = Some(error);
+                            failing.told.clear();
+                            for user in lock(&users).iter() {
+                                let _ = triggers.send(user.object_ref());
+                            }
+                        }
+                    }
                 }
                 futures::future::ready(())
             })
@@ -272,6 +311,7 @@ impl PodWatch {
         RunningPodWatch {
             weights,
             listed,
+            failing,
             _task: AbortOnDropHandle::new(task),
         }
     }

@@ -205,7 +205,10 @@ impl StatusWriter {
             return Some(WriteOutcome::Unchanged);
         }
         let since = last.at.elapsed();
-        (since < self.interval).then(|| WriteOutcome::Deferred(self.interval.checked_sub(since).unwrap()))
+        self.interval
+            .checked_sub(since)
+            .filter(|wait| !wait.is_zero())
+            .map(WriteOutcome::Deferred)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, LastWrite>> {

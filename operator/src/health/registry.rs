@@ -97,6 +97,12 @@ impl ProberRegistry {
         }
     }
 
+    /// How many probers `backend` has.
+    #[cfg(test)]
+    pub fn count(&self, backend: &ObjectKey) -> usize {
+        self.lock().get(backend).map_or(0, |probers| probers.probers.len())
+    }
+
     /// Makes `backend`'s probers match `targets`: starts missing ones from `seed` (the health
     /// already published, so nothing changes until a probe crosses a threshold), stops the ones
     /// no longer listed, restarts all when `settings` changed. Returns each target's state.
