@@ -149,12 +149,16 @@ impl Backend {
         self.orca.end_streams();
     }
 
-    pub async fn stop(mut self) {
+    /// Stops gracefully: NOT_SERVING, open ORCA streams ended, requests in flight finished;
+    /// whether everything ended within [`STOP_GRACE`] (false: the server was aborted).
+    pub async fn stop(mut self) -> bool {
         self.stopping.send_replace(true);
         self.orca.end_streams();
         if tokio::time::timeout(STOP_GRACE, &mut self.task).await.is_err() {
             self.task.abort();
+            return false;
         }
+        true
     }
 
     /// Dies as a process killed with SIGKILL does: no NOT_SERVING, no GOAWAY, no grace. Every

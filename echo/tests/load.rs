@@ -1,12 +1,9 @@
 //! The echo backend's ORCA service over a real connection. (The simulated capacity, busy time and
 //! report figures are asserted exactly on a paused clock in `echo/src/service.rs`.)
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
-use kubegrpc_echo::{Backend, BackendOptions, EchoClient, EchoRequest, STOP_GRACE, SetHealthRequest, StatsRequest};
+use kubegrpc_echo::{Backend, BackendOptions, EchoClient, EchoRequest, SetHealthRequest, StatsRequest};
 use kubegrpc_orca::{OpenRcaServiceClient, OrcaLoadReport, OrcaLoadReportRequest};
 use tonic::{Streaming, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -105,12 +102,11 @@ async fn a_graceful_stop_ends_open_orca_streams() {
     let channel = connect(&backend).await;
     let mut reports = orca_stream(&channel, Duration::from_secs(1)).await;
     next_report(&mut reports).await;
-    let started = Instant::now();
-    backend.stop().await;
+    // The open stream does not hold the stop until the grace runs out and the server is
+    // aborted: ending the streams is part of stopping.
     assert!(
-        started.elapsed() < STOP_GRACE / 2,
-        "the stop waited {:?} for the ORCA stream",
-        started.elapsed()
+        backend.stop().await,
+        "the stop waited out its grace for the ORCA stream"
     );
     let end = tokio::time::timeout(DEADLINE, reports.message()).await.unwrap();
     assert!(matches!(end, Ok(None)), "the stream ended cleanly: {end:?}");
