@@ -107,6 +107,13 @@ pub struct Options {
     )]
     pub xds_tls_cert_file: Option<std::path::PathBuf>,
 
+    /// TLS Clusters served over xDS also name the certificate provider instance
+    /// "kubegrpc-identity": the client certificate xDS clients present to backends that require
+    /// one (mutual TLS). Every client's bootstrap must then define that instance, or grpc-go
+    /// fails the Cluster.
+    #[arg(long, env = "XDS_UPSTREAM_CLIENT_IDENTITY", requires = "xds_address")]
+    pub xds_upstream_client_identity: bool,
+
     /// The private key (PEM) of --xds-tls-cert-file.
     #[arg(long, env = "XDS_TLS_KEY_FILE", requires = "xds_tls_cert_file")]
     pub xds_tls_key_file: Option<std::path::PathBuf>,
@@ -174,7 +181,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         _ => None,
     };
     let xds = options.xds_address.map(|address| {
-        let cache = Arc::new(crate::xds::XdsCache::default());
+        let cache = Arc::new(
+            crate::xds::XdsCache::default().with_upstream_client_identity(options.xds_upstream_client_identity),
+        );
         let follower = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::xds::watch::follow(
             client.clone(),
             options.namespace.clone(),
