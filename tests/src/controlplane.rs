@@ -96,10 +96,23 @@ impl ControlPlane {
         write(&path.join("service-account.key"), &service_account_private)?;
         write(&path.join("service-account.pub"), &service_account_public)?;
 
-        let etcd_client_port = free_port()?;
-        let etcd_peer_port = free_port()?;
-        let etcd = start_etcd(&bin, &path, etcd_client_port, etcd_peer_port)?;
-        wait_for_etcd(&etcd, etcd_client_port)?;
+        // A free port is picked by binding port 0 and closing it, so another process (a test
+        // binary beside this one) may take it before etcd binds it: try again on fresh ports.
+        let mut attempt = 0;
+        let (etcd, etcd_client_port) = loop {
+            attempt += 1;
+            let etcd_client_port = free_port()?;
+            let etcd_peer_port = free_port()?;
+            let _ = std::fs::remove_dir_all(path.join("etcd"));
+            let etcd = start_etcd(&bin, &path, etcd_client_port, etcd_peer_port)?;
+            match wait_for_etcd(&etcd, etcd_client_port) {
+                Ok(()) => break (etcd, etcd_client_port),
+                Err(error) if attempt < 5 && format!("{error:#}").contains("address already in use") => {
+                    eprintln!("etcd lost a port race ({error:#}); trying other ports");
+                }
+                Err(error) => return Err(error),
+            }
+        };
 
         let apiserver_port = free_port()?;
         let audit_log = options.audit_log.then(|| path.join("audit.log"));
