@@ -17,11 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::{
-    Api, Client,
-    api::{ListParams, ObjectMeta, PostParams},
-};
+use kube::{Api, Client, api::ListParams};
 use kubegrpc_crds::{EndpointStatus, FULL_WEIGHT, GrpcBackend, Health};
 use kubegrpc_echo::BackendOptions;
 use serde_json::json;
@@ -196,7 +192,7 @@ pub async fn run(control_plane: &ControlPlane, options: &ScaleOptions) -> Result
     let tls = match &ca {
         Some(ca) => {
             let cert = ca.server_cert(&[SCALE_SERVER_NAME])?;
-            create_ca_config_map(&client, &namespace, ca).await?;
+            ca.create_bundle_config_map(&client, &namespace, "ca").await?;
             Some((cert.cert_pem, cert.key_pem))
         }
         None => None,
@@ -397,21 +393,6 @@ async fn reconcile_time(metrics: SocketAddr) -> Result<(f64, f64)> {
 /// with what a real EndpointSlice carries (zone, node, Pod). Returns `svc-0`'s first slice.
 /// The name the TLS shape's certificate is for and its GrpcBackends verify.
 const SCALE_SERVER_NAME: &str = "echo.scale.svc";
-
-async fn create_ca_config_map(client: &Client, namespace: &str, ca: &TestCa) -> Result<()> {
-    let config_map = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("ca".into()),
-            ..Default::default()
-        },
-        data: Some([("ca.crt".to_string(), ca.cert_pem().to_string())].into()),
-        ..Default::default()
-    };
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &config_map)
-        .await?;
-    Ok(())
-}
 
 async fn create_objects(client: &Client, namespace: &str, shape: &Shape, port: u16) -> Result<Vec<SliceEndpoint>> {
     let mut first_slice = Vec::new();

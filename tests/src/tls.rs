@@ -108,6 +108,24 @@ impl TestCa {
         &self.cert_pem
     }
 
+    /// Publishes the CA certificate as ConfigMap `name` of `namespace`, key `ca.crt`: the CA
+    /// bundle a GrpcBackend's `spec.tls.caBundle` names.
+    pub async fn create_bundle_config_map(&self, client: &kube::Client, namespace: &str, name: &str) -> Result<()> {
+        let config_map = k8s_openapi::api::core::v1::ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: Some([("ca.crt".to_string(), self.cert_pem.clone())].into()),
+            ..Default::default()
+        };
+        kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), namespace)
+            .create(&kube::api::PostParams::default(), &config_map)
+            .await
+            .context("cannot create the CA bundle ConfigMap")?;
+        Ok(())
+    }
+
     /// A server certificate valid now for `names` (DNS names or IP addresses, the first also its
     /// common name).
     pub fn server_cert(&self, names: &[&str]) -> Result<IssuedCert> {

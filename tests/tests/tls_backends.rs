@@ -16,8 +16,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ObjectMeta, PostParams};
 use kubegrpc_crds::{GrpcBackendStatus, Health, condition};
 use kubegrpc_echo::BackendOptions;
 use kubegrpc_operator::{Settings, health::tls::ClientIdentity};
@@ -45,19 +43,8 @@ fn tls_spec() -> serde_json::Value {
 }
 
 async fn ca_config_map(scenario: &Scenario, ca: &TestCa) -> Result<()> {
-    let config_map = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("ca".into()),
-            ..Default::default()
-        },
-        data: Some([("ca.crt".to_string(), ca.cert_pem().to_string())].into()),
-        ..Default::default()
-    };
-    Api::<ConfigMap>::namespaced(scenario.client.clone(), &scenario.namespace)
-        .create(&PostParams::default(), &config_map)
+    ca.create_bundle_config_map(&scenario.client, &scenario.namespace, "ca")
         .await
-        .context("cannot create the CA bundle ConfigMap")?;
-    Ok(())
 }
 
 async fn start(language: PeerLanguage, tls: PeerTls, options: &PeerOptions) -> Result<PeerServer> {

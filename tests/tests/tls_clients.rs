@@ -17,8 +17,6 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ObjectMeta, PostParams};
 use kubegrpc::Channel;
 use kubegrpc_echo::{EchoClient, EchoRequest};
 use kubegrpc_tests::{
@@ -57,18 +55,8 @@ async fn tls_backends(scenario: &Scenario) -> Result<(Vec<PeerServer>, TestCa, I
     };
     let (a, b, c) = tokio::try_join!(start(), start(), start())?;
     let servers = vec![a, b, c];
-    let config_map = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("ca".into()),
-            ..Default::default()
-        },
-        data: Some([("ca.crt".to_string(), ca.cert_pem().to_string())].into()),
-        ..Default::default()
-    };
-    Api::<ConfigMap>::namespaced(scenario.client.clone(), &scenario.namespace)
-        .create(&PostParams::default(), &config_map)
-        .await
-        .context("cannot create the CA bundle ConfigMap")?;
+    ca.create_bundle_config_map(&scenario.client, &scenario.namespace, "ca")
+        .await?;
     let addresses: Vec<SocketAddr> = servers.iter().map(|s| s.address).collect();
     scenario.echo_service(&addresses).await?;
     scenario
