@@ -14,6 +14,8 @@
 #![warn(missing_docs)]
 
 pub mod condition;
+pub mod gateway;
+pub mod routes;
 pub mod slow_start;
 mod spec;
 mod status;

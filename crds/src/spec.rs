@@ -118,6 +118,13 @@ pub struct GrpcBackendSpec {
     /// for `serverName`. Unset: plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<BackendTls>,
+
+    /// Passive outlier detection (gRFC A50), for every client of this GrpcBackend: the Rust
+    /// client applies it and xDS clients (grpc-go, grpc-java) get it in the Cluster. A client
+    /// takes an endpoint out of rotation on the evidence of its own calls, before the health
+    /// checks notice. Unset: on, with gRFC A50's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 /// TLS to the backends (`spec.tls`).
@@ -174,6 +181,11 @@ fn default_ca_key() -> String {
 }
 
 impl GrpcBackendSpec {
+    /// `outlierDetection`, or its defaults (on) when unset.
+    pub fn outlier_detection(&self) -> OutlierDetection {
+        self.outlier_detection.clone().unwrap_or_default()
+    }
+
     /// The name TLS verifies in the endpoints' certificates: `spec.tls.serverName`, or
     /// `SERVICE.NAMESPACE.svc` (`None` without `spec.tls`).
     pub fn tls_server_name(&self, namespace: &str) -> Option<String> {
@@ -443,6 +455,211 @@ fn default_weight_expiration_period() -> Duration {
 
 fn default_error_utilization_penalty() -> f64 {
     1.0
+}
+
+/// Passive outlier detection (`spec.outlierDetection`), gRFC A50's settings and defaults.
+///
+/// Every `interval`, each client looks at the calls it made in the interval just ended: when at
+/// least `failurePercentage.minimumHosts` endpoints each got `failurePercentage.requestVolume`
+/// calls, an endpoint whose failed calls are more than `failurePercentage.threshold` percent of
+/// its calls is ejected. An ejection lasts `baseEjectionTime` times the endpoint's multiplier
+/// (one more per ejection, one less per interval without one), at most the larger of
+/// `maxEjectionTime` and `baseEjectionTime`; at most `maxEjectionPercent` of the endpoints are
+/// ejected at once (rounded up: one may always be, unless it is 0).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Eject on evidence at all. false: no client ejects (xDS Clusters carry no
+    /// `outlier_detection`). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// How often each client examines its calls and ends ejections whose time is up. From
+    /// 100ms to 1h; default 10s.
+    #[serde(default = "default_outlier_interval")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) >= duration('100ms') && duration(self) <= duration('1h')"
+    )).message("spec.outlierDetection.interval must be a duration from 100ms to 1h, such as \"10s\""))]
+    pub interval: Duration,
+
+    /// How long a first ejection lasts; the n-th in a row lasts n times this. From 100ms to
+    /// 24h; default 30s.
+    #[serde(default = "default_base_ejection_time")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
+    )).message("spec.outlierDetection.baseEjectionTime must be a duration from 100ms to 24h, such as \"30s\""))]
+    pub base_ejection_time: Duration,
+
+    /// The longest an ejection lasts (when shorter than `baseEjectionTime`, ejections last
+    /// `baseEjectionTime`). From 100ms to 24h; default 300s.
+    #[serde(default = "default_max_ejection_time")]
+    #[x_kube(validation = Rule::new(concat!(
+        "self.matches('", duration_pattern!(), "') && duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
+    )).message("spec.outlierDetection.maxEjectionTime must be a duration from 100ms to 24h, such as \"300s\""))]
+    pub max_ejection_time: Duration,
+
+    /// The largest share of the endpoints ejected at once, in percent, rounded up (10% of 3
+    /// endpoints allows one); 0 ejects none. From 0 to 100; default 10.
+    #[serde(default = "default_max_ejection_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: i32,
+
+    /// Ejection on the share of failed calls over an interval.
+    #[serde(default)]
+    pub failure_percentage: FailurePercentage,
+
+    /// The Rust client only (gRFC A50 has no such rule; an xDS client already avoids an
+    /// endpoint it cannot connect to): eject at once, without waiting for the interval, an
+    /// endpoint that this many connection attempts in a row failed to reach. 0 turns it off.
+    /// From 0 to 1000; default 5.
+    #[serde(default = "default_consecutive_connect_failures")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub consecutive_connect_failures: i32,
+}
+
+/// gRFC A50's failure percentage ejection (`spec.outlierDetection.failurePercentage`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailurePercentage {
+    /// Eject on the failure percentage. false: only `consecutiveConnectFailures` ejects (and
+    /// only in the Rust client). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// An endpoint whose failed calls are more than this percentage of its calls over an
+    /// interval is ejected. From 0 to 100; default 85.
+    #[serde(default = "default_failure_percentage_threshold")]
+    #[schemars(range(min = 0, max = 100))]
+    pub threshold: i32,
+
+    /// Only when at least this many endpoints got `requestVolume` calls in the interval.
+    /// From 0 to 100000; default 5.
+    #[serde(default = "default_failure_percentage_minimum_hosts")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub minimum_hosts: i32,
+
+    /// Only endpoints that got at least this many calls in the interval are judged. From 1 to
+    /// 1000000; default 50.
+    #[serde(default = "default_failure_percentage_request_volume")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub request_volume: i32,
+}
+
+impl Default for OutlierDetection {
+    /// gRFC A50's defaults, on.
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: default_outlier_interval(),
+            base_ejection_time: default_base_ejection_time(),
+            max_ejection_time: default_max_ejection_time(),
+            max_ejection_percent: default_max_ejection_percent(),
+            failure_percentage: FailurePercentage::default(),
+            consecutive_connect_failures: default_consecutive_connect_failures(),
+        }
+    }
+}
+
+impl Default for FailurePercentage {
+    /// gRFC A50's defaults, on.
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            threshold: default_failure_percentage_threshold(),
+            minimum_hosts: default_failure_percentage_minimum_hosts(),
+            request_volume: default_failure_percentage_request_volume(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_outlier_interval() -> Duration {
+    StdDuration::from_secs(10).into()
+}
+
+fn default_base_ejection_time() -> Duration {
+    StdDuration::from_secs(30).into()
+}
+
+fn default_max_ejection_time() -> Duration {
+    StdDuration::from_secs(300).into()
+}
+
+fn default_max_ejection_percent() -> i32 {
+    10
+}
+
+fn default_consecutive_connect_failures() -> i32 {
+    5
+}
+
+fn default_failure_percentage_threshold() -> i32 {
+    85
+}
+
+fn default_failure_percentage_minimum_hosts() -> i32 {
+    5
+}
+
+fn default_failure_percentage_request_volume() -> i32 {
+    50
+}
+
+impl OutlierDetection {
+    /// `interval` as a std duration (negative values, which admission rejects, become zero).
+    pub fn interval(&self) -> StdDuration {
+        non_negative(self.interval)
+    }
+
+    /// `baseEjectionTime` as a std duration (negative values become zero).
+    pub fn base_ejection_time(&self) -> StdDuration {
+        non_negative(self.base_ejection_time)
+    }
+
+    /// `maxEjectionTime` as a std duration (negative values become zero).
+    pub fn max_ejection_time(&self) -> StdDuration {
+        non_negative(self.max_ejection_time)
+    }
+
+    /// `maxEjectionPercent`, within 0..=100.
+    pub fn max_ejection_percent(&self) -> u8 {
+        clamped(self.max_ejection_percent, 100) as u8
+    }
+
+    /// `consecutiveConnectFailures`, within 0..=1000.
+    pub fn consecutive_connect_failures(&self) -> u32 {
+        clamped(self.consecutive_connect_failures, 1000)
+    }
+
+    /// The failure percentage rule, if it ejects (`None` when it or outlier detection is off).
+    pub fn failure_percentage(&self) -> Option<&FailurePercentage> {
+        (self.enabled && self.failure_percentage.enabled).then_some(&self.failure_percentage)
+    }
+}
+
+impl FailurePercentage {
+    /// `threshold`, within 0..=100.
+    pub fn threshold(&self) -> u8 {
+        clamped(self.threshold, 100) as u8
+    }
+
+    /// `minimumHosts`, within 0..=100000.
+    pub fn minimum_hosts(&self) -> u32 {
+        clamped(self.minimum_hosts, 100_000)
+    }
+
+    /// `requestVolume`, within 1..=1000000.
+    pub fn request_volume(&self) -> u32 {
+        clamped(self.request_volume, 1_000_000).max(1)
+    }
+}
+
+/// `value` within `0..=max` (admission enforces the bounds; this guards what it cannot see).
+fn clamped(value: i32, max: u32) -> u32 {
+    u32::try_from(value).unwrap_or(0).min(max)
 }
 
 /// The Pod annotation the `Static` policy reads an endpoint's weight from.

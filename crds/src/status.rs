@@ -31,6 +31,9 @@ pub struct GrpcBackendStatus {
     pub conditions: Vec<Condition>,
     /// Every endpoint, sorted by address then port. The operator owns the whole list.
     pub endpoints: Vec<EndpointStatus>,
+    /// The routing table resolved from the GRPCRoutes attached to the Service, in the order
+    /// clients try it (see [`crate::routes`]); empty: no route attaches.
+    pub routes: Vec<crate::routes::RouteEntry>,
 }
 
 impl JsonSchema for GrpcBackendStatus {

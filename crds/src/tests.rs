@@ -164,6 +164,7 @@ fn every_entry_reads_back_as_written() {
             entry("10.244.0.10", 8080),
             entry("fd00::1", 8081),
         ],
+        routes: Vec::new(),
     };
     let json = serde_json::to_value(&status).unwrap();
     assert_eq!(json["port"], 8080, "the port most endpoints use");
@@ -205,4 +206,68 @@ fn an_older_status_with_every_field_still_reads() {
     let read: GrpcBackendStatus = serde_json::from_value(json).unwrap();
     assert_eq!(read.endpoints[0].port, 8080);
     assert!(read.endpoints[0].is_usable());
+}
+
+#[test]
+fn a_status_without_routes_leaves_the_field_out_and_a_table_reads_back_in_order() {
+    let plain = serde_json::to_value(GrpcBackendStatus::default()).unwrap();
+    assert!(
+        plain.get("routes").is_none(),
+        "no table is written as no field: {plain}"
+    );
+
+    let table = vec![
+        routes::RouteEntry {
+            route: "shop/echo-v2".into(),
+            rule: 0,
+            method: Some(routes::MethodMatch {
+                match_type: routes::MatchType::Exact,
+                service: Some("echo.Echo".into()),
+                method: Some("Say".into()),
+            }),
+            headers: vec![routes::HeaderMatch {
+                match_type: routes::MatchType::RegularExpression,
+                name: "x-tester".into(),
+                value: "v2|beta".into(),
+            }],
+            backends: vec![routes::RouteBackend {
+                name: "echo-v2".into(),
+                namespace: None,
+                weight: 1,
+            }],
+        },
+        routes::RouteEntry {
+            route: "shop/echo-v2".into(),
+            rule: 1,
+            method: None,
+            headers: vec![],
+            backends: vec![
+                routes::RouteBackend {
+                    name: "echo".into(),
+                    namespace: None,
+                    weight: 90,
+                },
+                routes::RouteBackend {
+                    name: "echo-canary".into(),
+                    namespace: Some("canary".into()),
+                    weight: 10,
+                },
+            ],
+        },
+    ];
+    let status = GrpcBackendStatus {
+        routes: table.clone(),
+        ..GrpcBackendStatus::default()
+    };
+    let wire = serde_json::to_value(&status).unwrap();
+    assert_eq!(
+        wire["routes"][0]["method"],
+        json!({"type": "Exact", "service": "echo.Echo", "method": "Say"})
+    );
+    assert_eq!(
+        wire["routes"][1]["backends"][1],
+        json!({"name": "echo-canary", "namespace": "canary", "weight": 10})
+    );
+    let read: GrpcBackendStatus = serde_json::from_value(wire).unwrap();
+    assert_eq!(read.routes, table);
 }

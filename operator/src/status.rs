@@ -186,6 +186,7 @@ pub fn desired_status(
             total_endpoints: total as i32,
             conditions,
             endpoints: listed,
+            routes: Vec::new(),
         },
     }
 }

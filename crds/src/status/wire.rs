@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Health, TargetRef};
 use crate::FULL_WEIGHT;
+use crate::routes::RouteEntry;
 
 /// Observed state, written by the kubegrpc operator only, and only when something a client
 /// acts on changes.
@@ -42,6 +43,14 @@ pub struct Status {
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub endpoints: Vec<Endpoint>,
+
+    /// The routing table, when GRPCRoutes attach to the Service: clients send a call to the
+    /// backends of the first entry that matches it, and fail calls that match none. Absent: no
+    /// route attaches; calls go to this GrpcBackend's endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub routes: Vec<RouteEntry>,
 }
 
 /// One endpoint. Left out when as usual: `port` (then `status.port`), `weight` (then
@@ -123,6 +132,7 @@ impl From<Status> for super::GrpcBackendStatus {
                     fail_open: e.fail_open.unwrap_or(false),
                 })
                 .collect(),
+            routes: status.routes,
         }
     }
 }
@@ -141,6 +151,7 @@ impl From<super::GrpcBackendStatus> for Status {
                 .into_iter()
                 .map(|e| Endpoint::new(e, common_port))
                 .collect(),
+            routes: status.routes,
         }
     }
 }

@@ -218,6 +218,7 @@ fn grpc_backend(port: PortRef, status: Option<GrpcBackendStatus>) -> GrpcBackend
             health_check: Default::default(),
             weighting: Default::default(),
             tls: None,
+            outlier_detection: None,
         },
     );
     backend.metadata.namespace = Some(NAMESPACE.into());

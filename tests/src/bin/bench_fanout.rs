@@ -447,6 +447,7 @@ impl Objects {
                 last_transition_time: Time(Timestamp::from_second(1_700_000_000).expect("a valid time")),
             }],
             endpoints,
+            routes: Vec::new(),
         };
         let objects = Objects {
             client,

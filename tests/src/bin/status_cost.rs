@@ -198,6 +198,7 @@ fn big_status(size: usize) -> GrpcBackendStatus {
             last_transition_time: Time(Timestamp::from_second(1_700_000_000).expect("a valid time")),
         }],
         endpoints,
+        routes: Vec::new(),
     }
 }
 
