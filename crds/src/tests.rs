@@ -271,3 +271,77 @@ fn a_status_without_routes_leaves_the_field_out_and_a_table_reads_back_in_order(
     let read: GrpcBackendStatus = serde_json::from_value(wire).unwrap();
     assert_eq!(read.routes, table);
 }
+
+#[test]
+fn outlier_detection_unset_or_partial_gets_grfc_a50_defaults() {
+    let spec: GrpcBackendSpec = serde_json::from_value(json!({"service": "echo", "port": "grpc"})).unwrap();
+    assert_eq!(spec.outlier_detection, None);
+    let defaults = spec.outlier_detection();
+    assert!(defaults.enabled);
+    assert_eq!(
+        (
+            defaults.interval(),
+            defaults.base_ejection_time(),
+            defaults.max_ejection_time(),
+            defaults.max_ejection_percent(),
+            defaults.consecutive_connect_failures(),
+        ),
+        (
+            StdDuration::from_secs(10),
+            StdDuration::from_secs(30),
+            StdDuration::from_secs(300),
+            10,
+            5
+        )
+    );
+    let rule = defaults.failure_percentage().expect("on by default");
+    assert_eq!(
+        (rule.threshold(), rule.minimum_hosts(), rule.request_volume()),
+        (85, 5, 50)
+    );
+    // Unset is not written back: a spec without the field reads and writes as before.
+    assert!(serde_json::to_value(&spec).unwrap().get("outlierDetection").is_none());
+
+    let partial: GrpcBackendSpec = serde_json::from_value(json!({"service": "echo", "port": "grpc",
+        "outlierDetection": {"interval": "1s", "failurePercentage": {"minimumHosts": 3}}}))
+    .unwrap();
+    let partial = partial.outlier_detection();
+    assert_eq!(partial.interval(), StdDuration::from_secs(1));
+    assert_eq!(partial.base_ejection_time(), StdDuration::from_secs(30));
+    let rule = partial.failure_percentage().expect("on");
+    assert_eq!((rule.threshold(), rule.minimum_hosts()), (85, 3));
+}
+
+#[test]
+fn outlier_detection_turns_off_whole_or_failure_percentage_only() {
+    let read = |od: serde_json::Value| -> OutlierDetection {
+        let spec: GrpcBackendSpec =
+            serde_json::from_value(json!({"service": "echo", "port": "grpc", "outlierDetection": od})).unwrap();
+        spec.outlier_detection()
+    };
+    let off = read(json!({"enabled": false}));
+    assert!(!off.enabled);
+    assert_eq!(off.failure_percentage(), None, "off means no rule ejects");
+    let connect_only = read(json!({"failurePercentage": {"enabled": false}}));
+    assert!(connect_only.enabled);
+    assert_eq!(connect_only.failure_percentage(), None);
+    assert_eq!(connect_only.consecutive_connect_failures(), 5);
+    // Values admission would refuse are clamped, never wrapped.
+    let wild = read(json!({"maxEjectionPercent": -5, "failurePercentage": {"threshold": 900, "requestVolume": 0}}));
+    assert_eq!(wild.max_ejection_percent(), 0);
+    let rule = wild.failure_percentage().unwrap();
+    assert_eq!((rule.threshold(), rule.request_volume()), (100, 1));
+}
+
+#[test]
+fn the_schema_carries_the_outlier_detection_rules() {
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_string(&GrpcBackend::crd()).unwrap();
+    for needle in [
+        "spec.outlierDetection.interval must be a duration from 100ms to 1h",
+        "spec.outlierDetection.baseEjectionTime must be a duration from 100ms to 24h",
+        "spec.outlierDetection.maxEjectionTime must be a duration from 100ms to 24h",
+    ] {
+        assert!(crd.contains(needle), "CRD lacks {needle}");
+    }
+}

@@ -256,6 +256,46 @@ fn boundaries() -> Vec<Boundary> {
             rejected: with(json!({"tls": {"caBundle": {"configMap": "ca", "key": "ca/crt"}}})),
             accepted: with(json!({"tls": {"caBundle": {"configMap": "ca", "key": "ca.crt"}}})),
         },
+        Boundary {
+            field: "spec.outlierDetection.interval",
+            rejected: with(json!({"outlierDetection": {"interval": "99ms"}})),
+            accepted: with(json!({"outlierDetection": {"interval": "100ms"}})),
+        },
+        Boundary {
+            field: "spec.outlierDetection.interval",
+            rejected: with(json!({"outlierDetection": {"interval": "ten seconds"}})),
+            accepted: with(json!({"outlierDetection": {"interval": "1h"}})),
+        },
+        Boundary {
+            field: "spec.outlierDetection.baseEjectionTime",
+            rejected: with(json!({"outlierDetection": {"baseEjectionTime": "25h"}})),
+            accepted: with(json!({"outlierDetection": {"baseEjectionTime": "24h"}})),
+        },
+        Boundary {
+            field: "spec.outlierDetection.maxEjectionTime",
+            rejected: with(json!({"outlierDetection": {"maxEjectionTime": "0s"}})),
+            accepted: with(json!({"outlierDetection": {"maxEjectionTime": "100ms"}})),
+        },
+        Boundary {
+            field: "spec.outlierDetection.maxEjectionPercent",
+            rejected: with(json!({"outlierDetection": {"maxEjectionPercent": 101}})),
+            accepted: with(json!({"outlierDetection": {"maxEjectionPercent": 100}})),
+        },
+        Boundary {
+            field: "spec.outlierDetection.consecutiveConnectFailures",
+            rejected: with(json!({"outlierDetection": {"consecutiveConnectFailures": -1}})),
+            accepted: with(json!({"outlierDetection": {"consecutiveConnectFailures": 0}})),
+        },
+        Boundary {
+            field: "spec.outlierDetection.failurePercentage.threshold",
+            rejected: with(json!({"outlierDetection": {"failurePercentage": {"threshold": 101}}})),
+            accepted: with(json!({"outlierDetection": {"failurePercentage": {"threshold": 0}}})),
+        },
+        Boundary {
+            field: "spec.outlierDetection.failurePercentage.requestVolume",
+            rejected: with(json!({"outlierDetection": {"failurePercentage": {"requestVolume": 0}}})),
+            accepted: with(json!({"outlierDetection": {"failurePercentage": {"requestVolume": 1}}})),
+        },
     ]
 }
 
