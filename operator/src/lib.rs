@@ -18,6 +18,7 @@ pub mod index;
 pub mod key;
 pub mod metrics;
 pub mod pods;
+pub mod routes;
 pub mod spec;
 pub mod status;
 pub mod weights;

@@ -1,0 +1,4 @@
+//! GRPCRoutes (Gateway API, attached to Services): resolved into each GrpcBackend's routing
+//! table ([`resolve::table_for`]) and reported in each route's status.
+
+pub mod resolve;
