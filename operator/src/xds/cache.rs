@@ -75,7 +75,7 @@ impl XdsCache {
     }
 
     /// Sets GrpcBackend `namespace/name`'s resources from its status and slow-start settings
-    /// (plaintext backends).
+    /// (plaintext backends, outlier detection's defaults).
     pub fn set_backend(&self, namespace: &str, name: &str, status: Option<&GrpcBackendStatus>, slow_start: SlowStart) {
         self.set_backend_at(namespace, name, status, slow_start, SystemTime::now());
     }
@@ -89,12 +89,15 @@ impl XdsCache {
         slow_start: SlowStart,
         now: SystemTime,
     ) {
-        let settings = BackendSettings { slow_start, tls: None };
+        let settings = BackendSettings {
+            slow_start,
+            ..BackendSettings::default()
+        };
         self.set_backend_with(namespace, name, status, settings, now);
     }
 
     /// Sets GrpcBackend `namespace/name`'s resources from its status and its settings (slow
-    /// start, TLS), at wall time `now`.
+    /// start, TLS, outlier detection), at wall time `now`.
     pub fn set_backend_with(
         &self,
         namespace: &str,
@@ -303,22 +306,45 @@ mod tests {
         let before: Vec<_> = type_url::ALL.iter().map(|t| cache.get(t, None)).collect();
         let generation = *cache.subscribe().borrow();
         let tls = BackendSettings {
-            slow_start: SlowStart::default(),
             tls: Some(ClusterTls {
                 server_name: "echo.shop.svc".into(),
                 client_identity: cache.upstream_client_identity(),
             }),
+            ..BackendSettings::default()
         };
         cache.set_backend_with("shop", "echo", None, tls, SystemTime::now());
         assert!(*cache.subscribe().borrow() > generation, "a push");
+        assert_eq!(changed_types(&cache, &before), [type_url::CLUSTER]);
+    }
+
+    /// The type URLs whose resources differ from `before` (every type's resources, in
+    /// [`type_url::ALL`]'s order).
+    fn changed_types(cache: &XdsCache, before: &[Vec<(String, Versioned)>]) -> Vec<&'static str> {
         let after: Vec<_> = type_url::ALL.iter().map(|t| cache.get(t, None)).collect();
-        let changed: Vec<&str> = type_url::ALL
+        type_url::ALL
             .iter()
             .zip(before.iter().zip(&after))
             .filter(|(_, (b, a))| b != a)
             .map(|(t, _)| *t)
-            .collect();
-        assert_eq!(changed, [type_url::CLUSTER]);
+            .collect()
+    }
+
+    #[test]
+    fn an_outlier_detection_change_changes_the_cluster_alone_and_pushes() {
+        let cache = XdsCache::default();
+        cache.relist_started();
+        cache.set_backend("shop", "echo", None, SlowStart::default());
+        cache.relist_done();
+        let before: Vec<_> = type_url::ALL.iter().map(|t| cache.get(t, None)).collect();
+        let generation = *cache.subscribe().borrow();
+        let mut settings = BackendSettings::default();
+        settings.outlier_detection.base_ejection_time = Duration::from_secs(3).into();
+        cache.set_backend_with("shop", "echo", None, settings.clone(), SystemTime::now());
+        assert!(*cache.subscribe().borrow() > generation, "a push");
+        assert_eq!(changed_types(&cache, &before), [type_url::CLUSTER]);
+        let pushed = *cache.subscribe().borrow();
+        cache.set_backend_with("shop", "echo", None, settings, SystemTime::now());
+        assert_eq!(*cache.subscribe().borrow(), pushed, "the same settings again: no push");
     }
 
     #[test]

@@ -30,12 +30,17 @@
 //! per ramp. The weights then are `weight x percent` (100 for the endpoints not ramping),
 //! scaled down together when their sum would not fit in 32 bits (gRPC clients refuse an EDS
 //! response whose locality weights add up to more).
+//!
+//! Outlier detection (gRFC A50): the Cluster carries the GrpcBackend's `spec.outlierDetection`
+//! (its defaults when unset) as `outlier_detection`, the failure-percentage rule only, so that
+//! xDS clients eject on the evidence of their own calls as the Rust client does; none when it
+//! is off.
 
 use envoy_types::pb::{
     envoy::{
         config::{
             cluster::v3::{
-                Cluster,
+                Cluster, OutlierDetection as ClusterOutlierDetection,
                 cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
             },
             core::v3::{
@@ -68,12 +73,12 @@ use envoy_types::pb::{
         },
         r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern},
     },
-    google::protobuf::{Any, UInt32Value},
+    google::protobuf::{Any, Duration as ProtoDuration, UInt32Value},
 };
 use std::time::{Duration, SystemTime};
 
 use envoy_types::util::pack_any;
-use kubegrpc_crds::{EndpointStatus, GrpcBackendStatus, Health, slow_start::SlowStart};
+use kubegrpc_crds::{EndpointStatus, GrpcBackendStatus, Health, OutlierDetection, slow_start::SlowStart};
 
 /// The type URLs of the four resource types, in the order a client asks for them.
 pub mod type_url {
@@ -109,6 +114,8 @@ pub struct BackendSettings {
     pub slow_start: SlowStart,
     /// `None`: plaintext.
     pub tls: Option<ClusterTls>,
+    /// The GrpcBackend's `spec.outlierDetection` (its defaults when unset), for the Cluster.
+    pub outlier_detection: OutlierDetection,
 }
 
 /// Scales `weights` down together, keeping each above 0 at 1 or more, until their sum fits in
@@ -149,10 +156,7 @@ pub fn backend_resources(
     [
         (type_url::LISTENER, pack_any(listener(resource_name))),
         (type_url::ROUTE, pack_any(route(resource_name))),
-        (
-            type_url::CLUSTER,
-            pack_any(cluster(resource_name, settings.tls.as_ref())),
-        ),
+        (type_url::CLUSTER, pack_any(cluster(resource_name, settings))),
         (
             type_url::ENDPOINTS,
             pack_any(endpoints(resource_name, status, &settings.slow_start, now)),
@@ -236,9 +240,9 @@ fn route(name: &str) -> RouteConfiguration {
     }
 }
 
-fn cluster(name: &str, tls: Option<&ClusterTls>) -> Cluster {
+fn cluster(name: &str, settings: &BackendSettings) -> Cluster {
     Cluster {
-        transport_socket: tls.map(|tls| TransportSocket {
+        transport_socket: settings.tls.as_ref().map(|tls| TransportSocket {
             name: TLS_TRANSPORT_SOCKET.into(),
             config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(
                 upstream_tls_context(tls),
@@ -253,7 +257,54 @@ fn cluster(name: &str, tls: Option<&ClusterTls>) -> Cluster {
         // gRPC clients turn ROUND_ROBIN into xds_wrr_locality over round_robin: locality
         // weights steer them.
         lb_policy: LbPolicy::RoundRobin as i32,
+        outlier_detection: cluster_outlier_detection(&settings.outlier_detection),
         ..Default::default()
+    }
+}
+
+/// gRFC A50's `outlier_detection` of a Cluster, from the GrpcBackend's settings: the failure
+/// percentage rule, enforced always (100) or never (0); success-rate ejection never (its
+/// `enforcing_success_rate` would default to 100). `None` when outlier detection is off.
+///
+/// gRPC clients read nothing else; the consecutive-failure rules gRPC ignores are set to
+/// never-enforce too, so that an Envoy reading this Cluster would eject on the same evidence.
+/// The Rust client's `consecutiveConnectFailures` has no field here: an xDS client already
+/// avoids an endpoint it cannot connect to.
+fn cluster_outlier_detection(settings: &OutlierDetection) -> Option<ClusterOutlierDetection> {
+    if !settings.enabled {
+        return None;
+    }
+    let count = |value: u32| Some(UInt32Value { value });
+    let rule = &settings.failure_percentage;
+    let enforced = if settings.failure_percentage().is_some() {
+        100
+    } else {
+        0
+    };
+    Some(ClusterOutlierDetection {
+        interval: Some(proto_duration(settings.interval())),
+        base_ejection_time: Some(proto_duration(settings.base_ejection_time())),
+        max_ejection_time: Some(proto_duration(settings.max_ejection_time())),
+        max_ejection_percent: count(u32::from(settings.max_ejection_percent())),
+        enforcing_success_rate: count(0),
+        failure_percentage_threshold: count(u32::from(rule.threshold())),
+        enforcing_failure_percentage: count(enforced),
+        failure_percentage_minimum_hosts: count(rule.minimum_hosts()),
+        failure_percentage_request_volume: count(rule.request_volume()),
+        enforcing_consecutive_5xx: count(0),
+        enforcing_consecutive_gateway_failure: count(0),
+        enforcing_consecutive_local_origin_failure: count(0),
+        enforcing_local_origin_success_rate: count(0),
+        enforcing_failure_percentage_local_origin: count(0),
+        ..Default::default()
+    })
+}
+
+/// A protobuf Duration (what admission lets through is far below its limits).
+fn proto_duration(duration: Duration) -> ProtoDuration {
+    ProtoDuration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(0),
     }
 }
 
@@ -506,7 +557,7 @@ mod tests {
     fn locality_weights(status: &GrpcBackendStatus, slow_start: &SlowStart, now: SystemTime) -> Vec<u32> {
         let settings = BackendSettings {
             slow_start: *slow_start,
-            tls: None,
+            ..BackendSettings::default()
         };
         let [.., (_, endpoints)] = backend_resources("echo.shop", Some(status), &settings, now);
         decode::<ClusterLoadAssignment>(&endpoints)
@@ -566,11 +617,11 @@ mod tests {
 
     fn tls_settings(client_identity: bool) -> BackendSettings {
         BackendSettings {
-            slow_start: SlowStart::default(),
             tls: Some(ClusterTls {
                 server_name: "echo.shop.svc".into(),
                 client_identity,
             }),
+            ..BackendSettings::default()
         }
     }
 
@@ -640,6 +691,92 @@ mod tests {
             .expect("the identity instance");
         assert_eq!(identity.instance_name, IDENTITY_INSTANCE);
         assert_eq!(identity.instance_name, "kubegrpc-identity");
+    }
+
+    /// The Cluster of a GrpcBackend whose `spec.outlierDetection` is `od` (JSON, as written).
+    fn cluster_with_outlier_detection(od: serde_json::Value) -> Cluster {
+        let spec: kubegrpc_crds::GrpcBackendSpec =
+            serde_json::from_value(serde_json::json!({"service": "echo", "port": "grpc", "outlierDetection": od}))
+                .expect("a valid spec");
+        cluster_of(&BackendSettings {
+            outlier_detection: spec.outlier_detection(),
+            ..BackendSettings::default()
+        })
+    }
+
+    fn seconds(seconds: i64, nanos: i32) -> Option<ProtoDuration> {
+        Some(ProtoDuration { seconds, nanos })
+    }
+
+    fn count(value: u32) -> Option<UInt32Value> {
+        Some(UInt32Value { value })
+    }
+
+    #[test]
+    fn an_unset_outlier_detection_is_published_with_grfc_a50_defaults_and_failure_percentage_only() {
+        let od = cluster_of(&BackendSettings::default())
+            .outlier_detection
+            .expect("on by default, as for the Rust client");
+        assert_eq!(od.interval, seconds(10, 0));
+        assert_eq!(od.base_ejection_time, seconds(30, 0));
+        assert_eq!(od.max_ejection_time, seconds(300, 0));
+        assert_eq!(od.max_ejection_percent, count(10));
+        assert_eq!(od.failure_percentage_threshold, count(85));
+        assert_eq!(od.enforcing_failure_percentage, count(100));
+        assert_eq!(od.failure_percentage_minimum_hosts, count(5));
+        assert_eq!(od.failure_percentage_request_volume, count(50));
+        // Unset, enforcing_success_rate means 100 to gRPC (gRFC A50): it must say 0.
+        assert_eq!(od.enforcing_success_rate, count(0));
+        assert_eq!(od.enforcing_consecutive_5xx, count(0), "Envoy's default is 100");
+    }
+
+    #[test]
+    fn every_outlier_detection_setting_maps_to_its_cluster_field() {
+        let od = cluster_with_outlier_detection(serde_json::json!({
+            "interval": "1500ms",
+            "baseEjectionTime": "3s",
+            "maxEjectionTime": "1h",
+            "maxEjectionPercent": 50,
+            "consecutiveConnectFailures": 2,
+            "failurePercentage": {"threshold": 60, "minimumHosts": 3, "requestVolume": 10},
+        }))
+        .outlier_detection
+        .expect("on");
+        let expected = ClusterOutlierDetection {
+            interval: seconds(1, 500_000_000),
+            base_ejection_time: seconds(3, 0),
+            max_ejection_time: seconds(3600, 0),
+            max_ejection_percent: count(50),
+            enforcing_success_rate: count(0),
+            failure_percentage_threshold: count(60),
+            enforcing_failure_percentage: count(100),
+            failure_percentage_minimum_hosts: count(3),
+            failure_percentage_request_volume: count(10),
+            enforcing_consecutive_5xx: count(0),
+            enforcing_consecutive_gateway_failure: count(0),
+            enforcing_consecutive_local_origin_failure: count(0),
+            enforcing_local_origin_success_rate: count(0),
+            enforcing_failure_percentage_local_origin: count(0),
+            // consecutiveConnectFailures is the Rust client's: no field carries it.
+            ..Default::default()
+        };
+        assert_eq!(od, expected);
+    }
+
+    #[test]
+    fn outlier_detection_off_leaves_the_cluster_without_it_and_failure_percentage_off_enforces_nothing() {
+        assert_eq!(
+            cluster_with_outlier_detection(serde_json::json!({"enabled": false})).outlier_detection,
+            None
+        );
+        let od = cluster_with_outlier_detection(serde_json::json!({"failurePercentage": {"enabled": false}}))
+            .outlier_detection
+            .expect("still published");
+        assert_eq!(
+            (od.enforcing_failure_percentage, od.enforcing_success_rate),
+            (count(0), count(0)),
+            "no rule a gRPC client applies"
+        );
     }
 
     #[test]

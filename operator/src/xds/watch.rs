@@ -54,6 +54,7 @@ pub async fn follow(client: Client, namespace: Option<String>, cache: Arc<XdsCac
                         let settings = BackendSettings {
                             slow_start: backend.spec.weighting.slow_start(),
                             tls,
+                            outlier_detection: backend.spec.outlier_detection(),
                         };
                         cache.set_backend_with(
                             &namespace,
