@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod resources;
+pub mod routes;
 pub mod server;
 pub mod watch;
 

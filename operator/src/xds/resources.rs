@@ -3,7 +3,8 @@
 //! A gRPC client dialing `xds:///NAME.NAMESPACE` asks for, in turn: the Listener `NAME.NAMESPACE`
 //! (an `api_listener` whose HttpConnectionManager names its route configuration and ends with
 //! the Router filter: grpc-go NACKs a Listener without it), the RouteConfiguration of that name
-//! (one virtual host for that name, every path to the Cluster), the Cluster (type EDS, over
+//! (one virtual host for that name, every path to the Cluster, or the routes of the
+//! GrpcBackend's routing table: [`super::routes`]), the Cluster (type EDS, over
 //! ADS), and the ClusterLoadAssignment (the endpoints). All four share the name.
 //!
 //! Weights: gRPC's `round_robin` under `xds_wrr_locality` honours locality weights and ignores
@@ -52,10 +53,7 @@ use envoy_types::pb::{
                 ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
             },
             listener::v3::{ApiListener, Listener},
-            route::v3::{
-                Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route::Action,
-                route_action::ClusterSpecifier, route_match::PathSpecifier,
-            },
+            route::v3::RouteConfiguration,
         },
         extensions::{
             filters::{
@@ -155,7 +153,7 @@ pub fn backend_resources(
 ) -> [(&'static str, Any); 4] {
     [
         (type_url::LISTENER, pack_any(listener(resource_name))),
-        (type_url::ROUTE, pack_any(route(resource_name))),
+        (type_url::ROUTE, pack_any(route(resource_name, status))),
         (type_url::CLUSTER, pack_any(cluster(resource_name, settings))),
         (
             type_url::ENDPOINTS,
@@ -217,27 +215,10 @@ fn listener(name: &str) -> Listener {
     }
 }
 
-fn route(name: &str) -> RouteConfiguration {
-    RouteConfiguration {
-        name: name.into(),
-        virtual_hosts: vec![VirtualHost {
-            name: name.into(),
-            domains: vec![name.into()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(PathSpecifier::Prefix(String::new())),
-                    ..Default::default()
-                }),
-                action: Some(Action::Route(RouteAction {
-                    cluster_specifier: Some(ClusterSpecifier::Cluster(name.into())),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+/// The GrpcBackend's routing table as xDS routes (see [`super::routes`]); none: every call to its
+/// own Cluster.
+fn route(name: &str, status: Option<&GrpcBackendStatus>) -> RouteConfiguration {
+    super::routes::route_configuration(name, status.map_or(&[], |s| s.routes.as_slice()))
 }
 
 fn cluster(name: &str, settings: &BackendSettings) -> Cluster {
@@ -418,6 +399,7 @@ fn endpoints(
 mod tests {
     use std::collections::BTreeSet;
 
+    use envoy_types::pb::envoy::config::route::v3::{route::Action, route_action::ClusterSpecifier};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use prost::Message;
 

@@ -1,0 +1,491 @@
+//! The RouteConfiguration of a GrpcBackend, from its routing table (`status.routes`, see
+//! [`kubegrpc_crds::routes`]), for xDS clients (gRFC A28).
+//!
+//! Without a table, every call goes to the GrpcBackend's own Cluster, as before routes existed.
+//! With one, the virtual host holds one Route per entry, in the table's order (gRPC clients take
+//! the first Route that matches, as the table says):
+//! - the method becomes the path matcher: `path: /SERVICE/METHOD` for an exact service and
+//!   method, `prefix: /SERVICE/` for an exact service alone, else a `safe_regex` over the whole
+//!   path built from the parts (`/(?:SERVICE)/(?:METHOD)`, `[^/]+` for a missing part, exact
+//!   parts escaped); no method: `prefix: ""` (every path). Paths are matched case-sensitively,
+//!   said explicitly: grpc-java reads an absent `case_sensitive` as false;
+//! - each header becomes a HeaderMatcher with `string_match` `exact` or `safe_regex` (RE2,
+//!   matched against the whole value by both clients);
+//! - the backends become `weighted_clusters` naming each GrpcBackend's Cluster `NAME.NAMESPACE`
+//!   with its weight (the same GrpcBackend named twice: the weights added). Backends of weight 0
+//!   are left out: grpc-go skips them anyway and NACKs a route whose weights add up to 0;
+//!   grpc-java NACKs one too;
+//! - an entry with no backend of weight above 0 becomes a Route with `non_forwarding_action`:
+//!   both clients stop at it and fail the call UNAVAILABLE (grpc-go v1.83 "matched route does
+//!   not have a supported route action type", grpc-java 1.85 "Could not route RPC to Route with
+//!   non-forwarding action"). Not `direct_response`: grpc-java NACKs the whole
+//!   RouteConfiguration for it; not a route action without clusters: both skip such a Route, and
+//!   the call would fall through to a later entry.
+//!
+//! There is no catch-all Route after the entries: a call that matches none fails UNAVAILABLE in
+//! both clients (grpc-go "no matched route was found", grpc-java "Could not find xDS route
+//! matching RPC"), as the table's semantics say.
+//!
+//! The Clusters the routes name are the other GrpcBackends' own (every GrpcBackend has its
+//! Cluster and ClusterLoadAssignment): a client subscribes to them by name over the same ADS
+//! stream. Both clients hold a new RouteConfiguration back until every Cluster it names has
+//! arrived or is known missing (gRFC A74), so a Cluster that never arrives holds the change up
+//! to the client's resource timeout (15 s) and then fails the calls routed to it.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::{
+    envoy::{
+        config::route::v3::{
+            HeaderMatcher, NonForwardingAction, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+            WeightedCluster, header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
+            route_match::PathSpecifier, weighted_cluster::ClusterWeight,
+        },
+        r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern},
+    },
+    google::protobuf::{BoolValue, UInt32Value},
+};
+use kubegrpc_crds::routes::{HeaderMatch, MatchType, MethodMatch, RouteBackend, RouteEntry};
+
+use super::resources::resource_name;
+
+/// The RouteConfiguration `name` (`NAME.NAMESPACE`) serves: every call to the GrpcBackend's own
+/// Cluster without a table (`table` empty), the table's Routes with one. Backends without a
+/// namespace are in the table's, the namespace in `name` (a namespace holds no dot).
+pub fn route_configuration(name: &str, table: &[RouteEntry]) -> RouteConfiguration {
+    let routes = if table.is_empty() {
+        vec![Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix(String::new())),
+                ..Default::default()
+            }),
+            action: Some(Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(name.into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }]
+    } else {
+        let namespace = name.rsplit_once('.').map_or("", |(_, namespace)| namespace);
+        table.iter().map(|entry| route(entry, namespace)).collect()
+    };
+    RouteConfiguration {
+        name: name.into(),
+        virtual_hosts: vec![VirtualHost {
+            name: name.into(),
+            domains: vec![name.into()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// One entry's Route.
+fn route(entry: &RouteEntry, namespace: &str) -> Route {
+    let clusters = weighted_clusters(&entry.backends, namespace);
+    let action = if clusters.is_empty() {
+        Action::NonForwardingAction(NonForwardingAction {})
+    } else {
+        Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters,
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+    };
+    Route {
+        // Shown in the clients' logs and errors.
+        name: format!("{} rule {}", entry.route, entry.rule),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(path_specifier(entry.method.as_ref())),
+            case_sensitive: Some(BoolValue { value: true }),
+            headers: entry.headers.iter().map(header_matcher).collect(),
+            ..Default::default()
+        }),
+        action: Some(action),
+        ..Default::default()
+    }
+}
+
+/// The backends of weight above 0 as Clusters, in the table's order, a GrpcBackend named twice
+/// once with the weights added.
+fn weighted_clusters(backends: &[RouteBackend], namespace: &str) -> Vec<ClusterWeight> {
+    let mut clusters: Vec<ClusterWeight> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for backend in backends.iter().filter(|b| b.weight > 0) {
+        let name = resource_name(backend.namespace_or(namespace), &backend.name);
+        match index.get(&name) {
+            Some(&at) => {
+                let weight = clusters[at].weight.get_or_insert_with(UInt32Value::default);
+                weight.value = weight.value.saturating_add(backend.weight);
+            }
+            None => {
+                index.insert(name.clone(), clusters.len());
+                clusters.push(ClusterWeight {
+                    name,
+                    weight: Some(UInt32Value { value: backend.weight }),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    clusters
+}
+
+/// The path matcher of a method match (a gRPC path is `/SERVICE/METHOD`).
+fn path_specifier(method: Option<&MethodMatch>) -> PathSpecifier {
+    let Some(method) = method else {
+        return PathSpecifier::Prefix(String::new());
+    };
+    // An empty part matches nothing a client sends: it is read as absent, as the API says of
+    // an absent one ("any").
+    let (service, name) = (non_empty(&method.service), non_empty(&method.method));
+    match (method.match_type, service, name) {
+        (_, None, None) => PathSpecifier::Prefix(String::new()),
+        (MatchType::Exact, Some(service), Some(name)) => PathSpecifier::Path(format!("/{service}/{name}")),
+        (MatchType::Exact, Some(service), None) => PathSpecifier::Prefix(format!("/{service}/")),
+        (match_type, service, name) => {
+            let as_regex = |part: Option<&str>| match (part, match_type) {
+                (None, _) => "[^/]+".to_string(),
+                (Some(part), MatchType::Exact) => escape_regex(part),
+                (Some(part), MatchType::RegularExpression) => format!("(?:{part})"),
+            };
+            PathSpecifier::SafeRegex(regex_matcher(format!("/{}/{}", as_regex(service), as_regex(name))))
+        }
+    }
+}
+
+fn non_empty(part: &Option<String>) -> Option<&str> {
+    part.as_deref().filter(|p| !p.is_empty())
+}
+
+fn header_matcher(header: &HeaderMatch) -> HeaderMatcher {
+    let pattern = match header.match_type {
+        MatchType::Exact => MatchPattern::Exact(header.value.clone()),
+        MatchType::RegularExpression => MatchPattern::SafeRegex(regex_matcher(header.value.clone())),
+    };
+    HeaderMatcher {
+        name: header.name.clone(),
+        header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(pattern),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// A `safe_regex`: RE2, Envoy's default engine and the only one gRPC clients know (they ignore
+/// the deprecated engine field), matched against the whole string.
+fn regex_matcher(regex: String) -> RegexMatcher {
+    RegexMatcher {
+        regex,
+        ..Default::default()
+    }
+}
+
+/// `text` as an RE2 pattern matching exactly it: RE2's metacharacters escaped.
+fn escape_regex(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if matches!(
+            c,
+            '\\' | '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$'
+        ) {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, weight: u32) -> RouteBackend {
+        RouteBackend {
+            name: name.into(),
+            namespace: None,
+            weight,
+        }
+    }
+
+    fn entry(method: Option<MethodMatch>, headers: Vec<HeaderMatch>, backends: Vec<RouteBackend>) -> RouteEntry {
+        RouteEntry {
+            route: "shop/canary".into(),
+            rule: 0,
+            method,
+            headers,
+            backends,
+        }
+    }
+
+    fn method(match_type: MatchType, service: Option<&str>, name: Option<&str>) -> MethodMatch {
+        MethodMatch {
+            match_type,
+            service: service.map(Into::into),
+            method: name.map(Into::into),
+        }
+    }
+
+    fn routes_of(table: &[RouteEntry]) -> Vec<Route> {
+        let config = route_configuration("echo.shop", table);
+        assert_eq!(config.name, "echo.shop");
+        assert_eq!(config.virtual_hosts.len(), 1);
+        assert_eq!(config.virtual_hosts[0].domains, ["echo.shop"]);
+        config.virtual_hosts.into_iter().next().unwrap().routes
+    }
+
+    fn path_of(route: &Route) -> PathSpecifier {
+        route.r#match.as_ref().unwrap().path_specifier.clone().unwrap()
+    }
+
+    fn clusters_of(route: &Route) -> Vec<(String, u32)> {
+        let Some(Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::WeightedClusters(weighted)),
+            ..
+        })) = &route.action
+        else {
+            panic!("weighted clusters expected: {:?}", route.action)
+        };
+        weighted
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), c.weight.unwrap().value))
+            .collect()
+    }
+
+    /// Whether the path regex of `route` matches `path` as gRPC clients match it (whole path).
+    fn regex_matches(route: &Route, path: &str) -> bool {
+        let PathSpecifier::SafeRegex(matcher) = path_of(route) else {
+            panic!("a regex expected")
+        };
+        regex::Regex::new(&format!("^(?:{})$", matcher.regex))
+            .unwrap()
+            .is_match(path)
+    }
+
+    #[test]
+    fn without_a_table_every_call_goes_to_the_backends_own_cluster() {
+        let routes = routes_of(&[]);
+        assert_eq!(routes.len(), 1);
+        assert_eq!(path_of(&routes[0]), PathSpecifier::Prefix(String::new()));
+        let Some(Action::Route(action)) = &routes[0].action else {
+            panic!("a route action expected")
+        };
+        assert_eq!(
+            action.cluster_specifier,
+            Some(ClusterSpecifier::Cluster("echo.shop".into()))
+        );
+    }
+
+    #[test]
+    fn entries_become_routes_in_the_tables_order_with_no_catch_all_after_them() {
+        let table = [
+            entry(
+                Some(method(MatchType::Exact, Some("echo.Echo"), Some("Say"))),
+                vec![],
+                vec![backend("v2", 1)],
+            ),
+            entry(None, vec![], vec![backend("v1", 1)]),
+            entry(
+                Some(method(MatchType::Exact, Some("echo.Echo"), None)),
+                vec![],
+                vec![backend("v3", 1)],
+            ),
+        ];
+        let routes = routes_of(&table);
+        let order: Vec<(PathSpecifier, Vec<(String, u32)>)> =
+            routes.iter().map(|r| (path_of(r), clusters_of(r))).collect();
+        assert_eq!(
+            order,
+            [
+                (
+                    PathSpecifier::Path("/echo.Echo/Say".into()),
+                    vec![("v2.shop".into(), 1)]
+                ),
+                (PathSpecifier::Prefix(String::new()), vec![("v1.shop".into(), 1)]),
+                (PathSpecifier::Prefix("/echo.Echo/".into()), vec![("v3.shop".into(), 1)]),
+            ],
+            "three routes, in order, nothing added"
+        );
+        assert!(
+            routes
+                .iter()
+                .all(|r| r.r#match.as_ref().unwrap().case_sensitive == Some(BoolValue { value: true }))
+        );
+        assert_eq!(routes[0].name, "shop/canary rule 0");
+    }
+
+    #[test]
+    fn weights_name_each_backends_cluster_leaving_out_weight_zero_and_adding_up_repeats() {
+        let other_namespace = RouteBackend {
+            namespace: Some("billing".into()),
+            ..backend("ledger", 5)
+        };
+        let table = [entry(
+            None,
+            vec![],
+            vec![
+                backend("v1", 70),
+                backend("v2", 30),
+                backend("v3", 0),
+                other_namespace,
+                backend("v1", 10),
+            ],
+        )];
+        assert_eq!(
+            clusters_of(&routes_of(&table)[0]),
+            [
+                ("v1.shop".to_string(), 80),
+                ("v2.shop".to_string(), 30),
+                ("ledger.billing".to_string(), 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_entry_without_a_weighted_backend_fails_its_calls_rather_than_falling_through() {
+        for backends in [vec![], vec![backend("v1", 0), backend("v2", 0)]] {
+            let table = [
+                entry(None, vec![], backends),
+                entry(None, vec![], vec![backend("v1", 1)]),
+            ];
+            let routes = routes_of(&table);
+            assert_eq!(routes.len(), 2, "the entry stays, in its place");
+            assert_eq!(
+                routes[0].action,
+                Some(Action::NonForwardingAction(NonForwardingAction {}))
+            );
+        }
+    }
+
+    #[test]
+    fn method_matches_become_path_prefix_or_whole_path_regexes() {
+        let route_for = |m: MethodMatch| routes_of(&[entry(Some(m), vec![], vec![backend("v1", 1)])]).remove(0);
+        // Exact method alone: any service, that method; the dots of an exact part are literal.
+        let method_only = route_for(method(MatchType::Exact, None, Some("Get.V2")));
+        assert!(regex_matches(&method_only, "/a.B/Get.V2"));
+        assert!(regex_matches(&method_only, "/other.Service/Get.V2"));
+        assert!(!regex_matches(&method_only, "/a.B/GetxV2"), "an escaped dot");
+        assert!(!regex_matches(&method_only, "/a.B/Get.V2x"), "the whole path");
+        assert!(!regex_matches(&method_only, "//Get.V2"), "a service is there");
+
+        // Regular expressions, each part whole; an alternation stays within its part.
+        let both = route_for(method(
+            MatchType::RegularExpression,
+            Some("echo\\.(Echo|Ping)"),
+            Some("Say|Shout"),
+        ));
+        assert!(regex_matches(&both, "/echo.Echo/Say"));
+        assert!(regex_matches(&both, "/echo.Ping/Shout"));
+        assert!(!regex_matches(&both, "/echo.Echo/Whisper"));
+        assert!(!regex_matches(&both, "/echo.Echo/SayMore"));
+        assert!(!regex_matches(&both, "/x/Shout"));
+        assert!(!regex_matches(&both, "Shout"), "the alternation stays in its part");
+        let service_only = route_for(method(MatchType::RegularExpression, Some("echo\\..*"), None));
+        assert!(regex_matches(&service_only, "/echo.Echo/Any"));
+        assert!(!regex_matches(&service_only, "/ping.Ping/Any"));
+        let method_regex_only = route_for(method(MatchType::RegularExpression, None, Some("Get.*")));
+        assert!(regex_matches(&method_regex_only, "/a.B/GetUser"));
+        assert!(!regex_matches(&method_regex_only, "/a.B/SetUser"));
+
+        // No part, or empty parts: every method.
+        for m in [
+            method(MatchType::Exact, None, None),
+            method(MatchType::RegularExpression, Some(""), Some("")),
+        ] {
+            assert_eq!(path_of(&route_for(m)), PathSpecifier::Prefix(String::new()));
+        }
+    }
+
+    #[test]
+    fn exact_parts_are_escaped_when_they_go_in_a_regex() {
+        assert_eq!(
+            escape_regex("a.b+c*d?(e)|[f]{g}^h$i\\j"),
+            "a\\.b\\+c\\*d\\?\\(e\\)\\|\\[f\\]\\{g\\}\\^h\\$i\\\\j"
+        );
+        let weird = "Get(All)+[x]|y$";
+        let route = routes_of(&[entry(
+            Some(method(MatchType::Exact, None, Some(weird))),
+            vec![],
+            vec![backend("v1", 1)],
+        )])
+        .remove(0);
+        assert!(regex_matches(&route, &format!("/svc/{weird}")));
+        assert!(!regex_matches(&route, "/svc/GetAllAll[x]"));
+        assert!(!regex_matches(&route, "/svc/y"));
+    }
+
+    #[test]
+    fn header_matches_are_exact_or_whole_value_regexes_and_all_are_kept() {
+        let headers = vec![
+            HeaderMatch {
+                match_type: MatchType::Exact,
+                name: "x-canary".into(),
+                value: "v2".into(),
+            },
+            HeaderMatch {
+                match_type: MatchType::RegularExpression,
+                name: "x-user".into(),
+                value: "tester-[0-9]+".into(),
+            },
+        ];
+        let route = routes_of(&[entry(None, headers, vec![backend("v2", 1)])]).remove(0);
+        let matchers: Vec<(String, Option<MatchPattern>, bool)> = route
+            .r#match
+            .unwrap()
+            .headers
+            .into_iter()
+            .map(|h| {
+                let Some(HeaderMatchSpecifier::StringMatch(m)) = h.header_match_specifier else {
+                    panic!("a string match expected")
+                };
+                (h.name, m.match_pattern, m.ignore_case || h.invert_match)
+            })
+            .collect();
+        assert_eq!(
+            matchers,
+            [
+                ("x-canary".into(), Some(MatchPattern::Exact("v2".into())), false),
+                (
+                    "x-user".into(),
+                    Some(MatchPattern::SafeRegex(regex_matcher("tester-[0-9]+".into()))),
+                    false
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_served_route_configuration_is_the_status_table_and_changes_with_it() {
+        use std::time::SystemTime;
+
+        use kubegrpc_crds::GrpcBackendStatus;
+        use prost::Message;
+
+        use crate::xds::resources::{BackendSettings, backend_resources, type_url};
+
+        let served = |status: &GrpcBackendStatus| {
+            let [_, (url, route), ..] = backend_resources(
+                "echo.shop",
+                Some(status),
+                &BackendSettings::default(),
+                SystemTime::now(),
+            );
+            assert_eq!(url, type_url::ROUTE);
+            RouteConfiguration::decode(route.value.as_slice()).unwrap()
+        };
+        let mut status = GrpcBackendStatus::default();
+        assert_eq!(served(&status), route_configuration("echo.shop", &[]));
+        status.routes = vec![entry(None, vec![], vec![backend("v1", 9), backend("v2", 1)])];
+        let routed = served(&status);
+        assert_eq!(routed, route_configuration("echo.shop", &status.routes));
+        assert_eq!(
+            clusters_of(&routed.virtual_hosts[0].routes[0]),
+            [("v1.shop".to_string(), 9), ("v2.shop".to_string(), 1)]
+        );
+    }
+}
