@@ -82,7 +82,7 @@ impl Channel {
             name: name.into(),
             template: Arc::new(|endpoint| Ok(endpoint.connect_timeout(Duration::from_secs(5)))),
             tls: false,
-            outlier_detection: OutlierDetection::default(),
+            outlier_detection: None,
             panic_threshold: 50,
             transparent_retry: true,
             zone: None,
@@ -138,7 +138,7 @@ pub struct Builder {
     name: String,
     template: EndpointTemplate,
     tls: bool,
-    outlier_detection: OutlierDetection,
+    outlier_detection: Option<OutlierDetection>,
     panic_threshold: u8,
     transparent_retry: bool,
     zone: Option<ZoneSource>,
@@ -197,13 +197,15 @@ impl Builder {
         self
     }
 
-    /// Passive outlier detection settings (gRFC A50 defaults: a 10s interval, failure
-    /// percentage 85% over at least 5 endpoints with 50 requests each, 30s base ejection, 300s
-    /// max, at most 10% of endpoints but always one; plus ejection after 5 connection
-    /// attempts failed in a row). Connection rotation and the caller's own deadlines and
-    /// cancellations never count.
+    /// Passive outlier detection settings for this channel, instead of the GrpcBackend's
+    /// `spec.outlierDetection`: settings given here win, and changes to the spec are then not
+    /// followed. Without this call the channel follows the spec (unset: gRFC A50's defaults, a
+    /// 10s interval, failure percentage above 85% over at least 5 endpoints with 50 requests
+    /// each, 30s base ejection, 300s max, at most 10% of endpoints rounded up; plus ejection
+    /// after 5 connection attempts failed in a row), the same settings xDS clients get.
+    /// Connection rotation and the caller's own deadlines and cancellations never count.
     pub fn outlier_detection(mut self, outlier_detection: OutlierDetection) -> Self {
-        self.outlier_detection = outlier_detection;
+        self.outlier_detection = Some(outlier_detection);
         self
     }
 
@@ -340,8 +342,7 @@ impl Builder {
         let resource = ApiResource::erase::<GrpcBackend>(&());
         let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
         let discovery = tokio::spawn(crate::discovery::run(api, self.name, pool.clone(), node, tls, first));
-        let interval = pool.config.outlier_detection.interval.max(Duration::from_millis(10));
-        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&pool), pool.backend.clone(), interval));
+        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&pool), pool.backend.clone()));
         Channel {
             inner: Arc::new(Inner {
                 pool,

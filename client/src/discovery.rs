@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, instrument, warn};
 
 use crate::{
+    outlier::parse_outlier_detection,
     pool::Pool,
     slow_start::parse_slow_start,
     snapshot::DiscoveryState,
@@ -83,6 +84,7 @@ async fn follow(
                 debug!("status changed");
                 let spec = object.data.get("spec");
                 pool.apply_spec(parse_slow_start(spec));
+                pool.apply_outlier_detection(parse_outlier_detection(spec));
                 // Before the status: no endpoint is connected to before the client knows how.
                 if let Some(tls) = tls.as_mut() {
                     spec_tls = parse_spec_tls(spec, &namespace);

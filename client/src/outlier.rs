@@ -1,23 +1,31 @@
 //! Passive outlier detection: an endpoint that the evidence says is failing is taken out of
 //! rotation before the operator's next status arrives.
 //!
-//! Follows gRFC A50. Every `interval` the counts of the interval just ended are examined:
-//! with at least `minimum_hosts` endpoints that each saw `request_volume` requests, an
-//! endpoint whose failure percentage reached `threshold` is ejected. Independently, an
-//! endpoint that could not be connected to `consecutive_connect_failures` times in a row is
-//! ejected at once (a dead pod must not wait for the interval). An ejection lasts
-//! `base_ejection_time` times the endpoint's multiplier (which grows by one per ejection and
-//! shrinks by one per interval without one), capped at `max_ejection_time`; at most
-//! `max_ejection_percent` of the endpoints are ejected at once, but always at least one may be.
+//! Follows gRFC A50, as grpc-go and grpc-java apply it. Every `interval` the counts of the
+//! interval just ended are examined: with at least `minimum_hosts` endpoints that each saw
+//! `request_volume` requests, an endpoint whose failure percentage is above `threshold` is
+//! ejected. Independently, an endpoint that could not be connected to
+//! `consecutive_connect_failures` times in a row is ejected at once (a dead pod must not wait
+//! for the interval). An ejection lasts `base_ejection_time` times the endpoint's multiplier
+//! (which grows by one per ejection and shrinks by one per interval without one), capped at
+//! `max_ejection_time`; ejections stop once `max_ejection_percent` of the endpoints are ejected
+//! (so one may always be, unless it is 0).
+//!
+//! The settings come from the GrpcBackend's `spec.outlierDetection`
+//! ([`parse_outlier_detection`]), the same settings the operator publishes to xDS clients,
+//! unless the program gave its own.
 //!
 //! What counts as a failure is decided in [`crate::failure`]: connection rotation and the
 //! caller's own deadlines and cancellations never do.
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
+use serde_json::Value;
 use tokio::time::Instant;
 
-/// Outlier detection settings (gRFC A50 defaults, plus consecutive connect failures).
+/// Outlier detection settings (gRFC A50 defaults, plus consecutive connect failures): the
+/// GrpcBackend's `spec.outlierDetection` as the client applies it, or the program's own
+/// ([`Builder::outlier_detection`](crate::Builder::outlier_detection)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutlierDetection {
     /// Eject endpoints on evidence.
@@ -29,8 +37,8 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     /// The longest an ejection lasts (A50 default 300s).
     pub max_ejection_time: Duration,
-    /// The largest share of endpoints ejected at once, in percent; at least one is always
-    /// allowed (A50 default 10).
+    /// No more ejections once this share of the endpoints, in percent, is ejected (A50 default
+    /// 10): rounded up, so one may always be ejected unless it is 0.
     pub max_ejection_percent: u8,
     /// Eject at once after this many connection attempts in a row failed; 0 turns it off
     /// (default 5).
@@ -42,7 +50,8 @@ pub struct OutlierDetection {
 /// gRFC A50's failure percentage ejection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FailurePercentage {
-    /// Eject an endpoint whose failures reached this percentage of its requests (default 85).
+    /// Eject an endpoint whose failures are more than this percentage of its requests
+    /// (default 85).
     pub threshold: u8,
     /// Only when at least this many endpoints saw `request_volume` requests (default 5).
     pub minimum_hosts: usize,
@@ -74,7 +83,67 @@ impl Default for OutlierDetection {
     }
 }
 
+impl From<&kubegrpc_crds::OutlierDetection> for OutlierDetection {
+    /// The settings a GrpcBackend's `spec.outlierDetection` gives (out-of-range values, which
+    /// admission refuses, clamped).
+    fn from(spec: &kubegrpc_crds::OutlierDetection) -> Self {
+        let rule = &spec.failure_percentage;
+        Self {
+            enabled: spec.enabled,
+            interval: spec.interval(),
+            base_ejection_time: spec.base_ejection_time(),
+            max_ejection_time: spec.max_ejection_time(),
+            max_ejection_percent: spec.max_ejection_percent(),
+            consecutive_connect_failures: spec.consecutive_connect_failures(),
+            failure_percentage: rule.enabled.then(|| FailurePercentage {
+                threshold: rule.threshold(),
+                minimum_hosts: rule.minimum_hosts() as usize,
+                request_volume: u64::from(rule.request_volume()),
+            }),
+        }
+    }
+}
+
+/// Outlier detection settings read from a spec, and what had to be ignored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedOutlierDetection {
+    /// The settings in use: the spec's, or the defaults (on) when it has none or they cannot
+    /// be read.
+    pub settings: OutlierDetection,
+    /// Why the spec's settings could not be read, if they could not.
+    pub warning: Option<String>,
+}
+
+/// Reads `outlierDetection` from a GrpcBackend's `spec` value. Never fails: unset gives the
+/// defaults (gRFC A50's, on), and so, with a warning, does a value that cannot be read.
+pub fn parse_outlier_detection(spec: Option<&Value>) -> ParsedOutlierDetection {
+    let Some(value) = spec
+        .and_then(|spec| spec.get("outlierDetection"))
+        .filter(|v| !v.is_null())
+    else {
+        return ParsedOutlierDetection::default();
+    };
+    match serde_json::from_value::<kubegrpc_crds::OutlierDetection>(value.clone()) {
+        Ok(spec) => ParsedOutlierDetection {
+            settings: OutlierDetection::from(&spec),
+            warning: None,
+        },
+        Err(error) => ParsedOutlierDetection {
+            settings: OutlierDetection::default(),
+            warning: Some(format!(
+                "spec.outlierDetection cannot be read ({error}); using the defaults (gRFC A50's, on)"
+            )),
+        },
+    }
+}
+
 impl OutlierDetection {
+    /// How many of `endpoints` may be ejected at once: ejections go on while the ejected share
+    /// is below `max_ejection_percent` (gRFC A50, as grpc-go and grpc-java count).
+    fn ejection_allowance(&self, endpoints: usize) -> usize {
+        (endpoints * usize::from(self.max_ejection_percent.min(100))).div_ceil(100)
+    }
+
     /// How long an ejection with `multiplier` lasts.
     fn ejection_time(&self, multiplier: u32) -> Duration {
         self.base_ejection_time
@@ -124,8 +193,7 @@ impl Ejections {
         if !config.enabled || self.is_ejected(&address) {
             return None;
         }
-        let allowed = (endpoints * usize::from(config.max_ejection_percent) / 100).max(1);
-        if self.ejected_count() >= allowed {
+        if self.ejected_count() >= config.ejection_allowance(endpoints) {
             return None;
         }
         let record = self.records.entry(address).or_default();
@@ -170,7 +238,7 @@ impl Ejections {
                 .collect();
             if qualified.len() >= rule.minimum_hosts {
                 for (address, c) in qualified {
-                    if c.failures * 100 >= u64::from(rule.threshold) * volume(c)
+                    if c.failures * 100 > u64::from(rule.threshold) * volume(c)
                         && self.eject(*address, counts.len(), now, config).is_some()
                     {
                         outcome.ejected.push(*address);
@@ -202,6 +270,14 @@ impl Ejections {
             }
             _ => false,
         }
+    }
+
+    /// Ends every ejection and forgets every multiplier (outlier detection was turned off);
+    /// whether any endpoint was ejected.
+    pub fn reset(&mut self) -> bool {
+        let any = self.ejected_count() > 0;
+        self.records.clear();
+        any
     }
 
     /// Forgets endpoints no longer in the status.
@@ -248,6 +324,106 @@ mod tests {
     }
 
     #[test]
+    fn the_percentage_is_rounded_up_as_grpc_counts_and_zero_ejects_none() {
+        // grpc-go and grpc-java eject while ejected / endpoints x 100 < max_ejection_percent.
+        let allowance = |percent: u8, endpoints: usize| {
+            OutlierDetection {
+                max_ejection_percent: percent,
+                ..OutlierDetection::default()
+            }
+            .ejection_allowance(endpoints)
+        };
+        assert_eq!(allowance(10, 3), 1);
+        assert_eq!(allowance(25, 10), 3, "20% < 25%: a third one");
+        assert_eq!(allowance(50, 4), 2);
+        assert_eq!(allowance(100, 4), 4);
+        assert_eq!(allowance(0, 4), 0);
+        let none = OutlierDetection {
+            max_ejection_percent: 0,
+            ..OutlierDetection::default()
+        };
+        assert!(
+            Ejections::default()
+                .eject(address(1), 3, Instant::now(), &none)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn reset_ends_every_ejection_and_multiplier() {
+        let config = OutlierDetection::default();
+        let mut ejections = Ejections::default();
+        let now = Instant::now();
+        ejections.eject(address(1), 3, now, &config);
+        assert!(ejections.reset());
+        assert!(!ejections.is_ejected(&address(1)));
+        assert_eq!(ejections.multiplier(&address(1)), 0);
+        assert!(!ejections.reset(), "nothing ejected any more");
+    }
+
+    #[test]
+    fn the_spec_gives_the_settings_and_unset_or_unreadable_gives_the_defaults() {
+        use serde_json::json;
+
+        let spec = json!({"service": "echo", "port": "grpc", "outlierDetection": {
+            "interval": "1s", "baseEjectionTime": "3s", "maxEjectionTime": "1h",
+            "maxEjectionPercent": 50, "consecutiveConnectFailures": 0,
+            "failurePercentage": {"threshold": 60, "minimumHosts": 3, "requestVolume": 10}}});
+        let parsed = parse_outlier_detection(Some(&spec));
+        assert_eq!(parsed.warning, None);
+        assert_eq!(
+            parsed.settings,
+            OutlierDetection {
+                enabled: true,
+                interval: Duration::from_secs(1),
+                base_ejection_time: Duration::from_secs(3),
+                max_ejection_time: Duration::from_secs(3600),
+                max_ejection_percent: 50,
+                consecutive_connect_failures: 0,
+                failure_percentage: Some(FailurePercentage {
+                    threshold: 60,
+                    minimum_hosts: 3,
+                    request_volume: 10,
+                }),
+            }
+        );
+
+        let off = json!({"outlierDetection": {"enabled": false}});
+        assert!(!parse_outlier_detection(Some(&off)).settings.enabled);
+        let connect_only = json!({"outlierDetection": {"failurePercentage": {"enabled": false}}});
+        let connect_only = parse_outlier_detection(Some(&connect_only)).settings;
+        assert_eq!(
+            (
+                connect_only.failure_percentage,
+                connect_only.consecutive_connect_failures
+            ),
+            (None, 5)
+        );
+
+        for unset in [
+            None,
+            Some(json!({"service": "echo"})),
+            Some(json!({"outlierDetection": null})),
+        ] {
+            assert_eq!(
+                parse_outlier_detection(unset.as_ref()),
+                ParsedOutlierDetection::default()
+            );
+        }
+        assert_eq!(ParsedOutlierDetection::default().settings, OutlierDetection::default());
+        let unreadable = json!({"outlierDetection": {"interval": "soon"}});
+        let parsed = parse_outlier_detection(Some(&unreadable));
+        assert_eq!(parsed.settings, OutlierDetection::default());
+        assert!(
+            parsed
+                .warning
+                .as_deref()
+                .is_some_and(|w| w.contains("spec.outlierDetection")),
+            "{parsed:?}"
+        );
+    }
+
+    #[test]
     fn the_percentage_caps_ejections() {
         let config = OutlierDetection {
             max_ejection_percent: 50,
@@ -282,14 +458,20 @@ mod tests {
         ];
         assert!(ejections.end_interval(&thin, now, &config).ejected.is_empty());
 
-        // Under the threshold (84% < 85%).
+        // At the threshold, not above it (85% is not more than 85%: gRFC A50's rule).
         let mut ejections = Ejections::default();
-        let under = [
-            (address(1), counts(16, 84)),
+        let at = [
+            (address(1), counts(15, 85)),
             (address(2), counts(20, 0)),
             (address(3), counts(20, 0)),
         ];
-        assert!(ejections.end_interval(&under, now, &config).ejected.is_empty());
+        assert!(ejections.end_interval(&at, now, &config).ejected.is_empty());
+        let above = [
+            (address(1), counts(14, 86)),
+            (address(2), counts(20, 0)),
+            (address(3), counts(20, 0)),
+        ];
+        assert_eq!(ejections.end_interval(&above, now, &config).ejected, vec![address(1)]);
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub struct Snapshot {
     pub unavailable: Option<String>,
     /// Outlier-detection intervals evaluated so far (a clock for "after N intervals").
     pub outlier_intervals: u64,
+    /// The outlier detection settings in use: the GrpcBackend's `spec.outlierDetection` (its
+    /// defaults when unset), or those set with
+    /// [`Builder::outlier_detection`](crate::Builder::outlier_detection).
+    pub outlier_detection: crate::OutlierDetection,
     /// The client's zone ([`Builder::zone`](crate::Builder::zone)), if it has one.
     pub zone: Option<String>,
     /// The client has a zone but no usable endpoint is for it: requests go to every zone.

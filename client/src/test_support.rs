@@ -64,7 +64,7 @@ impl MemoryNetwork {
         PoolConfig {
             template: Arc::new(|endpoint| Ok(endpoint.connect_timeout(Duration::from_secs(5)))),
             tls: false,
-            outlier_detection,
+            outlier_detection: Some(outlier_detection),
             panic_threshold,
             transparent_retry: true,
             dial: Dial::Memory(self.clone()),

@@ -1,6 +1,10 @@
 //! Outlier detection in the pool: failed requests and the end of each interval eject endpoints
 //! (the rules are in [`crate::outlier`]); an endpoint whose ejection time is up connects again
 //! before it takes requests, and news from the operator about an ejected endpoint readmits it.
+//!
+//! The settings are the GrpcBackend's `spec.outlierDetection`, followed as it changes (no
+//! reconnection: the next interval uses them; turning outlier detection off ends every
+//! ejection at once), unless the program set its own, which then win.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -9,16 +13,19 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, instrument, warn};
 
 use super::{Pool, PoolState, addresses};
 use crate::{
     endpoint::{Endpoint, SendError},
     failure::{Failure, classify},
-    outlier::{Ejections, IntervalCounts},
+    outlier::{Ejections, IntervalCounts, OutlierDetection, ParsedOutlierDetection},
     status::StatusEndpoint,
 };
+
+/// The shortest interval the timer runs at (admission allows 100ms; code may set less).
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Which endpoints are ejected, and which of them are connecting again.
 #[derive(Default)]
@@ -27,6 +34,10 @@ pub(super) struct Outliers {
     /// Ejected endpoints whose ejection time is up, connecting before they take requests again
     /// (they stay ejected until then).
     warming: HashSet<SocketAddr>,
+    /// The settings in use: the program's, or the spec's.
+    pub config: OutlierDetection,
+    /// The last warning about the spec's settings, logged once when it appears.
+    spec_warning: Option<String>,
 }
 
 impl Outliers {
@@ -47,7 +58,7 @@ impl Outliers {
     pub fn forget_absent(&mut self, listed: &[StatusEndpoint]) {
         let present = addresses(listed);
         self.ejections.retain(|address| present.contains(address));
-        let Self { ejections, warming } = self;
+        let Self { ejections, warming, .. } = self;
         warming.retain(|address| ejections.is_ejected(address));
     }
 
@@ -58,20 +69,78 @@ impl Outliers {
     }
 }
 
+/// The interval timer's period for `config`.
+pub(super) fn timer_interval(config: &OutlierDetection) -> Duration {
+    config.interval.max(MIN_INTERVAL)
+}
+
 impl Pool {
+    /// The outlier detection settings in use.
+    #[cfg(test)]
+    pub fn outlier_detection(&self) -> OutlierDetection {
+        self.lock().outliers.config.clone()
+    }
+
+    /// The settings read from the GrpcBackend's spec. Ignored when the program set its own;
+    /// otherwise the next interval uses them (the timer follows a new interval at once), and
+    /// turning outlier detection off ends every ejection.
+    pub fn apply_outlier_detection(&self, parsed: ParsedOutlierDetection) {
+        if self.config.outlier_detection.is_some() {
+            return;
+        }
+        let mut state = self.lock();
+        if parsed.warning != state.outliers.spec_warning {
+            if let Some(warning) = &parsed.warning {
+                warn!("{warning}");
+            }
+            state.outliers.spec_warning = parsed.warning;
+        }
+        if parsed.settings == state.outliers.config {
+            return;
+        }
+        let settings = parsed.settings;
+        info!(enabled = settings.enabled, interval = ?settings.interval,
+            base_ejection_time = ?settings.base_ejection_time, max_ejection_time = ?settings.max_ejection_time,
+            max_ejection_percent = settings.max_ejection_percent,
+            consecutive_connect_failures = settings.consecutive_connect_failures,
+            failure_percentage = ?settings.failure_percentage, "outlier detection settings from the GrpcBackend");
+        let interval = timer_interval(&settings);
+        self.outlier_interval.send_if_modified(|current| {
+            let changed = *current != interval;
+            *current = interval;
+            changed
+        });
+        let off = !settings.enabled;
+        state.outliers.config = settings;
+        if off {
+            // As gRFC A50 says of a config without rules: every ejection ends now.
+            state.outliers.warming.clear();
+            if state.outliers.ejections.reset() {
+                info!("outlier detection off: every ejected endpoint back in rotation");
+                self.rebuild(&mut state);
+            }
+        }
+    }
+
     /// A request to `address` failed: eject it at once after repeated connect failures.
     /// Other evidence waits for the end of the interval ([`Pool::end_interval`]).
     pub fn report_failure(&self, address: SocketAddr, error: &SendError) {
-        let threshold = self.config.outlier_detection.consecutive_connect_failures;
-        if error.failure == Failure::Connect && threshold > 0 && error.consecutive_connect_failures >= threshold {
-            self.eject_after_connect_failures(address);
+        if error.failure == Failure::Connect {
+            self.eject_after_connect_failures(address, error.consecutive_connect_failures);
         }
     }
 
     /// Called from the request path, which has no span of the GrpcBackend's.
     #[instrument(skip_all, fields(backend = %self.backend, endpoint = %address))]
-    fn eject_after_connect_failures(&self, address: SocketAddr) {
-        self.eject(address, "connection attempts failed in a row");
+    fn eject_after_connect_failures(&self, address: SocketAddr, failures_in_a_row: u32) {
+        let mut state = self.lock();
+        let threshold = state.outliers.config.consecutive_connect_failures;
+        if threshold > 0
+            && failures_in_a_row >= threshold
+            && self.eject_locked(&mut state, address, "connection attempts failed in a row")
+        {
+            self.rebuild(&mut state);
+        }
     }
 
     /// Ejects `address` if the rules allow (called in a span naming the endpoint).
@@ -84,11 +153,10 @@ impl Pool {
 
     fn eject_locked(&self, state: &mut PoolState, address: SocketAddr, why: &str) -> bool {
         let in_rotation = state.view.endpoints.iter().filter(|e| e.usable()).count().max(1);
-        let Some(length) =
-            state
-                .outliers
-                .ejections
-                .eject(address, in_rotation, Instant::now(), &self.config.outlier_detection)
+        let Some(length) = state
+            .outliers
+            .ejections
+            .eject(address, in_rotation, Instant::now(), &state.outliers.config)
         else {
             return false;
         };
@@ -117,8 +185,10 @@ impl Pool {
                     .map(|s| (e.address, s.take_interval()))
             })
             .collect();
-        let config = &self.config.outlier_detection;
-        let outcome = state.outliers.ejections.end_interval(&counts, Instant::now(), config);
+        let outcome = state
+            .outliers
+            .ejections
+            .end_interval(&counts, Instant::now(), &state.outliers.config);
         self.outlier_intervals.fetch_add(1, Ordering::Relaxed);
         for address in &outcome.ejected {
             if let Some(stats) = state.connections.stats.get(address) {
@@ -181,17 +251,33 @@ async fn warm_up_after_ejection(pool: Arc<Pool>, endpoint: Arc<Endpoint>) {
     pool.warmed_up(endpoint.address, result);
 }
 
-/// gRFC A50's interval timer: ends an interval every `interval` until the pool of GrpcBackend
-/// `backend` is gone.
+/// gRFC A50's interval timer: ends an interval every `interval` of the settings in use (a new
+/// interval starts over from its change) until the pool of GrpcBackend `backend` is gone.
 #[instrument(name = "outlier_detection", skip_all, fields(backend = %backend))]
-pub(crate) async fn outlier_timer(pool: Weak<Pool>, backend: String, interval: Duration) {
-    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+pub(crate) async fn outlier_timer(pool: Weak<Pool>, backend: String) {
+    let Some(mut interval) = pool.upgrade().map(|pool| pool.outlier_interval.subscribe()) else {
+        return;
+    };
     loop {
-        tick.tick().await;
-        match pool.upgrade() {
-            Some(pool) => pool.end_interval(),
-            None => return,
+        let period = *interval.borrow_and_update();
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match pool.upgrade() {
+                    Some(pool) => pool.end_interval(),
+                    None => return,
+                },
+                changed = interval.changed() => match changed {
+                    Ok(()) => break,
+                    Err(_) => return,
+                },
+            }
         }
     }
+}
+
+/// The interval sender of a pool whose settings are `config`.
+pub(super) fn interval_sender(config: &OutlierDetection) -> watch::Sender<Duration> {
+    watch::channel(timer_interval(config)).0
 }

@@ -22,6 +22,7 @@ use std::{
     collections::HashSet,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak, atomic::AtomicU64},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
@@ -53,7 +54,8 @@ pub(crate) use ejection::outlier_timer;
 pub(crate) struct PoolConfig {
     pub template: EndpointTemplate,
     pub tls: bool,
-    pub outlier_detection: OutlierDetection,
+    /// Outlier detection set in code: it wins over the GrpcBackend's `spec.outlierDetection`.
+    pub outlier_detection: Option<OutlierDetection>,
     /// In percent: below this share of Kubernetes-ready endpoints usable, spread over all
     /// Kubernetes-ready ones. 0 turns it off.
     pub panic_threshold: u8,
@@ -84,6 +86,8 @@ pub(crate) struct Pool {
     version: watch::Sender<u64>,
     discovery: watch::Sender<DiscoveryState>,
     outlier_intervals: AtomicU64,
+    /// The outlier-detection timer's period, followed by the timer ([`ejection`]).
+    outlier_interval: watch::Sender<Duration>,
     /// Slow-start timers started so far (one runs at a time, only while something ramps).
     ramp_timers: AtomicU64,
 }
@@ -125,6 +129,11 @@ impl PoolState {
 impl Pool {
     pub fn new(backend: String, config: PoolConfig) -> Arc<Self> {
         let unavailable = format!("GrpcBackend {backend}: its status has not been read yet");
+        let mut state = PoolState::default();
+        if let Some(outlier_detection) = &config.outlier_detection {
+            state.outliers.config = outlier_detection.clone();
+        }
+        let outlier_interval = ejection::interval_sender(&state.outliers.config);
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             rotation: ArcSwap::from_pointee(Rotation {
@@ -134,10 +143,11 @@ impl Pool {
             }),
             backend,
             config,
-            state: Mutex::new(PoolState::default()),
+            state: Mutex::new(state),
             version: watch::channel(0).0,
             discovery: watch::channel(DiscoveryState::Connecting).0,
             outlier_intervals: AtomicU64::new(0),
+            outlier_interval,
             ramp_timers: AtomicU64::new(0),
         })
     }

@@ -59,6 +59,7 @@ impl Pool {
             panic: rotation.panic,
             unavailable: rotation.picker.is_empty().then(|| rotation.unavailable.clone()),
             outlier_intervals: self.outlier_intervals.load(Ordering::Relaxed),
+            outlier_detection: state.outliers.config.clone(),
             zone: state.zone.clone(),
             zone_fallback: state.built.zone_fallback,
             endpoints,

@@ -11,11 +11,11 @@ use std::{
 
 use serde_json::json;
 
-use super::Pool;
+use super::{Pool, PoolConfig, outlier_timer};
 use crate::{
     endpoint::{Endpoint, SendError},
     failure::Failure,
-    outlier::OutlierDetection,
+    outlier::{OutlierDetection, ParsedOutlierDetection, parse_outlier_detection},
     slow_start::{ParsedSlowStart, SlowStart},
     snapshot::Snapshot,
     test_support::{BACKEND, MemoryNetwork, apply, entry, transitioned, zoned},
@@ -237,7 +237,7 @@ async fn consecutive_connect_failures_eject_at_once() {
     let [failing, other] = [net.answering(), net.answering()];
     let pool = new_pool(&net);
     apply(&pool, &[entry(failing, 100, "Serving"), entry(other, 100, "Serving")]);
-    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    let threshold = pool.outlier_detection().consecutive_connect_failures;
 
     pool.report_failure(failing, &send_error(Failure::Connect, threshold - 1).await);
     assert!(pool.snapshot().endpoint(&failing).unwrap().in_rotation, "not yet");
@@ -257,7 +257,7 @@ async fn rotation_failures_never_eject() {
     let failing = net.answering();
     let pool = new_pool(&net);
     apply(&pool, &[entry(failing, 100, "Serving")]);
-    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    let threshold = pool.outlier_detection().consecutive_connect_failures;
 
     pool.report_failure(failing, &send_error(Failure::Rotation, threshold).await);
     let snapshot = pool.snapshot();
@@ -276,7 +276,7 @@ async fn an_ejection_whose_time_is_up_comes_back_after_warming_up() {
     };
     let pool = Pool::new(BACKEND.into(), net.config(outlier_detection, 0));
     apply(&pool, &[entry(address, 100, "Serving")]);
-    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    let threshold = pool.outlier_detection().consecutive_connect_failures;
     pool.report_failure(address, &send_error(Failure::Connect, threshold).await);
     assert_eq!(
         pool.snapshot().unavailable.as_deref(),
@@ -335,6 +335,98 @@ async fn an_endpoint_still_refusing_after_its_ejection_is_ejected_again() {
     pool.end_interval();
     let snapshot = wait_until(&pool, "it is ejected again", |s| s.endpoints[0].ejections == 2).await;
     assert!(snapshot.endpoints[0].ejected && !snapshot.endpoints[0].in_rotation);
+}
+
+// === outlier detection settings from the spec ===
+
+/// A pool on `net` that follows the spec's outlier detection (none set in code).
+fn spec_following_pool(net: &MemoryNetwork) -> Arc<Pool> {
+    let config = PoolConfig {
+        outlier_detection: None,
+        ..net.config(OutlierDetection::default(), 0)
+    };
+    Pool::new(BACKEND.into(), config)
+}
+
+fn spec_settings(od: serde_json::Value) -> ParsedOutlierDetection {
+    let parsed = parse_outlier_detection(Some(&json!({"outlierDetection": od})));
+    assert_eq!(parsed.warning, None);
+    parsed
+}
+
+#[tokio::test]
+async fn the_spec_sets_outlier_detection_and_a_change_applies_without_reconnecting() {
+    let net = MemoryNetwork::default();
+    let [failing, other] = [net.answering(), net.answering()];
+    let pool = spec_following_pool(&net);
+    assert_eq!(pool.snapshot().outlier_detection, OutlierDetection::default());
+    apply(&pool, &[entry(failing, 100, "Serving"), entry(other, 100, "Serving")]);
+    let opened = |pool: &Pool| -> u64 { pool.snapshot().endpoints.iter().map(|e| e.connections_opened).sum() };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while opened(&pool) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("both endpoints connect");
+
+    pool.apply_outlier_detection(spec_settings(json!({"consecutiveConnectFailures": 2})));
+    assert_eq!(pool.snapshot().outlier_detection.consecutive_connect_failures, 2);
+    pool.report_failure(failing, &send_error(Failure::Connect, 2).await);
+    assert!(
+        pool.snapshot().endpoint(&failing).unwrap().ejected,
+        "2 in a row, as the spec says"
+    );
+    assert_eq!(opened(&pool), 2, "no endpoint reconnected for the new settings");
+
+    // Turned off: every ejection ends at once (gRFC A50), and nothing ejects any more.
+    pool.apply_outlier_detection(spec_settings(json!({"enabled": false})));
+    let snapshot = pool.snapshot();
+    let back = snapshot.endpoint(&failing).unwrap();
+    assert!(!back.ejected && back.in_rotation, "{back:?}");
+    pool.report_failure(failing, &send_error(Failure::Connect, 100).await);
+    assert!(!pool.snapshot().endpoint(&failing).unwrap().ejected);
+    assert_eq!(opened(&pool), 2);
+}
+
+#[tokio::test]
+async fn settings_set_in_code_win_over_the_spec() {
+    let net = MemoryNetwork::default();
+    let failing = net.answering();
+    let pool = new_pool(&net);
+    apply(&pool, &[entry(failing, 100, "Serving")]);
+    pool.apply_outlier_detection(spec_settings(json!({"enabled": false})));
+    assert_eq!(pool.snapshot().outlier_detection, OutlierDetection::default());
+    let threshold = pool.outlier_detection().consecutive_connect_failures;
+    pool.report_failure(failing, &send_error(Failure::Connect, threshold).await);
+    assert!(pool.snapshot().endpoint(&failing).unwrap().ejected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_interval_timer_follows_a_new_interval_from_the_spec() {
+    let net = MemoryNetwork::default();
+    let pool = spec_following_pool(&net);
+    let timer = tokio::spawn(outlier_timer(Arc::downgrade(&pool), BACKEND.into()));
+    let intervals = |pool: &Pool| pool.snapshot().outlier_intervals;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(intervals(&pool), 0, "the default interval is 10s");
+
+    pool.apply_outlier_detection(spec_settings(json!({"interval": "1s"})));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(intervals(&pool), 1, "1s from the change");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(intervals(&pool), 4);
+
+    // The same settings read again (every status write brings the spec) restart nothing.
+    pool.apply_outlier_detection(spec_settings(json!({"interval": "1s"})));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(intervals(&pool), 5);
+
+    drop(pool);
+    tokio::time::timeout(Duration::from_secs(5), timer)
+        .await
+        .expect("the timer ends with its pool")
+        .expect("no panic");
 }
 
 // === slow start ===
@@ -493,7 +585,7 @@ async fn a_new_zone_or_the_end_of_slow_start_does_not_readmit_an_ejected_endpoin
             entry(other, 100, "Serving"),
         ],
     );
-    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    let threshold = pool.outlier_detection().consecutive_connect_failures;
     pool.report_failure(failing, &send_error(Failure::Connect, threshold).await);
     assert!(pool.snapshot().endpoint(&failing).unwrap().ejected);
 
@@ -560,7 +652,7 @@ async fn ejected_local_endpoints_send_requests_to_every_zone() {
     apply(&pool, &[zoned(a, "Serving", "a", &[]), zoned(b, "Serving", "b", &[])]);
     assert_eq!(picks_per_cycle(&pool), HashMap::from([(a, 1)]));
 
-    let threshold = pool.config.outlier_detection.consecutive_connect_failures;
+    let threshold = pool.outlier_detection().consecutive_connect_failures;
     pool.report_failure(a, &send_error(Failure::Connect, threshold).await);
     assert_eq!(picks_per_cycle(&pool), HashMap::from([(b, 1)]));
     let snapshot = pool.snapshot();
