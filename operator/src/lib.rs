@@ -36,6 +36,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("cannot write the status of GRPCRoute {route}: {source}")]
+    RouteStatusWrite {
+        route: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("cannot serialize a status: {0}")]
     Serialize(#[source] serde_json::Error),
     /// Start-up waits for these two caches only: the Pod watch runs while a GrpcBackend uses
@@ -49,6 +55,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::StatusWrite { .. } => "status_write",
+            Error::RouteStatusWrite { .. } => "route_status_write",
             Error::Serialize(_) => "serialize",
             Error::CacheNeverReady => "cache",
         }

@@ -10,6 +10,7 @@
 //! what gets written then.
 
 mod observe;
+mod routes;
 mod tls;
 mod watches;
 mod writer;
@@ -39,10 +40,12 @@ use kube::{
 use kubegrpc_crds::{GrpcBackend, OPERATOR_FIELD_MANAGER};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, instrument, warn};
 
 use self::{
     observe::observe,
+    routes::{RouteChange, RouteViews},
     tls::{CA_BUNDLE_REFRESH, Resolved, TlsSettings},
     watches::{PodWatch, Watches},
     writer::{StatusWriter, WriteOutcome},
@@ -122,6 +125,8 @@ struct Context {
     bad_annotations: Mutex<HashSet<ReportedValue>>,
     /// `spec.tls` of each GrpcBackend, with its CA bundle.
     tls: TlsSettings,
+    /// GRPCRoutes and ReferenceGrants, for the routing tables.
+    routes: Arc<RouteViews>,
 }
 
 /// Runs the reconciler until `shutdown` resolves.
@@ -135,10 +140,29 @@ pub async fn run(
     let (relisted, relists) = mpsc::unbounded_channel::<()>();
     let (probe_changes, probe_changed) = mpsc::unbounded_channel::<ObjectKey>();
 
-    let mut watches = Watches::start(&client, &settings.namespace, &triggers, &relisted);
+    let (route_changes, route_changed) = mpsc::unbounded_channel::<RouteChange>();
+    let mut watches = Watches::start(&client, &settings.namespace, &triggers, &relisted, &route_changes);
     info!("waiting for the Service and EndpointSlice caches");
     watches.ready().await?;
     info!("caches ready; reconciling");
+    let route_controller = RouteViews::start(
+        &client,
+        &settings.namespace,
+        watches.backends.clone(),
+        watches.services.clone(),
+        triggers.clone(),
+        relisted.clone(),
+    );
+    let route_views = route_controller.views.clone();
+    let route_controller_grants = route_controller.grants_task;
+    // Services and GrpcBackends a route names resolve it again.
+    let route_hook = AbortOnDropHandle::new(tokio::spawn({
+        let views = route_views.clone();
+        UnboundedReceiverStream::new(route_changed).for_each(move |change| {
+            views.changed(&change);
+            futures::future::ready(())
+        })
+    }));
 
     let reporter = Reporter {
         controller: OPERATOR_FIELD_MANAGER.into(),
@@ -165,17 +189,45 @@ pub async fn run(
         pods: PodWatch::new(client.clone(), settings.namespace.clone(), triggers.clone()),
         bad_annotations: Mutex::new(HashSet::new()),
         tls: TlsSettings::new(client.clone(), settings.probe_client_identity.clone()),
+        routes: route_views.clone(),
         settings,
     });
 
     let (backends_store, backends_writer) = reflector::store();
     let backends_api: Api<Backend> = watches::scoped(&client, &context.settings.namespace);
-    let backends_stream = watches::backends(backends_api, backends_writer, watches.backends.clone(), {
-        let context = context.clone();
-        move |gone| context.forget(gone)
-    });
+    let backends_stream = watches::backends(
+        backends_api,
+        backends_writer,
+        watches.backends.clone(),
+        {
+            let context = context.clone();
+            move |gone| context.forget(gone)
+        },
+        route_changes,
+    );
     let probe_triggers = UnboundedReceiverStream::new(probe_changed).map(|key| key.object_ref::<Backend>());
     let concurrency = context.settings.reconcile_concurrency;
+    // Stopped by dropping it: a route status write is a guarded merge patch, safe to cut
+    // short, and a route controller whose store never fills (no Gateway API installed) would
+    // hold up a graceful shutdown, which waits for the store first.
+    let routes_task = AbortOnDropHandle::new(tokio::spawn(
+        Controller::for_stream(route_controller.stream, route_controller.store)
+            .reconcile_on(UnboundedReceiverStream::new(route_controller.triggered))
+            .run(
+                routes::reconcile_route,
+                routes::route_error_policy,
+                Arc::new(routes::RouteContext {
+                    client: client.clone(),
+                    views: route_views,
+                }),
+            )
+            .for_each(|result| {
+                if let Err(error) = result {
+                    debug!(%error, "route reconcile request not completed");
+                }
+                futures::future::ready(())
+            }),
+    ));
     Controller::for_stream(backends_stream, backends_store)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .reconcile_on(UnboundedReceiverStream::new(triggered))
@@ -190,6 +242,9 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
+    drop(routes_task);
+    drop(route_hook);
+    drop(route_controller_grants);
     drop(triggers);
     Ok(())
 }
@@ -285,7 +340,12 @@ async fn reconcile_backend(backend: &GrpcBackend, key: &ObjectKey, context: &Con
         endpoints_budget: context.settings.endpoints_budget,
         panic_threshold: u32::try_from(backend.spec.health_check.panic_threshold).unwrap_or(0),
     };
-    let desired = status::desired_status(backend.status.as_ref(), &observed.observation, &status_context).status;
+    let mut desired = status::desired_status(backend.status.as_ref(), &observed.observation, &status_context).status;
+    // Until the route views are complete, the published table stays.
+    desired.routes = context
+        .routes
+        .table(backend, key)
+        .unwrap_or_else(|| backend.status.as_ref().map(|s| s.routes.clone()).unwrap_or_default());
     let written = context.writer.write(backend, key, &desired).await?;
     if written == WriteOutcome::Written {
         for notice in status::notices(backend.status.as_ref(), &desired) {
@@ -345,6 +405,7 @@ impl Context {
         self.metrics.forget(&key.namespace, &key.name);
         self.writer.forget(key);
         self.tls.forget(key);
+        self.routes.forget(key);
         self.failures().remove(key);
         info!(backend = %key, "GrpcBackend gone; its probers stopped");
     }

@@ -74,7 +74,15 @@ impl Context {
             controller: OPERATOR_FIELD_MANAGER.into(),
             instance: Some("test".into()),
         };
+        let backends = Arc::new(ByService::<Backend>::new(|backend| {
+            backend.0.as_ref().ok().map(|b| b.spec.service.clone())
+        }));
         let context = Context {
+            routes: Arc::new(routes::RouteViews::detached(
+                backends.clone(),
+                store.clone(),
+                triggers.clone(),
+            )),
             recorder: Recorder::new(client.clone(), reporter),
             writer: StatusWriter::new(client.clone(), metrics.clone(), settings.status_write_interval),
             tls: TlsSettings::new(client.clone(), None),
@@ -82,9 +90,7 @@ impl Context {
             settings,
             services: store,
             slices: Arc::new(slice_index),
-            backends: Arc::new(ByService::<Backend>::new(|backend| {
-                backend.0.as_ref().ok().map(|b| b.spec.service.clone())
-            })),
+            backends,
             probers: ProberRegistry::new(
                 ProbeReports {
                     metrics: metrics.clone(),

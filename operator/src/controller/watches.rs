@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
-use super::Backend;
+use super::{Backend, routes::RouteChange};
 use crate::{
     Error,
     discovery::{self, SERVICE_NAME_LABEL},
@@ -65,6 +65,7 @@ impl Watches {
         namespace: &Option<String>,
         triggers: &Triggers,
         relisted: &mpsc::UnboundedSender<()>,
+        route_changes: &mpsc::UnboundedSender<RouteChange>,
     ) -> Self {
         let backends = Arc::new(ByService::<Backend>::new(|backend| {
             backend.0.as_ref().ok().map(|b| b.spec.service.clone())
@@ -79,6 +80,7 @@ impl Watches {
             let backends = backends.clone();
             let triggers = triggers.clone();
             let relisted = relisted.clone();
+            let route_changes = route_changes.clone();
             watcher(scoped::<Service>(client, namespace), watcher::Config::default())
                 .default_backoff()
                 .modify(discovery::trim_service)
@@ -86,7 +88,10 @@ impl Watches {
                 .for_each(move |event| {
                     match event {
                         Ok(watcher::Event::Apply(service) | watcher::Event::Delete(service)) => {
-                            trigger_backends_of(&backends, &triggers, &ObjectKey::of(&service));
+                            let key = ObjectKey::of(&service);
+                            trigger_backends_of(&backends, &triggers, &key);
+                            // Routes naming it (as a parent or a backend) resolve again.
+                            let _ = route_changes.send(RouteChange::Service(key));
                         }
                         Ok(watcher::Event::InitDone) => {
                             let _ = relisted.send(());
@@ -328,13 +333,49 @@ pub(super) fn backends(
     store: reflector::store::Writer<Backend>,
     index: Arc<ByService<Backend>>,
     gone: impl Fn(&ObjectKey) + Send + 'static,
+    route_changes: mpsc::UnboundedSender<RouteChange>,
 ) -> impl Stream<Item = Result<Backend, watcher::Error>> + Send + 'static {
+    // The generation each GrpcBackend was last seen at: its status writes (which do not move
+    // it) concern no route.
+    let mut generations = std::collections::HashMap::<ObjectKey, Option<i64>>::new();
     watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(store)
         .inspect_ok(move |event| {
             for key in index.apply(&index_entries(event)) {
                 gone(&key);
+            }
+            // Routes naming this GrpcBackend's Service resolve again when it appears, goes or
+            // changes its spec (it may become, or stop being, a route's backend).
+            let (backend, deleted) = match event {
+                watcher::Event::Apply(backend) => (backend, false),
+                watcher::Event::Delete(backend) => (backend, true),
+                watcher::Event::InitApply(backend) => {
+                    if let Ok(grpc_backend) = &backend.0 {
+                        generations.insert(ObjectKey::of(grpc_backend), grpc_backend.metadata.generation);
+                    }
+                    return;
+                }
+                watcher::Event::InitDone => {
+                    let _ = route_changes.send(RouteChange::BackendsListed);
+                    return;
+                }
+                watcher::Event::Init => return,
+            };
+            let Ok(grpc_backend) = &backend.0 else { return };
+            let key = ObjectKey::of(grpc_backend);
+            let changed = if deleted {
+                generations.remove(&key);
+                true
+            } else {
+                generations.insert(key, grpc_backend.metadata.generation) != Some(grpc_backend.metadata.generation)
+            };
+            if changed {
+                let service = ObjectKey::new(
+                    grpc_backend.namespace().unwrap_or_default(),
+                    grpc_backend.spec.service.clone(),
+                );
+                let _ = route_changes.send(RouteChange::Service(service));
             }
         })
         .applied_objects()

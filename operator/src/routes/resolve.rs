@@ -49,9 +49,29 @@ pub trait Lookup {
     /// The Service `key`, if it exists.
     fn service(&self, key: &ObjectKey) -> Option<Arc<Service>>;
     /// The readable GrpcBackends naming the Service `service` (in its namespace).
-    fn backends_of_service(&self, service: &ObjectKey) -> Vec<Arc<GrpcBackend>>;
+    fn backends_of_service(&self, service: &ObjectKey) -> Vec<Balancer>;
     /// The ReferenceGrants of `namespace`.
     fn grants_in(&self, namespace: &str) -> Vec<Arc<ReferenceGrant>>;
+}
+
+/// A GrpcBackend as the resolver sees it: what it balances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balancer {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    pub port: PortRef,
+}
+
+impl Balancer {
+    pub fn of(backend: &GrpcBackend) -> Self {
+        Self {
+            namespace: backend.namespace().unwrap_or_default(),
+            name: backend.name_any(),
+            service: backend.spec.service.clone(),
+            port: backend.spec.port.clone(),
+        }
+    }
 }
 
 /// A parentRef of a route that names a Service, with that Service's key.
@@ -66,20 +86,20 @@ fn service_parent(route: &GRPCRoute, parent: &ParentReference) -> Option<ObjectK
 }
 
 /// The Service port number a GrpcBackend balances, when its Service has that port.
-fn balanced_port(backend: &GrpcBackend, service: Option<&Service>) -> Option<i32> {
-    match (&backend.spec.port, service) {
-        (_, Some(service)) => resolve_port(&backend.spec.port, service).ok().map(|p| p.port),
+fn balanced_port(backend: &Balancer, service: Option<&Service>) -> Option<i32> {
+    match (&backend.port, service) {
+        (_, Some(service)) => resolve_port(&backend.port, service).ok().map(|p| p.port),
         (PortRef::Number(number), None) => Some(*number),
         (PortRef::Name(_), None) => None,
     }
 }
 
 /// Whether `parent` (a parentRef of `route`) attaches the route to the GrpcBackend `backend`.
-fn attaches_to(route: &GRPCRoute, parent: &ParentReference, backend: &GrpcBackend, lookup: &dyn Lookup) -> bool {
+fn attaches_to(route: &GRPCRoute, parent: &ParentReference, backend: &Balancer, lookup: &dyn Lookup) -> bool {
     let Some(service) = service_parent(route, parent) else {
         return false;
     };
-    if service.name != backend.spec.service || Some(service.namespace.as_str()) != backend.namespace().as_deref() {
+    if service.name != backend.service || service.namespace != backend.namespace {
         return false;
     }
     match parent.port {
@@ -276,7 +296,7 @@ fn resolve_backend(
         .backends_of_service(&service_key)
         .iter()
         .filter(|b| balanced_port(b, Some(&service)) == Some(port))
-        .map(|b| b.name_any())
+        .map(|b| b.name.clone())
         .collect();
     balancing.sort();
     match balancing.into_iter().next() {
@@ -295,8 +315,8 @@ fn resolve_backend(
 /// attached to it, in the specification's precedence order (longest service, then method,
 /// then most headers; then the oldest route, then by namespace/name; then rule and match
 /// order), at most [`MAX_ROUTE_ENTRIES`].
-pub fn table_for(backend: &GrpcBackend, routes: &[Arc<GRPCRoute>], lookup: &dyn Lookup) -> Vec<RouteEntry> {
-    let table_namespace = backend.namespace().unwrap_or_default();
+pub fn table_for(backend: &Balancer, routes: &[Arc<GRPCRoute>], lookup: &dyn Lookup) -> Vec<RouteEntry> {
+    let table_namespace = backend.namespace.clone();
     let mut keyed = Vec::new();
     for route in routes {
         let attached = route
@@ -311,8 +331,7 @@ pub fn table_for(backend: &GrpcBackend, routes: &[Arc<GRPCRoute>], lookup: &dyn 
             .metadata
             .creation_timestamp
             .as_ref()
-            .map(|t| t.0)
-            .unwrap_or(Timestamp::MAX);
+            .map_or(Timestamp::MAX, |t| t.0);
         let route_name = format!("{}/{}", route.namespace().unwrap_or_default(), route.name_any());
         let (rules, _) = resolve_rules(route, lookup);
         for rule in rules {

@@ -23,11 +23,11 @@ impl Lookup for World {
         self.services.get(key).cloned()
     }
 
-    fn backends_of_service(&self, service: &ObjectKey) -> Vec<Arc<GrpcBackend>> {
+    fn backends_of_service(&self, service: &ObjectKey) -> Vec<Balancer> {
         self.backends
             .iter()
             .filter(|b| b.spec.service == service.name && b.namespace().as_deref() == Some(service.namespace.as_str()))
-            .cloned()
+            .map(|b| Balancer::of(b))
             .collect()
     }
 
@@ -81,11 +81,11 @@ impl World {
         self
     }
 
-    fn backend(&self, namespace: &str, name: &str) -> Arc<GrpcBackend> {
+    fn backend(&self, namespace: &str, name: &str) -> Balancer {
         self.backends
             .iter()
             .find(|b| b.name_any() == name && b.namespace().as_deref() == Some(namespace))
-            .cloned()
+            .map(|b| Balancer::of(b))
             .unwrap()
     }
 }
@@ -178,7 +178,8 @@ fn matches_are_ordered_by_the_specifications_precedence_across_routes_and_rules(
         ]}),
     );
     let table = table_for(&world.backend("shop", "echo"), &[newer, older], &world);
-    let order: Vec<(String, u32, Option<String>, Option<String>, usize)> = table
+    type Key = (String, u32, Option<String>, Option<String>, usize);
+    let order: Vec<Key> = table
         .iter()
         .map(|e| {
             (
