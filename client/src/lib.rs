@@ -16,7 +16,7 @@
 //!   ejects, nor do the caller's own deadlines and cancellations;
 //! - passive outlier detection on evidence (gRFC A50's failure percentage over an interval,
 //!   and connection attempts failing in a row) ejects an endpoint before the operator's next
-//!   status; an ejected endpoint keeps its connection and comes back connected;
+//!   status; an ejected endpoint keeps its connection and comes back connected (below);
 //! - with no usable endpoint, a request fails at once with `Unavailable` naming the
 //!   GrpcBackend and why;
 //! - slow start, on the client: an endpoint that just became usable gets part of its weight,
@@ -47,6 +47,18 @@
 //! every Kubernetes-ready endpoint gets the same share, ramping or not.
 //! [`EndpointSnapshot::effective_weight`] and [`EndpointSnapshot::slow_start_percent`] show
 //! the weight in use.
+//!
+//! ## Outlier detection
+//!
+//! The settings are the GrpcBackend's `spec.outlierDetection`, the same that the operator
+//! publishes to xDS clients (unset: on, with gRFC A50's defaults; see [`OutlierDetection`]),
+//! read with every read of the object: a change applies from the next interval without
+//! reconnecting anything (a new `interval` restarts the timer; `enabled: false` ends every
+//! ejection at once). [`Builder::outlier_detection`] sets the channel's own settings instead;
+//! they win and the spec's are then not followed. [`Snapshot::outlier_detection`] shows the
+//! settings in use. The evidence is what the transport saw (a connection that could not be
+//! made or broke with the request on it), never a response's status code nor the caller's own
+//! deadlines and cancellations; gRPC's xDS clients count every non-OK call.
 //!
 //! ## Zones
 //!
