@@ -8,13 +8,8 @@ use std::{
     time::Duration,
 };
 
-use kube::{
-    Api, Client,
-    api::{ApiResource, DynamicObject},
-};
-use kubegrpc_crds::GrpcBackend;
+use kube::Client;
 use tokio::sync::oneshot;
-use tokio_util::task::AbortOnDropHandle;
 use tonic::{Status, body::Body};
 use tracing::debug;
 
@@ -24,9 +19,10 @@ use crate::{
     endpoint::{EndpointTemplate, ReplayBody},
     failure::Failure,
     outlier::OutlierDetection,
-    pool::{Pool, PoolConfig, outlier_timer},
+    pool::{Pool, PoolConfig},
+    router::{PoolTasks, Router, Spawner},
+    routes::BackendKey,
     snapshot::{DiscoveryState, Snapshot},
-    tls::TlsResolver,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,9 +50,10 @@ pub struct Channel {
 
 struct Inner {
     pool: Arc<Pool>,
+    /// Where each call goes: the pool, or the pool a routing table picks.
+    router: Arc<Router>,
     /// The discovery task and the outlier-detection timer end with the last clone.
-    _discovery: AbortOnDropHandle<()>,
-    _outlier_timer: AbortOnDropHandle<()>,
+    _tasks: PoolTasks,
 }
 
 impl std::fmt::Debug for Inner {
@@ -91,14 +88,23 @@ impl Channel {
 
     /// Resolves once a request can be sent to a usable endpoint. Bound it with the caller's
     /// deadline, e.g. `tokio::time::timeout(deadline, channel.ready())`.
+    ///
+    /// With a routing table (`status.routes`, see the crate docs), once every entry that names
+    /// a backend of weight above 0 has at least one such backend with a usable endpoint: then
+    /// no call the table routes fails for want of an endpoint (shares follow the weights once
+    /// every weighted backend has one; the snapshot shows each). A table that routes nothing
+    /// (no entry with a weighted backend) is never ready.
     pub async fn ready(&self) {
-        self.inner.pool.ready().await;
+        self.inner.router.ready().await;
     }
 
     /// A read-only copy of the channel's state: endpoints, weights, health, ejections and
-    /// per-endpoint counters.
+    /// per-endpoint counters; with a routing table, the table and each routed-to GrpcBackend's
+    /// pool ([`Snapshot::routing`]).
     pub fn snapshot(&self) -> Snapshot {
-        self.inner.pool.snapshot()
+        let mut snapshot = self.inner.pool.snapshot();
+        snapshot.routing = self.inner.router.snapshot();
+        snapshot
     }
 
     /// How the channel's view of the GrpcBackend is kept (synced, not found, stale).
@@ -303,7 +309,11 @@ impl Builder {
         let (first, first_read) = oneshot::channel();
         let channel = self.start(Some(first));
         match first_read.await {
-            Ok(Ok(())) => Ok(channel),
+            Ok(Ok(())) => {
+                // The GrpcBackends its routing table names, if any, are read before it returns.
+                channel.inner.router.first_reads().await;
+                Ok(channel)
+            }
             Ok(Err(source)) => Err(Error::Discovery { backend, source }),
             Err(_) => Err(Error::DiscoveryStopped { backend }),
         }
@@ -328,6 +338,11 @@ impl Builder {
                 dial: Dial::Tcp,
             },
         );
+        let router = Router::new(
+            BackendKey::new(&self.namespace, &self.name),
+            pool.clone(),
+            Spawner::Kube(self.client.clone()),
+        );
         let node = match self.zone {
             Some(ZoneSource::Named(zone)) => {
                 pool.set_zone(Some(zone));
@@ -336,18 +351,21 @@ impl Builder {
             Some(ZoneSource::Node(node)) => Some((self.client.clone(), node)),
             None => None,
         };
-        // The user's own TLS settings win: then the spec's are not read.
-        let tls =
-            (!self.tls).then(|| TlsResolver::new(self.client.clone(), self.namespace.clone(), pool.backend.clone()));
-        let resource = ApiResource::erase::<GrpcBackend>(&());
-        let api = Api::<DynamicObject>::namespaced_with(self.client, &self.namespace, &resource);
-        let discovery = tokio::spawn(crate::discovery::run(api, self.name, pool.clone(), node, tls, first));
-        let outlier = tokio::spawn(outlier_timer(Arc::downgrade(&pool), pool.backend.clone()));
+        // The routed-to GrpcBackends' pools are started the same way ([`PoolTasks::spawn`]).
+        let tasks = PoolTasks::spawn(
+            self.client,
+            &self.namespace,
+            self.name,
+            pool.clone(),
+            node,
+            first,
+            Some(router.clone()),
+        );
         Channel {
             inner: Arc::new(Inner {
                 pool,
-                _discovery: AbortOnDropHandle::new(discovery),
-                _outlier_timer: AbortOnDropHandle::new(outlier),
+                router,
+                _tasks: tasks,
             }),
         }
     }
@@ -367,8 +385,10 @@ impl tower::Service<http::Request<Body>> for Channel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let pool = self.inner.pool.clone();
-        Box::pin(send(pool, request))
+        match self.inner.router.route(&request) {
+            Ok(pool) => Box::pin(send(pool, request)),
+            Err(unavailable) => Box::pin(std::future::ready(Err(Box::new(unavailable) as BoxError))),
+        }
     }
 }
 

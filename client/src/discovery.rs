@@ -22,6 +22,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::{
     outlier::parse_outlier_detection,
     pool::Pool,
+    router::Router,
     slow_start::parse_slow_start,
     snapshot::DiscoveryState,
     status::parse_status,
@@ -37,7 +38,8 @@ const NODE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The channel's discovery task: reads the zone of Node `node` first if given (so that the
 /// first rotation, and `connect`'s return, already have it), then follows GrpcBackend `name`
 /// until the task is aborted. `first` learns how the first read went. With `tls`, the spec's
-/// `tls` decides how the endpoints are connected to (without, the user's settings do).
+/// `tls` decides how the endpoints are connected to (without, the user's settings do). With
+/// `router` (the channel's own GrpcBackend), each read's routing table goes to it.
 #[instrument(name = "discovery", skip_all, fields(backend = %pool.backend))]
 pub async fn run(
     api: Api<DynamicObject>,
@@ -46,11 +48,12 @@ pub async fn run(
     node: Option<(Client, String)>,
     tls: Option<TlsResolver>,
     first: Option<oneshot::Sender<Result<(), watcher::Error>>>,
+    router: Option<Arc<Router>>,
 ) {
     if let Some((client, node)) = node {
         pool.set_zone(node_zone(client, &node).await);
     }
-    follow(api, name, pool, tls, first).await;
+    follow(api, name, pool, tls, first, router).await;
 }
 
 /// Follows GrpcBackend `name` until the task is aborted. `first` learns how the first read went.
@@ -60,6 +63,7 @@ async fn follow(
     pool: Arc<Pool>,
     mut tls: Option<TlsResolver>,
     mut first: Option<oneshot::Sender<Result<(), watcher::Error>>>,
+    router: Option<Arc<Router>>,
 ) {
     let namespace = api.namespace().unwrap_or_default().to_string();
     // The last spec.tls read, for the CA bundle's periodic read.
@@ -92,10 +96,16 @@ async fn follow(
                 }
                 pool.apply_status(parse_status(object.data.get("status")));
                 pool.set_discovery(DiscoveryState::Synced);
+                if let Some(router) = &router {
+                    router.apply_routes(object.data.get("status"));
+                }
             }
             Ok(None) => {
                 pool.apply_missing();
                 pool.set_discovery(DiscoveryState::NotFound);
+                if let Some(router) = &router {
+                    router.apply_routes(None);
+                }
             }
             Err(error) => {
                 warn!(%error, "watching the GrpcBackend failed; keeping the last known endpoints");

@@ -88,6 +88,34 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Routes
+//!
+//! When GRPCRoutes attach to the GrpcBackend's Service, the operator resolves them into a
+//! routing table in the GrpcBackend's status (`status.routes`, in the order calls try it) and
+//! the channel follows it: each call takes the first entry whose method (`/SERVICE/METHOD`,
+//! `Exact` or an anchored RE2 `RegularExpression`) and headers all match, then one of the
+//! entry's GrpcBackends by weight (deterministic weighted round-robin: over each cycle of the
+//! reduced weights exactly their shares; weight 0 gets nothing), and goes to that
+//! GrpcBackend's pool. Every GrpcBackend the table names (weight 0 included) gets its own watch
+//! and pool, with this channel's settings (TLS, zone, outlier detection, panic threshold); the
+//! channel's own GrpcBackend keeps its pool. A new table keeps the pools, and connections, of
+//! the GrpcBackends it still names and drops the others (requests in flight finish); routing is
+//! one level deep (a routed-to GrpcBackend's own table is not followed).
+//!
+//! - No table (absent or empty): every call goes to the GrpcBackend's own endpoints.
+//! - A call that matches no entry, or whose entry names no backend of weight above 0, fails
+//!   at once with `Unavailable` naming the GrpcBackend and why (the Gateway API's rule: a
+//!   Service with routes serves only what they match).
+//! - A picked GrpcBackend with no usable endpoint is passed over for the entry's others, which
+//!   take its share; with none usable the call fails with `Unavailable` and each one's reason.
+//! - An entry the client cannot apply exactly (a regular expression that does not compile, a
+//!   namespace or name that is not one, more than 256 GrpcBackends in the table) is skipped
+//!   with a warning in the log and in [`RoutingSnapshot::skipped`]: calls it would have matched
+//!   fall through to the entries after it.
+//! - [`Channel::ready`] waits until every entry that routes anywhere has a GrpcBackend with a
+//!   usable endpoint. [`Snapshot::routing`] shows the table, each routed-to GrpcBackend's pool
+//!   and how many calls went to it.
+//!
 //! ## TLS backends
 //!
 //! When the GrpcBackend has `spec.tls`, its endpoints are connected to with TLS (the crate's
@@ -105,7 +133,9 @@
 //!
 //! ## RBAC
 //!
-//! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace;
+//! The workload needs `get`, `list` and `watch` on `grpcbackends.kubegrpc.io` in its namespace
+//! and in every namespace its GrpcBackend's routing table names (nothing else: the operator
+//! reads the GRPCRoutes, ReferenceGrants and Services);
 //! for a GrpcBackend with a CA bundle, `get` on that ConfigMap (a Role rule with
 //! `resourceNames: [the ConfigMap]`; not needed with [`Builder::tls`]); and, for
 //! [`Builder::zone_from_node`] only, `get` on `nodes` (a ClusterRole).
@@ -126,6 +156,11 @@ mod outlier;
 mod picker;
 mod pool;
 
+// Routes: a GrpcBackend's routing table sends each call to the pool of the GrpcBackend it
+// picks (read and matched in `routes`, pools kept and picked in `router`).
+mod router;
+mod routes;
+
 // Requests: the channel picks an endpoint and sends on its connection (TLS when the
 // GrpcBackend says so).
 mod channel;
@@ -143,7 +178,7 @@ mod test_support;
 
 pub use channel::{Builder, Channel};
 pub use outlier::{FailurePercentage, OutlierDetection};
-pub use snapshot::{DiscoveryState, EndpointSnapshot, Snapshot};
+pub use snapshot::{AppliedRoute, DiscoveryState, EndpointSnapshot, RoutedBackendSnapshot, RoutingSnapshot, Snapshot};
 
 /// Errors of the channel; each names the GrpcBackend it concerns.
 #[derive(Debug, thiserror::Error)]

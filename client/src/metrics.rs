@@ -15,6 +15,10 @@
 //! `kubegrpc_client_weight`, `kubegrpc_client_effective_weight` (the weight in use: slow start's
 //! share while it ramps, 0 out of rotation), `kubegrpc_client_ejected`; per channel,
 //! `kubegrpc_client_panic` and `kubegrpc_client_zone_fallback`.
+//! With a routing table (`status.routes`), the same for the pool of every GrpcBackend it routes
+//! to (each labelled with its own `backend`), plus `kubegrpc_client_routed_requests_total`
+//! (labels `backend`, the table's GrpcBackend, and `target`, the routed-to one) and
+//! `kubegrpc_client_unrouted_requests_total` (calls failed because no entry took them).
 //! Values are read from [`Channel::snapshot`](crate::Channel::snapshot) at scrape time; the
 //! registry does not keep the channel alive.
 
@@ -47,14 +51,24 @@ impl Collector for ChannelCollector {
             return Ok(());
         };
         let snapshot = channel.snapshot();
-        let labels: Vec<[(&str, String); 2]> = snapshot
-            .endpoints
+        // The own pool, then each routed-to GrpcBackend's (the own one once).
+        let mut pools = vec![&snapshot];
+        if let Some(routing) = &snapshot.routing {
+            pools.extend(
+                routing
+                    .backends
+                    .iter()
+                    .filter(|b| b.backend != snapshot.backend)
+                    .map(|b| &b.snapshot),
+            );
+        }
+        let endpoints: Vec<&crate::EndpointSnapshot> = pools.iter().flat_map(|p| &p.endpoints).collect();
+        let labels: Vec<[(&str, String); 2]> = pools
             .iter()
-            .map(|e| {
-                [
-                    ("backend", snapshot.backend.clone()),
-                    ("endpoint", e.address.to_string()),
-                ]
+            .flat_map(|pool| {
+                pool.endpoints
+                    .iter()
+                    .map(|e| [("backend", pool.backend.clone()), ("endpoint", e.address.to_string())])
             })
             .collect();
 
@@ -76,7 +90,7 @@ impl Collector for ChannelCollector {
         ];
         for (name, help, read) in counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (endpoint, labels) in snapshot.endpoints.iter().zip(&labels) {
+            for (endpoint, labels) in endpoints.iter().zip(&labels) {
                 ConstCounter::new(read(endpoint)).encode(family.encode_family(labels)?)?;
             }
         }
@@ -100,7 +114,7 @@ impl Collector for ChannelCollector {
         ];
         for (name, help, read) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for (endpoint, labels) in snapshot.endpoints.iter().zip(&labels) {
+            for (endpoint, labels) in endpoints.iter().zip(&labels) {
                 let value = i64::try_from(read(endpoint)).unwrap_or(i64::MAX);
                 ConstGauge::new(value).encode(family.encode_family(labels)?)?;
             }
@@ -111,16 +125,43 @@ impl Collector for ChannelCollector {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(i64::from(snapshot.panic))
-            .encode(panic.encode_family(&[("backend", snapshot.backend.as_str())])?)?;
+        for pool in &pools {
+            ConstGauge::new(i64::from(pool.panic))
+                .encode(panic.encode_family(&[("backend", pool.backend.as_str())])?)?;
+        }
         let mut fallback = encoder.encode_descriptor(
             "kubegrpc_client_zone_fallback",
             "1 while the client has a zone, no usable endpoint is for it, and requests go to every zone",
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(i64::from(snapshot.zone_fallback))
-            .encode(fallback.encode_family(&[("backend", snapshot.backend.as_str())])?)?;
+        for pool in &pools {
+            ConstGauge::new(i64::from(pool.zone_fallback))
+                .encode(fallback.encode_family(&[("backend", pool.backend.as_str())])?)?;
+        }
+        if let Some(routing) = &snapshot.routing {
+            let mut routed = encoder.encode_descriptor(
+                "kubegrpc_client_routed_requests",
+                "Calls the routing table sent to each GrpcBackend it names",
+                None,
+                MetricType::Counter,
+            )?;
+            for target in &routing.backends {
+                let labels = [
+                    ("backend", snapshot.backend.as_str()),
+                    ("target", target.backend.as_str()),
+                ];
+                ConstCounter::new(target.routed).encode(routed.encode_family(&labels)?)?;
+            }
+            let mut unrouted = encoder.encode_descriptor(
+                "kubegrpc_client_unrouted_requests",
+                "Calls failed because no routing table entry took them (no match, no weighted backend, none usable)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(routing.unrouted)
+                .encode(unrouted.encode_family(&[("backend", snapshot.backend.as_str())])?)?;
+        }
         Ok(())
     }
 }

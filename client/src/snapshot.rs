@@ -27,6 +27,10 @@ pub struct Snapshot {
     pub zone_fallback: bool,
     /// Every endpoint of the status, in its order.
     pub endpoints: Vec<EndpointSnapshot>,
+    /// The routing table this channel follows, when the GrpcBackend's status has one
+    /// (`status.routes`); then calls go where it says, and `endpoints` are the GrpcBackend's own
+    /// (used only when the table names it). `None` in the snapshots of routed-to GrpcBackends.
+    pub routing: Option<RoutingSnapshot>,
 }
 
 impl Snapshot {
@@ -100,4 +104,49 @@ pub enum DiscoveryState {
         /// When the watch began to fail.
         since: SystemTime,
     },
+}
+
+/// The routing table a channel follows and the GrpcBackends it routes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingSnapshot {
+    /// The entries in use, in the order calls try them.
+    pub entries: Vec<AppliedRoute>,
+    /// Entries of `status.routes` left out, each with why (a regular expression that does not
+    /// compile, a name that is not one, a bound exceeded...): calls they would have matched
+    /// fall through to the later entries.
+    pub skipped: Vec<String>,
+    /// Every GrpcBackend the entries name (weight 0 included), each once, in the order first
+    /// named: each has its own watch and pool, kept while the table names it.
+    pub backends: Vec<RoutedBackendSnapshot>,
+    /// Calls failed with `Unavailable` before reaching a pool: no entry matched them, their
+    /// entry named no backend of weight above 0, or none of its backends had a usable endpoint.
+    pub unrouted: u64,
+}
+
+/// One entry of the routing table in use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedRoute {
+    /// Its position in `status.routes`.
+    pub index: usize,
+    /// The entry, as the status has it.
+    pub entry: kubegrpc_crds::routes::RouteEntry,
+}
+
+/// A GrpcBackend the routing table sends calls to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutedBackendSnapshot {
+    /// The GrpcBackend, `namespace/name`.
+    pub backend: String,
+    /// Calls the table sent it (each call once, whatever its attempts), since its pool was
+    /// made.
+    pub routed: u64,
+    /// Its pool: endpoints, weights, counters, as for the channel's own GrpcBackend.
+    pub snapshot: Snapshot,
+}
+
+impl RoutingSnapshot {
+    /// The routed-to GrpcBackend `namespace/name`, if the table names it.
+    pub fn backend(&self, backend: &str) -> Option<&RoutedBackendSnapshot> {
+        self.backends.iter().find(|b| b.backend == backend)
+    }
 }

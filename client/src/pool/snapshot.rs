@@ -63,6 +63,7 @@ impl Pool {
             zone: state.zone.clone(),
             zone_fallback: state.built.zone_fallback,
             endpoints,
+            routing: None,
         }
     }
 }
