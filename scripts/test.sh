@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole verification, as `make test` and CI run it:
 #   1. build the control plane (cached under target/controlplane) and the grpc-go/grpc-java peers
-#      (cached under target/peers),
+#      (cached under target/peers); fetch the Gateway API CRDs (cached under target/gateway-api),
 #   2. format and lint checks,
 #   3. build every test and binary (outside the network namespace: crates.io is reachable here),
 #   4. replay the fuzz targets (fuzz/) on stable,
@@ -29,6 +29,9 @@ bin_dir="$(tests/controlplane/build.sh)"
 phase "peers (grpc-go, grpc-java; first build: about 1 minute, Maven Central and the Go module proxy needed; cached afterwards)"
 peers_dir="$(tests/peers/build.sh)"
 
+phase "Gateway API CRDs (GRPCRoute, ReferenceGrant; cached)"
+gateway_api_crds="$(tests/gateway-api/fetch.sh)"
+
 phase "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -51,7 +54,8 @@ phase "cargo test, inside a private network namespace"
 # --no-fail-fast: one failing binary does not hide the others'. The log is kept so that a failure's
 # message is printed again at the end, after the backtraces (a CI log's tail is what gets read).
 test_log=target/test-output.log
-if ! KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" KUBEGRPC_PEERS_DIR="$peers_dir" tests/netns-run.sh \
+if ! KUBEGRPC_CONTROLPLANE_BIN="$bin_dir" KUBEGRPC_PEERS_DIR="$peers_dir" KUBEGRPC_GATEWAY_API_CRDS="$gateway_api_crds" \
+  tests/netns-run.sh \
   cargo test --workspace --offline --locked --no-fail-fast "$@" -- --show-output --skip fuzz_target_ \
   2>&1 | tee "$test_log"; then
   echo "=== cargo test failed (whole log: $test_log); what the failing tests said:" >&2

@@ -337,11 +337,24 @@ impl ControlPlane {
     }
 
     async fn apply_crds(&self) -> Result<()> {
+        self.apply_crds_from(&repository_root().join("crds")).await
+    }
+
+    /// Installs the Gateway API CRDs (GRPCRoute, ReferenceGrant) that `tests/gateway-api/fetch.sh`
+    /// fetched, named by `KUBEGRPC_GATEWAY_API_CRDS` (`make test` sets it), and waits until they
+    /// are Established. Idempotent: tests sharing a control plane each call it.
+    pub async fn install_gateway_api(&self) -> Result<()> {
+        let dir = std::env::var_os("KUBEGRPC_GATEWAY_API_CRDS").ok_or_else(|| {
+            anyhow!("KUBEGRPC_GATEWAY_API_CRDS is not set: run tests/gateway-api/fetch.sh and set it to the directory it prints")
+        })?;
+        self.apply_crds_from(Path::new(&dir)).await
+    }
+
+    async fn apply_crds_from(&self, crds_dir: &Path) -> Result<()> {
         let client = self.client().await?;
         let api = Api::<CustomResourceDefinition>::all(client);
-        let crds_dir = repository_root().join("crds");
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&crds_dir).with_context(|| format!("cannot read {}", crds_dir.display()))? {
+        for entry in std::fs::read_dir(crds_dir).with_context(|| format!("cannot read {}", crds_dir.display()))? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "yaml") {
                 let text = std::fs::read_to_string(&path)?;

@@ -19,6 +19,7 @@ pub mod operator;
 pub mod peers;
 pub mod process;
 pub mod proxy;
+pub mod routes;
 pub mod scale;
 pub mod scenario;
 pub mod soak;
