@@ -313,9 +313,17 @@ async fn the_rust_client_applies_the_specs_outlier_detection_and_follows_its_cha
 
     // Resetting: ejected on the interval's evidence, as the spec says.
     proxy.set_resetting(true);
-    wait_snapshot(&channel, "the resetting endpoint ejected", DEADLINE, |snapshot| {
-        snapshot.endpoint(&proxy.address).is_some_and(|e| e.ejected)
-    })
+    // Ejected, and the requests picked before (failing on reset connections) are over.
+    wait_snapshot(
+        &channel,
+        "the resetting endpoint ejected, none in flight",
+        DEADLINE,
+        |snapshot| {
+            snapshot
+                .endpoint(&proxy.address)
+                .is_some_and(|e| e.ejected && e.in_flight == 0)
+        },
+    )
     .await?;
     // It recovers, and an hour's ejection keeps it out: nothing reaches its backend.
     proxy.set_resetting(false);
