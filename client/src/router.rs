@@ -86,6 +86,27 @@ impl PoolTasks {
     }
 }
 
+/// The longest cycle of an entry's backend picks: shares to 1/4096 are finer than any canary
+/// needs, and 256 entries then hold at most about 4 MiB of schedules (the endpoint picker's
+/// bound, 65,536 slots, is for thousands of endpoints).
+const MAX_ENTRY_SCHEDULE: u64 = 4096;
+
+/// An entry's weights as its picker takes them: scaled down, in proportion, when they add up to
+/// more than [`MAX_ENTRY_SCHEDULE`]; a backend with a weight keeps at least 1, one with 0 stays 0.
+fn schedule_weights(weights: &[u32]) -> Vec<u32> {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    if total <= MAX_ENTRY_SCHEDULE {
+        return weights.to_vec();
+    }
+    weights
+        .iter()
+        .map(|w| match *w {
+            0 => 0,
+            w => u32::try_from(u64::from(w) * MAX_ENTRY_SCHEDULE / total).map_or(1, |scaled| scaled.max(1)),
+        })
+        .collect()
+}
+
 /// How the pools of routed-to GrpcBackends are fed.
 pub(crate) enum Spawner {
     /// Each followed through the Kubernetes API, as the channel's own GrpcBackend.
@@ -284,7 +305,7 @@ impl Router {
                     }
                 }
                 RoutedEntry {
-                    picker: Picker::new(items, &weights, start),
+                    picker: Picker::new(items, &schedule_weights(&weights), start),
                     weighted,
                     compiled,
                 }
@@ -556,6 +577,17 @@ mod tests {
             [1400 + 500, 600 + 100, 9400],
             "counted per GrpcBackend, across tables"
         );
+    }
+
+    #[test]
+    fn big_weights_are_scaled_into_a_short_cycle_keeping_their_shares() {
+        assert_eq!(schedule_weights(&[70, 30, 0]), [70, 30, 0]);
+        let scaled = schedule_weights(&[1_000_000, 999_999, 1, 0]);
+        assert_eq!(scaled, [2048, 2047, 1, 0]);
+        let picker = Picker::new(vec![0, 1, 2, 3], &scaled, 0);
+        assert!(picker.cycle_len() <= MAX_ENTRY_SCHEDULE as usize + 16);
+        let scaled = schedule_weights(&[900_000, 100_000]);
+        assert_eq!(scaled, [3686, 409], "90/10 within 0.03 point");
     }
 
     #[tokio::test]
