@@ -166,6 +166,11 @@ pub struct XdsClientOptions {
     pub channel_creds: Option<serde_json::Value>,
     /// The bootstrap's `certificate_providers` (gRFC A29), for Clusters of TLS backends.
     pub certificate_providers: Option<serde_json::Value>,
+    /// The method the calls are for, `/SERVICE/METHOD` (default Echo's). Another method gets an
+    /// empty request and is counted by the peer address that answered.
+    pub method: Option<String>,
+    /// Metadata (`key`, `value`) sent with every call.
+    pub metadata: Vec<(String, String)>,
 }
 
 impl XdsClientOptions {
@@ -178,6 +183,8 @@ impl XdsClientOptions {
             rate,
             channel_creds: None,
             certificate_providers: None,
+            method: None,
+            metadata: Vec::new(),
         }
     }
 }
@@ -213,11 +220,17 @@ impl XdsClient {
             rate,
             channel_creds,
             certificate_providers,
+            method,
+            metadata,
         } = options;
         let executable = peer_executable(peer.executable())?;
         let names = targets.join("+");
         let dir = std::env::temp_dir();
-        let tag = format!("{}-{names}-{}", peer.executable(), xds_server.port());
+        // Several clients of one target and server (say, one per kind of call) each get their
+        // own bootstrap and log.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}-{names}-{}-{n}", peer.executable(), xds_server.port());
         let bootstrap = dir.join(format!("xds-bootstrap-{tag}.json"));
         let mut contents = serde_json::json!({
             "xds_servers": [{
@@ -243,6 +256,12 @@ impl XdsClient {
             .arg(rate.to_string())
             .arg("--control")
             .arg("10.250.0.1:0");
+        if let Some(method) = &method {
+            command.arg("--method").arg(method);
+        }
+        for (key, value) in &metadata {
+            command.arg("--metadata").arg(format!("{key}={value}"));
+        }
         let name = format!("{peer} xDS client of {names}");
         let (process, control) = start_client_peer(&name, command, &log, peer.startup_deadline()).await?;
         Ok(Self {
@@ -260,6 +279,12 @@ impl XdsClient {
     /// reply arrived (cleared by a reset).
     pub async fn last(&self) -> Result<BTreeMap<String, i64>> {
         control_api::call(self.control, "GET", "/last").await
+    }
+
+    /// Every failed call since the start (the first 100000): when it was sent, its code and
+    /// message.
+    pub async fn failures(&self) -> Result<Vec<crate::kuberesolver::Failure>> {
+        control_api::call(self.control, "GET", "/failures").await
     }
 
     /// Starts a new counting window.

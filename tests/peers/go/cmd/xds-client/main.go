@@ -5,6 +5,12 @@
 //
 //	xds-client --target xds:///echo.ns [--target xds:///echo.other ...] [--bootstrap FILE]
 //	           [--rate N] [--timeout D] [--control IP:PORT]
+//	           [--method /SERVICE/METHOD] [--metadata KEY=VALUE ...]
+//
+// --method calls another method instead (for xDS routes that match on it): its request is an empty
+// message and its reply is not read, so the answering backend is the call's peer address (Echo's
+// reply names the backend itself). --metadata sends a metadata entry with every call (repeat for
+// more; a key given twice sends both values), for routes that match on headers.
 //
 // With several targets, one channel each (all on the one xDS client and ADS stream grpc-go keeps
 // per bootstrap), the calls take turns over them: the rate is the total.
@@ -50,6 +56,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
+	grpcmetadata "google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/xds" // registers the xds resolver, balancers and HTTP filters
 
@@ -64,9 +72,12 @@ func main() {
 	var targets targetList
 	flag.Var(&targets, "target", "an xDS target, xds:///NAME.NAMESPACE (required; repeat for more)")
 	bootstrapFile := flag.String("bootstrap", "", "the xDS bootstrap JSON file (default: GRPC_XDS_BOOTSTRAP or GRPC_XDS_BOOTSTRAP_CONFIG from the environment)")
-	rate := flag.Float64("rate", 100, "Echo calls per second, sent on schedule whatever the replies (open loop)")
+	rate := flag.Float64("rate", 100, "calls per second, sent on schedule whatever the replies (open loop)")
 	timeout := flag.Duration("timeout", 2*time.Second, "each call's deadline")
 	controlAddress := flag.String("control", "127.0.0.1:0", "the control server's address, IP:PORT (port 0: any free port)")
+	method := flag.String("method", echo.EchoMethod, "the method to call, /SERVICE/METHOD (other than Echo: an empty request, the reply unread)")
+	var metadata metadataList
+	flag.Var(&metadata, "metadata", "a metadata entry KEY=VALUE sent with every call (repeat for more)")
 	flag.Usage = func() {
 		out := flag.CommandLine.Output()
 		fmt.Fprintf(out, "usage: %s --target xds:///NAME.NAMESPACE [flags]\n", os.Args[0])
@@ -76,7 +87,7 @@ func main() {
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.SetPrefix("xds-client-go: ")
-	if len(targets) == 0 || flag.NArg() != 0 || !(*rate > 0) || *rate > 1e6 || *timeout <= 0 {
+	if len(targets) == 0 || flag.NArg() != 0 || !(*rate > 0) || *rate > 1e6 || *timeout <= 0 || !validMethod(*method) {
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -124,7 +135,8 @@ func main() {
 		conn.Connect() // resolve (fetch the xDS resources) now, not at the first call
 		conns[i] = conn
 	}
-	log.Printf("calling %s at %s, %g calls/s, deadline %v", echo.EchoMethod, strings.Join(targets, " and "), *rate, *timeout)
+	log.Printf("calling %s at %s, %g calls/s, deadline %v, metadata %v", *method, strings.Join(targets, " and "), *rate, *timeout, metadata)
+	isEcho := *method == echo.EchoMethod
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -137,18 +149,31 @@ func main() {
 		window, sentAt := c.Sent(), time.Now()
 		callCtx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
+		if len(metadata) > 0 {
+			callCtx = grpcmetadata.AppendToOutgoingContext(callCtx, metadata...)
+		}
 		var reply []byte
+		var answered peer.Peer
 		conn := conns[n%uint64(len(conns))]
-		err := conn.Invoke(callCtx, echo.EchoMethod, echo.EncodeEchoRequest(strconv.FormatUint(n, 10), 0), &reply,
-			grpc.ForceCodecV2(codec))
+		request := []byte{}
+		if isEcho {
+			request = echo.EncodeEchoRequest(strconv.FormatUint(n, 10), 0)
+		}
+		err := conn.Invoke(callCtx, *method, request, &reply, grpc.ForceCodecV2(codec), grpc.Peer(&answered))
 		var backend string
-		if err == nil {
+		switch {
+		case err != nil:
+		case isEcho:
 			if _, backend, err = echo.DecodeEchoReply(reply); err == nil && backend == "" {
 				err = errors.New("EchoReply without a backend")
 			}
 			if err != nil {
 				err = status.Error(codes.Internal, err.Error())
 			}
+		case answered.Addr == nil:
+			err = status.Error(codes.Internal, "a reply without a peer address")
+		default:
+			backend = answered.Addr.String()
 		}
 		if err != nil {
 			if ctx.Err() != nil {
@@ -205,4 +230,29 @@ func (t *targetList) Set(target string) error {
 	}
 	*t = append(*t, target)
 	return nil
+}
+
+// metadataList is the repeatable --metadata flag, as key, value pairs.
+type metadataList []string
+
+func (m *metadataList) String() string { return strings.Join(*m, ",") }
+
+func (m *metadataList) Set(entry string) error {
+	key, value, found := strings.Cut(entry, "=")
+	if !found || key == "" {
+		return fmt.Errorf("%q is not KEY=VALUE", entry)
+	}
+	// Lower case, as gRPC sends metadata keys; a binary (-bin) value would need base64.
+	key = strings.ToLower(key)
+	if strings.HasSuffix(key, "-bin") {
+		return fmt.Errorf("%q: binary metadata is not supported here", entry)
+	}
+	*m = append(*m, key, value)
+	return nil
+}
+
+// validMethod reports whether method is a gRPC path, /SERVICE/METHOD.
+func validMethod(method string) bool {
+	parts := strings.Split(method, "/")
+	return len(parts) == 3 && parts[0] == "" && parts[1] != "" && parts[2] != ""
 }

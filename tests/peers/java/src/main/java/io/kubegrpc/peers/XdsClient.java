@@ -6,18 +6,24 @@ import com.google.protobuf.WireFormat;
 import com.sun.net.httpserver.HttpExchange;
 import com.sun.net.httpserver.HttpServer;
 import io.grpc.CallOptions;
+import io.grpc.Channel;
+import io.grpc.ClientCall;
+import io.grpc.ClientInterceptors;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
+import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
 import io.grpc.Status;
 import io.grpc.stub.ClientCalls;
+import io.grpc.stub.MetadataUtils;
 import io.grpc.stub.StreamObserver;
 import java.io.ByteArrayOutputStream;
 import java.io.IOException;
 import java.io.OutputStream;
 import java.io.UncheckedIOException;
 import java.net.InetSocketAddress;
+import java.net.SocketAddress;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -45,7 +51,13 @@ import java.util.logging.Logger;
  * <pre>
  * xds-client-java --target xds:///echo.ns [--target xds:///echo.other ...] [--bootstrap FILE]
  *                 [--rate N] [--timeout D] [--control IP:PORT]
+ *                 [--method /SERVICE/METHOD] [--metadata KEY=VALUE ...]
  * </pre>
+ *
+ * <p>--method calls another method instead (for xDS routes that match on it): its request is an
+ * empty message and its reply is not read, so the answering backend is the call's peer address
+ * (Echo's reply names the backend itself). --metadata sends a metadata entry with every call
+ * (repeat for more), for routes that match on headers.
  *
  * <p>With several targets, one channel each, the calls take turns over them: the rate is the
  * total. Unlike grpc-go, which keeps one xDS client (one ADS stream) per bootstrap, grpc-java
@@ -65,6 +77,8 @@ import java.util.logging.Logger;
  * POST /reset   zeroes ok, failed, sent and in_flight, and clears /last (answers the counts before)
  * GET  /last    {"10.250.1.1:50051":1712345678901234567,...}: per backend, the Unix time in
  *               nanoseconds at which its latest successful reply arrived
+ * GET  /failures [{"sent":UNIX_NS,"code":"Unavailable","message":"..."},...]: every failed call
+ *               since the start (the first 100000), as the grpc-go peer's
  * </pre>
  *
  * <p>Counts are per window (from the start or the last reset): a call counts in the window it was
@@ -139,6 +153,7 @@ public final class XdsClient {
     System.out.flush();
 
     List<ManagedChannel> channels = new ArrayList<>();
+    List<Channel> callChannels = new ArrayList<>();
     for (String target : options.targets) {
       ManagedChannel channel;
       try {
@@ -151,18 +166,23 @@ public final class XdsClient {
       }
       channel.getState(true); // resolve (fetch the xDS resources) now, not at the first call
       channels.add(channel);
+      callChannels.add(
+          ClientInterceptors.intercept(
+              channel, MetadataUtils.newAttachHeadersInterceptor(options.metadata)));
     }
     logger.info(
         "calling "
-            + ECHO.getFullMethodName()
+            + options.method.getFullMethodName()
             + " at "
             + String.join(" and ", options.targets)
             + ", "
             + options.rate
             + " calls/s, deadline "
-            + options.timeout);
+            + options.timeout
+            + ", metadata "
+            + options.metadata.keys());
 
-    Caller caller = new Caller(channels, counts, options.timeout);
+    Caller caller = new Caller(callChannels, options.method, counts, options.timeout);
     // Open loop: call n goes out at start + n/rate, whatever happened to the calls before; a late
     // wake-up sends every call that is due.
     ScheduledExecutorService ticker = Executors.newSingleThreadScheduledExecutor(daemon("ticker"));
@@ -218,25 +238,37 @@ public final class XdsClient {
   /** Sends the calls and counts their outcomes. */
   static final class Caller {
     final AtomicBoolean stopping = new AtomicBoolean();
-    private final List<ManagedChannel> channels;
+    private final List<Channel> channels;
+    private final MethodDescriptor<byte[], byte[]> method;
+    private final boolean isEcho;
     private final Counts counts;
     private final Duration timeout;
     final RateLimitedLog errors = new RateLimitedLog(TimeUnit.SECONDS.toNanos(1));
     private final AtomicBoolean ready = new AtomicBoolean();
 
-    Caller(List<ManagedChannel> channels, Counts counts, Duration timeout) {
+    Caller(
+        List<Channel> channels,
+        MethodDescriptor<byte[], byte[]> method,
+        Counts counts,
+        Duration timeout) {
       this.channels = channels;
+      this.method = method;
+      this.isEcho = method.getFullMethodName().equals(ECHO.getFullMethodName());
       this.counts = counts;
       this.timeout = timeout;
     }
 
     void call(long n) {
       long window = counts.sent();
-      byte[] request = encodeEchoRequest(Long.toString(n));
-      ManagedChannel channel = channels.get((int) (n % channels.size()));
-      ClientCalls.asyncUnaryCall(
+      Instant sentAt = Instant.now();
+      byte[] request = isEcho ? encodeEchoRequest(Long.toString(n)) : new byte[0];
+      Channel channel = channels.get((int) (n % channels.size()));
+      ClientCall<byte[], byte[]> call =
           channel.newCall(
-              ECHO, CallOptions.DEFAULT.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS)),
+              method,
+              CallOptions.DEFAULT.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS));
+      ClientCalls.asyncUnaryCall(
+          call,
           request,
           new StreamObserver<>() {
             private byte[] reply;
@@ -248,20 +280,35 @@ public final class XdsClient {
 
             @Override
             public void onError(Throwable t) {
-              failed(n, window, Status.fromThrowable(t));
+              failed(n, window, sentAt, Status.fromThrowable(t));
             }
 
             @Override
             public void onCompleted() {
               String backend;
-              try {
-                backend = decodeBackend(reply == null ? new byte[0] : reply);
-              } catch (IOException e) {
-                failed(n, window, Status.INTERNAL.withDescription("bad EchoReply: " + e));
-                return;
+              if (isEcho) {
+                try {
+                  backend = decodeBackend(reply == null ? new byte[0] : reply);
+                } catch (IOException e) {
+                  failed(
+                      n, window, sentAt, Status.INTERNAL.withDescription("bad EchoReply: " + e));
+                  return;
+                }
+              } else {
+                // The call is closed: its attributes are the transport's.
+                SocketAddress peer = call.getAttributes().get(Grpc.TRANSPORT_ATTR_REMOTE_ADDR);
+                backend =
+                    peer instanceof InetSocketAddress address
+                        ? PeerServer.formatAddress(address)
+                        : "";
               }
               if (backend.isEmpty()) {
-                failed(n, window, Status.INTERNAL.withDescription("EchoReply without a backend"));
+                failed(
+                    n,
+                    window,
+                    sentAt,
+                    Status.INTERNAL.withDescription(
+                        isEcho ? "EchoReply without a backend" : "a reply without a peer address"));
                 return;
               }
               counts.ok(window, backend, Instant.now());
@@ -274,12 +321,12 @@ public final class XdsClient {
           });
     }
 
-    private void failed(long n, long window, Status status) {
+    private void failed(long n, long window, Instant sentAt, Status status) {
       if (stopping.get()) {
         counts.forget(window); // stopping: not the backends' fault
         return;
       }
-      counts.failed(window, goCodeName(status.getCode()));
+      counts.failed(window, sentAt, goCodeName(status.getCode()), describe(status));
       errors.log("call " + n + ": " + describe(status));
     }
   }
@@ -307,6 +354,7 @@ public final class XdsClient {
         case "/counts" -> body = method.equals("GET") ? counts.snapshot(false) : null;
         case "/reset" -> body = method.equals("POST") ? counts.snapshot(true) : null;
         case "/last" -> body = method.equals("GET") ? counts.lastReplies() : null;
+        case "/failures" -> body = method.equals("GET") ? counts.failures() : null;
         default -> {
           respond(exchange, 404, "text/plain; charset=utf-8", "404 page not found\n");
           return;
@@ -342,6 +390,12 @@ public final class XdsClient {
     private long inFlight;
     private Map<String, Long> last = new TreeMap<>();
 
+    /** Bounds /failures, as the grpc-go peer does. */
+    static final int MAX_FAILURES = 100_000;
+
+    /** Every failed call since the start: sent (Unix ns), code, message. */
+    private final List<String[]> failures = new ArrayList<>();
+
     /** Counts a call sent and returns its window. */
     synchronized long sent() {
       sent++;
@@ -357,7 +411,13 @@ public final class XdsClient {
       }
     }
 
-    synchronized void failed(long window, String code) {
+    synchronized void failed(long window, Instant sent, String code, String message) {
+      if (failures.size() < MAX_FAILURES) {
+        failures.add(
+            new String[] {
+              Long.toString(sent.getEpochSecond() * 1_000_000_000L + sent.getNano()), code, message
+            });
+      }
       if (window == this.window) {
         inFlight--;
         failedBy.merge(code, 1L, Long::sum);
@@ -388,6 +448,22 @@ public final class XdsClient {
         last = new TreeMap<>();
       }
       return json.toString();
+    }
+
+    /** Every failed call since the start (the first MAX_FAILURES), as JSON. */
+    synchronized String failures() {
+      StringBuilder json = new StringBuilder("[");
+      for (String[] failure : failures) {
+        if (json.length() > 1) {
+          json.append(',');
+        }
+        json.append("{\"sent\":").append(failure[0]).append(",\"code\":");
+        writeString(json, failure[1]);
+        json.append(",\"message\":");
+        writeString(json, failure[2]);
+        json.append('}');
+      }
+      return json.append(']').toString();
     }
 
     synchronized String lastReplies() {
@@ -539,12 +615,16 @@ public final class XdsClient {
     static final String USAGE =
         "usage: xds-client-java --target xds:///NAME.NAMESPACE [--target ...] [--bootstrap FILE]\n"
             + "                       [--rate N] [--timeout DURATION] [--control IP:PORT]\n"
+            + "                       [--method /SERVICE/METHOD] [--metadata KEY=VALUE ...]\n"
             + "  --target     an xDS target (required; repeat for more: the calls take turns)\n"
             + "  --bootstrap  the xDS bootstrap JSON file (default: GRPC_XDS_BOOTSTRAP or\n"
             + "               GRPC_XDS_BOOTSTRAP_CONFIG from the environment)\n"
-            + "  --rate       Echo calls per second, sent on schedule whatever the replies (default 100)\n"
+            + "  --rate       calls per second, sent on schedule whatever the replies (default 100)\n"
             + "  --timeout    each call's deadline, like 2s or 500ms (default 2s)\n"
             + "  --control    the control server's address (default 127.0.0.1:0: any free port)\n"
+            + "  --method     the method to call (default /kubegrpc.echo.v1.Echo/Echo; another gets an\n"
+            + "               empty request, its reply unread, the backend its peer address)\n"
+            + "  --metadata   a metadata entry sent with every call (repeat for more)\n"
             + "A sample bootstrap:\n  "
             + SAMPLE_BOOTSTRAP;
 
@@ -553,6 +633,8 @@ public final class XdsClient {
     double rate = 100;
     Duration timeout = Duration.ofSeconds(2);
     InetSocketAddress control;
+    MethodDescriptor<byte[], byte[]> method = ECHO;
+    final Metadata metadata = new Metadata();
 
     static Options parse(String[] args) {
       Options options = new Options();
@@ -573,7 +655,9 @@ public final class XdsClient {
             && !arg.equals("--bootstrap")
             && !arg.equals("--rate")
             && !arg.equals("--timeout")
-            && !arg.equals("--control")) {
+            && !arg.equals("--control")
+            && !arg.equals("--method")
+            && !arg.equals("--metadata")) {
           throw new IllegalArgumentException("unknown argument " + args[i]);
         }
         if (value == null) {
@@ -598,6 +682,8 @@ public final class XdsClient {
             }
           }
           case "--timeout" -> options.timeout = PeerServer.Options.parseDuration(value);
+          case "--method" -> options.method = parseMethod(value);
+          case "--metadata" -> addMetadata(options.metadata, value);
           default -> controlArg = value;
         }
       }
@@ -616,6 +702,33 @@ public final class XdsClient {
         throw new IllegalArgumentException("--control wants IP:PORT, not " + controlArg);
       }
       return options;
+    }
+
+    /** /SERVICE/METHOD, a unary method of raw bytes. */
+    static MethodDescriptor<byte[], byte[]> parseMethod(String path) {
+      String[] parts = path.split("/", -1);
+      if (parts.length != 3 || !parts[0].isEmpty() || parts[1].isEmpty() || parts[2].isEmpty()) {
+        throw new IllegalArgumentException("--method wants /SERVICE/METHOD, not " + path);
+      }
+      return MethodDescriptor.<byte[], byte[]>newBuilder()
+          .setType(MethodDescriptor.MethodType.UNARY)
+          .setFullMethodName(MethodDescriptor.generateFullMethodName(parts[1], parts[2]))
+          .setRequestMarshaller(EchoService.BYTES)
+          .setResponseMarshaller(EchoService.BYTES)
+          .build();
+    }
+
+    /** KEY=VALUE, the key lower case as gRPC sends it; binary (-bin) keys are refused. */
+    static void addMetadata(Metadata metadata, String entry) {
+      int equals = entry.indexOf('=');
+      if (equals <= 0) {
+        throw new IllegalArgumentException("--metadata wants KEY=VALUE, not " + entry);
+      }
+      String key = entry.substring(0, equals).toLowerCase(java.util.Locale.ROOT);
+      if (key.endsWith(Metadata.BINARY_HEADER_SUFFIX)) {
+        throw new IllegalArgumentException("--metadata: binary metadata is not supported here: " + entry);
+      }
+      metadata.put(Metadata.Key.of(key, Metadata.ASCII_STRING_MARSHALLER), entry.substring(equals + 1));
     }
   }
 }
