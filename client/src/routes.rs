@@ -473,6 +473,17 @@ mod tests {
             "multi-line mode inside does not end the value early"
         );
         assert!(full_match("a)|(b").is_err());
+        // Unicode classes are printed back as ranges; they still compile within the limit.
+        for (pattern, value) in [
+            ("\\w+", "tester_42"),
+            ("(?i)canary-.*", "CANARY-eu"),
+            ("\\p{Greek}+", "αβγ"),
+            ("[[:alpha:]]+\\d{2,4}", "v1234"),
+            (".*", ""),
+        ] {
+            let regex = full_match(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
+            assert!(regex.is_match(value), "{pattern} on {value:?}");
+        }
         assert!(full_match("(?P<x>a)\\1").is_err(), "no backreferences, as in RE2");
     }
 
