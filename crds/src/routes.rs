@@ -18,6 +18,7 @@
 //! - an entry whose backends are empty or all of weight 0 fails the calls it matches with
 //!   `UNAVAILABLE`.
 
+use kube::core::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -51,7 +52,41 @@ pub struct RouteEntry {
     #[serde(default)]
     #[schemars(length(max = 16))]
     pub backends: Vec<RouteBackend>,
+    /// Matching calls fail with `DEADLINE_EXCEEDED` this long after they start, retries
+    /// included (the caller's own deadline applies when it is shorter). Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Matching calls that fail with one of the listed codes before any response arrived are
+    /// sent again. Absent: no retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
 }
+
+/// How calls are retried (gRFC A44's retry policy, plus the Rust client's retry budget).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// The gRPC status codes that make a call retried, as gRPC names them
+    /// (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...).
+    #[schemars(length(max = 16))]
+    pub codes: Vec<String>,
+    /// Retries after the first attempt (1 to 4: gRPC clients make at most 5 attempts).
+    #[schemars(range(min = 1, max = 4))]
+    pub attempts: u8,
+    /// The first backoff; each next one is twice as long, jittered, at most `maxBackoff`.
+    pub backoff: Duration,
+    /// The longest backoff.
+    pub max_backoff: Duration,
+    /// The share of calls that may be retries, in percent over 10 seconds, beyond
+    /// `RETRY_BUDGET_MIN_PER_SECOND` retries a second: retries cannot multiply an outage. Applied
+    /// by the Rust client; xDS clients have no retry budget (they are bounded by `attempts`).
+    #[schemars(range(min = 1, max = 100))]
+    pub budget_percent: u8,
+}
+
+/// Retries a client may always make each second, whatever its budget says (so that a client
+/// with little traffic can still retry).
+pub const RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
 
 /// How a match compares: the whole value equals, or the whole value matches an RE2 regular
 /// expression (anchored at both ends).

@@ -235,6 +235,8 @@ fn a_status_without_routes_leaves_the_field_out_and_a_table_reads_back_in_order(
                 namespace: None,
                 weight: 1,
             }],
+            timeout: None,
+            retry: None,
         },
         routes::RouteEntry {
             route: "shop/echo-v2".into(),
@@ -253,6 +255,14 @@ fn a_status_without_routes_leaves_the_field_out_and_a_table_reads_back_in_order(
                     weight: 10,
                 },
             ],
+            timeout: Some(kube::core::Duration::from(std::time::Duration::from_millis(200))),
+            retry: Some(routes::RetryPolicy {
+                codes: vec!["UNAVAILABLE".into()],
+                attempts: 2,
+                backoff: kube::core::Duration::from(std::time::Duration::from_millis(25)),
+                max_backoff: kube::core::Duration::from(std::time::Duration::from_millis(250)),
+                budget_percent: 20,
+            }),
         },
     ];
     let status = GrpcBackendStatus {
@@ -267,6 +277,11 @@ fn a_status_without_routes_leaves_the_field_out_and_a_table_reads_back_in_order(
     assert_eq!(
         wire["routes"][1]["backends"][1],
         json!({"name": "echo-canary", "namespace": "canary", "weight": 10})
+    );
+    assert_eq!(wire["routes"][1]["timeout"], json!("200ms"));
+    assert_eq!(
+        wire["routes"][1]["retry"],
+        json!({"codes": ["UNAVAILABLE"], "attempts": 2, "backoff": "25ms", "maxBackoff": "250ms", "budgetPercent": 20})
     );
     let read: GrpcBackendStatus = serde_json::from_value(wire).unwrap();
     assert_eq!(read.routes, table);

@@ -34,7 +34,11 @@ use kubegrpc_crds::{
     routes::{HeaderMatch, MAX_ROUTE_ENTRIES, MatchType, MethodMatch, RouteBackend, RouteEntry},
 };
 
+use super::policy;
 use crate::{discovery::resolve_port, key::ObjectKey};
+
+/// The route condition saying that a timeout or retry annotation could not be read.
+pub const POLICY_CONDITION: &str = "kubegrpc.io/PolicyValid";
 
 /// The longest regular expression kept (the compiled program is bounded too, see
 /// [`valid_pattern`]).
@@ -334,6 +338,7 @@ pub fn table_for(backend: &Balancer, routes: &[Arc<GRPCRoute>], lookup: &dyn Loo
             .map_or(Timestamp::MAX, |t| t.0);
         let route_name = format!("{}/{}", route.namespace().unwrap_or_default(), route.name_any());
         let (rules, _) = resolve_rules(route, lookup);
+        let policy = policy::from_annotations(route.annotations());
         for rule in rules {
             let backends: Vec<RouteBackend> = rule
                 .backends
@@ -362,6 +367,8 @@ pub fn table_for(backend: &Balancer, routes: &[Arc<GRPCRoute>], lookup: &dyn Loo
                     method: method.clone(),
                     headers: headers.clone(),
                     backends: backends.clone(),
+                    timeout: policy.timeout,
+                    retry: policy.retry.clone(),
                 };
                 keyed.push((precedence, entry));
             }
@@ -410,6 +417,7 @@ pub fn route_status(route: &GRPCRoute, lookup: &dyn Lookup, now: Timestamp) -> G
     let generation = route.metadata.generation;
     let route_namespace = route.namespace().unwrap_or_default();
     let (rules, findings) = resolve_rules(route, lookup);
+    let policy = policy::from_annotations(route.annotations());
     let mut parents: Vec<RouteParentStatus> = current
         .parents
         .iter()
@@ -460,6 +468,14 @@ pub fn route_status(route: &GRPCRoute, lookup: &dyn Lookup, now: Timestamp) -> G
             Some(reason) => condition("ResolvedRefs", false, reason, &listed(&findings.refs_problems)),
         };
         let mut conditions = vec![accepted_condition, resolved_condition];
+        if !policy.problems.is_empty() {
+            conditions.push(condition(
+                POLICY_CONDITION,
+                false,
+                "InvalidAnnotation",
+                &format!("left out: {}", listed(&policy.problems)),
+            ));
+        }
         if accepted.is_ok() && !findings.dropped_rules.is_empty() {
             conditions.push(condition(
                 "PartiallyInvalid",

@@ -219,6 +219,8 @@ mod tests {
             method,
             headers,
             backends,
+            timeout: None,
+            retry: None,
         }
     }
 

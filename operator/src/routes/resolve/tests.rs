@@ -418,3 +418,47 @@ fn a_condition_keeps_its_transition_time_while_it_holds() {
     let again = route_status(&route, &world, Timestamp::from_second(200).unwrap());
     assert_eq!(again, first, "nothing changed: the same status, so nothing is written");
 }
+
+#[test]
+fn the_routes_timeout_and_retry_annotations_go_in_every_entry_and_bad_ones_are_reported() {
+    let world = World::default().balanced("shop", "echo");
+    let mut annotated = (*route(
+        "shop",
+        "r",
+        1,
+        json!({"parentRefs": [parent("echo")], "rules": [
+            {"matches": [{"method": {"service": "echo.Echo"}}], "backendRefs": [backend_ref("echo", 1)]},
+            {"backendRefs": [backend_ref("echo", 1)]},
+        ]}),
+    ))
+    .clone();
+    annotated.metadata.annotations = Some(
+        [
+            (super::policy::TIMEOUT.to_string(), "200ms".to_string()),
+            (super::policy::RETRY_ON.to_string(), "unavailable".to_string()),
+            (super::policy::RETRY_LIMIT.to_string(), "seven".to_string()),
+        ]
+        .into(),
+    );
+    let annotated = Arc::new(annotated);
+    let table = table_for(&world.backend("shop", "echo"), std::slice::from_ref(&annotated), &world);
+    assert_eq!(table.len(), 2);
+    for entry in &table {
+        assert_eq!(
+            entry.timeout.map(std::time::Duration::from),
+            Some(std::time::Duration::from_millis(200))
+        );
+        assert_eq!(
+            entry.retry.as_ref().map(|r| (r.codes.clone(), r.attempts)),
+            Some((vec!["UNAVAILABLE".to_string()], 2))
+        );
+    }
+    let status = route_status(&annotated, &world, Timestamp::UNIX_EPOCH);
+    let policy = condition_of(&status, POLICY_CONDITION);
+    assert_eq!(
+        (policy.status.as_str(), policy.reason.as_str()),
+        ("False", "InvalidAnnotation")
+    );
+    assert!(policy.message.contains("retry-limit"), "{}", policy.message);
+    assert_eq!(condition_of(&status, "Accepted").status, "True");
+}
