@@ -97,6 +97,10 @@ pub struct Counters {
     pub connections_open: AtomicU64,
     pub health_watches_open: AtomicU64,
     pub health_checks: AtomicU64,
+    /// `Stats` calls answered: a second method of this service, counted apart from `Echo`, for
+    /// tests of routing by method (a health `Check` would not do: the operator's prober sends
+    /// those too).
+    pub stats_calls: AtomicU64,
 }
 
 impl Counters {

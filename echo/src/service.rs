@@ -95,6 +95,7 @@ impl pb::echo_server::Echo for EchoService {
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {
+        self.counters.stats_calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(self.counters.snapshot()))
     }
 
