@@ -171,6 +171,8 @@ pub struct XdsClientOptions {
     pub method: Option<String>,
     /// Metadata (`key`, `value`) sent with every call.
     pub metadata: Vec<(String, String)>,
+    /// Each call's deadline (default the peer's, 2 s).
+    pub timeout: Option<Duration>,
 }
 
 impl XdsClientOptions {
@@ -185,6 +187,7 @@ impl XdsClientOptions {
             certificate_providers: None,
             method: None,
             metadata: Vec::new(),
+            timeout: None,
         }
     }
 }
@@ -222,6 +225,7 @@ impl XdsClient {
             certificate_providers,
             method,
             metadata,
+            timeout,
         } = options;
         let executable = peer_executable(peer.executable())?;
         let names = targets.join("+");
@@ -262,6 +266,9 @@ impl XdsClient {
         for (key, value) in &metadata {
             command.arg("--metadata").arg(format!("{key}={value}"));
         }
+        if let Some(timeout) = timeout {
+            command.arg("--timeout").arg(format!("{}ms", timeout.as_millis()));
+        }
         let name = format!("{peer} xDS client of {names}");
         let (process, control) = start_client_peer(&name, command, &log, peer.startup_deadline()).await?;
         Ok(Self {
@@ -281,8 +288,8 @@ impl XdsClient {
         control_api::call(self.control, "GET", "/last").await
     }
 
-    /// Every failed call since the start (the first 100000): when it was sent, its code and
-    /// message.
+    /// Every failed call since the start (the first 100,000 for grpc-go; 10,000, messages cut at
+    /// 256 characters, for grpc-java): when it was sent, its code and message.
     pub async fn failures(&self) -> Result<Vec<crate::kuberesolver::Failure>> {
         control_api::call(self.control, "GET", "/failures").await
     }

@@ -78,7 +78,8 @@ import java.util.logging.Logger;
  * GET  /last    {"10.250.1.1:50051":1712345678901234567,...}: per backend, the Unix time in
  *               nanoseconds at which its latest successful reply arrived
  * GET  /failures [{"sent":UNIX_NS,"code":"Unavailable","message":"..."},...]: every failed call
- *               since the start (the first 100000), as the grpc-go peer's
+ *               since the start, as the grpc-go peer's, but the first 10000 only and each message
+ *               cut at 256 characters (grpc-java's run long): the heap is small (-Xmx128m)
  * </pre>
  *
  * <p>Counts are per window (from the start or the last reset): a call counts in the window it was
@@ -390,8 +391,10 @@ public final class XdsClient {
     private long inFlight;
     private Map<String, Long> last = new TreeMap<>();
 
-    /** Bounds /failures, as the grpc-go peer does. */
-    static final int MAX_FAILURES = 100_000;
+    /** Bounds /failures: at most about 3 MB with MAX_FAILURE_MESSAGE. */
+    static final int MAX_FAILURES = 10_000;
+
+    static final int MAX_FAILURE_MESSAGE = 256;
 
     /** Every failed call since the start: sent (Unix ns), code, message. */
     private final List<String[]> failures = new ArrayList<>();
@@ -415,7 +418,11 @@ public final class XdsClient {
       if (failures.size() < MAX_FAILURES) {
         failures.add(
             new String[] {
-              Long.toString(sent.getEpochSecond() * 1_000_000_000L + sent.getNano()), code, message
+              Long.toString(sent.getEpochSecond() * 1_000_000_000L + sent.getNano()),
+              code,
+              message.length() > MAX_FAILURE_MESSAGE
+                  ? message.substring(0, MAX_FAILURE_MESSAGE)
+                  : message
             });
       }
       if (window == this.window) {
