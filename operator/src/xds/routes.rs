@@ -22,6 +22,32 @@
 //!   RouteConfiguration for it; not a route action without clusters: both skip such a Route, and
 //!   the call would fall through to a later entry.
 //!
+//! Each forwarding Route also carries its entry's timeout and retry policy:
+//! - the timeout becomes `max_stream_duration.max_stream_duration` (gRFC A31). grpc-go v1.83 and
+//!   grpc-java 1.85 read `grpc_timeout_header_max` first and `max_stream_duration` when it is
+//!   absent; only the latter is set, which an Envoy reading the route would also apply as the
+//!   stream's limit. Both clients apply it as the call's deadline unless the caller's own is
+//!   sooner (grpc-go `context.WithTimeout` on the caller's context, grpc-java keeps the earlier
+//!   `Deadline`): the call fails DEADLINE_EXCEEDED, retries included. A zero timeout means none
+//!   to both, so none is left out;
+//! - the retry policy becomes `retry_policy` (gRFC A44): `retry_on` the codes lowercase and
+//!   hyphenated (`unavailable,resource-exhausted`), `num_retries` the attempts after the first,
+//!   `retry_back_off {base_interval, max_interval}`. Both clients retry only a call that failed
+//!   before any response header arrived, keep the call's Cluster but pick each attempt's endpoint
+//!   afresh, at random by weight (a retry may land on the endpoint that failed), and double the
+//!   backoff each time (jittered, at most `max_interval`). What they refuse is never sent: grpc-go
+//!   NACKs the whole RouteConfiguration for `num_retries` 0 or a `base_interval`/`max_interval`
+//!   of 0, grpc-java for a `base_interval` of 0 or a `max_interval` below it (and fails every call
+//!   of a route with `num_retries` 0), so retries are clamped to 1-4, the backoff to at least
+//!   1 ms and `max_interval` to at least `base_interval`. grpc-java caps attempts at 5 in all;
+//!   grpc-go does not over xDS, hence the 4. A code neither client retries on is left out (both
+//!   would ignore it, as A44 says), and a policy left with no code is not sent.
+//!
+//! The retry budget (`budgetPercent`) has no xDS field gRPC clients read: Envoy's
+//! `retry_budget` is a Cluster circuit breaker, and gRPC's own retry throttling
+//! (`retryThrottling`) comes only from a service config, never from xDS. xDS clients are bounded
+//! by the attempts alone.
+//!
 //! There is no catch-all Route after the entries: a call that matches none fails UNAVAILABLE in
 //! both clients (grpc-go "no matched route was found", grpc-java "Could not find xDS route
 //! matching RPC"), as the table's semantics say.
@@ -37,15 +63,20 @@ use std::collections::HashMap;
 use envoy_types::pb::{
     envoy::{
         config::route::v3::{
-            HeaderMatcher, NonForwardingAction, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-            WeightedCluster, header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
-            route_match::PathSpecifier, weighted_cluster::ClusterWeight,
+            HeaderMatcher, NonForwardingAction, RetryPolicy as XdsRetryPolicy, Route, RouteAction, RouteConfiguration,
+            RouteMatch, VirtualHost, WeightedCluster,
+            header_matcher::HeaderMatchSpecifier,
+            retry_policy::RetryBackOff,
+            route::Action,
+            route_action::{ClusterSpecifier, MaxStreamDuration},
+            route_match::PathSpecifier,
+            weighted_cluster::ClusterWeight,
         },
         r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern},
     },
-    google::protobuf::{BoolValue, UInt32Value},
+    google::protobuf::{BoolValue, Duration as ProtoDuration, UInt32Value},
 };
-use kubegrpc_crds::routes::{HeaderMatch, MatchType, MethodMatch, RouteBackend, RouteEntry};
+use kubegrpc_crds::routes::{HeaderMatch, MatchType, MethodMatch, RetryPolicy, RouteBackend, RouteEntry};
 
 use super::resources::resource_name;
 
@@ -92,6 +123,8 @@ fn route(entry: &RouteEntry, namespace: &str) -> Route {
                 clusters,
                 ..Default::default()
             })),
+            max_stream_duration: entry.timeout.and_then(max_stream_duration),
+            retry_policy: entry.retry.as_ref().and_then(retry_policy),
             ..Default::default()
         })
     };
@@ -106,6 +139,76 @@ fn route(entry: &RouteEntry, namespace: &str) -> Route {
         }),
         action: Some(action),
         ..Default::default()
+    }
+}
+
+/// The codes gRPC clients retry on, as `retry_on` spells them (gRFC A44; grpc-go and grpc-java
+/// ignore any other value).
+const RETRY_ON: [&str; 5] = [
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// The most retries after the first attempt: grpc-java caps a call at 5 attempts, grpc-go does
+/// not over xDS.
+const MAX_RETRIES: u32 = 4;
+
+/// The shortest backoff sent: both clients refuse a `base_interval` of 0.
+const MIN_BACKOFF: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A route timeout as gRFC A31's `max_stream_duration`; none for a zero or negative one (gRPC
+/// reads 0 as no limit).
+fn max_stream_duration(timeout: kube::core::Duration) -> Option<MaxStreamDuration> {
+    let timeout = non_negative(timeout);
+    (!timeout.is_zero()).then(|| MaxStreamDuration {
+        max_stream_duration: Some(proto_duration(timeout)),
+        ..Default::default()
+    })
+}
+
+/// A retry policy as gRFC A44's `retry_policy`, within what grpc-go and grpc-java accept; none
+/// when no listed code is one they retry on.
+fn retry_policy(policy: &RetryPolicy) -> Option<XdsRetryPolicy> {
+    let mut retry_on: Vec<String> = Vec::new();
+    for code in &policy.codes {
+        let code = code.trim().to_ascii_lowercase().replace('_', "-");
+        if RETRY_ON.contains(&code.as_str()) && !retry_on.contains(&code) {
+            retry_on.push(code);
+        }
+    }
+    if retry_on.is_empty() {
+        return None;
+    }
+    let base = non_negative(policy.backoff).max(MIN_BACKOFF);
+    let max = non_negative(policy.max_backoff).max(base);
+    Some(XdsRetryPolicy {
+        retry_on: retry_on.join(","),
+        num_retries: Some(UInt32Value {
+            value: u32::from(policy.attempts).clamp(1, MAX_RETRIES),
+        }),
+        retry_back_off: Some(RetryBackOff {
+            base_interval: Some(proto_duration(base)),
+            max_interval: Some(proto_duration(max)),
+        }),
+        ..Default::default()
+    })
+}
+
+fn non_negative(duration: kube::core::Duration) -> std::time::Duration {
+    if duration.is_negative() {
+        std::time::Duration::ZERO
+    } else {
+        duration.into()
+    }
+}
+
+fn proto_duration(duration: std::time::Duration) -> ProtoDuration {
+    ProtoDuration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(0),
     }
 }
 
@@ -459,6 +562,201 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    fn action_of(route: &Route) -> &RouteAction {
+        let Some(Action::Route(action)) = &route.action else {
+            panic!("a route action expected: {:?}", route.action)
+        };
+        action
+    }
+
+    fn duration(text: &str) -> kube::core::Duration {
+        text.parse().unwrap()
+    }
+
+    fn retry(codes: &[&str], attempts: u8, backoff: &str, max_backoff: &str) -> RetryPolicy {
+        RetryPolicy {
+            codes: codes.iter().map(|c| (*c).to_string()).collect(),
+            attempts,
+            backoff: duration(backoff),
+            max_backoff: duration(max_backoff),
+            budget_percent: 20,
+        }
+    }
+
+    fn with_policy(timeout: Option<&str>, retry: Option<RetryPolicy>) -> Route {
+        let entry = RouteEntry {
+            timeout: timeout.map(duration),
+            retry,
+            ..entry(None, vec![], vec![backend("v1", 1)])
+        };
+        routes_of(&[entry]).remove(0)
+    }
+
+    fn proto(seconds: i64, nanos: i32) -> Option<ProtoDuration> {
+        Some(ProtoDuration { seconds, nanos })
+    }
+
+    #[test]
+    fn a_timeout_becomes_max_stream_duration_and_nothing_else() {
+        let route = with_policy(Some("200ms"), None);
+        let action = action_of(&route);
+        assert_eq!(
+            action.max_stream_duration,
+            Some(MaxStreamDuration {
+                max_stream_duration: proto(0, 200_000_000),
+                // Both clients would prefer it to max_stream_duration: left out.
+                grpc_timeout_header_max: None,
+                grpc_timeout_header_offset: None,
+            })
+        );
+        assert_eq!(action.retry_policy, None);
+        assert_eq!(action.timeout, None, "Envoy's idle route timeout: gRPC ignores it");
+        let long = with_policy(Some("1h1.5s"), None);
+        assert_eq!(
+            action_of(&long)
+                .max_stream_duration
+                .as_ref()
+                .unwrap()
+                .max_stream_duration,
+            proto(3601, 500_000_000)
+        );
+        // None, zero and negative: no limit, said by leaving the field out.
+        for timeout in [None, Some("0s"), Some("-5s")] {
+            let route = with_policy(timeout, None);
+            assert_eq!(action_of(&route).max_stream_duration, None, "{timeout:?}");
+        }
+    }
+
+    #[test]
+    fn a_retry_policy_becomes_retry_on_num_retries_and_backoff() {
+        let route = with_policy(
+            Some("5s"),
+            Some(retry(&["UNAVAILABLE", "RESOURCE_EXHAUSTED"], 2, "25ms", "250ms")),
+        );
+        let action = action_of(&route);
+        assert_eq!(
+            action.retry_policy,
+            Some(XdsRetryPolicy {
+                retry_on: "unavailable,resource-exhausted".into(),
+                num_retries: Some(UInt32Value { value: 2 }),
+                retry_back_off: Some(RetryBackOff {
+                    base_interval: proto(0, 25_000_000),
+                    max_interval: proto(0, 250_000_000),
+                }),
+                ..Default::default()
+            })
+        );
+        assert!(
+            action.max_stream_duration.is_some(),
+            "the timeout bounds the call, retries included"
+        );
+        let every_code = with_policy(
+            None,
+            Some(retry(
+                &[
+                    "CANCELLED",
+                    "DEADLINE_EXCEEDED",
+                    "INTERNAL",
+                    "RESOURCE_EXHAUSTED",
+                    "UNAVAILABLE",
+                ],
+                4,
+                "1s",
+                "10s",
+            )),
+        );
+        let policy = action_of(&every_code).retry_policy.clone().unwrap();
+        assert_eq!(
+            policy.retry_on,
+            "cancelled,deadline-exceeded,internal,resource-exhausted,unavailable"
+        );
+        assert_eq!(policy.num_retries, Some(UInt32Value { value: 4 }));
+        assert_eq!(
+            policy.retry_back_off.unwrap().max_interval,
+            proto(10, 0),
+            "whole seconds"
+        );
+    }
+
+    #[test]
+    fn what_a_grpc_client_would_refuse_is_never_sent() {
+        // Retries 0 (grpc-go NACKs it, grpc-java fails the calls) and above 4 (5 attempts at most).
+        for (attempts, sent) in [(0, 1), (1, 1), (4, 4), (9, 4)] {
+            let route = with_policy(None, Some(retry(&["UNAVAILABLE"], attempts, "25ms", "250ms")));
+            let policy = action_of(&route).retry_policy.clone().unwrap();
+            assert_eq!(policy.num_retries, Some(UInt32Value { value: sent }), "{attempts}");
+        }
+        // A base_interval of 0 (both NACK) and a max_interval below it (grpc-java NACKs).
+        for (backoff, max_backoff, base, max) in [
+            ("0s", "0s", proto(0, 1_000_000), proto(0, 1_000_000)),
+            ("-1s", "250ms", proto(0, 1_000_000), proto(0, 250_000_000)),
+            ("100ms", "10ms", proto(0, 100_000_000), proto(0, 100_000_000)),
+        ] {
+            let route = with_policy(None, Some(retry(&["UNAVAILABLE"], 2, backoff, max_backoff)));
+            let back_off = action_of(&route).retry_policy.clone().unwrap().retry_back_off.unwrap();
+            assert_eq!(
+                (back_off.base_interval, back_off.max_interval),
+                (base, max),
+                "{backoff} {max_backoff}"
+            );
+        }
+        // Codes the clients do not retry on are left out, repeats once; none left: no policy.
+        let route = with_policy(
+            None,
+            Some(retry(
+                &["unavailable", "NOT_FOUND", "UNAVAILABLE", " internal "],
+                2,
+                "25ms",
+                "250ms",
+            )),
+        );
+        assert_eq!(
+            action_of(&route).retry_policy.as_ref().unwrap().retry_on,
+            "unavailable,internal"
+        );
+        for codes in [&["NOT_FOUND", "5xx"][..], &[]] {
+            let route = with_policy(None, Some(retry(codes, 2, "25ms", "250ms")));
+            assert_eq!(action_of(&route).retry_policy, None, "{codes:?}");
+        }
+    }
+
+    #[test]
+    fn each_entry_carries_its_own_policy_and_a_failing_entry_none() {
+        let table = [
+            RouteEntry {
+                timeout: Some(duration("200ms")),
+                retry: Some(retry(&["UNAVAILABLE"], 3, "10ms", "100ms")),
+                ..entry(
+                    Some(method(MatchType::Exact, Some("echo.Echo"), Some("Say"))),
+                    vec![],
+                    vec![backend("v2", 1)],
+                )
+            },
+            RouteEntry {
+                timeout: Some(duration("1s")),
+                ..entry(None, vec![], vec![backend("v1", 0)])
+            },
+            entry(None, vec![], vec![backend("v1", 1)]),
+        ];
+        let routes = routes_of(&table);
+        let first = action_of(&routes[0]);
+        assert_eq!(
+            first.max_stream_duration.as_ref().unwrap().max_stream_duration,
+            proto(0, 200_000_000)
+        );
+        assert_eq!(
+            first.retry_policy.as_ref().unwrap().num_retries,
+            Some(UInt32Value { value: 3 })
+        );
+        assert_eq!(
+            routes[1].action,
+            Some(Action::NonForwardingAction(NonForwardingAction {})),
+            "its calls fail at once: nothing to time out or retry"
+        );
+        let last = action_of(&routes[2]);
+        assert_eq!((&last.max_stream_duration, &last.retry_policy), (&None, &None));
     }
 
     #[test]
