@@ -38,6 +38,9 @@ pub struct BackendOptions {
     pub orca: bool,
     /// The ORCA streams' minimum reporting interval.
     pub orca_min_report_interval: Duration,
+    /// Fail every `Echo` call with this code after its work (counted in `requests` all the
+    /// same), for tests of what clients do with failing backends; health is unaffected.
+    pub fail_with: Option<tonic::Code>,
 }
 
 impl Default for BackendOptions {
@@ -51,6 +54,7 @@ impl Default for BackendOptions {
             work: Duration::ZERO,
             orca: false,
             orca_min_report_interval: OrcaService::DEFAULT_MIN_INTERVAL,
+            fail_with: None,
         }
     }
 }
@@ -107,6 +111,7 @@ impl Backend {
             load: load.clone(),
             slots: options.capacity.map(|capacity| Arc::new(Semaphore::new(capacity))),
             work: options.work,
+            fail_with: options.fail_with,
         };
         let kill_switch = Arc::new(KillSwitch::default());
         let incoming = CountingIncoming::new(listener, counters.clone(), kill_switch.clone());

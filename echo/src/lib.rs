@@ -57,7 +57,7 @@ pub struct StatsRequest {}
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StatsReply {
-    /// `Echo` requests served.
+    /// `Echo` requests served (or failed on purpose, with `BackendOptions::fail_with`).
     #[prost(uint64, tag = "1")]
     pub requests: u64,
     #[prost(uint64, tag = "2")]

@@ -25,6 +25,7 @@ pub struct EchoService {
     /// The worker slots, if the backend has a capacity.
     pub(crate) slots: Option<Arc<Semaphore>>,
     pub(crate) work: Duration,
+    pub(crate) fail_with: Option<tonic::Code>,
 }
 
 impl EchoService {
@@ -87,6 +88,12 @@ impl pb::echo_server::Echo for EchoService {
             tokio::time::sleep(Duration::from_millis(u64::from(request.delay_ms))).await;
         }
         self.counters.requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(code) = self.fail_with {
+            return Err(Status::new(
+                code,
+                format!("{}: this backend fails every call, on purpose", self.address),
+            ));
+        }
         load_request.completed = true;
         Ok(Response::new(EchoReply {
             message: request.message,
@@ -131,6 +138,7 @@ mod tests {
             load: LoadRecorder::with_capacity(capacity.unwrap_or(1)),
             slots: capacity.map(|capacity| Arc::new(Semaphore::new(capacity))),
             work,
+            fail_with: None,
         }
     }
 
@@ -173,6 +181,26 @@ mod tests {
         assert_eq!((totals.requests, totals.errors), (1, 1), "counted, as failed");
         assert_eq!(totals.busy, Duration::from_millis(20), "the time it held its slot");
         assert_eq!(service.counters.snapshot().requests, 0, "not served");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_backend_fails_every_call_with_its_code_and_counts_it() {
+        let service = EchoService {
+            fail_with: Some(tonic::Code::Unavailable),
+            ..echo_service(None, Duration::ZERO)
+        };
+        for _ in 0..3 {
+            let status = service.echo(hello()).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(status.message().contains("10.250.0.1:50051"), "{status:?}");
+        }
+        assert_eq!(
+            service.counters.snapshot().requests,
+            3,
+            "every call counted where it failed"
+        );
+        let totals = service.load.totals();
+        assert_eq!((totals.requests, totals.errors), (3, 3), "load, as failed");
     }
 
     #[tokio::test(start_paused = true)]

@@ -85,6 +85,7 @@ async fn main() -> std::io::Result<()> {
             work: options.work,
             orca: options.orca,
             orca_min_report_interval: options.orca_min_interval,
+            fail_with: None,
         },
     )
     .await?;
