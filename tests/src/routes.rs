@@ -51,12 +51,28 @@ pub async fn balanced_service(scenario: &Scenario, name: &str, backends: &[&Back
 
 /// Applies (server-side) the GRPCRoute `name` with `spec`, as `kubectl apply` would.
 pub async fn apply_route(client: &Client, namespace: &str, name: &str, spec: Value) -> Result<()> {
+    apply_annotated_route(client, namespace, name, &[], spec).await
+}
+
+/// As [`apply_route`], with `annotations` (the route's timeout and retry policy, say); an
+/// annotation applied before and left out now is removed, as `kubectl apply` does.
+pub async fn apply_annotated_route(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    annotations: &[(&str, &str)],
+    spec: Value,
+) -> Result<()> {
     let resource = ApiResource::erase::<GRPCRoute>(&());
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+    let annotations: serde_json::Map<String, Value> = annotations
+        .iter()
+        .map(|(key, value)| ((*key).to_string(), Value::from(*value)))
+        .collect();
     let object = json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "GRPCRoute",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "annotations": annotations},
         "spec": spec,
     });
     api.patch(
