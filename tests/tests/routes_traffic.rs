@@ -294,6 +294,9 @@ impl Mesh {
     }
 }
 
+/// A kind of call: its method, its metadata, and the backend it must land on.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_method_match_and_a_header_match_send_matching_calls_to_v2_and_the_rest_to_v1() -> Result<()> {
     let mesh = Mesh::start("mesh-matches", &["echo", "v1", "v2"]).await?;
@@ -313,7 +316,7 @@ async fn a_method_match_and_a_header_match_send_matching_calls_to_v2_and_the_res
     const CALLS: u64 = 300;
     for kind in KINDS {
         // (method, metadata) -> where the calls must land
-        let cases: [(&str, &[(&str, &str)], &str); 3] = [
+        let cases: [Case; 3] = [
             (ECHO, &[], "v1"),
             (ECHO, &[("x-tester", "v2")], "v2"),
             (STATS, &[], "v2"),
