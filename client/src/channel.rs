@@ -2,6 +2,7 @@
 
 use std::{
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -20,12 +21,12 @@ use crate::{
     failure::Failure,
     outlier::OutlierDetection,
     pool::{Pool, PoolConfig},
-    router::{PoolTasks, Router, Spawner},
+    router::{PoolTasks, Routed, Router, Spawner},
     routes::BackendKey,
     snapshot::{DiscoveryState, Snapshot},
 };
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A gRPC channel balanced over the endpoints of one GrpcBackend, by weight.
 ///
@@ -386,7 +387,11 @@ impl tower::Service<http::Request<Body>> for Channel {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         match self.inner.router.route(&request) {
-            Ok(pool) => Box::pin(send(pool, request)),
+            Ok(Routed { pool, policy: None }) => Box::pin(send(pool, request)),
+            Ok(Routed {
+                pool,
+                policy: Some(policy),
+            }) => Box::pin(crate::route_call::call(pool, policy, request)),
             Err(unavailable) => Box::pin(std::future::ready(Err(Box::new(unavailable) as BoxError))),
         }
     }
@@ -397,14 +402,50 @@ impl tower::Service<http::Request<Body>> for Channel {
 const MAX_ATTEMPTS: usize = 3;
 
 async fn send(pool: Arc<Pool>, request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+    send_avoiding(&pool, request, &[]).await.result
+}
+
+/// How a request went on a pool (after its transparent retries, if any).
+pub(crate) struct Sent {
+    pub result: Result<http::Response<Body>, BoxError>,
+    /// The endpoint of the last attempt; `None` if none could be picked.
+    pub endpoint: Option<SocketAddr>,
+    /// How the last attempt failed before a response, if it did.
+    pub failure: Option<Failure>,
+}
+
+impl Sent {
+    fn unpicked(error: BoxError) -> Self {
+        Self {
+            result: Err(error),
+            endpoint: None,
+            failure: None,
+        }
+    }
+}
+
+/// Sends `request` to an endpoint of `pool` other than those in `avoid` if it has one (a retry
+/// of a route's policy avoids the endpoints that failed the call), with transparent retries.
+pub(crate) async fn send_avoiding(pool: &Pool, request: http::Request<Body>, avoid: &[SocketAddr]) -> Sent {
     let (parts, body) = request.into_parts();
     if !pool.config.transparent_retry {
-        let endpoint = pick(&pool, None)?;
+        let endpoint = match pick(pool, avoid, None) {
+            Ok(endpoint) => endpoint,
+            Err(error) => return Sent::unpicked(error),
+        };
         return match endpoint.send(http::Request::from_parts(parts, body)).await {
-            Ok(response) => Ok(response),
+            Ok(response) => Sent {
+                result: Ok(response),
+                endpoint: Some(endpoint.address),
+                failure: None,
+            },
             Err(failed) => {
                 pool.report_failure(endpoint.address, &failed);
-                Err(failed.error.into())
+                Sent {
+                    endpoint: Some(endpoint.address),
+                    failure: Some(failed.failure),
+                    result: Err(failed.error.into()),
+                }
             }
         };
     }
@@ -413,9 +454,12 @@ async fn send(pool: Arc<Pool>, request: http::Request<Body>) -> Result<http::Res
     // layer below this channel reads them, and a retried attempt never reached the server.
     let mut extensions = Some(std::mem::take(&mut parts.extensions));
     let mut body = body;
-    let mut avoid = None;
+    let mut also_avoid = None;
     for attempt in 1..=MAX_ATTEMPTS {
-        let endpoint = pick(&pool, avoid)?;
+        let endpoint = match pick(pool, avoid, also_avoid) {
+            Ok(endpoint) => endpoint,
+            Err(error) => return Sent::unpicked(error),
+        };
         let (sent, replay) = ReplayBody::new(body);
         let mut attempt_parts = clone_parts(&parts);
         if let Some(extensions) = extensions.take() {
@@ -425,7 +469,13 @@ async fn send(pool: Arc<Pool>, request: http::Request<Body>) -> Result<http::Res
             .send(http::Request::from_parts(attempt_parts, Body::new(sent)))
             .await
         {
-            Ok(response) => return Ok(response),
+            Ok(response) => {
+                return Sent {
+                    result: Ok(response),
+                    endpoint: Some(endpoint.address),
+                    failure: None,
+                };
+            }
             Err(failed) => failed,
         };
         pool.report_failure(endpoint.address, &failed);
@@ -442,23 +492,35 @@ async fn send(pool: Arc<Pool>, request: http::Request<Body>) -> Result<http::Res
                     "transparent retry");
                 body = unsent;
                 // A rotating endpoint is healthy and has reconnected; a failing one is avoided.
-                avoid = failed.failure.is_evidence().then_some(endpoint.address);
+                also_avoid = failed.failure.is_evidence().then_some(endpoint.address);
             }
-            _ => return Err(failed.error.into()),
+            _ => {
+                return Sent {
+                    endpoint: Some(endpoint.address),
+                    failure: Some(failed.failure),
+                    result: Err(failed.error.into()),
+                };
+            }
         }
     }
     unreachable!("the last attempt returns")
 }
 
-/// Picks an endpoint (another than `avoid` if there is one), or fails with `Unavailable`.
-fn pick(pool: &Pool, avoid: Option<std::net::SocketAddr>) -> Result<Arc<crate::endpoint::Endpoint>, BoxError> {
+/// Picks an endpoint (one not in `avoid` nor `also_avoid` if there is one), or fails with
+/// `Unavailable`.
+fn pick(
+    pool: &Pool,
+    avoid: &[SocketAddr],
+    also_avoid: Option<SocketAddr>,
+) -> Result<Arc<crate::endpoint::Endpoint>, BoxError> {
     let rotation = pool.rotation();
-    let picked = match avoid {
-        Some(avoid) => rotation
+    let picked = if avoid.is_empty() && also_avoid.is_none() {
+        rotation.picker.pick()
+    } else {
+        rotation
             .picker
-            .pick_where(|e| e.address != avoid)
-            .or_else(|| rotation.picker.pick()),
-        None => rotation.picker.pick(),
+            .pick_where(|e| !avoid.contains(&e.address) && also_avoid != Some(e.address))
+            .or_else(|| rotation.picker.pick())
     };
     match picked {
         Some(endpoint) => Ok(endpoint.clone()),
@@ -470,7 +532,7 @@ fn pick(pool: &Pool, avoid: Option<std::net::SocketAddr>) -> Result<Arc<crate::e
 }
 
 /// The request line and headers of `parts`, for another attempt (without extensions).
-fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+pub(crate) fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     let (mut clone, ()) = http::Request::new(()).into_parts();
     clone.method = parts.method.clone();
     clone.uri = parts.uri.clone();

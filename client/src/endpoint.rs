@@ -313,9 +313,12 @@ impl HttpBody for ReplayBody {
             return Poll::Ready(None);
         };
         let polled = Pin::new(body).poll_frame(cx);
+        // hyper stops polling a body that says it has ended after a frame: that is its end.
+        let ended = self.reading.as_ref().is_some_and(HttpBody::is_end_stream);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let mut state = self.lock();
+                state.complete |= ended || frame.is_trailers();
                 if let Some(data) = frame.data_ref() {
                     state.size += data.len();
                     if state.size > REPLAY_LIMIT {
@@ -387,6 +390,17 @@ mod tests {
         let (sent, replay) = ReplayBody::new(Body::new(String::from("hello")));
         let _ = read_all(Body::new(sent)).await;
         assert!(replay.unread().is_none(), "read: it may have reached the server");
+    }
+
+    #[tokio::test]
+    async fn a_body_read_up_to_a_frame_after_which_it_says_it_ended_is_replayed() {
+        // hyper sends END_STREAM with the frame after which the body says it has ended, and
+        // polls it no more: that body was read whole.
+        let (mut sent, replay) = ReplayBody::new(Body::new(http_body_util::Full::new(Bytes::from_static(b"hello"))));
+        let first = std::future::poll_fn(|cx| Pin::new(&mut sent).poll_frame(cx)).await;
+        assert!(first.is_some_and(|frame| frame.is_ok()));
+        assert!(sent.is_end_stream());
+        assert_eq!(read_all(replay.replayable().expect("kept whole")).await, b"hello");
     }
 
     #[tokio::test]

@@ -158,6 +158,8 @@ mod pool;
 
 // Routes: a GrpcBackend's routing table sends each call to the pool of the GrpcBackend it
 // picks (read and matched in `routes`, pools kept and picked in `router`).
+mod route_call;
+mod route_policy;
 mod router;
 mod routes;
 
@@ -178,7 +180,10 @@ mod test_support;
 
 pub use channel::{Builder, Channel};
 pub use outlier::{FailurePercentage, OutlierDetection};
-pub use snapshot::{AppliedRoute, DiscoveryState, EndpointSnapshot, RoutedBackendSnapshot, RoutingSnapshot, Snapshot};
+pub use snapshot::{
+    AppliedRoute, DiscoveryState, EndpointSnapshot, RoutedBackendSnapshot, RoutingSnapshot, RulePolicySnapshot,
+    Snapshot,
+};
 
 /// Errors of the channel; each names the GrpcBackend it concerns.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,10 @@
 //! With a routing table (`status.routes`), the same for the pool of every GrpcBackend it routes
 //! to (each labelled with its own `backend`), plus `kubegrpc_client_routed_requests_total`
 //! (labels `backend`, the table's GrpcBackend, and `target`, the routed-to one) and
-//! `kubegrpc_client_unrouted_requests_total` (calls failed because no entry took them).
+//! `kubegrpc_client_unrouted_requests_total` (calls failed because no entry took them); and for
+//! each rule of a route with a timeout or retries (labels `backend`, `route`, `rule`),
+//! `kubegrpc_client_route_retries_total`, `kubegrpc_client_route_retries_refused_total` (by the
+//! retry budget) and `kubegrpc_client_route_deadline_exceeded_total`.
 //! Values are read from [`Channel::snapshot`](crate::Channel::snapshot) at scrape time; the
 //! registry does not keep the channel alive.
 
@@ -161,6 +164,36 @@ impl Collector for ChannelCollector {
             )?;
             ConstCounter::new(routing.unrouted)
                 .encode(unrouted.encode_family(&[("backend", snapshot.backend.as_str())])?)?;
+            type ReadRule = fn(&crate::RulePolicySnapshot) -> u64;
+            let rule_counters: [(&str, &str, ReadRule); 3] = [
+                (
+                    "kubegrpc_client_route_retries",
+                    "Retries made under a route rule's retry policy",
+                    |p| p.retries,
+                ),
+                (
+                    "kubegrpc_client_route_retries_refused",
+                    "Retries a route rule's retry budget refused (the call failed as its last attempt did)",
+                    |p| p.retries_refused,
+                ),
+                (
+                    "kubegrpc_client_route_deadline_exceeded",
+                    "Calls of a route rule failed with DEADLINE_EXCEEDED (the route's timeout or the caller's deadline)",
+                    |p| p.deadline_exceeded,
+                ),
+            ];
+            for (name, help, read) in rule_counters {
+                let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for policy in &routing.policies {
+                    let rule = policy.rule.to_string();
+                    let labels = [
+                        ("backend", snapshot.backend.as_str()),
+                        ("route", policy.route.as_str()),
+                        ("rule", rule.as_str()),
+                    ];
+                    ConstCounter::new(read(policy)).encode(family.encode_family(&labels)?)?;
+                }
+            }
         }
         Ok(())
     }

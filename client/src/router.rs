@@ -17,10 +17,15 @@
 //! call that matches no entry, whose entry names no backend of weight above 0, or none of
 //! whose entry's backends has a usable endpoint, fails at once with `Unavailable` naming the
 //! GrpcBackend and why.
+//!
+//! An entry with a timeout or retries ([`crate::route_policy`]) hands the call its policy, the
+//! counters and retry budget of its rule (one per rule of a route, kept across tables while the
+//! rule is in them), and a way to pick a backend again for a retry ([`RoutedPolicy::repick`]).
 
 use std::{
     collections::{BTreeSet, HashMap, hash_map::RandomState},
     hash::BuildHasher,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -44,6 +49,8 @@ use tracing::{info, warn};
 use crate::{
     picker::Picker,
     pool::{Pool, outlier_timer},
+    route_call::RuleCalls,
+    route_policy::{EntryPolicy, random, weighted_choice},
     routes::{BackendKey, CompiledEntry, parse_routes},
     snapshot::{AppliedRoute, RoutedBackendSnapshot, RoutingSnapshot},
     tls::TlsResolver,
@@ -156,6 +163,66 @@ impl Spawner {
     }
 }
 
+/// Where a call goes: the pool, and the policy of the entry that took it if it has one.
+pub(crate) struct Routed {
+    pub pool: Arc<Pool>,
+    pub policy: Option<RoutedPolicy>,
+}
+
+/// The timeout and retries of the entry a call took, with what a retry needs: the entry's
+/// backends to pick from again, and its rule's counters and budget.
+#[derive(Clone)]
+pub(crate) struct RoutedPolicy {
+    /// The table the call was routed by (kept for the call's life: a new table does not change
+    /// the policy of calls already under way).
+    table: Arc<RoutedTable>,
+    entry: usize,
+    /// The channel's GrpcBackend, for messages.
+    own: BackendKey,
+}
+
+impl RoutedPolicy {
+    fn entry(&self) -> &RoutedEntry {
+        &self.table.entries[self.entry]
+    }
+
+    fn parts(&self) -> &(EntryPolicy, Arc<RuleCalls>) {
+        self.entry()
+            .policy
+            .as_ref()
+            .expect("a RoutedPolicy is made only for an entry with a policy")
+    }
+
+    pub(crate) fn policy(&self) -> &EntryPolicy {
+        &self.parts().0
+    }
+
+    pub(crate) fn calls(&self) -> &RuleCalls {
+        &self.parts().1
+    }
+
+    /// `kubegrpc: GrpcBackend NS/NAME: route NS/NAME rule N`, for messages.
+    pub(crate) fn origin(&self) -> String {
+        format!("kubegrpc: GrpcBackend {}: {}", self.own, self.entry().compiled.origin())
+    }
+
+    /// A pool for a retry: one of the entry's backends of weight above 0, in proportion to the
+    /// weights (random, so that retries do not shift the first attempts' round-robin), among
+    /// those with a usable endpoint other than the ones in `avoid` if there is one, else among
+    /// those with any usable endpoint. `None`: none is usable.
+    pub(crate) fn repick(&self, avoid: &[SocketAddr]) -> Option<Arc<Pool>> {
+        let entry = self.entry();
+        let random = random();
+        weighted_choice(
+            &entry.weighted_weights,
+            |i| entry.weighted[i].usable_besides(avoid),
+            random,
+        )
+        .or_else(|| weighted_choice(&entry.weighted_weights, |i| entry.weighted[i].usable(), random))
+        .map(|i| entry.weighted[i].pool.clone())
+    }
+}
+
 /// A GrpcBackend calls can be routed to: its pool, and how many calls the table sent it.
 pub(crate) struct Target {
     pub key: BackendKey,
@@ -167,6 +234,17 @@ impl Target {
     /// A request sent to it now can be picked an endpoint.
     fn usable(&self) -> bool {
         !self.pool.rotation().picker.is_empty()
+    }
+
+    /// A request sent to it now can be picked an endpoint other than those in `avoid`.
+    fn usable_besides(&self, avoid: &[SocketAddr]) -> bool {
+        // The rotation's items are its endpoints of weight above 0: each can be picked.
+        let rotation = self.pool.rotation();
+        rotation
+            .picker
+            .items()
+            .iter()
+            .any(|endpoint| !avoid.contains(&endpoint.address))
     }
 }
 
@@ -192,6 +270,10 @@ struct RoutedEntry {
     picker: Picker<Arc<Target>>,
     /// Its backends of weight above 0, each once (at most 16).
     weighted: Vec<Arc<Target>>,
+    /// The weight of each of `weighted` (of a backend named twice, the sum).
+    weighted_weights: Vec<u32>,
+    /// Its timeout and retries, and its rule's counters, if it has either.
+    policy: Option<(EntryPolicy, Arc<RuleCalls>)>,
 }
 
 impl RoutedTable {
@@ -212,6 +294,8 @@ struct RouterState {
     applied: Option<Option<Value>>,
     /// The last table's skipped entries, logged when they change.
     skipped: Vec<String>,
+    /// The counters and retry budget of each rule with a timeout or retries, by route and rule.
+    rules: HashMap<(String, u32), Arc<RuleCalls>>,
 }
 
 /// The channel's routing: its own pool, or the table's choice among the pools it keeps.
@@ -259,6 +343,7 @@ impl Router {
             self.table.store(None);
             state.members.clear();
             state.skipped.clear();
+            state.rules.clear();
             self.version.send_modify(|v| *v += 1);
             return;
         };
@@ -267,6 +352,11 @@ impl Router {
                 warn!("{line}; calls it would match fall through to the entries after it");
             }
             state.skipped.clone_from(&table.skipped);
+        }
+        for entry in &table.entries {
+            for note in &entry.policy_notes {
+                warn!("{note}");
+            }
         }
         let named: BTreeSet<BackendKey> = table.backends().into_iter().cloned().collect();
         let mut client_zone = None;
@@ -285,6 +375,7 @@ impl Router {
             None => self.own.clone(),
         };
         let mut targets: Vec<Arc<Target>> = Vec::new();
+        let mut rules: HashMap<(String, u32), Arc<RuleCalls>> = HashMap::new();
         let start = RandomState::new().hash_one(SystemTime::now()) as usize;
         let entries: Vec<RoutedEntry> = table
             .entries
@@ -296,17 +387,40 @@ impl Router {
                     .map(|(key, weight)| (target(key), *weight))
                     .unzip();
                 let mut weighted: Vec<Arc<Target>> = Vec::new();
+                let mut weighted_weights: Vec<u32> = Vec::new();
                 for (item, weight) in items.iter().zip(&weights) {
                     if !targets.iter().any(|t| Arc::ptr_eq(t, item)) {
                         targets.push(item.clone());
                     }
-                    if *weight > 0 && !weighted.iter().any(|t| Arc::ptr_eq(t, item)) {
-                        weighted.push(item.clone());
+                    if *weight > 0 {
+                        match weighted.iter().position(|t| Arc::ptr_eq(t, item)) {
+                            Some(i) => weighted_weights[i] = weighted_weights[i].saturating_add(*weight),
+                            None => {
+                                weighted.push(item.clone());
+                                weighted_weights.push(*weight);
+                            }
+                        }
                     }
                 }
+                let policy = compiled.policy.clone().map(|policy| {
+                    let key = (compiled.source.route.clone(), compiled.source.rule);
+                    let calls = rules
+                        .entry(key.clone())
+                        .or_insert_with(|| {
+                            state
+                                .rules
+                                .get(&key)
+                                .cloned()
+                                .unwrap_or_else(|| RuleCalls::new(key.0.clone(), key.1))
+                        })
+                        .clone();
+                    (policy, calls)
+                });
                 RoutedEntry {
                     picker: Picker::new(items, &schedule_weights(&weights), start),
                     weighted,
+                    weighted_weights,
+                    policy,
                     compiled,
                 }
             })
@@ -324,23 +438,29 @@ impl Router {
         })));
         // After the swap: no new call is routed to a pool dropped here; those in flight finish.
         state.members.retain(|key, _| named.contains(key));
+        state.rules = rules;
         self.version.send_modify(|v| *v += 1);
     }
 
-    /// The pool a request goes to, or why it fails (`Unavailable`).
-    pub(crate) fn route<B>(&self, request: &http::Request<B>) -> Result<Arc<Pool>, Status> {
-        let table = self.table.load();
-        let Some(table) = table.as_deref() else {
-            return Ok(self.own.pool.clone());
+    /// The pool a request goes to, with its entry's timeout and retries if it has either, or why
+    /// it fails (`Unavailable`).
+    pub(crate) fn route<B>(&self, request: &http::Request<B>) -> Result<Routed, Status> {
+        let loaded = self.table.load();
+        let Some(table) = &*loaded else {
+            return Ok(Routed {
+                pool: self.own.pool.clone(),
+                policy: None,
+            });
         };
         let path = request.uri().path();
-        let Some(entry) = table
+        let Some(index) = table
             .entries
             .iter()
-            .find(|entry| entry.compiled.matches(path, request.headers()))
+            .position(|entry| entry.compiled.matches(path, request.headers()))
         else {
             return Err(self.unrouted(format!("no route matches {path}{}", table.skipped_note())));
         };
+        let entry = &table.entries[index];
         let Some(first) = entry.picker.pick() else {
             return Err(self.unrouted(format!(
                 "{} matches {path} but names no backend with a weight above 0",
@@ -373,7 +493,14 @@ impl Router {
             )));
         };
         target.routed.fetch_add(1, Ordering::Relaxed);
-        Ok(target.pool.clone())
+        Ok(Routed {
+            pool: target.pool.clone(),
+            policy: entry.policy.is_some().then(|| RoutedPolicy {
+                table: Arc::clone(table),
+                entry: index,
+                own: self.own.key.clone(),
+            }),
+        })
     }
 
     fn unrouted(&self, why: String) -> Status {
@@ -442,6 +569,20 @@ impl Router {
                 })
                 .collect(),
             skipped: table.skipped.clone(),
+            policies: {
+                let mut seen: Vec<*const RuleCalls> = Vec::new();
+                table
+                    .entries
+                    .iter()
+                    .filter_map(|entry| entry.policy.as_ref())
+                    .filter(|(_, calls)| {
+                        let first = !seen.contains(&Arc::as_ptr(calls));
+                        seen.push(Arc::as_ptr(calls));
+                        first
+                    })
+                    .map(|(_, calls)| calls.snapshot())
+                    .collect()
+            },
             backends: table
                 .targets
                 .iter()
@@ -457,6 +598,15 @@ impl Router {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The pool of GrpcBackend `key`, if the router keeps one (the unit tests feed them).
+    #[cfg(test)]
+    pub(crate) fn pool_of(&self, key: &BackendKey) -> Option<Arc<Pool>> {
+        if *key == self.own.key {
+            return Some(self.own.pool.clone());
+        }
+        self.lock().members.get(key).map(|m| m.target.pool.clone())
     }
 }
 
@@ -508,7 +658,7 @@ mod tests {
     /// Where a call goes: the pool's GrpcBackend, or the message it fails with.
     fn route(router: &Router, path: &str, headers: &[(&str, &str)]) -> Result<String, String> {
         match router.route(&request(path, headers)) {
-            Ok(pool) => Ok(pool.backend.clone()),
+            Ok(routed) => Ok(routed.pool.backend.clone()),
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::Unavailable);
                 Err(status.message().to_owned())
@@ -722,6 +872,37 @@ mod tests {
         router.apply_routes(None);
         assert!(router.lock().members.is_empty());
         assert_eq!(route(&router, "/a.B/C", &[]), Ok(BACKEND.into()));
+    }
+
+    #[tokio::test]
+    async fn a_rules_retry_counters_are_kept_across_tables_while_it_is_in_them() {
+        let net = MemoryNetwork::default();
+        let router = new_router(&net);
+        let table = |weight: u32, rule: u32| {
+            json!([{"route": "default/plain", "rule": 0, "method": {"service": "a.B"}, "backends": [{"name": "v1", "weight": 1}]},
+                   {"route": "default/r", "rule": rule, "headers": [{"name": "x", "value": "1"}],
+                    "backends": [{"name": "v1", "weight": 1}], "timeout": "1s"},
+                   {"route": "default/r", "rule": rule, "timeout": "1s", "backends": [{"name": "v1", "weight": weight}],
+                    "retry": {"codes": ["UNAVAILABLE"], "attempts": 2, "backoff": "25ms", "maxBackoff": "250ms", "budgetPercent": 20}}])
+        };
+        routes(&router, table(1, 0));
+        serve(&router, &net, "v1");
+        let calls = |router: &Router| {
+            let routed = router.route(&request("/echo.Echo/Say", &[])).expect("routed");
+            let policy = routed.policy.expect("the entry has a policy");
+            std::ptr::from_ref(policy.calls())
+        };
+        let before = calls(&router);
+        assert!(
+            router.route(&request("/a.B/C", &[])).unwrap().policy.is_none(),
+            "an entry without timeout or retry"
+        );
+        let policies = router.snapshot().unwrap().policies;
+        assert_eq!(policies.len(), 1, "one per rule: {policies:?}");
+        routes(&router, table(2, 0));
+        assert_eq!(calls(&router), before, "the same rule in a new table: the same budget");
+        routes(&router, table(2, 1));
+        assert_ne!(calls(&router), before, "another rule: a budget of its own");
     }
 
     #[tokio::test]

@@ -27,6 +27,8 @@ use kubegrpc_crds::routes::{MAX_HEADER_MATCHES, MAX_ROUTE_BACKENDS, MAX_ROUTE_EN
 use regex::Regex;
 use serde_json::Value;
 
+use crate::route_policy::EntryPolicy;
+
 /// The most distinct GrpcBackends one table may route to (16 rules of 16 backends); an entry
 /// that would name more is skipped. Each is a watch and a pool of connections.
 pub const MAX_TABLE_BACKENDS: usize = 16 * 16;
@@ -97,6 +99,10 @@ pub struct CompiledEntry {
     /// Where matching calls go, namespaces resolved, with their weights (as written, 0
     /// included).
     pub backends: Vec<(BackendKey, u32)>,
+    /// Its timeout and retries, if it has either.
+    pub policy: Option<EntryPolicy>,
+    /// What of its timeout and retries could not be applied as written, and what applies.
+    pub policy_notes: Vec<String>,
 }
 
 impl CompiledEntry {
@@ -332,12 +338,19 @@ fn compile_entry(
             "it would route to more than {MAX_TABLE_BACKENDS} GrpcBackends"
         )));
     }
+    let (policy, policy_notes) = EntryPolicy::of(&source);
+    let policy_notes = policy_notes
+        .into_iter()
+        .map(|note| format!("status.routes[{index}] {origin}: {note}"))
+        .collect();
     Ok(CompiledEntry {
         index,
         source,
         method,
         headers,
         backends,
+        policy,
+        policy_notes,
     })
 }
 

@@ -121,6 +121,27 @@ pub struct RoutingSnapshot {
     /// Calls failed with `Unavailable` before reaching a pool: no entry matched them, their
     /// entry named no backend of weight above 0, or none of its backends had a usable endpoint.
     pub unrouted: u64,
+    /// The calls of each rule with a timeout or retries (`entries[].entry.timeout`, `.retry`),
+    /// in the table's order: one per rule of a route (the entries of one rule share its
+    /// counters and retry budget), counted while the rule stays in the table.
+    pub policies: Vec<RulePolicySnapshot>,
+}
+
+/// What the timeout and retries of one rule of a route did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RulePolicySnapshot {
+    /// The GRPCRoute, `namespace/name`.
+    pub route: String,
+    /// The rule's index in the route.
+    pub rule: u32,
+    /// Calls the rule took.
+    pub calls: u64,
+    /// Attempts after the first (each is also in its endpoint's `requests`).
+    pub retries: u64,
+    /// Retries the retry budget refused: the call failed as its last attempt did.
+    pub retries_refused: u64,
+    /// Calls failed with `DEADLINE_EXCEEDED` by the route's timeout or the caller's deadline.
+    pub deadline_exceeded: u64,
 }
 
 /// One entry of the routing table in use.
