@@ -116,6 +116,45 @@
 //!   usable endpoint. [`Snapshot::routing`] shows the table, each routed-to GrpcBackend's pool
 //!   and how many calls went to it.
 //!
+//! ### Timeouts and retries
+//!
+//! An entry may carry a timeout and a retry policy (`status.routes[].timeout`, `.retry`: the
+//! route's `kubegrpc.io/timeout` and `kubegrpc.io/retry-*` annotations, resolved by the
+//! operator). The channel applies them to each call the entry takes, with the semantics gRPC's
+//! xDS clients give the same settings (gRFC A31 for the timeout, A6/A44 for retries):
+//!
+//! - **Timeout**: the whole call, retries and backoffs included, from when the channel gets it;
+//!   the caller's own deadline (its `grpc-timeout`, e.g. `tonic::Request::set_timeout`) wins
+//!   when shorter. Each attempt carries the time left as its `grpc-timeout`, so the backend
+//!   knows it too. When it passes, the call fails with `DEADLINE_EXCEEDED` naming the
+//!   GrpcBackend, the route and rule, and which deadline it was; the attempt under way is
+//!   reset (the backend sees the call cancelled); a response whose body is still coming ends
+//!   with that status.
+//! - **Retries**: a call is retried while it is not committed: its response is Trailers-Only
+//!   (the status in the response headers, no message) with one of the listed codes, or the
+//!   transport failed before any response header (counted as `UNAVAILABLE`; the caller's own
+//!   per-attempt timeout and a failing request body are never retried). Once the headers of a
+//!   response with a body arrive, the call is committed. The n-th retry waits a random time
+//!   below `backoff x 2^(n-1)`, at most `maxBackoff` (a server's `grpc-retry-pushback-ms` sets
+//!   the wait instead, or, negative, stops the retries), then goes to one of the entry's
+//!   GrpcBackends picked again by weight, preferring one with an endpoint that has not failed
+//!   the call, and within it to such an endpoint; it carries `grpc-previous-rpc-attempts`. The
+//!   request body is kept for retries up to 64 KiB; a larger one, or one the backend answered
+//!   before reading it whole, is not retried. At most `attempts` retries.
+//! - **Retry budget** (the Rust client's; xDS clients have only the attempt limit): per rule of
+//!   a route (the entries one rule makes share it, and it is kept across tables while the rule
+//!   stays, so a canary's weight change does not reset it), because the policy comes with the
+//!   rule and its retries may go to any of the rule's backends. Over the last 10 s (one-second
+//!   buckets), retries may be at most the larger of
+//!   [`RETRY_BUDGET_MIN_PER_SECOND`](kubegrpc_crds::routes::RETRY_BUDGET_MIN_PER_SECOND) x 10
+//!   and `budgetPercent` % of the rule's calls; a retry past it is not made, and the call fails
+//!   as its last attempt did.
+//! - [`RoutingSnapshot::policies`] counts each such rule's calls, retries, retries refused by
+//!   the budget and calls past their deadline (metrics
+//!   `kubegrpc_client_route_retries_total`, `kubegrpc_client_route_retries_refused_total`,
+//!   `kubegrpc_client_route_deadline_exceeded_total`). Calls of entries without a timeout or
+//!   retries take the same path as without routes.
+//!
 //! ## TLS backends
 //!
 //! When the GrpcBackend has `spec.tls`, its endpoints are connected to with TLS (the crate's
