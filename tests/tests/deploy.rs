@@ -232,7 +232,8 @@ async fn the_operator_works_under_its_service_account_alone() -> Result<()> {
     let holder = lease.spec.and_then(|s| s.holder_identity);
     assert!(
         holder.is_none() || holder.as_deref() == Some(""),
-        "Lease still held by {holder:?}"
+        "Lease still held by {holder:?}; operator log:\n{}",
+        operator.log_tail(40)
     );
     Ok(())
 }

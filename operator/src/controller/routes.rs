@@ -336,12 +336,14 @@ impl RouteViews {
     }
 }
 
-/// The API is not served (the Gateway API CRDs are not installed): a 404 on list or watch.
+/// The API is not served (the Gateway API CRDs are not installed): a 404 on list or watch. The
+/// apiserver answers an unknown group with a plain-text 404 page, not a Status, so the code is
+/// what tells.
 fn not_served(error: &watcher::Error) -> bool {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.is_not_found(),
-        watcher::Error::WatchError(status) => status.is_not_found(),
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
         _ => false,
     }
 }
