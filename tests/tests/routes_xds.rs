@@ -13,7 +13,12 @@
 //! is binomial; the windows are sized so that the 3-point tolerance sits at 3.5 standard
 //! deviations or more.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::Mutex,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use envoy_types::pb::envoy::{
@@ -25,7 +30,7 @@ use kubegrpc_crds::routes::{HeaderMatch, MatchType, MethodMatch, RouteBackend, R
 use kubegrpc_echo::{Backend, BackendOptions};
 use kubegrpc_operator::{
     metrics::XdsTypeLabels,
-    xds::{resources::type_url, routes::route_configuration},
+    xds::{resources::type_url, routes::route_configuration_served},
 };
 use kubegrpc_tests::{
     backends::start_backend,
@@ -53,29 +58,59 @@ struct Routed {
     s: Scenario,
     xds: InProcessXds,
     backends: BTreeMap<&'static str, Backend>,
+    /// The GrpcBackends that exist (the xDS server serves their Clusters).
+    present: Mutex<BTreeSet<&'static str>>,
+    /// The parent's table, as last written.
+    table: Mutex<Vec<RouteEntry>>,
     /// When each table was written (Unix ms), for failure messages.
-    changes: std::sync::Mutex<Vec<u128>>,
+    changes: Mutex<Vec<u128>>,
 }
 
 impl Routed {
     async fn start(prefix: &str, names: &[&'static str]) -> Result<Self> {
+        Self::start_with(prefix, names, &[]).await
+    }
+
+    /// As [`Routed::start`], with backends for `later` too but no GrpcBackend for them yet.
+    async fn start_with(prefix: &str, names: &[&'static str], later: &[&'static str]) -> Result<Self> {
         let s = Scenario::new(prefix).await?;
         let xds = InProcessXds::start(s.client.clone(), Some(s.namespace.clone())).await?;
         let mut backends = BTreeMap::new();
-        for &name in names {
+        for &name in names.iter().chain(later) {
             backends.insert(name, start_backend(BackendOptions::default()).await?);
-            // No operator reconciles it: the spec only has to be valid.
-            s.grpc_backend(name, json!({"service": name, "port": "grpc"})).await?;
-            if name != PARENT {
-                publish(&s, name, backends[name].address, &[]).await?;
-            }
         }
-        Ok(Self {
+        let routed = Self {
             s,
             xds,
             backends,
-            changes: std::sync::Mutex::default(),
-        })
+            present: Mutex::default(),
+            table: Mutex::default(),
+            changes: Mutex::default(),
+        };
+        for &name in names {
+            routed.create(name).await?;
+        }
+        Ok(routed)
+    }
+
+    /// Creates GrpcBackend `name` with its backend Serving (no operator reconciles it: the spec
+    /// only has to be valid).
+    async fn create(&self, name: &'static str) -> Result<()> {
+        self.s
+            .grpc_backend(name, json!({"service": name, "port": "grpc"}))
+            .await?;
+        if name != PARENT {
+            publish(&self.s, name, self.address(name), &[]).await?;
+        }
+        self.present.lock().unwrap().insert(name);
+        Ok(())
+    }
+
+    /// Deletes GrpcBackend `name` (its backend keeps running).
+    async fn delete(&self, name: &'static str) -> Result<()> {
+        self.s.backends().delete(name, &Default::default()).await?;
+        self.present.lock().unwrap().remove(name);
+        Ok(())
     }
 
     fn target(&self) -> String {
@@ -101,10 +136,26 @@ impl Routed {
     async fn route(&self, table: &[RouteEntry]) -> Result<()> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
         self.changes.lock().unwrap().push(now.as_millis());
+        *self.table.lock().unwrap() = table.to_vec();
         publish(&self.s, PARENT, self.address(PARENT), table).await?;
-        let expected = route_configuration(&self.target(), table);
-        wait::until("the xDS server serving the new table", DEADLINE, || async {
-            let served = served_route(self.xds.address, &self.target()).await?;
+        self.served().await
+    }
+
+    /// Waits until the xDS server serves the parent's table naming the GrpcBackends that exist
+    /// now, and only those.
+    async fn served(&self) -> Result<()> {
+        let target = self.target();
+        let present: BTreeSet<String> = self
+            .present
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|name| format!("{name}.{}", self.s.namespace))
+            .collect();
+        let table = self.table.lock().unwrap().clone();
+        let expected = route_configuration_served(&target, &table, |cluster| present.contains(cluster));
+        wait::until("the xDS server serving the table", DEADLINE, || async {
+            let served = served_route(self.xds.address, &target).await?;
             Ok((served == expected).then_some(()))
         })
         .await
@@ -539,4 +590,66 @@ async fn grpc_go_follows_canary_weights_100_0_then_90_10_then_0_100_without_a_fa
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_java_follows_canary_weights_100_0_then_90_10_then_0_100_without_a_failed_call() -> Result<()> {
     canary_steps(XdsPeer::Java).await
+}
+
+// === a backend GrpcBackend that does not exist, then does, then is deleted ===
+
+async fn backend_coming_and_going(peer: XdsPeer) -> Result<()> {
+    const WINDOW: u64 = 1000;
+    let r = Routed::start_with(&format!("routes-g-{peer}"), &[PARENT, "v1"], &["v2"]).await?;
+    // v2 has no GrpcBackend: the server leaves it out and v1 takes its share (a client told of
+    // a Cluster that never comes would hold every call for 15 s, then fail v2's share).
+    r.route(&[entry(None, vec![], &[("v1", 70), ("v2", 30)])]).await?;
+    let client = r.client(peer, RATE, None, &[]).await?;
+    r.warm_up(&client, &["v1"]).await?;
+    let alone = r.window(&["v1", "v2"], WINDOW).await?;
+    println!("routes, {peer} xDS client, v2 missing: served {alone:?}");
+    assert_eq!(alone["v2"], 0, "{alone:?}");
+
+    // v2 appears: it takes its share.
+    r.create("v2").await?;
+    r.served().await?;
+    let v2_before = r.requests("v2");
+    wait::until("v2 answering", DEADLINE, || async {
+        Ok((r.requests("v2") > v2_before).then_some(()))
+    })
+    .await?;
+    let both = r.window(&["v1", "v2"], 2 * WINDOW).await?;
+    println!(
+        "routes, {peer} xDS client, v2 created: served {both:?} (v2 {:.1}%)",
+        100.0 * share(&both, "v2")
+    );
+    assert!((share(&both, "v2") - 0.30).abs() <= 0.05, "{both:?}");
+
+    // v2 is deleted (its backend still runs): left out again, v1 takes every call. A client
+    // keeps a deleted Cluster (ignore_resource_deletion), so only the table can move them.
+    r.delete("v2").await?;
+    r.served().await?;
+    let mut last = (r.requests("v2"), r.requests("v1"));
+    wait::until("v2 drained", DEADLINE, || {
+        let now = (r.requests("v2"), r.requests("v1"));
+        let drained = now.0 == last.0 && now.1 - last.1 >= u64::from(RATE / 2);
+        if now.0 != last.0 {
+            last = now;
+        }
+        async move { Ok(drained.then_some(())) }
+    })
+    .await?;
+    let after = r.window(&["v1", "v2"], WINDOW).await?;
+    println!("routes, {peer} xDS client, v2 deleted: served {after:?}");
+    assert_eq!(after["v2"], 0, "{after:?}");
+    let counts = assert_no_failures(&r, &client, "a backend coming and going").await?;
+    println!("routes, {peer} xDS client, a backend coming and going: the client's counts {counts:?}");
+    assert_eq!(r.route_nacks(), 0, "the client refused a RouteConfiguration");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_go_routes_around_a_backend_grpcbackend_until_it_exists_and_after_it_is_deleted() -> Result<()> {
+    backend_coming_and_going(XdsPeer::Go).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_java_routes_around_a_backend_grpcbackend_until_it_exists_and_after_it_is_deleted() -> Result<()> {
+    backend_coming_and_going(XdsPeer::Java).await
 }

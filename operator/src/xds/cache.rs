@@ -4,19 +4,28 @@
 //!
 //! Backends with an endpoint in its slow-start window are kept with their status and settings
 //! so that [`XdsCache::refresh_ramps`] can recompute their stepped weights as time passes.
+//!
+//! Backends with a routing table are kept with it: their RouteConfiguration names only the
+//! Clusters of GrpcBackends that exist and have a status ([`routes::route_configuration_served`];
+//! one without a status is one the operator has not published endpoints for yet, whose Cluster
+//! would fail every call routed to it), so it is made again whenever one comes or goes.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     hash::{Hash, Hasher},
     sync::Mutex,
     time::{Duration, SystemTime},
 };
 
 use envoy_types::pb::google::protobuf::Any;
-use kubegrpc_crds::{GrpcBackendStatus, slow_start::SlowStart};
+use envoy_types::util::pack_any;
+use kubegrpc_crds::{GrpcBackendStatus, routes::RouteEntry, slow_start::SlowStart};
 use tokio::sync::watch;
 
-use super::resources::{self, BackendSettings, type_url};
+use super::{
+    resources::{self, BackendSettings, type_url},
+    routes,
+};
 
 /// A resource and its version (a hash of its encoding: equal content, equal version).
 #[derive(Clone, Debug, PartialEq)]
@@ -42,6 +51,10 @@ struct State {
     relist: Option<BTreeSet<(String, String)>>,
     /// Backends with an endpoint ramping, by resource name.
     ramping: HashMap<String, Ramping>,
+    /// Backends with a routing table, by resource name.
+    tables: HashMap<String, Vec<RouteEntry>>,
+    /// Backends routes may name: those with a status, by resource name.
+    routable: HashSet<String>,
 }
 
 struct Ramping {
@@ -111,7 +124,15 @@ impl XdsCache {
         if let Some(relist) = state.relist.as_mut() {
             relist.insert((namespace.to_string(), name.to_string()));
         }
-        let changed = Self::store(&mut state, &resource_name, status, &settings, now);
+        let routable_changed = if status.is_some() {
+            state.routable.insert(resource_name.clone())
+        } else {
+            state.routable.remove(&resource_name)
+        };
+        let mut changed = Self::store(&mut state, &resource_name, status, &settings, now);
+        if routable_changed {
+            changed |= Self::route_tables(&mut state);
+        }
         if resources::ramping(status, &settings.slow_start, now) {
             let status = status.cloned();
             state
@@ -155,17 +176,55 @@ impl XdsCache {
         settings: &BackendSettings,
         now: SystemTime,
     ) -> bool {
+        let table = status.map_or(&[][..], |s| s.routes.as_slice());
         let mut changed = false;
         for (type_url, resource) in resources::backend_resources(resource_name, status, settings, now) {
-            let versioned = Versioned {
-                version: version_of(&resource),
-                resource,
-            };
-            let entries = state.resources.entry(type_url).or_default();
-            if entries.get(resource_name) != Some(&versioned) {
-                entries.insert(resource_name.to_string(), versioned);
-                changed = true;
+            if type_url == type_url::ROUTE && !table.is_empty() {
+                continue; // made below, from what is served
             }
+            changed |= Self::put(state, type_url, resource_name, resource);
+        }
+        if table.is_empty() {
+            state.tables.remove(resource_name);
+        } else {
+            state.tables.insert(resource_name.to_string(), table.to_vec());
+            changed |= Self::route_table(state, resource_name);
+        }
+        changed
+    }
+
+    /// Stores one resource; whether it changed.
+    fn put(state: &mut State, type_url: &'static str, resource_name: &str, resource: Any) -> bool {
+        let versioned = Versioned {
+            version: version_of(&resource),
+            resource,
+        };
+        let entries = state.resources.entry(type_url).or_default();
+        if entries.get(resource_name) == Some(&versioned) {
+            return false;
+        }
+        entries.insert(resource_name.to_string(), versioned);
+        true
+    }
+
+    /// Makes the RouteConfiguration of `resource_name`'s table from the backends routable now;
+    /// whether it changed.
+    fn route_table(state: &mut State, resource_name: &str) -> bool {
+        let Some(table) = state.tables.get(resource_name) else {
+            return false;
+        };
+        let route =
+            routes::route_configuration_served(resource_name, table, |cluster| state.routable.contains(cluster));
+        Self::put(state, type_url::ROUTE, resource_name, pack_any(route))
+    }
+
+    /// Makes every table's RouteConfiguration again (a backend became routable or stopped being);
+    /// whether any changed.
+    fn route_tables(state: &mut State) -> bool {
+        let names: Vec<String> = state.tables.keys().cloned().collect();
+        let mut changed = false;
+        for name in names {
+            changed |= Self::route_table(state, &name);
         }
         changed
     }
@@ -176,6 +235,10 @@ impl XdsCache {
         let mut state = self.lock();
         let mut changed = false;
         state.ramping.remove(&resource_name);
+        state.tables.remove(&resource_name);
+        if state.routable.remove(&resource_name) {
+            Self::route_tables(&mut state);
+        }
         for entries in state.resources.values_mut() {
             changed |= entries.remove(&resource_name).is_some();
         }
@@ -206,6 +269,9 @@ impl XdsCache {
             changed |= entries.len() != before;
         }
         state.ramping.retain(|name, _| listed.contains(name));
+        state.tables.retain(|name, _| listed.contains(name));
+        state.routable.retain(|name| listed.contains(name));
+        changed |= Self::route_tables(&mut state);
         state.synced = true;
         if changed {
             self.bump(&state);

@@ -55,8 +55,16 @@
 //! The Clusters the routes name are the other GrpcBackends' own (every GrpcBackend has its
 //! Cluster and ClusterLoadAssignment): a client subscribes to them by name over the same ADS
 //! stream. Both clients hold a new RouteConfiguration back until every Cluster it names has
-//! arrived or is known missing (gRFC A74), so a Cluster that never arrives holds the change up
-//! to the client's resource timeout (15 s) and then fails the calls routed to it.
+//! arrived or is known missing (gRFC A74): a Cluster that never arrives holds every call of a
+//! starting client, whatever its route, for the client's resource timeout (15 s, measured with
+//! grpc-go v1.83.2 and grpc-java 1.85.1), and a table change as long. So the server names only
+//! the Clusters of GrpcBackends it serves with a status ([`route_configuration_served`], kept
+//! current by the cache as GrpcBackends come and go): a backend GrpcBackend that does not exist
+//! (not created yet, deleted, its object unreadable) or has no status yet (its endpoints are not
+//! known, and its Cluster would fail every call routed to it) is left out of its entry and the
+//! entry's other backends take its share, as the operator does with a backendRef it cannot
+//! resolve; an entry left with none fails its calls. A backend whose status lists no usable
+//! endpoint stays in: its share fails, UNAVAILABLE, as a call to it directly would.
 
 use std::collections::HashMap;
 
@@ -97,7 +105,7 @@ pub fn route_configuration(name: &str, table: &[RouteEntry]) -> RouteConfigurati
             ..Default::default()
         }]
     } else {
-        let namespace = name.rsplit_once('.').map_or("", |(_, namespace)| namespace);
+        let namespace = table_namespace(name);
         table.iter().map(|entry| route(entry, namespace)).collect()
     };
     RouteConfiguration {
@@ -110,6 +118,27 @@ pub fn route_configuration(name: &str, table: &[RouteEntry]) -> RouteConfigurati
         }],
         ..Default::default()
     }
+}
+
+/// [`route_configuration`] naming only the Clusters `served` says exist; see the module docs.
+pub fn route_configuration_served(
+    name: &str,
+    table: &[RouteEntry],
+    served: impl Fn(&str) -> bool,
+) -> RouteConfiguration {
+    let namespace = table_namespace(name);
+    let mut served_table = table.to_vec();
+    for entry in &mut served_table {
+        entry
+            .backends
+            .retain(|b| served(&resource_name(b.namespace_or(namespace), &b.name)));
+    }
+    route_configuration(name, &served_table)
+}
+
+/// The namespace of the GrpcBackend named `name` (`NAME.NAMESPACE`: a namespace holds no dot).
+fn table_namespace(name: &str) -> &str {
+    name.rsplit_once('.').map_or("", |(_, namespace)| namespace)
 }
 
 /// One entry's Route.
@@ -787,5 +816,72 @@ mod tests {
             clusters_of(&routed.virtual_hosts[0].routes[0]),
             [("v1.shop".to_string(), 9), ("v2.shop".to_string(), 1)]
         );
+    }
+
+    #[test]
+    fn the_cache_names_only_backends_with_a_status_and_follows_them_as_they_come_and_go() {
+        use std::time::SystemTime;
+
+        use kubegrpc_crds::{GrpcBackendStatus, slow_start::SlowStart};
+        use prost::Message;
+
+        use crate::xds::{XdsCache, resources::type_url};
+
+        let cache = XdsCache::default();
+        let served_route = |cache: &XdsCache| {
+            let found = cache.get(type_url::ROUTE, None);
+            let (_, route) = found
+                .iter()
+                .find(|(name, _)| name == "echo.shop")
+                .expect("echo's route");
+            RouteConfiguration::decode(route.resource.value.as_slice()).unwrap()
+        };
+        let first_clusters = |cache: &XdsCache| clusters_of(&served_route(cache).virtual_hosts[0].routes[0]);
+        let v1_alone = [("v1.shop".to_string(), 70)];
+        let table = vec![
+            entry(None, vec![], vec![backend("v1", 70), backend("ghost", 30)]),
+            entry(None, vec![], vec![backend("ghost", 1)]),
+        ];
+        let status = GrpcBackendStatus {
+            routes: table.clone(),
+            ..Default::default()
+        };
+        let published = GrpcBackendStatus::default();
+        cache.relist_started();
+        cache.set_backend("shop", "echo", Some(&status), SlowStart::default());
+        cache.set_backend("shop", "v1", Some(&published), SlowStart::default());
+        cache.relist_done();
+        // ghost does not exist: its share goes to v1, the entry naming it alone fails its calls.
+        let routes = served_route(&cache).virtual_hosts.remove(0).routes;
+        assert_eq!(clusters_of(&routes[0]), v1_alone);
+        assert_eq!(
+            routes[1].action,
+            Some(Action::NonForwardingAction(NonForwardingAction {}))
+        );
+
+        // ghost is created: served, but without a status it is still left out of routes.
+        cache.set_backend("shop", "ghost", None, SlowStart::default());
+        assert!(!cache.get(type_url::CLUSTER, None).is_empty());
+        assert_eq!(first_clusters(&cache), v1_alone);
+        // Its first status: the parent's table names it, in a push.
+        let generation = *cache.subscribe().borrow();
+        cache.set_backend_with("shop", "ghost", Some(&published), Default::default(), SystemTime::now());
+        assert!(*cache.subscribe().borrow() > generation);
+        assert_eq!(served_route(&cache), route_configuration("echo.shop", &table));
+
+        // ghost goes, by deletion or by a relist that does not list it: left out again.
+        cache.remove_backend("shop", "ghost");
+        assert_eq!(first_clusters(&cache), v1_alone);
+        cache.set_backend("shop", "ghost", Some(&published), SlowStart::default());
+        assert_eq!(served_route(&cache), route_configuration("echo.shop", &table));
+        cache.relist_started();
+        cache.set_backend("shop", "echo", Some(&status), SlowStart::default());
+        cache.set_backend("shop", "v1", Some(&published), SlowStart::default());
+        cache.relist_done();
+        assert_eq!(first_clusters(&cache), v1_alone);
+
+        // Its table gone, echo routes to its own Cluster again.
+        cache.set_backend("shop", "echo", None, SlowStart::default());
+        assert_eq!(served_route(&cache), route_configuration("echo.shop", &[]));
     }
 }
