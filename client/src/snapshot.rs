@@ -158,8 +158,9 @@ pub struct AppliedRoute {
 pub struct RoutedBackendSnapshot {
     /// The GrpcBackend, `namespace/name`.
     pub backend: String,
-    /// Calls the table sent it (each call once, whatever its attempts), since its pool was
-    /// made.
+    /// Calls the table sent it (each call once, whatever its attempts; a route's retries,
+    /// which may go to another of the entry's GrpcBackends, are counted in
+    /// [`RoutingSnapshot::policies`]), since its pool was made.
     pub routed: u64,
     /// Its pool: endpoints, weights, counters, as for the channel's own GrpcBackend.
     pub snapshot: Snapshot,
