@@ -126,6 +126,11 @@ impl Routed {
         self.backends[name].counters.snapshot().requests
     }
 
+    /// Connections `name`'s backend accepted so far.
+    fn connections(&self, name: &str) -> u64 {
+        self.backends[name].counters.snapshot().connections_accepted
+    }
+
     /// Health Check calls `name`'s backend answered so far.
     fn checks(&self, name: &str) -> u64 {
         self.backends[name].counters.snapshot().health_checks
@@ -544,7 +549,9 @@ async fn canary_steps(peer: XdsPeer) -> Result<()> {
     println!("routes, {peer} xDS client, canary 100/0: served {all:?}");
     assert_eq!(all["v2"], 0, "100/0 sent calls to v2: {all:?}");
 
-    // 90/10: counted from v2's first call (the client has the new table).
+    // 90/10: counted from v2's first call (the client has the new table). v1 stays in the
+    // route, and on the connection it had.
+    let v1_connections = r.connections("v1");
     let v2_before = r.requests("v2");
     r.route(&step(90, 10)).await?;
     wait::until("v2 answering", DEADLINE, || async {
@@ -557,9 +564,11 @@ async fn canary_steps(peer: XdsPeer) -> Result<()> {
         100.0 * share(&tenth, "v2")
     );
     assert!((share(&tenth, "v2") - 0.10).abs() <= 0.03, "{tenth:?}");
+    assert_eq!(r.connections("v1"), v1_connections, "v1 was reconnected");
 
     // 0/100: counted once v1 has had no call for half a second of calls at v2 (the client has
     // the new table); from then on v1 gets none.
+    let v2_connections = r.connections("v2");
     r.route(&step(0, 100)).await?;
     let mut last = (r.requests("v1"), r.requests("v2"));
     wait::until("v1 drained", DEADLINE, || {
@@ -574,6 +583,7 @@ async fn canary_steps(peer: XdsPeer) -> Result<()> {
     let moved = r.window(&["v1", "v2"], WINDOW).await?;
     println!("routes, {peer} xDS client, canary 0/100: served {moved:?}");
     assert_eq!(moved["v1"], 0, "0/100 sent calls to v1: {moved:?}");
+    assert_eq!(r.connections("v2"), v2_connections, "v2 was reconnected");
 
     let counts = assert_no_failures(&r, &client, "canary steps").await?;
     println!("routes, {peer} xDS client, canary: the client's counts over the three steps {counts:?}");
