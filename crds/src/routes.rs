@@ -77,9 +77,10 @@ pub struct RetryPolicy {
     pub backoff: Duration,
     /// The longest backoff.
     pub max_backoff: Duration,
-    /// The share of calls that may be retries, in percent over 10 seconds, beyond
-    /// `RETRY_BUDGET_MIN_PER_SECOND` retries a second: retries cannot multiply an outage. Applied
-    /// by the Rust client; xDS clients have no retry budget (they are bounded by `attempts`).
+    /// Retries over the last 10 seconds may reach this share of the calls, in percent, or 10 a
+    /// second (`RETRY_BUDGET_MIN_PER_SECOND`), whichever is more: retries cannot multiply an
+    /// outage. Applied by the Rust client; xDS clients have no retry budget (they are bounded by
+    /// `attempts`).
     #[schemars(range(min = 1, max = 100))]
     pub budget_percent: u8,
 }

@@ -8,7 +8,7 @@
 //! | `kubegrpc.io/retry-on` | gRPC codes, comma-separated: `unavailable`, `resource-exhausted`, `internal`, `deadline-exceeded`, `cancelled` | no retries |
 //! | `kubegrpc.io/retry-limit` | retries after the first attempt, 1 to 4 | 2 |
 //! | `kubegrpc.io/retry-backoff` | the first backoff, 1ms to 10s; later ones double, at most 10 times it | 25ms |
-//! | `kubegrpc.io/retry-budget` | the share of calls that may be retries, `1%` to `100%` | 20% |
+//! | `kubegrpc.io/retry-budget` | retries over 10 s may reach this share of the calls (or 10 a second, whichever is more), `1%` to `100%` | 20% |
 //!
 //! A value that does not parse is left out (the others still apply) and reported in the route's
 //! status (`kubegrpc.io/PolicyValid=False`).
