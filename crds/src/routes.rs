@@ -71,7 +71,7 @@ pub struct RetryPolicy {
     #[schemars(length(max = 16))]
     pub codes: Vec<String>,
     /// Retries after the first attempt (1 to 4: gRPC clients make at most 5 attempts).
-    #[schemars(range(min = 1, max = 4))]
+    #[schemars(schema_with = "retry_attempts_schema")]
     pub attempts: u8,
     /// The first backoff; each next one is twice as long, jittered, at most `maxBackoff`.
     pub backoff: Duration,
@@ -81,7 +81,7 @@ pub struct RetryPolicy {
     /// second (`RETRY_BUDGET_MIN_PER_SECOND`), whichever is more: retries cannot multiply an
     /// outage. Applied by the Rust client; xDS clients have no retry budget (they are bounded by
     /// `attempts`).
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(schema_with = "retry_budget_schema")]
     pub budget_percent: u8,
 }
 
@@ -157,6 +157,26 @@ fn rule_index_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "format": "int32",
         "minimum": 0,
         "maximum": 15,
+    })
+}
+
+fn retry_attempts_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Retries after the first attempt (1 to 4: gRPC clients make at most 5 attempts).",
+        "type": "integer",
+        "format": "int32",
+        "minimum": 1,
+        "maximum": 4,
+    })
+}
+
+fn retry_budget_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Retries over the last 10 seconds may reach this share of the calls, in percent, or 10 a second, whichever is more. Applied by the Rust client.",
+        "type": "integer",
+        "format": "int32",
+        "minimum": 1,
+        "maximum": 100,
     })
 }
 
