@@ -112,19 +112,15 @@ impl RouteViews {
         let (route_triggers, triggered) = mpsc::unbounded_channel();
         let (routes, routes_writer) = reflector::store::<GRPCRoute>();
         let (grants, grants_writer) = reflector::store::<ReferenceGrant>();
-        let views = Arc::new(RouteViews {
-            routes: routes.clone(),
+        let views = Arc::new(RouteViews::unlisted(
+            routes.clone(),
             grants,
-            routes_listed: AtomicBool::new(false),
-            grants_listed: AtomicBool::new(false),
-            backends_listed: AtomicBool::new(false),
             relisted,
-            tabled: Mutex::new(HashMap::new()),
             route_triggers,
             backend_triggers,
             backends,
             services,
-        });
+        ));
 
         let grants_task = AbortOnDropHandle::new(tokio::spawn({
             let views = views.clone();
@@ -212,9 +208,30 @@ impl RouteViews {
     pub fn detached(backends: Arc<ByService<Backend>>, services: Store<Service>, backend_triggers: Triggers) -> Self {
         let (route_triggers, _) = mpsc::unbounded_channel();
         let (relisted, _) = mpsc::unbounded_channel();
+        Self::unlisted(
+            reflector::store::<GRPCRoute>().0,
+            reflector::store::<ReferenceGrant>().0,
+            relisted,
+            route_triggers,
+            backend_triggers,
+            backends,
+            services,
+        )
+    }
+
+    /// Views over these stores, none of them listed yet.
+    fn unlisted(
+        routes: Store<GRPCRoute>,
+        grants: Store<ReferenceGrant>,
+        relisted: mpsc::UnboundedSender<()>,
+        route_triggers: RouteTriggers,
+        backend_triggers: Triggers,
+        backends: Arc<ByService<Backend>>,
+        services: Store<Service>,
+    ) -> Self {
         Self {
-            routes: reflector::store::<GRPCRoute>().0,
-            grants: reflector::store::<ReferenceGrant>().0,
+            routes,
+            grants,
             routes_listed: AtomicBool::new(false),
             grants_listed: AtomicBool::new(false),
             backends_listed: AtomicBool::new(false),
